@@ -1,0 +1,1 @@
+"""Readers and generators for fMRI data in the NSD layout."""
