@@ -30,7 +30,7 @@ REAL_TRIALS = 750
 TARGET_PEAK_GB = 1.5
 
 CHILD = """
-import resource, sys, time, numpy as np, nibabel as nib
+import sys, time, numpy as np, nibabel as nib
 t0 = time.perf_counter()
 mode, root, out = sys.argv[1:4]
 if mode == "reader":
@@ -40,7 +40,9 @@ else:  # naive: the whole session through the data proxy, then mask (facts.md: ~
     from brainrecon.data import layout
     mask = np.asarray(nib.load(layout.mask_path(root, 1)).dataobj) > 0
     betas = np.asarray(nib.load(layout.session_path(root, 1, 1)).dataobj)[mask].T / 300.0
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+# VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still carries the parent's peak.
+hwm_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(time.perf_counter() - t0, hwm_kb / 2**20)
 """
 
 
