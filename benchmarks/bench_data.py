@@ -47,7 +47,9 @@ print(time.perf_counter() - t0, hwm_kb / 2**20)
 
 
 def run_child(mode: str, root: Path, out: Path) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, mode, str(root), str(out)], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(root), str(out)], capture_output=True, text=True
+    )
     if res.returncode != 0:
         raise SystemExit(f"{mode} child failed:\n{res.stderr}")
     seconds, peak_gb = map(float, res.stdout.split())
@@ -66,7 +68,7 @@ def write_real_size_session(root: Path, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     betas = np.empty((*REAL_GRID, REAL_TRIALS), dtype=np.int16)
     for k in range(0, REAL_TRIALS, 50):  # fill in blocks to keep this script's own memory modest
-        betas[..., k:k + 50] = rng.normal(0, 600, size=(*REAL_GRID, 50)).astype(np.int16)
+        betas[..., k : k + 50] = rng.normal(0, 600, size=(*REAL_GRID, 50)).astype(np.int16)
     nib.save(nib.Nifti1Image(betas, affine), layout.session_path(root, 1, 1))
     del betas
     write_s = time.perf_counter() - t0
@@ -74,13 +76,21 @@ def write_real_size_session(root: Path, seed: int = 0) -> dict:
     masterordering = rng.permutation(np.repeat(np.arange(1, 251), 3))
     subjectim = np.tile(np.arange(1, 251), (8, 1))
     layout.expdesign_path(root).parent.mkdir(parents=True)
-    scipy.io.savemat(layout.expdesign_path(root), {"masterordering": masterordering[None], "subjectim": subjectim, "sharedix": np.arange(1, 51)[None]})
+    scipy.io.savemat(
+        layout.expdesign_path(root),
+        {"masterordering": masterordering[None], "subjectim": subjectim, "sharedix": np.arange(1, 51)[None]},
+    )
     layout.stimuli_path(root).parent.mkdir(parents=True)
     with h5py.File(layout.stimuli_path(root), "w") as f:
         f.create_dataset("imgBrick", data=rng.integers(0, 256, (250, 32, 32, 3), dtype=np.uint8))
     size_gb = layout.session_path(root, 1, 1).stat().st_size / 2**30
-    return {"grid": list(REAL_GRID), "trials": REAL_TRIALS, "voxels": int(mask.sum()),
-            "file_gb": round(size_gb, 3), "write_seconds": round(write_s, 1)}
+    return {
+        "grid": list(REAL_GRID),
+        "trials": REAL_TRIALS,
+        "voxels": int(mask.sum()),
+        "file_gb": round(size_gb, 3),
+        "write_seconds": round(write_s, 1),
+    }
 
 
 def main() -> None:
@@ -88,13 +98,21 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true", help="skip the real-size session (slow to write)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    results: dict = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
-                                 "platform": platform.platform()}}
+    results: dict = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+        }
+    }
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        subprocess.run([Path(sys.executable).parent / "recon-sim", "--out", tmp / "sim", "--preset", "demo"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [Path(sys.executable).parent / "recon-sim", "--out", tmp / "sim", "--preset", "demo"],
+            check=True,
+            capture_output=True,
+        )
         results["recon_sim_demo_seconds"] = round(time.perf_counter() - t0, 2)
         print(f"recon-sim --preset demo: {results['recon_sim_demo_seconds']} s")
         t0 = time.perf_counter()
@@ -108,9 +126,11 @@ def main() -> None:
             reader = run_child("reader", real, tmp / "prep-real")
             naive = run_child("naive", real, tmp / "naive")
             results["prepare_real_session"] = {
-                "reader": reader, "naive_whole_session": naive,
+                "reader": reader,
+                "naive_whole_session": naive,
                 "peak_ratio_naive_over_reader": round(naive["peak_rss_gb"] / reader["peak_rss_gb"], 2),
-                "target_peak_gb": TARGET_PEAK_GB, "meets_target": reader["peak_rss_gb"] < TARGET_PEAK_GB,
+                "target_peak_gb": TARGET_PEAK_GB,
+                "meets_target": reader["peak_rss_gb"] < TARGET_PEAK_GB,
             }
             print(f"prepare one real-size session: reader {reader}, naive {naive}")
     RESULTS.parent.mkdir(exist_ok=True)

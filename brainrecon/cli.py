@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,21 +22,10 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
 
     def main() -> None:
         try:
-            app(standalone_mode=False)
+            app()  # standalone: usage errors print and exit 2, success exits 0
         except BrainReconError as e:
             console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             sys.exit(1)
-        except typer.Exit as e:
-            sys.exit(e.exit_code)
-        except typer.Abort:
-            sys.exit(1)
-        except Exception as e:  # click usage errors (bad options) carry exit code 2
-            import click
-
-            if isinstance(e, click.ClickException):
-                e.show()
-                sys.exit(e.exit_code)
-            raise
 
     return main
 
@@ -80,7 +70,9 @@ def prepare(
     nsd_root: Annotated[Path, typer.Option(help="Root of an NSD download or a recon-sim folder.")],
     out: Annotated[Path, typer.Option(help="Output folder for the arrays and preprocess.json.")],
     subject: Annotated[int, typer.Option(help="NSD subject (1-8).")] = 1,
-    max_sessions: Annotated[int | None, typer.Option(help="Read sessions 1..N (Brain-Diffuser: 37); default all.")] = None,
+    max_sessions: Annotated[
+        int | None, typer.Option(help="Read sessions 1..N (Brain-Diffuser: 37); default all.")
+    ] = None,
     session_zscore: Annotated[bool, typer.Option(help="Z-score each voxel within each session.")] = True,
     image_size: Annotated[int | None, typer.Option(help="Resize stimuli to this side (bicubic).")] = None,
     captions: Annotated[Path | None, typer.Option(help="Captions JSON or Brain-Diffuser (N,5) .npy.")] = None,
@@ -92,11 +84,176 @@ def prepare(
     """
     from brainrecon.data.nsd import PrepareConfig, prepare_subject
 
-    config = PrepareConfig(subject=subject, max_sessions=max_sessions, session_zscore=session_zscore,
-                           image_size=image_size, captions_file=str(captions) if captions else None)
+    config = PrepareConfig(
+        subject=subject,
+        max_sessions=max_sessions,
+        session_zscore=session_zscore,
+        image_size=image_size,
+        captions_file=str(captions) if captions else None,
+    )
     summary = prepare_subject(nsd_root, out, config, overwrite=overwrite)
     print_summary(f"recon-prepare subj{subject:02d} -> {out}", summary)
 
 
+train_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train foundation models (on stimuli) and subject models (on betas).",
+)
+foundation_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Foundation models trained on stimuli."
+)
+train_app.add_typer(foundation_app, name="foundation")
+
+
+@foundation_app.command("vdvae")
+def train_foundation_vdvae(
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder; its train images (resized to 64) are used.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder: checkpoints, then model.safetensors + config.json.")
+    ],
+    config: Annotated[str, typer.Option(help="VDVAE config name (small64, imagenet64).")] = "small64",
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+    fp16: Annotated[bool, typer.Option(help="Store the final weights in fp16 (half the size).")] = False,
+) -> None:
+    """Train a VDVAE on the stimuli with EMA weights and resumable checkpoints.
+
+    Example: recon-train foundation vdvae --data data/subj01 --out data/vdvae-small64 --steps 1500
+    """
+    from brainrecon.images import resize
+    from brainrecon.io import load_npy
+    from brainrecon.train.vdvae import vdvae_config
+    from brainrecon.train.vdvae_train import train_vdvae
+
+    cfg = vdvae_config(config)
+    images = resize(load_npy(data / "train_images.npy", "train images from recon-prepare"), cfg.image_size)
+    result = train_vdvae(
+        images,
+        cfg,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        resume=resume,
+        progress=True,
+        fp16_weights=fp16,
+    )
+    print_summary(f"recon-train foundation vdvae -> {out}", dataclasses.asdict(result))
+
+
+@train_app.command("subject")
+def train_subject(
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder (created; stages add subfolders).")],
+    stage: Annotated[str, typer.Option(help="vdvae (stage 1).")] = "vdvae",
+    regressor: Annotated[str, typer.Option(help="gru (the seed paper) or ridge (Brain-Diffuser).")] = "gru",
+    vdvae: Annotated[
+        str, typer.Option(help="builtin:small64, a recon-train foundation folder, or an openai .th.")
+    ] = "builtin:small64",
+    layers: Annotated[
+        int | None, typer.Option(help="Latent layers K (default 15 for imagenet64, 14 for small64).")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Ridge alpha; 0 picks one on a validation split.")
+    ] = 5e4,
+    max_epochs: Annotated[
+        int, typer.Option(help="GRU epoch cap (early stopping usually ends sooner).")
+    ] = 200,
+    renormalize: Annotated[
+        bool, typer.Option(help="Re-normalise predictions to training-latent statistics.")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Fit the subject's stage-1 regressor from betas to VDVAE latents.
+
+    Example: recon-train subject --data data/subj01 --model-dir engines/subj01 --stage vdvae --regressor gru
+    """
+    from brainrecon.train.stage1 import Stage1Config, fit_stage1
+
+    if stage != "vdvae":
+        raise typer.BadParameter(
+            f"expected vdvae (stage 2 comes later), found {stage!r}", param_hint="--stage"
+        )
+    config = Stage1Config(
+        regressor=regressor,
+        num_layers=layers,
+        alpha=alpha or None,
+        renormalize=renormalize,
+        seed=seed,
+        max_epochs=max_epochs,
+        vdvae=vdvae,
+    )
+    summary = fit_stage1(data, model_dir, config)
+    print_summary(
+        f"recon-train subject {regressor} -> {model_dir}/stage1",
+        {k: v for k, v in summary.items() if k not in ("config", "foundation", "alpha_search")},
+    )
+
+
+reconstruct_app = typer.Typer(
+    add_completion=False, help="Torch reference reconstruction (what the runtime must match)."
+)
+
+
+@reconstruct_app.command()
+def reconstruct(
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder from recon-train subject.")],
+    data: Annotated[Path, typer.Option(help="recon-prepare folder; its test betas (and images) are used.")],
+    out: Annotated[Path, typer.Option(help="Output folder: PNGs, contact_sheet.png, metrics.json.")],
+    stage: Annotated[int, typer.Option(help="1: VDVAE stage only.")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Reconstruct the test set with the torch models.
+
+    Example: recon-reconstruct --model-dir engines/subj01 --data data/subj01 --out data/recon-stage1
+    """
+    from brainrecon.train.stage1 import reconstruct_test_set
+
+    if stage != 1:
+        raise typer.BadParameter(f"expected 1 (stage 2 comes later), found {stage}", param_hint="--stage")
+    summary = reconstruct_test_set(model_dir, data, out, overwrite=overwrite)
+    print_summary(f"recon-reconstruct stage 1 -> {out}", summary)
+
+
+eval_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Evaluate and compare reconstructions."
+)
+
+
+@eval_app.command("stage1")
+def eval_stage1(
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
+    out: Annotated[
+        Path, typer.Option(help="Results folder: stage1.json, stage1.md, stage1_sheet.png, models/.")
+    ],
+    layers: Annotated[str, typer.Option(help="Comma-separated latent-layer counts K to compare.")] = "6,14",
+    vdvae: Annotated[
+        str, typer.Option(help="Foundation VDVAE (as recon-train subject).")
+    ] = "builtin:small64",
+    max_epochs: Annotated[int, typer.Option(help="GRU epoch cap.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Stage-1 PixCorr/SSIM of ridge vs GRU at several K, beside mean-image and shuffled-betas controls.
+
+    Example: recon-eval stage1 --data data/subj01 --out benchmarks/results/stage1
+    """
+    from brainrecon.train.stage1 import compare_stage1
+
+    ks = tuple(int(k) for k in layers.split(","))
+    table = compare_stage1(data, out, ks, vdvae=vdvae, max_epochs=max_epochs, seed=seed)
+    Console().print((out / "stage1.md").read_text())
+    del table
+
+
 sim_main = run_app(sim_app)
+train_main = run_app(train_app)
+reconstruct_main = run_app(reconstruct_app)
+eval_main = run_app(eval_app)
 prepare_main = run_app(prepare_app)

@@ -20,7 +20,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown keys for {cls.__name__}: {', '.join(unknown)} (expected a subset of {sorted(names)})")
+        raise ConfigError(
+            f"{source}: unknown keys for {cls.__name__}: {', '.join(unknown)} (expected a subset of {sorted(names)})"
+        )
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in data:

@@ -89,22 +89,66 @@ BAD_INPUTS = {
     "missing mask": (lambda fx: layout.mask_path(fx.root, 1).unlink(), MissingFileError, "nsdgeneral"),
     "missing design": (lambda fx: layout.expdesign_path(fx.root).unlink(), MissingFileError, "nsd_expdesign"),
     "missing stimuli": (lambda fx: layout.stimuli_path(fx.root).unlink(), MissingFileError, "imgBrick"),
-    "corrupt session": (lambda fx: layout.session_path(fx.root, 1, 2).write_bytes(b"not a nifti"), InputError, "unreadable"),
-    "grid mismatch": (lambda fx: _rewrite_session(fx, 2, fx.betas[1][:-1]), InputError, r"shape \(4, 6, 4, 12\)"),
+    "corrupt session": (
+        lambda fx: layout.session_path(fx.root, 1, 2).write_bytes(b"not a nifti"),
+        InputError,
+        "unreadable",
+    ),
+    "grid mismatch": (
+        lambda fx: _rewrite_session(fx, 2, fx.betas[1][:-1]),
+        InputError,
+        r"shape \(4, 6, 4, 12\)",
+    ),
     "affine mismatch": (lambda fx: _rewrite_session(fx, 1, fx.betas[0], AFFINE * 1.1), InputError, "affine"),
-    "wrong dtype": (lambda fx: _rewrite_session(fx, 1, fx.betas[0].astype(np.int32)), InputError, "dtype int32"),
-    "nan betas": (lambda fx: _rewrite_session(fx, 3, np.where(fx.betas[2] == fx.betas[2][2, 3, 2, 5], np.nan,
-                                                                fx.betas[2].astype(np.float32))), InputError, "NaN/Inf"),
+    "wrong dtype": (
+        lambda fx: _rewrite_session(fx, 1, fx.betas[0].astype(np.int32)),
+        InputError,
+        "dtype int32",
+    ),
+    "nan betas": (
+        lambda fx: _rewrite_session(
+            fx, 3, np.where(fx.betas[2] == fx.betas[2][2, 3, 2, 5], np.nan, fx.betas[2].astype(np.float32))
+        ),
+        InputError,
+        "NaN/Inf",
+    ),
     "trial count": (lambda fx: _rewrite_session(fx, 2, fx.betas[1][..., :10]), InputError, "12 trials"),
-    "design too short": (lambda fx: scipy.io.savemat(layout.expdesign_path(fx.root), {
-        "masterordering": fx.masterordering[None, :30], "subjectim": fx.subjectim, "sharedix": fx.sharedix[None]}),
-        InputError, "at least 36 trials"),
-    "design out of range": (lambda fx: scipy.io.savemat(layout.expdesign_path(fx.root), {
-        "masterordering": (fx.masterordering + 50)[None], "subjectim": fx.subjectim, "sharedix": fx.sharedix[None]}),
-        InputError, "masterordering in 1..10"),
-    "stimulus id out of range": (lambda fx: scipy.io.savemat(layout.expdesign_path(fx.root), {
-        "masterordering": fx.masterordering[None], "subjectim": fx.subjectim + 100, "sharedix": fx.sharedix[None]}),
-        InputError, "stimuli"),
+    "design too short": (
+        lambda fx: scipy.io.savemat(
+            layout.expdesign_path(fx.root),
+            {
+                "masterordering": fx.masterordering[None, :30],
+                "subjectim": fx.subjectim,
+                "sharedix": fx.sharedix[None],
+            },
+        ),
+        InputError,
+        "at least 36 trials",
+    ),
+    "design out of range": (
+        lambda fx: scipy.io.savemat(
+            layout.expdesign_path(fx.root),
+            {
+                "masterordering": (fx.masterordering + 50)[None],
+                "subjectim": fx.subjectim,
+                "sharedix": fx.sharedix[None],
+            },
+        ),
+        InputError,
+        "masterordering in 1..10",
+    ),
+    "stimulus id out of range": (
+        lambda fx: scipy.io.savemat(
+            layout.expdesign_path(fx.root),
+            {
+                "masterordering": fx.masterordering[None],
+                "subjectim": fx.subjectim + 100,
+                "sharedix": fx.sharedix[None],
+            },
+        ),
+        InputError,
+        "stimuli",
+    ),
 }
 
 
@@ -118,3 +162,61 @@ def test_bad_input(fx, tmp_path, name):
     assert "\n" not in str(info.value)
     assert isinstance(info.value, BrainReconError)
     assert not out.exists() and not list(tmp_path.glob(".prep*")), "half-written output left behind"
+
+
+def test_sim_round_trip(tmp_path):
+    """recon-sim tiny -> reader: shapes, ids and repeat averaging agree with the simulator's design."""
+    import scipy.io
+
+    from brainrecon.data.sim import SimConfig, simulate_subject
+
+    cfg = SimConfig.preset("tiny")
+    simulate_subject(tmp_path / "sim", cfg, seed=3)
+    summary = prepare_subject(tmp_path / "sim", tmp_path / "prep", progress=False)
+    out = tmp_path / "prep"
+    mat = scipy.io.loadmat(layout.expdesign_path(tmp_path / "sim"))
+    ids = mat["subjectim"][0, mat["masterordering"].ravel() - 1] - 1
+    test = mat["masterordering"].ravel() <= mat["sharedix"].size
+    assert summary["train_images"] == cfg.n_train_images and summary["test_images"] == cfg.n_test_images
+    np.testing.assert_array_equal(np.load(out / "test_stim_ids.npy"), np.sort(mat["sharedix"].ravel() - 1))
+    np.testing.assert_array_equal(np.load(out / "train_stim_ids.npy"), np.unique(ids[~test]))
+    counts = np.load(out / "train_trial_counts.npy")
+    np.testing.assert_array_equal(counts, np.unique(ids[~test], return_counts=True)[1])
+    assert np.load(out / "test_trial_counts.npy").tolist() == [3] * cfg.n_test_images
+    train = np.load(out / "train_betas.npy")
+    assert train.shape == (cfg.n_train_images, summary["voxels"]) and train.dtype == np.float32
+    np.testing.assert_allclose(train.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(train.std(0, ddof=1), 1, atol=1e-3)
+    assert np.load(out / "train_images.npy").shape == (cfg.n_train_images, cfg.image_size, cfg.image_size, 3)
+
+
+def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    res = subprocess.run(
+        [bin_dir / "recon-prepare", "--nsd-root", tmp_path / "nope", "--out", tmp_path / "o"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().startswith("error:") and "NSD root directory" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = subprocess.run(
+        [bin_dir / "recon-sim", "--out", tmp_path / "s", "--preset", "huge"], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "tiny or demo" in res.stderr
+    assert not (tmp_path / "s").exists()
+    res = subprocess.run(
+        [bin_dir / "recon-sim", "--out", tmp_path / "s", "--preset", "tiny"], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run(
+        [bin_dir / "recon-prepare", "--nsd-root", tmp_path / "s", "--out", tmp_path / "p"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "p" / "preprocess.json").is_file()

@@ -42,7 +42,9 @@ PREPROCESS_VERSION = 1
 @dataclass(frozen=True)
 class PrepareConfig:
     subject: int = 1
-    max_sessions: int | None = None  # None: every consecutive betas_sessionNN file from 01 (Brain-Diffuser: 37)
+    max_sessions: int | None = (
+        None  # None: every consecutive betas_sessionNN file from 01 (Brain-Diffuser: 37)
+    )
     session_zscore: bool = True
     image_size: int | None = None  # None keeps the stimuli's own size
     chunk_trials: int = 50
@@ -70,11 +72,15 @@ def load_design(root: Path, subject: int) -> Design:
     try:
         mat = scipy.io.loadmat(path)
     except Exception as e:  # scipy raises several types for corrupt files
-        raise InputError(path, "a MATLAB .mat file", f"an unreadable file ({type(e).__name__}: {e})") from None
+        raise InputError(
+            path, "a MATLAB .mat file", f"an unreadable file ({type(e).__name__}: {e})"
+        ) from None
     fields = {}
     for name in ("masterordering", "subjectim", "sharedix"):
         if name not in mat:
-            raise InputError(path, f"variable '{name}'", f"only {sorted(k for k in mat if not k.startswith('__'))}")
+            raise InputError(
+                path, f"variable '{name}'", f"only {sorted(k for k in mat if not k.startswith('__'))}"
+            )
         fields[name] = np.asarray(mat[name])
     masterordering = fields["masterordering"].reshape(-1).astype(np.int64)
     sharedix = fields["sharedix"].reshape(-1).astype(np.int64)
@@ -83,8 +89,11 @@ def load_design(root: Path, subject: int) -> Design:
         raise InputError(path, f"subjectim with a row for subject {subject}", f"shape {subjectim.shape}")
     n_images = subjectim.shape[1]
     if masterordering.min() < 1 or masterordering.max() > n_images:
-        raise InputError(path, f"masterordering in 1..{n_images} (1-based)",
-                         f"values in {masterordering.min()}..{masterordering.max()}")
+        raise InputError(
+            path,
+            f"masterordering in 1..{n_images} (1-based)",
+            f"values in {masterordering.min()}..{masterordering.max()}",
+        )
     if subjectim[subject - 1].min() < 1:
         raise InputError(path, "subjectim ids >= 1 (1-based)", f"minimum {subjectim[subject - 1].min()}")
     if len(sharedix) > n_images:
@@ -114,35 +123,55 @@ def find_sessions(root: Path, subject: int, max_sessions: int | None) -> list[Pa
     """Consecutive session files from 01; with max_sessions, exactly that many must exist."""
     sessions = []
     n = 1
-    while (path := layout.session_path(root, subject, n)).is_file() and (max_sessions is None or n <= max_sessions):
+    while (path := layout.session_path(root, subject, n)).is_file() and (
+        max_sessions is None or n <= max_sessions
+    ):
         sessions.append(path)
         n += 1
     if not sessions:
         raise MissingFileError(layout.session_path(root, subject, 1), "betas session file")
     if max_sessions is not None and len(sessions) < max_sessions:
-        raise MissingFileError(layout.session_path(root, subject, len(sessions) + 1),
-                               f"betas session file ({max_sessions} sessions asked for)")
+        raise MissingFileError(
+            layout.session_path(root, subject, len(sessions) + 1),
+            f"betas session file ({max_sessions} sessions asked for)",
+        )
     return sessions
 
 
 def _open_session(path: Path, mask: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     try:
-        img = nib.load(path, keep_file_open=True)  # keep the gzip stream: slices otherwise re-decompress from 0
+        img = nib.load(
+            path, keep_file_open=True
+        )  # keep the gzip stream: slices otherwise re-decompress from 0
         shape = img.shape
     except Exception as e:
-        raise InputError(path, "a NIfTI betas file", f"an unreadable file ({type(e).__name__}: {e})") from None
+        raise InputError(
+            path, "a NIfTI betas file", f"an unreadable file ({type(e).__name__}: {e})"
+        ) from None
     if len(shape) != 4 or shape[:3] != mask.shape:
         raise InputError(path, f"betas of shape {mask.shape} x trials (the mask's grid)", f"shape {shape}")
     if not np.allclose(img.affine, affine, atol=1e-3):
-        raise InputError(path, "the mask's affine", f"a different affine (max diff {np.abs(img.affine - affine).max():.3g})")
+        raise InputError(
+            path,
+            "the mask's affine",
+            f"a different affine (max diff {np.abs(img.affine - affine).max():.3g})",
+        )
     dtype = img.get_data_dtype()
     if dtype != np.int16 and dtype.kind != "f":
-        raise InputError(path, "int16 betas (percent signal change x 300) or float percent change", f"dtype {dtype}")
+        raise InputError(
+            path, "int16 betas (percent signal change x 300) or float percent change", f"dtype {dtype}"
+        )
     return img
 
 
-def read_session(img: nib.Nifti1Image, path: Path, mask: np.ndarray, chunk_trials: int,
-                 progress: Progress | None = None, task=None) -> np.ndarray:
+def read_session(
+    img: nib.Nifti1Image,
+    path: Path,
+    mask: np.ndarray,
+    chunk_trials: int,
+    progress: Progress | None = None,
+    task=None,
+) -> np.ndarray:
     """Masked betas of one session in percent signal change, (trials, V) float32."""
     n_trials = img.shape[3]
     out = np.empty((n_trials, int(mask.sum())), dtype=np.float32)
@@ -152,14 +181,22 @@ def read_session(img: nib.Nifti1Image, path: Path, mask: np.ndarray, chunk_trial
         try:
             block = np.asarray(img.dataobj[..., start:stop])  # (X, Y, Z, c), raw dtype when unscaled
         except Exception as e:
-            raise InputError(path, f"{n_trials} readable trials", f"a read error at trial {start} ({type(e).__name__}: {e})") from None
+            raise InputError(
+                path,
+                f"{n_trials} readable trials",
+                f"a read error at trial {start} ({type(e).__name__}: {e})",
+            ) from None
         out[start:stop] = block[mask].T.astype(np.float32) * np.float32(scale)  # (c, V)
         if progress is not None:
             progress.advance(task, stop - start)
     bad = ~np.isfinite(out)
     if bad.any():
         trial, voxel = np.argwhere(bad)[0]
-        raise InputError(path, "finite betas", f"{int(bad.sum())} NaN/Inf values (first at trial {trial}, masked voxel {voxel})")
+        raise InputError(
+            path,
+            "finite betas",
+            f"{int(bad.sum())} NaN/Inf values (first at trial {trial}, masked voxel {voxel})",
+        )
     return out
 
 
@@ -184,7 +221,9 @@ def read_images(path: Path, ids: np.ndarray, image_size: int | None, out: np.nda
         for i, stim in enumerate(ids):  # ids are sorted; h5py reads one image at a time cheaply
             img = brick[int(stim)]
             if image_size is not None and img.shape[0] != image_size:
-                img = np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.Resampling.BICUBIC))
+                img = np.asarray(
+                    Image.fromarray(img).resize((image_size, image_size), Image.Resampling.BICUBIC)
+                )
             out[i] = img
 
 
@@ -204,8 +243,13 @@ def load_captions(path: Path) -> dict[int, list[str]]:
     return {int(k): list(v) for k, v in data.items()}
 
 
-def prepare_subject(root: str | Path, out: str | Path, config: PrepareConfig = PrepareConfig(),
-                    overwrite: bool = False, progress: bool = True) -> dict:
+def prepare_subject(
+    root: str | Path,
+    out: str | Path,
+    config: PrepareConfig = PrepareConfig(),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Read one subject from an NSD-layout folder and write the documented arrays to `out` (atomically)."""
     root, out = Path(root), Path(out)
     t0 = time.perf_counter()
@@ -225,8 +269,11 @@ def prepare_subject(root: str | Path, out: str | Path, config: PrepareConfig = P
             raise InputError(p, f"{trials_per_session} trials like session 01", f"{img.shape[3]}")
     n_trials = trials_per_session * len(images)
     if n_trials > len(design.masterordering):
-        raise InputError(layout.expdesign_path(root), f"at least {n_trials} trials in masterordering ({len(images)} sessions)",
-                         f"{len(design.masterordering)}")
+        raise InputError(
+            layout.expdesign_path(root),
+            f"at least {n_trials} trials in masterordering ({len(images)} sessions)",
+            f"{len(design.masterordering)}",
+        )
     stim_path = layout.stimuli_path(root)
     if not stim_path.is_file():
         raise MissingFileError(stim_path, "NSD stimuli (imgBrick HDF5)")
@@ -244,9 +291,15 @@ def prepare_subject(root: str | Path, out: str | Path, config: PrepareConfig = P
     if captions is not None:
         missing = [int(i) for i in unique_ids if int(i) not in captions]
         if missing:
-            raise InputError(captions_file, "captions for every stimulus in the sessions read", f"none for id {missing[0]}")
+            raise InputError(
+                captions_file, "captions for every stimulus in the sessions read", f"none for id {missing[0]}"
+            )
     if np.any(image_is_test[trial_row[~trial_test]]):
-        raise InputError(layout.expdesign_path(root), "shared images only in test trials", "a shared image in a train trial")
+        raise InputError(
+            layout.expdesign_path(root),
+            "shared images only in test trials",
+            "a shared image in a train trial",
+        )
 
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"subj{subject:02d} betas", total=n_trials)
@@ -255,7 +308,7 @@ def prepare_subject(root: str | Path, out: str | Path, config: PrepareConfig = P
             img.uncache()
             if config.session_zscore:
                 betas = zscore_session(betas)
-            rows = trial_row[s * trials_per_session:(s + 1) * trials_per_session]
+            rows = trial_row[s * trials_per_session : (s + 1) * trials_per_session]
             np.add.at(sums, rows, betas)
             np.add.at(counts, rows, 1)
             del betas
@@ -264,8 +317,11 @@ def prepare_subject(root: str | Path, out: str | Path, config: PrepareConfig = P
 
     train_rows, test_rows = np.flatnonzero(~image_is_test), np.flatnonzero(image_is_test)
     if len(train_rows) < 2 or len(test_rows) < 1:
-        raise InputError(layout.expdesign_path(root), "at least 2 train and 1 test images in the sessions read",
-                         f"{len(train_rows)} train, {len(test_rows)} test")
+        raise InputError(
+            layout.expdesign_path(root),
+            "at least 2 train and 1 test images in the sessions read",
+            f"{len(train_rows)} train, {len(test_rows)} test",
+        )
     train_betas, test_betas = averaged[train_rows], averaged[test_rows]
     del averaged
     voxel_mean = train_betas.mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -277,10 +333,14 @@ def prepare_subject(root: str | Path, out: str | Path, config: PrepareConfig = P
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         arrays = {
-            "train_betas": train_betas, "test_betas": test_betas,
-            "train_stim_ids": unique_ids[train_rows], "test_stim_ids": unique_ids[test_rows],
-            "train_trial_counts": counts[train_rows], "test_trial_counts": counts[test_rows],
-            "voxel_mean": voxel_mean, "voxel_std": voxel_std,
+            "train_betas": train_betas,
+            "test_betas": test_betas,
+            "train_stim_ids": unique_ids[train_rows],
+            "test_stim_ids": unique_ids[test_rows],
+            "train_trial_counts": counts[train_rows],
+            "test_trial_counts": counts[test_rows],
+            "voxel_mean": voxel_mean,
+            "voxel_std": voxel_std,
             "mask_indices": np.flatnonzero(mask).astype(np.int64),
         }
         for name, arr in arrays.items():
@@ -290,8 +350,9 @@ def prepare_subject(root: str | Path, out: str | Path, config: PrepareConfig = P
             native = int(f["imgBrick"].shape[1]) if "imgBrick" in f else 0
         side = size or native
         for split, rows in (("train", train_rows), ("test", test_rows)):
-            mm = np.lib.format.open_memmap(tmp / f"{split}_images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(rows), side, side, 3))
+            mm = np.lib.format.open_memmap(
+                tmp / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(len(rows), side, side, 3)
+            )
             read_images(stim_path, unique_ids[rows], size, mm)
             mm.flush()
             del mm
@@ -307,8 +368,12 @@ def prepare_subject(root: str | Path, out: str | Path, config: PrepareConfig = P
             "trials_per_session": trials_per_session,
             "n_trials": n_trials,
             "n_voxels": n_voxels,
-            "mask": {"file": str(mask_file.relative_to(root)), "sha256": sha256_file(mask_file),
-                     "shape": list(mask.shape), "affine": np.asarray(affine).round(6).tolist()},
+            "mask": {
+                "file": str(mask_file.relative_to(root)),
+                "sha256": sha256_file(mask_file),
+                "shape": list(mask.shape),
+                "affine": np.asarray(affine).round(6).tolist(),
+            },
             "betas_scale": layout.BETAS_SCALE,
             "steps": [
                 "mask nsdgeneral > 0 (C order)",
@@ -327,8 +392,15 @@ def prepare_subject(root: str | Path, out: str | Path, config: PrepareConfig = P
         }
         write_json(tmp / "preprocess.json", info)
     return {
-        "subject": subject, "sessions": len(session_files), "trials": n_trials, "voxels": n_voxels,
-        "train_images": len(train_rows), "test_images": len(test_rows),
-        "mean_repeats_train": float(counts[train_rows].mean()), "mean_repeats_test": float(counts[test_rows].mean()),
-        "image_size": side, "seconds": round(time.perf_counter() - t0, 2), "out": str(out),
+        "subject": subject,
+        "sessions": len(session_files),
+        "trials": n_trials,
+        "voxels": n_voxels,
+        "train_images": len(train_rows),
+        "test_images": len(test_rows),
+        "mean_repeats_train": float(counts[train_rows].mean()),
+        "mean_repeats_test": float(counts[test_rows].mean()),
+        "image_size": side,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "out": str(out),
     }
