@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -134,18 +133,19 @@ def train_foundation_vdvae(
     cfg = vdvae_config(config)
     images = resize(load_npy(data / "train_images.npy", "train images from recon-prepare"), cfg.image_size)
     result = train_vdvae(
-        images,
-        cfg,
-        out,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        resume=resume,
-        progress=True,
-        fp16_weights=fp16,
+        images, cfg, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume
     )
-    print_summary(f"recon-train foundation vdvae -> {out}", dataclasses.asdict(result))
+    if fp16:  # smaller shipped weights: re-save the EMA model with fp16 storage
+        from brainrecon.train.vdvae import save_vdvae
+
+        save_vdvae(result.ema_model, cfg, out, fp16=True)
+    last = result.history[-1] if result.history else {}
+    summary = {
+        "step": result.step,
+        "skipped": result.skipped,
+        **{k: round(float(v), 4) for k, v in last.items()},
+    }
+    print_summary(f"recon-train foundation vdvae -> {out}", summary)
 
 
 @train_app.command("subject")

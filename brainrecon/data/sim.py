@@ -119,13 +119,14 @@ class SimConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Seconds to simulate; for tests. ~320 ROI voxels, 200 trials.
+    # Under a second to simulate; for tests. ~300 ROI voxels, 700 trials: enough training images for
+    # both stage-1 regressors to beat the mean-image baseline.
     "tiny": dict(
-        n_train_images=60,
+        n_train_images=300,
         n_test_images=10,
         image_size=64,
         grid=(10, 12, 8),
-        n_sessions=4,
+        n_sessions=14,
         trials_per_session=50,
     ),
     # Big enough for the reconstruction pipeline to learn something. ~4500 ROI voxels, 6000 trials.
