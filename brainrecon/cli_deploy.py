@@ -1,0 +1,167 @@
+"""Deployment commands: `recon-export` (torch → ONNX → engines) and `recon-infer` (the lean runtime, torch-free).
+
+Thin wiring; the logic lives in `brainrecon.export.onnx_export.export_model_dir` and
+`brainrecon.runtime.infer.run_inference`. Heavy imports happen inside the commands, so `recon-infer` never loads
+torch (tests/test_runtime.py checks `sys.modules`). Exit codes: 0 ok, 1 failure (one-line error), 2 usage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from brainrecon.cli import print_summary, run_app
+
+export_app = typer.Typer(
+    add_completion=False, help="Export a subject model directory to ONNX (and TensorRT engines)."
+)
+
+
+@export_app.command()
+def export(
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder from recon-train subject.")],
+    stage: Annotated[str, typer.Option(help="stage1 | gru | ridge | vdvae | all.")] = "all",
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | both.")] = "both",
+    validate: Annotated[
+        bool, typer.Option("--validate/--no-validate", help="Compare ONNX Runtime with torch after export.")
+    ] = True,
+    engines: Annotated[
+        bool,
+        typer.Option("--engines/--no-engines", help="Build TensorRT engines when TensorRT and a GPU exist."),
+    ] = True,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Only re-hash the files of manifest.json; export nothing.")
+    ] = False,
+) -> None:
+    """Export, validate and record the models of a subject model directory.
+
+    Examples:
+      recon-export --model-dir engines/subj01 --stage all --precision both
+      recon-export --model-dir engines/subj01 --verify
+    """
+    if verify:
+        from brainrecon.manifest import verify_manifest
+
+        manifest = verify_manifest(model_dir)
+        print_summary(
+            f"recon-export --verify {model_dir}",
+            {"manifest_version": manifest.manifest_version, "artifacts verified": len(manifest.artifacts)},
+        )
+        return
+    from brainrecon.export.onnx_export import PRECISION_CHOICES, STAGES, export_model_dir
+
+    if stage not in STAGES:
+        raise typer.BadParameter(
+            f"expected one of {', '.join(STAGES)}, found {stage!r}", param_hint="--stage"
+        )
+    if precision not in PRECISION_CHOICES:
+        raise typer.BadParameter(
+            f"expected one of {', '.join(PRECISION_CHOICES)}, found {precision!r}", param_hint="--precision"
+        )
+    summary = export_model_dir(
+        model_dir, stage=stage, precision=precision, validate=validate, engines=engines
+    )
+    rows = {
+        f"{e['model']} {e['precision']}": f"{e['path']} ({e['bytes'] / 1e6:.1f} MB, {e['export_seconds']} s, "
+        + (
+            f"max diff {e['validation']['max_abs']:.2g}, median {e['validation']['median_abs']:.2g})"
+            if isinstance(e["validation"], dict)
+            else "not validated)"
+        )
+        for e in summary["exported"]
+    }
+    engines_info = summary["engines"]
+    rows["engines"] = ", ".join(engines_info["built"]) if engines_info["built"] else engines_info["skipped"]
+    rows["manifest"] = summary["manifest"]
+    print_summary(f"recon-export {stage} -> {model_dir}", rows)
+
+
+infer_app = typer.Typer(add_completion=False, help="Reconstruct images from betas with the exported models.")
+
+
+@infer_app.command()
+def infer(
+    betas: Annotated[
+        Path, typer.Argument(help="Z-scored betas .npy (N x V), or a NIfTI / NSD-style HDF5 betas session.")
+    ],
+    model_dir: Annotated[Path, typer.Option(help="Exported subject model folder (recon-export).")],
+    out: Annotated[
+        Path, typer.Option(help="Output folder: one PNG per trial, contact_sheet.png, summary.json.")
+    ],
+    engine: Annotated[str, typer.Option(help="ort (ONNX Runtime) or trt (TensorRT engines).")] = "ort",
+    stage: Annotated[int, typer.Option(help="1: VDVAE stage.")] = 1,
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
+    device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt (EP).")] = "cpu",
+    trials: Annotated[
+        str | None, typer.Option(help="Rows/trials to reconstruct, e.g. 0,5,10-20 (inclusive); default all.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Batch size (default: the engines' profile max).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (recorded; stage 1 is deterministic).")] = 0,
+    stimuli: Annotated[
+        Path | None, typer.Option(help="Ground-truth images .npy, one per betas row (test_images.npy).")
+    ] = None,
+    renormalize: Annotated[
+        bool | None,
+        typer.Option(
+            "--renormalize/--no-renormalize",
+            help="Re-normalise latents over the input set (default: as the model was trained).",
+        ),
+    ] = None,
+    allow_cpu_fallback: Annotated[
+        bool,
+        typer.Option(help="Run on the CPU when the GPU provider is missing (warns), instead of failing."),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Reconstruct stage-1 images from betas with the exported ONNX models or TensorRT engines.
+
+    Examples:
+      recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stimuli data/subj01/test_images.npy
+      recon-infer betas_session01.nii.gz --model-dir engines/subj01 --out out/ --trials 0,5,10-20 --engine trt
+    """
+    from brainrecon.runtime.infer import run_inference
+
+    if engine not in ("ort", "trt"):
+        raise typer.BadParameter(f"expected ort or trt, found {engine!r}", param_hint="--engine")
+    if precision not in ("fp32", "fp16"):
+        raise typer.BadParameter(f"expected fp32 or fp16, found {precision!r}", param_hint="--precision")
+    if device not in ("cpu", "cuda", "tensorrt"):
+        raise typer.BadParameter(f"expected cpu, cuda or tensorrt, found {device!r}", param_hint="--device")
+    summary = run_inference(
+        betas,
+        model_dir,
+        out,
+        engine=engine,
+        stage=stage,
+        precision=precision,
+        device=device,
+        trials=trials,
+        batch_size=batch_size,
+        seed=seed,
+        stimuli=stimuli,
+        renormalize=renormalize,
+        allow_cpu_fallback=allow_cpu_fallback,
+        overwrite=overwrite,
+        progress=True,
+    )
+    timings = summary["timings"]
+    print_summary(
+        f"recon-infer stage {stage} ({engine} {precision}) -> {out}",
+        {
+            "trials": summary["n_trials"],
+            "providers": "; ".join(f"{k}: {', '.join(v)}" for k, v in summary["providers"].items()),
+            "cpu fallback": summary["cpu_fallback"] or "none",
+            "regressor s": timings["regressor_s"],
+            "decoder s": timings["decoder_s"],
+            "per image ms": round(timings["per_image_ms"], 2),
+            "summary": str(out / "summary.json"),
+        },
+    )
+
+
+export_main = run_app(export_app)
+infer_main = run_app(infer_app)

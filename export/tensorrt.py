@@ -1,0 +1,142 @@
+"""ONNX → TensorRT engine (TensorRT 10.12+ / 11 Python API), keyed by what it was built for.
+
+Strongly typed networks: precision comes from the ONNX graph (the fp16 file from fp16.py), never from a builder
+flag (TensorRT 10.12 deprecated and 11 removed `BuilderFlag.FP16`; on 11 every network is strongly typed and the
+creation flag is accepted and ignored, so setting it is right for both). The optimization profile is the
+contract's min/opt/max batch; a timing cache per machine makes rebuilds fast. Engine files are named
+`<model>.<precision>.<key digest[:12]>.plan` and recorded in the manifest with their full key: a file's existence is
+not a cache hit (TensorRT demo/Diffusion's weakness); only a manifest entry with a matching key and hash is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from brainrecon.errors import BrainReconError
+from brainrecon.io import atomic_path
+from brainrecon.manifest import Artifact, describe_file, load_manifest, verify_artifact
+from brainrecon.runtime.engine_key import EngineKey, MachineInfo
+from brainrecon.runtime.trt_backend import current_machine, tensorrt_status
+
+ENGINE_DIR = "trt"
+WORKSPACE_BYTES = 4 << 30
+
+
+class EngineBuildError(BrainReconError):
+    """TensorRT could not parse the ONNX or build an engine from it."""
+
+
+def engine_relpath(model: str, precision: str, key: EngineKey) -> str:
+    return f"{ENGINE_DIR}/{model}.{precision}.{key.digest()[:12]}.plan"
+
+
+def timing_cache_path(model_dir: Path, machine: MachineInfo) -> Path:
+    safe = "".join(c if c.isalnum() else "-" for c in machine.gpu_name)
+    return (
+        model_dir
+        / ENGINE_DIR
+        / f"timing.{safe}.sm{machine.compute_capability}.trt{machine.tensorrt_version}.cache"
+    )
+
+
+def build_engine(
+    onnx_path: str | Path,
+    profile: dict[str, dict[str, list[int]]],
+    out_path: str | Path,
+    timing_cache: str | Path | None = None,
+    workspace_bytes: int = WORKSPACE_BYTES,
+    precision: str = "fp16",
+) -> None:
+    """Parse `onnx_path` (external data resolved beside it), build with one optimization profile, write the
+    serialized engine atomically; read and update the timing cache when given."""
+    import tensorrt as trt
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"{onnx_path}: TensorRT could not parse the ONNX model ({errors})")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 matmuls (on by default) round inputs to 10-bit mantissas; the fp32 engine is the faithful one
+        config.clear_flag(trt.BuilderFlag.TF32)
+    trt_profile = builder.create_optimization_profile()
+    for name, shapes in profile.items():
+        trt_profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(trt_profile)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(
+            f"{onnx_path}: TensorRT build_serialized_network returned nothing (see the log above)"
+        )
+    with atomic_path(out_path) as tmp:
+        tmp.write_bytes(memoryview(serialized))
+    if cache_path is not None:
+        with atomic_path(cache_path) as tmp:
+            tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+
+
+def _reusable(model_dir: Path, rel: str, key: EngineKey) -> Artifact | None:
+    """The existing manifest entry for this engine if its key matches and its bytes are intact."""
+    try:
+        entry = load_manifest(model_dir).get(rel)
+        if entry is None or entry.engine_key is None or EngineKey.from_dict(entry.engine_key) != key:
+            return None
+        verify_artifact(model_dir, entry)
+        return entry
+    except BrainReconError:
+        return None
+
+
+def build_engines_for(
+    model_dir: Path, onnx_artifacts: list[Artifact]
+) -> tuple[list[Artifact], dict[str, Any]]:
+    """Build (or reuse) one engine per exported ONNX file. Without TensorRT or a GPU, build nothing and say why."""
+    ok, reason = tensorrt_status()
+    if not ok:
+        return [], {
+            "built": [],
+            "skipped": (
+                f"TensorRT engines skipped: {reason}. The ONNX files are complete; run "
+                f"`recon-export --model-dir {model_dir} --stage all` on a machine with TensorRT and a GPU"
+            ),
+        }
+    machine = current_machine()
+    artifacts, built = [], []
+    for onnx_artifact in onnx_artifacts:
+        assert onnx_artifact.io is not None and onnx_artifact.precision is not None and onnx_artifact.model
+        key = EngineKey.for_machine(
+            onnx_artifact.sha256, onnx_artifact.precision, onnx_artifact.io["profile"], machine
+        )
+        rel = engine_relpath(onnx_artifact.model, onnx_artifact.precision, key)
+        entry = _reusable(model_dir, rel, key)
+        if entry is None:
+            build_engine(
+                model_dir / onnx_artifact.path,
+                onnx_artifact.io["profile"],
+                model_dir / rel,
+                timing_cache_path(model_dir, machine),
+                precision=onnx_artifact.precision,
+            )
+            entry = describe_file(
+                model_dir,
+                rel,
+                "engine",
+                model=onnx_artifact.model,
+                precision=onnx_artifact.precision,
+                io=onnx_artifact.io,
+                engine_key=key.to_dict(),
+                source=onnx_artifact.path,
+            )
+        artifacts.append(entry)
+        built.append(rel)
+    return artifacts, {"built": built, "skipped": None, "machine": reason}

@@ -1,0 +1,199 @@
+"""Betas for `recon-infer`: z-scored `.npy` rows, or raw NIfTI / NSD-style HDF5 sessions preprocessed exactly as
+`recon-prepare` did (the recorded `preprocess.json`, `mask_indices.npy`, `voxel_mean.npy`, `voxel_std.npy` of
+the model directory, hash-verified through the manifest). Torch-free; nibabel and h5py are imported on use.
+
+Raw sessions go through the reader's own functions (`brainrecon.data.nsd.read_session`, `zscore_session`; both
+torch-free), steps 1, 2, 3 and 5 of `recon-prepare` (step 4, averaging repeats, needs the design and is skipped:
+every trial is reconstructed on its own):
+  1. mask: voxels `mask_indices` (C order of the X×Y×Z grid);
+  2. int16 → / betas_scale (300) = percent signal change (float files are taken as percent change already);
+  3. when `config.session_zscore`: z-score every voxel over all trials of the file (ddof=0, constant → 0);
+  5. `(x - voxel_mean) / voxel_std` with the training statistics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainrecon.errors import InputError, MissingFileError
+from brainrecon.io import load_npy, read_json
+from brainrecon.manifest import verify_manifest
+
+PREPROCESS_FILES = ("preprocess.json", "mask_indices.npy", "voxel_mean.npy", "voxel_std.npy")
+CHUNK_TRIALS = 50  # trials read at a time: a real session slice stays < 100 MB (facts §4)
+
+
+def parse_trials(spec: str | None, n: int) -> np.ndarray:
+    """ "0,5,10-20" → [0, 5, 10, ..., 20] (ranges inclusive), each in [0, n), no duplicates; None → all n."""
+    if spec is None or spec.strip() == "":
+        return np.arange(n)
+    out: list[int] = []
+    for item in spec.split(","):
+        item = item.strip()
+        try:
+            if "-" in item[1:]:
+                lo, hi = (int(v) for v in item.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(item))
+        except ValueError:
+            raise InputError(
+                "--trials", "comma-separated indices or inclusive ranges like 0,5,10-20", repr(item)
+            ) from None
+    bad = [t for t in out if not 0 <= t < n]
+    if bad:
+        raise InputError("--trials", f"indices in [0, {n - 1}] ({n} trials in the input)", f"{bad[0]}")
+    if len(set(out)) != len(out):
+        dup = next(t for t in out if out.count(t) > 1)
+        raise InputError("--trials", "each trial once", f"trial {dup} more than once")
+    return np.asarray(out, dtype=np.int64)
+
+
+class Preprocessing:
+    """The recorded preprocessing of one model directory (files verified against the manifest on load)."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        verify_manifest(model_dir, PREPROCESS_FILES)
+        self.info: dict[str, Any] = read_json(model_dir / "preprocess.json", "recon-prepare preprocess.json")
+        self.mask_indices = load_npy(model_dir / "mask_indices.npy", "mask indices")  # (V,) int64
+        self.voxel_mean = load_npy(model_dir / "voxel_mean.npy", "voxel mean")  # (V,)
+        self.voxel_std = load_npy(model_dir / "voxel_std.npy", "voxel std")  # (V,)
+        self.grid = tuple(int(d) for d in self.info["mask"]["shape"])  # (X, Y, Z)
+        self.scale = float(self.info.get("betas_scale", 300.0))
+        self.session_zscore = bool(self.info.get("config", {}).get("session_zscore", False))
+
+    def mask(self) -> np.ndarray:
+        """Boolean (X, Y, Z) mask; `grid[mask]` lists voxels in `mask_indices` order (C order, sorted)."""
+        mask = np.zeros(int(np.prod(self.grid)), dtype=bool)
+        mask[self.mask_indices] = True
+        return mask.reshape(self.grid)
+
+    def apply(self, psc: np.ndarray) -> np.ndarray:
+        """(T, V) masked betas in percent signal change → z-scored betas float32, steps 3 and 5."""
+        from brainrecon.data.nsd import zscore_session  # the reader's own function (torch-free)
+
+        x = zscore_session(psc) if self.session_zscore else psc
+        return ((x - self.voxel_mean) / self.voxel_std).astype(np.float32)
+
+    def steps(self, int16: bool) -> list[str]:
+        return [
+            "mask_indices.npy (C order)",
+            f"int16 / {self.scale:g}" if int16 else "float betas taken as percent signal change",
+            *(
+                ["per-session per-voxel z-score over the file's trials (ddof=0)"]
+                if self.session_zscore
+                else []
+            ),
+            "(x - voxel_mean) / voxel_std",
+        ]
+
+
+def _load_nifti(path: Path, prep: Preprocessing) -> tuple[np.ndarray, bool]:
+    """One session X × Y × Z × trials → (T, V) percent signal change, through recon-prepare's own reader."""
+    import nibabel as nib
+
+    from brainrecon.data.nsd import read_session
+
+    try:
+        img = nib.load(path, keep_file_open=True)  # slices would otherwise re-decompress the gzip from 0
+        shape = img.shape
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise InputError(
+            path, "a NIfTI betas file", f"an unreadable file ({type(e).__name__}: {e})"
+        ) from None
+    if len(shape) != 4 or tuple(shape[:3]) != prep.grid:
+        raise InputError(
+            path, f"betas of shape {prep.grid} x trials (the recorded mask grid)", f"shape {shape}"
+        )
+    affine = prep.info["mask"].get("affine")
+    if affine is not None and not np.allclose(img.affine, np.asarray(affine), atol=1e-3):
+        diff = float(np.abs(img.affine - np.asarray(affine)).max())
+        raise InputError(
+            path,
+            "the recorded mask's affine (same subject and grid)",
+            f"a different affine (max diff {diff:.3g})",
+        )
+    dtype = img.get_data_dtype()
+    if dtype != np.int16 and dtype.kind != "f":
+        raise InputError(
+            path, "int16 betas (percent signal change x 300) or float percent change", f"dtype {dtype}"
+        )
+    return read_session(img, path, prep.mask(), CHUNK_TRIALS), dtype == np.int16
+
+
+def _load_hdf5(path: Path, prep: Preprocessing) -> tuple[np.ndarray, bool]:
+    """Dataset `betas`: trials × X × Y × Z, or trials × Z × Y × X as NSD's MATLAB-written `betas_sessionNN.hdf5`
+    reads in h5py (axes reversed); told apart by the recorded grid (X × Y × Z assumed when X == Z)."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(path, "an HDF5 betas file", f"an unreadable file ({e})") from None
+    with f:
+        if "betas" not in f:
+            raise InputError(path, "dataset 'betas' (trials x X x Y x Z)", f"datasets {sorted(f.keys())}")
+        ds = f["betas"]
+        if ds.ndim != 4 or tuple(ds.shape[1:]) not in (prep.grid, prep.grid[::-1]):
+            raise InputError(
+                path,
+                f"betas of shape trials x {prep.grid} (or trials x {prep.grid[::-1]})",
+                f"shape {ds.shape}",
+            )
+        if ds.dtype != np.int16 and ds.dtype.kind != "f":
+            raise InputError(
+                path, "int16 betas (percent signal change x 300) or float percent change", f"dtype {ds.dtype}"
+            )
+        reversed_axes = tuple(ds.shape[1:]) != prep.grid
+        n = ds.shape[0]
+        out = np.empty((n, len(prep.mask_indices)), dtype=np.float32)
+        for start in range(0, n, CHUNK_TRIALS):
+            block = ds[start : start + CHUNK_TRIALS]  # (c, ...)
+            if reversed_axes:
+                block = block.transpose(0, 3, 2, 1)  # (c, Z, Y, X) -> (c, X, Y, Z)
+            out[start : start + len(block)] = block.reshape(len(block), -1)[:, prep.mask_indices]  # (c, V)
+        if ds.dtype == np.int16:
+            out /= np.float32(prep.scale)
+        bad = ~np.isfinite(out)
+        if bad.any():
+            t, v = np.argwhere(bad)[0]
+            raise InputError(
+                path,
+                "finite betas",
+                f"{int(bad.sum())} NaN/Inf values (first at trial {t}, masked voxel {v})",
+            )
+        return out, ds.dtype == np.int16
+
+
+def load_betas(path: str | Path, model_dir: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Betas (N, V) float32 z-scored as the model expects, and a description of what was done.
+
+    `.npy`: rows already z-scored (recon-prepare's `test_betas.npy`); pickled arrays are refused; the dtype must be
+    float (checked by the pipeline). `.nii`/`.nii.gz`: one session X × Y × Z × trials. `.h5`/`.hdf5`: dataset `betas`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "betas file (.npy, .nii.gz or .hdf5)")
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        return load_npy(path, "z-scored betas"), {"format": "npy", "preprocessing": ["none (z-scored rows)"]}
+    prep = Preprocessing(model_dir)
+    if name.endswith((".nii", ".nii.gz")):
+        psc, int16 = _load_nifti(path, prep)
+        fmt = "nifti"
+    elif name.endswith((".h5", ".hdf5")):
+        psc, int16 = _load_hdf5(path, prep)
+        fmt = "hdf5"
+    else:
+        raise InputError(path, "a .npy, .nii, .nii.gz, .h5 or .hdf5 betas file", f"suffix {path.suffix!r}")
+    return prep.apply(psc), {
+        "format": fmt,
+        "preprocessing": prep.steps(int16),
+        "trials_in_file": len(psc),
+    }

@@ -1,0 +1,281 @@
+"""Stage-1 runtime (numpy): z-scored betas (N, V) → regressor → latents → re-normalisation → VDVAE decoder → uint8.
+
+The torch reference is `brainrecon.train.stage1.Stage1Model.reconstruct`; this pipeline runs the exported ONNX
+files (ONNX Runtime) or TensorRT engines listed in `model_dir/manifest.json`, after re-hashing every file it reads.
+No torch, diffusers or transformers import, here or below (a test enforces it).
+
+    betas (N, V) float ──check──► regressor, in batches ≤ profile max ──► latents (N, D) float32
+      ──renormalize (optional, over the whole input set)──► decoder, in batches ≤ profile max
+      ──► images (N, S, S, 3) float [0, 255] ──rint, clip──► uint8
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainrecon.errors import InputError, MissingFileError
+from brainrecon.io import load_npy, read_json
+from brainrecon.manifest import Artifact, Manifest, load_manifest, regenerate_hint, verify_manifest
+from brainrecon.runtime.backends import Backend, ModelIO, OrtBackend
+
+ENGINES = ("ort", "trt")
+PRECISIONS = ("fp32", "fp16")
+# What the pipeline reads besides the models (all hash-verified through the manifest first).
+STAGE1_DATA = ("stage1/stage1.json", "stage1/latent_mean.npy", "stage1/latent_std.npy")
+DECODER = "vdvae_decoder"
+
+Progress = Callable[[str, int, int], None]  # (step, done, total)
+
+
+def renormalize_latents(pred: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray) -> np.ndarray:
+    """Brain-Diffuser's transductive re-normalisation, the formula of `train/ridge.py renormalize_predictions`
+    (re-implemented here: the runtime does not import train): standardise each dimension over the prediction set
+    (ddof=0, float64), then scale to the training latents' mean/std. Constant dimensions get the target mean."""
+    if pred.ndim != 2 or pred.shape[0] < 2:
+        raise InputError(
+            "latents", "(N >= 2, D) predictions (statistics are taken over the set)", f"shape {pred.shape}"
+        )
+    pred64 = pred.astype(np.float64)
+    mean = pred64.mean(axis=0)  # (D,)
+    std = pred64.std(axis=0)  # (D,)
+    z = np.divide(pred64 - mean, std, out=np.zeros_like(pred64), where=std > 0)
+    return (z * np.asarray(target_std, np.float64) + np.asarray(target_mean, np.float64)).astype(np.float32)
+
+
+def check_betas(betas: Any, n_voxels: int, source: str = "betas") -> np.ndarray:
+    """(N, V) float32/float64 finite z-scored betas → float32; anything else is a one-line InputError."""
+    if not isinstance(betas, np.ndarray):
+        raise InputError(source, "a numpy array of z-scored betas", type(betas).__name__)
+    if betas.ndim != 2:
+        raise InputError(source, f"(N, {n_voxels}) z-scored betas (rank 2)", f"shape {betas.shape}")
+    if betas.dtype.kind != "f":
+        raise InputError(source, "float32 or float64 z-scored betas", f"dtype {betas.dtype}")
+    if betas.shape[1] != n_voxels:
+        raise InputError(source, f"{n_voxels} voxels per row (the model's mask)", f"{betas.shape[1]}")
+    if betas.shape[0] < 1:
+        raise InputError(source, "at least one row of betas", "none")
+    bad = ~np.isfinite(betas)
+    if bad.any():
+        row, voxel = np.argwhere(bad)[0]
+        raise InputError(
+            source, "finite betas", f"{int(bad.sum())} NaN/Inf values (first at row {row}, voxel {voxel})"
+        )
+    return np.ascontiguousarray(betas, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Stage1Result:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    latents: np.ndarray  # (N, D) float32, as decoded (after re-normalisation when applied)
+    timings: dict[str, float]  # seconds per step
+    providers: dict[str, list[str]]  # model -> providers actually used
+    renormalized: bool
+    batch_sizes: dict[str, int]
+    fallback: dict[str, str]  # model -> GPU provider fallback, when allowed and it happened
+
+
+def _model_artifact(manifest: Manifest, model_dir: Path, kind: str, model: str, precision: str) -> Artifact:
+    found = manifest.find(kind, model, precision)
+    if found is None:
+        raise MissingFileError(
+            Path(model_dir) / "manifest.json",
+            f"{model} {precision} {'ONNX' if kind == 'onnx' else 'TensorRT engine'} entry",
+            regenerate_hint(model_dir).replace("--stage all", f"--stage all --precision {precision}")
+            if kind == "onnx"
+            else f"build it on this machine with: recon-export --model-dir {model_dir} --stage all",
+        )
+    return found
+
+
+class Stage1Pipeline:
+    def __init__(
+        self,
+        regressor: Backend,
+        decoder: Backend,
+        regressor_io: ModelIO,
+        decoder_io: ModelIO,
+        latent_mean: np.ndarray,
+        latent_std: np.ndarray,
+        renormalize: bool = True,
+        info: dict[str, Any] | None = None,
+    ):
+        self.regressor, self.decoder = regressor, decoder
+        self.regressor_io, self.decoder_io = regressor_io, decoder_io
+        self.latent_mean = np.asarray(latent_mean, np.float32)  # (D,)
+        self.latent_std = np.asarray(latent_std, np.float32)  # (D,)
+        self.renormalize = renormalize
+        self.info = info or {}
+        self.n_voxels = int(regressor_io.inputs[0][1][1])
+        self.latent_dims = int(decoder_io.inputs[0][1][1])
+        if self.latent_mean.shape != (self.latent_dims,) or self.latent_std.shape != (self.latent_dims,):
+            raise InputError(
+                "latent statistics",
+                f"shape ({self.latent_dims},)",
+                f"{self.latent_mean.shape}, {self.latent_std.shape}",
+            )
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        engine: str = "ort",
+        precision: str = "fp32",
+        device: str = "cpu",
+        allow_cpu_fallback: bool = False,
+        threads: int | None = None,
+    ) -> Stage1Pipeline:
+        """Load the regressor and decoder of `model_dir` after verifying the hashes of every file read."""
+        model_dir = Path(model_dir)
+        if engine not in ENGINES:
+            raise InputError("engine", f"one of {ENGINES}", repr(engine))
+        if precision not in PRECISIONS:
+            raise InputError("precision", f"one of {PRECISIONS}", repr(precision))
+        manifest = load_manifest(model_dir)
+        verify_manifest(model_dir, STAGE1_DATA)
+        summary = read_json(model_dir / "stage1" / "stage1.json", "stage-1 summary")
+        regressor_name = summary["config"]["regressor"]
+        models = {}
+        for name in (regressor_name, DECODER):
+            onnx = _model_artifact(manifest, model_dir, "onnx", name, precision)
+            chosen = onnx
+            if engine == "trt":
+                chosen = _engine_for(manifest, model_dir, name, precision, onnx)
+            verify_manifest(
+                model_dir, [chosen.path, *onnx.external_data] if engine == "ort" else [chosen.path]
+            )
+            models[name] = (onnx, chosen)
+        backends: dict[str, Backend] = {}
+        ios: dict[str, ModelIO] = {}
+        for name, (onnx, chosen) in models.items():
+            io = ModelIO.from_spec(name, chosen.io or onnx.io or {})
+            ios[name] = io
+            if engine == "ort":
+                backends[name] = OrtBackend(model_dir / chosen.path, io, device, allow_cpu_fallback, threads)
+            else:
+                from brainrecon.runtime.trt_backend import TrtBackend
+
+                backends[name] = TrtBackend(
+                    model_dir / chosen.path, io, chosen.engine_key or {}, onnx.sha256, precision, model_dir
+                )
+        return cls(
+            backends[regressor_name],
+            backends[DECODER],
+            ios[regressor_name],
+            ios[DECODER],
+            load_npy(model_dir / "stage1" / "latent_mean.npy", "training-latent mean"),
+            load_npy(model_dir / "stage1" / "latent_std.npy", "training-latent std"),
+            renormalize=bool(summary["config"].get("renormalize", True)),
+            info={
+                "model_dir": str(model_dir),
+                "regressor": regressor_name,
+                "engine": engine,
+                "precision": precision,
+                "device": device,
+                "files": {name: chosen.path for name, (_, chosen) in models.items()},
+            },
+        )
+
+    def max_batch(self) -> int:
+        return min(self.regressor_io.max_batch, self.decoder_io.max_batch)
+
+    def check_inputs(
+        self,
+        betas: Any,
+        batch_size: int | None = None,
+        renormalize: bool | None = None,
+        source: str = "betas",
+    ) -> tuple[np.ndarray, int, bool]:
+        """Validate before any work: betas, batch size against both profiles, set size for re-normalisation."""
+        betas = check_betas(betas, self.n_voxels, source)
+        limit = self.max_batch()
+        batch = limit if batch_size is None else int(batch_size)
+        lo = max(self.regressor_io.min_batch, self.decoder_io.min_batch)
+        if not lo <= batch <= limit:
+            raise InputError("batch size", f"{lo}..{limit} (the engines' shape profiles)", f"{batch}")
+        renorm = self.renormalize if renormalize is None else renormalize
+        if renorm and len(betas) < 2:
+            raise InputError(
+                source,
+                "at least 2 trials (re-normalisation takes statistics over the set; or disable it)",
+                f"{len(betas)}",
+            )
+        return betas, batch, renorm
+
+    def run(
+        self,
+        betas: np.ndarray,
+        batch_size: int | None = None,
+        renormalize: bool | None = None,
+        progress: Progress | None = None,
+    ) -> Stage1Result:
+        betas, batch, renorm = self.check_inputs(betas, batch_size, renormalize)
+        n = len(betas)
+        timings: dict[str, float] = {}
+        t_all = time.perf_counter()
+
+        t0 = time.perf_counter()
+        latents = np.empty((n, self.latent_dims), dtype=np.float32)  # (N, D)
+        key_in, key_out = self.regressor_io.input_name, self.regressor_io.output_name
+        for i in range(0, n, batch):
+            latents[i : i + batch] = self.regressor.run({key_in: betas[i : i + batch]})[key_out]
+            if progress:
+                progress("regressor", min(i + batch, n), n)
+        timings["regressor_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if renorm:
+            latents = renormalize_latents(latents, self.latent_mean, self.latent_std)
+        timings["renormalize_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        key_in, key_out = self.decoder_io.input_name, self.decoder_io.output_name
+        chunks = []
+        for i in range(0, n, batch):
+            # (b, S, S, 3) float in [0, 255]
+            pixels = self.decoder.run({key_in: latents[i : i + batch]})[key_out]
+            chunks.append(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+            if progress:
+                progress("decoder", min(i + batch, n), n)
+        images = np.concatenate(chunks)
+        timings["decoder_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_all
+        timings["per_image_ms"] = 1000.0 * timings["total_s"] / n
+        return Stage1Result(
+            images=images,
+            latents=latents,
+            timings={k: round(v, 6) for k, v in timings.items()},
+            providers={
+                self.regressor_io.model: list(self.regressor.providers),
+                DECODER: list(self.decoder.providers),
+            },
+            renormalized=renorm,
+            batch_sizes={"regressor": batch, "decoder": batch},
+            fallback={
+                name: fb
+                for name, backend in ((self.regressor_io.model, self.regressor), (DECODER, self.decoder))
+                if (fb := getattr(backend, "fallback", None))
+            },
+        )
+
+
+def _engine_for(manifest: Manifest, model_dir: Path, model: str, precision: str, onnx: Artifact) -> Artifact:
+    """The engine entry for (model, precision) built for this machine and this ONNX; else a one-line error."""
+    from brainrecon.runtime.engine_key import EngineKey, select_engine
+    from brainrecon.runtime.trt_backend import TrtError, current_machine, tensorrt_status
+
+    candidates = [
+        a for a in manifest.artifacts if a.kind == "engine" and a.model == model and a.precision == precision
+    ]
+    if not candidates:
+        _model_artifact(manifest, model_dir, "engine", model, precision)  # raises MissingFileError
+    ok, reason = tensorrt_status()
+    if not ok:
+        raise TrtError(f"{model_dir / candidates[0].path}: cannot run a TensorRT engine here: {reason}")
+    expected = EngineKey.for_machine(onnx.sha256, precision, (onnx.io or {})["profile"], current_machine())
+    return select_engine(candidates, expected, model_dir)

@@ -1,0 +1,450 @@
+"""Export layer: contracts, ONNX export + fp16 + checker + validation, atomic publication, external data, manifest,
+engine keys (pure) and TensorRT builds (marked trt).
+
+The tiny model directories (`build_tiny_stage1`) are shared with tests/test_runtime.py through a folder in pytest's
+session temp dir, built once: recon-sim tiny → prepare_subject → fit_stage1 (GRU 2 epochs; ridge) with a tiny
+randomly initialised VDVAE saved by save_vdvae, then exported with both precisions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from brainrecon.errors import BrainReconError, ConfigError, InputError
+from brainrecon.export.contracts import Tolerance, gru_contract, ridge_contract, vdvae_decoder_contract
+from brainrecon.export.onnx_export import build_ridge_onnx, check_onnx, export_model_dir
+from brainrecon.export.validate import (
+    GraphCheckError,
+    ParityError,
+    check_gru_linear_before_reset,
+    ort_session,
+    validate_onnx,
+)
+from brainrecon.manifest import MANIFEST_FILE, load_manifest, verify_manifest
+from brainrecon.runtime.engine_key import (
+    EngineKey,
+    EngineMismatchError,
+    MachineInfo,
+    check_engine_key,
+    key_mismatches,
+    select_engine,
+)
+
+TINY_VDVAE = dict(
+    name="tiny",
+    width=16,
+    zdim=4,
+    num_mixtures=2,
+    enc_blocks="64x1,64d2,32d2,16d2,8d2,4d4,1x1",
+    dec_blocks="1x1,4m1,8m4,16m8,32m16,64m32",
+)
+TINY_LAYERS = 3  # latents of the 1x1, 4x4 and 8x8 layers: 4 + 64 + 256 = 324 dims
+
+
+def build_tiny_stage1(root: Path) -> dict[str, Path]:
+    """Build (once per folder) a simulated subject, a tiny VDVAE and two exported stage-1 model dirs."""
+    paths = {
+        "sim": root / "sim",
+        "prep": root / "prep",
+        "vdvae": root / "vdvae",
+        "gru": root / "model-gru",
+        "ridge": root / "model-ridge",
+    }
+    if (root / "done").is_file():
+        return paths
+    from brainrecon.data.nsd import PrepareConfig, prepare_subject
+    from brainrecon.data.sim import SimConfig, simulate_subject
+    from brainrecon.train.stage1 import Stage1Config, fit_stage1
+    from brainrecon.train.vdvae import VDVAE, VDVAEConfig, save_vdvae
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread avoids fork/join overhead on shared cores
+    try:
+        simulate_subject(paths["sim"], SimConfig.preset("tiny"), seed=0, subject=1, progress=False)
+        prepare_subject(paths["sim"], paths["prep"], PrepareConfig(), progress=False)
+        config = VDVAEConfig(**TINY_VDVAE)
+        torch.manual_seed(0)
+        vdvae = VDVAE(config)
+        with torch.no_grad():  # perturb the zero-initialised layers so every path carries signal
+            for p in vdvae.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        save_vdvae(vdvae.eval(), config, paths["vdvae"])
+        for regressor in ("gru", "ridge"):
+            cfg = Stage1Config(
+                regressor=regressor, num_layers=TINY_LAYERS, max_epochs=2, vdvae=str(paths["vdvae"]), seed=0
+            )
+            fit_stage1(paths["prep"], paths[regressor], cfg, progress=False)
+            export_model_dir(paths[regressor], stage="all", precision="both")
+    finally:
+        torch.set_num_threads(threads)
+    (root / "done").write_text("ok\n")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    return build_tiny_stage1(tmp_path_factory.getbasetemp() / "tiny-stage1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def copy_model_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------------------- contracts
+
+
+def test_contract_shapes_profiles_and_sample_inputs():
+    c = gru_contract(n_voxels=300, latent_dims=50)
+    assert c.input_names == ["betas"] and c.output_names == ["vdvae_latents"]
+    assert c.dynamic_axes() == {"betas": {0: "batch"}, "vdvae_latents": {0: "batch"}}
+    assert c.trt_profile() == {"betas": {"min": [1, 300], "opt": [64, 300], "max": [256, 300]}}
+    assert c.exporter == "torchscript" and c.opset == 17
+    x = c.sample_input(5, "realistic", seed=3)["betas"]
+    assert x.shape == (5, 300) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, c.sample_input(5, "realistic", seed=3)["betas"])  # seeded
+    assert np.abs(x).max() > 1.5  # heavy-tailed z-scored betas, unlike uniform(-1, 1)
+    assert np.abs(c.sample_input(5, "random")["betas"]).max() <= 1.0
+    d = vdvae_decoder_contract(latent_dims=324, image_size=64)
+    assert d.outputs[0].concrete(3) == (3, 64, 64, 3)
+    mean, std = np.full(324, 5.0, np.float32), np.full(324, 0.01, np.float32)
+    z = d.sample_input(4, "realistic", stats={"vdvae_latents": (mean, std)})["vdvae_latents"]
+    assert abs(z.mean() - 5.0) < 0.01
+    assert ridge_contract(300, 50).exporter == "onnx_helper"
+    spec = c.io_spec()
+    assert spec["max_batch"] == 256 and spec["inputs"][0]["shape"] == ["batch", 300]
+
+
+def test_tolerance_max_median_and_outliers():
+    ref = np.linspace(-1, 1, 1000)
+    ok, stats = Tolerance(atol=1e-5, rtol=1e-4).check(ref, ref + 5e-5)
+    assert ok and stats["scale"] == 1.0
+    assert not Tolerance(atol=1e-5, rtol=1e-5).check(ref, ref + 5e-5)[0]
+    flipped = ref.copy()
+    flipped[:3] += 100.0  # three argmax-like outliers
+    assert not Tolerance(atol=0.1).check(ref, flipped)[0]
+    assert Tolerance(atol=0.1, outlier_fraction=1e-2).check(ref, flipped)[0]
+    # every value moved a little: the max bound allows it, the median bound does not
+    assert not Tolerance(atol=1.0, median_rtol=1e-3).check(ref, ref + 0.01)[0]
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def test_export_writes_checked_validated_files_and_manifest(tiny):
+    for regressor in ("gru", "ridge"):
+        model_dir = tiny[regressor]
+        manifest = verify_manifest(model_dir)  # every hash matches
+        assert manifest.manifest_version == 1
+        assert manifest.preprocess == json.loads((model_dir / "preprocess.json").read_text())
+        assert manifest.producer["torch"] and manifest.producer["onnx"] and manifest.producer["onnxruntime"]
+        for model in (regressor, "vdvae_decoder"):
+            for precision in ("fp32", "fp16"):
+                entry = manifest.find("onnx", model, precision)
+                assert entry is not None and entry.path == f"onnx/{model}.{precision}.onnx"
+                assert entry.opset == 17 and entry.io["max_batch"] >= 64
+                assert entry.validation["max_abs"] >= 0 and entry.validation["batches"]
+                check_onnx(model_dir / entry.path)
+        assert {a.path for a in manifest.artifacts if a.kind == "data"} >= {
+            "preprocess.json",
+            "stage1/latent_mean.npy",
+            "mask_indices.npy",
+        }
+        assert not list((model_dir / "onnx").glob(".export-*"))  # staging removed
+
+
+def test_export_summary_says_engines_were_skipped(tiny, tmp_path):
+    model_dir = copy_model_dir(tiny["ridge"], tmp_path / "m")
+    summary = export_model_dir(model_dir, stage="ridge", precision="fp32", validate=False)
+    assert [e["model"] for e in summary["exported"]] == ["ridge"]
+    assert summary["exported"][0]["validation"].startswith("skipped")
+    engines = summary["engines"]
+    if not engines["built"]:
+        assert "skipped" in engines["skipped"] and "TensorRT" in engines["skipped"]
+    # the other models' entries survive a partial re-export
+    assert load_manifest(model_dir).find("onnx", "vdvae_decoder", "fp16") is not None
+
+
+def test_gru_graph_semantics_and_parity_at_two_scales(tiny):
+    """The GRU gets extra scrutiny: structure, random and realistic-scale inputs, batches 1/2/5/17, input dependence."""
+    from brainrecon.train.gru import load_gru
+
+    model_dir = tiny["gru"]
+    graph = onnx.load(str(model_dir / "onnx/gru.fp32.onnx"))
+    grus = [n for n in graph.graph.node if n.op_type == "GRU"]
+    assert len(grus) == 2 and all(
+        next(a.i for a in n.attribute if a.name == "linear_before_reset") == 1 for n in grus
+    )
+    module = load_gru(model_dir / "stage1", "gru")
+    session = ort_session(model_dir / "onnx/gru.fp32.onnx")
+    contract = gru_contract(module.config.n_voxels, module.config.n_outputs)
+    for kind in ("random", "realistic"):
+        for batch in (1, 2, 5, 17):
+            x = contract.sample_input(batch, kind, seed=batch)["betas"]
+            with torch.no_grad():
+                ref = module(torch.from_numpy(x)).numpy()
+            out = session.run(None, {"betas": x})[0]
+            np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+            if batch > 1:  # a constant graph would pass the comparison if the model barely moves
+                assert np.abs(out - out[:1]).max() > 1e-3 * np.abs(out).max()
+    report = load_manifest(model_dir).find("onnx", "gru", "fp32").validation
+    assert report["input_kinds"] == ["random", "realistic"] and report["max_abs"] < 1e-4
+
+
+def test_fp16_graph_keeps_normalisations_and_output_layer_fp32(tiny):
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tiny["gru"] / "onnx/gru.fp16.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
+    types |= {t.name: t.data_type for t in model.graph.initializer}
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    norms = [n for n in model.graph.node if n.op_type in ("LayerNormalization", "BatchNormalization")]
+    assert norms and all(types[n.input[0]] == F32 for n in norms)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    last = producer["vdvae_latents"]
+    while last.op_type == "Cast":  # keep_io_types' output cast
+        last = producer[last.input[0]]
+    assert last.op_type == "Gemm" and all(types[i] == F32 for i in last.input)
+    assert any(t.data_type == F16 for t in model.graph.initializer)  # the GRU weights did convert
+    assert model.graph.input[0].type.tensor_type.elem_type == F32  # keep_io_types
+
+
+def test_parity_error_reports_max_median_model_precision_batch(tiny):
+    model_dir = tiny["ridge"]
+    contract = ridge_contract(int(np.load(model_dir / "voxel_mean.npy").shape[0]), 324)
+    from brainrecon.train.ridge import RidgeRegressor
+
+    reg = RidgeRegressor.load(model_dir / "stage1", "ridge")
+    wrong = lambda inputs: {"vdvae_latents": reg.predict(inputs["betas"]) + 0.5}  # noqa: E731
+    with pytest.raises(ParityError) as err:
+        validate_onnx(contract, model_dir / "onnx/ridge.fp32.onnx", wrong, "fp32")
+    msg = str(err.value)
+    assert (
+        "\n" not in msg and "ridge fp32 batch 1" in msg and "max abs diff 0.5" in msg and "median 0.5" in msg
+    )
+
+
+def test_constant_graph_is_caught(tmp_path):
+    """Zero weights: ORT and the reference agree exactly, but the outputs ignore the input."""
+    coef, intercept = np.zeros((20, 6), np.float32), np.arange(6, dtype=np.float32)
+    build_ridge_onnx(coef, intercept, tmp_path / "r.onnx", "fp32")
+    reference = lambda inputs: {"vdvae_latents": np.tile(intercept, (len(inputs["betas"]), 1))}  # noqa: E731
+    with pytest.raises(GraphCheckError, match="identical outputs"):
+        validate_onnx(ridge_contract(20, 6), tmp_path / "r.onnx", reference, "fp32")
+
+
+def test_wrong_gru_semantics_are_caught(tiny):
+    graph = onnx.load(str(tiny["gru"] / "onnx/gru.fp32.onnx"))
+    for node in graph.graph.node:
+        for attr in node.attribute:
+            if attr.name == "linear_before_reset":
+                attr.i = 0
+    with pytest.raises(GraphCheckError, match="linear_before_reset=1"):
+        check_gru_linear_before_reset(graph, "gru.fp32.onnx")
+
+
+def test_ridge_fp16_survives_tiny_weights(tmp_path):
+    """alpha 5e4 ridge weights sit below fp16's normal range; per-column power-of-two scaling keeps them."""
+    rng = np.random.default_rng(0)
+    coef = (rng.normal(size=(300, 40)) * 1e-7).astype(np.float32)
+    intercept = (rng.normal(size=40) * 1e-6).astype(np.float32)  # same scale: float32 sums stay exact enough
+    x = rng.standard_t(5, size=(8, 300)).astype(np.float32)
+    build_ridge_onnx(coef, intercept, tmp_path / "r16.onnx", "fp16")
+    check_onnx(tmp_path / "r16.onnx")
+    out = ort_session(tmp_path / "r16.onnx").run(None, {"betas": x})[0]
+    signal = x @ coef  # the trial-dependent part, ~1e-6, that re-normalisation will magnify
+    np.testing.assert_allclose(out - intercept, signal, rtol=0, atol=2e-3 * np.abs(signal).max())
+    plain_cast_error = np.abs(coef.astype(np.float16).astype(np.float32) - coef).mean() / np.abs(coef).mean()
+    assert plain_cast_error > 0.1  # what a plain fp16 cast of these weights would have done
+
+
+def test_external_data_path_for_both_exporters(tiny, tmp_path):
+    """Real ridge (1.43 B weights) exceeds 2 GB; a threshold of 0 forces the same path on the tiny models."""
+    for regressor in ("ridge", "gru"):
+        model_dir = copy_model_dir(tiny[regressor], tmp_path / regressor)
+        summary = export_model_dir(model_dir, stage=regressor, precision="both", external_data_threshold=0)
+        for exported in summary["exported"]:
+            onnx_file = model_dir / exported["path"]
+            data = onnx_file.with_name(onnx_file.name + ".data")
+            assert exported["external_data"] == [data.relative_to(model_dir).as_posix()]
+            assert data.stat().st_size > 10 * onnx_file.stat().st_size  # weights live outside the protobuf
+            assert exported["validation"]["max_abs"] >= 0  # ORT loaded and validated it
+        manifest = verify_manifest(model_dir)
+        assert manifest.find("onnx_data", regressor, "fp16") is not None
+        # back below the threshold: the stale data file goes
+        export_model_dir(model_dir, stage=regressor, precision="fp32")
+        assert not (model_dir / f"onnx/{regressor}.fp32.onnx.data").exists()
+
+
+def test_failed_validation_leaves_previous_files_and_no_partial_file(tiny, tmp_path, monkeypatch):
+    import brainrecon.export.onnx_export as onnx_export
+
+    model_dir = copy_model_dir(tiny["gru"], tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (model_dir / "onnx").iterdir()}
+    manifest_before = (model_dir / MANIFEST_FILE).read_bytes()
+    calls = []
+    real = onnx_export.validate_onnx
+
+    def fail_on_fp16(contract, path, *args, **kwargs):
+        calls.append(path.name)
+        if "fp16" in path.name:
+            raise ParityError(
+                contract.name,
+                "fp16",
+                1,
+                "x",
+                "random",
+                dict.fromkeys(("max_abs", "max_abs_kept", "median_abs", "scale"), 1.0),
+                "test",
+            )
+        return real(contract, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "validate_onnx", fail_on_fp16)
+    with pytest.raises(ParityError):
+        export_model_dir(model_dir, stage="gru", precision="both")
+    assert calls == ["gru.fp32.onnx", "gru.fp16.onnx"]  # fp32 passed; nothing published before fp16 failed
+    assert {p.name: p.read_bytes() for p in (model_dir / "onnx").iterdir()} == before
+    assert (model_dir / MANIFEST_FILE).read_bytes() == manifest_before
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(tiny["gru"], fresh, ignore=shutil.ignore_patterns("onnx", MANIFEST_FILE))
+    import brainrecon.export.fp16 as fp16
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # an export killed midway
+
+    monkeypatch.setattr(fp16, "convert_to_fp16", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_model_dir(fresh, stage="gru", precision="both")
+    assert list((fresh / "onnx").iterdir()) == [] and not (fresh / MANIFEST_FILE).exists()
+
+
+def test_export_refuses_bad_stage_and_precision(tiny):
+    with pytest.raises(InputError, match="a ridge stage-1 regressor"):
+        export_model_dir(tiny["gru"], stage="ridge")
+    with pytest.raises(ConfigError):
+        export_model_dir(tiny["gru"], precision="int8")
+    with pytest.raises(ConfigError):
+        export_model_dir(tiny["gru"], stage="stage3")
+
+
+def test_recon_export_cli_verify_and_export(tiny, tmp_path, monkeypatch, capsys):
+    from brainrecon.cli_deploy import export_main
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["recon-export", *args])
+        with pytest.raises(SystemExit) as e:
+            export_main()
+        return e.value.code
+
+    assert run("--model-dir", str(tiny["ridge"]), "--verify") == 0
+    model_dir = copy_model_dir(tiny["ridge"], tmp_path / "m")
+    assert run("--model-dir", str(model_dir), "--stage", "vdvae", "--precision", "fp32", "--no-validate") == 0
+    assert "vdvae_decoder fp32" in capsys.readouterr().out
+    with open(model_dir / "onnx/ridge.fp16.onnx", "ab") as f:
+        f.write(b"\0")
+    assert run("--model-dir", str(model_dir), "--verify") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sha256" in err and "recon-export --model-dir" in err
+    assert run("--model-dir", str(model_dir), "--stage", "nope") == 2
+
+
+# ----------------------------------------------------------------------------------------- engine keys (pure)
+
+MACHINE = MachineInfo(tensorrt_version="10.13.0", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+PROFILE = {"betas": {"min": [1, 300], "opt": [64, 300], "max": [256, 300]}}
+
+
+def test_engine_key_roundtrip_digest_and_mismatch_message():
+    key = EngineKey.for_machine("ab" * 32, "fp16", PROFILE, MACHINE)
+    assert EngineKey.from_dict(json.loads(json.dumps(key.to_dict()))) == key
+    assert key.digest() == EngineKey.for_machine("ab" * 32, "fp16", PROFILE, MACHINE).digest()
+    other = EngineKey.for_machine(
+        "ab" * 32, "fp16", PROFILE, MachineInfo("10.9.0", "NVIDIA A100-SXM4-80GB", "8.0")
+    )
+    assert key.digest() != other.digest()
+    problems = key_mismatches(other, key)
+    assert problems == [
+        "TensorRT: engine 10.9.0, this machine 10.13.0",
+        "GPU: engine NVIDIA A100-SXM4-80GB, this machine NVIDIA H100 80GB HBM3",
+        "compute capability: engine 8.0, this machine 9.0",
+    ]
+    check_engine_key(key, key, "e.plan", "engines/subj01")  # same key: fine
+    with pytest.raises(EngineMismatchError) as err:
+        check_engine_key(other, key, "e.plan", "engines/subj01")
+    msg = str(err.value)
+    assert "\n" not in msg and "compute capability: engine 8.0" in msg
+    assert "recon-export --model-dir engines/subj01 --stage all" in msg
+
+
+def test_engine_key_detects_stale_onnx_precision_and_profile():
+    key = EngineKey.for_machine("ab" * 32, "fp16", PROFILE, MACHINE)
+    bigger = {"betas": {"min": [1, 300], "opt": [64, 300], "max": [512, 300]}}
+    for changed in (
+        EngineKey.for_machine("cd" * 32, "fp16", PROFILE, MACHINE),
+        EngineKey.for_machine("ab" * 32, "fp32", PROFILE, MACHINE),
+        EngineKey.for_machine("ab" * 32, "fp16", bigger, MACHINE),
+    ):
+        assert len(key_mismatches(changed, key)) == 1
+
+
+def test_select_engine_prefers_the_matching_entry():
+    from brainrecon.manifest import Artifact
+
+    here = EngineKey.for_machine("ab" * 32, "fp16", PROFILE, MACHINE)
+    there = EngineKey.for_machine("ab" * 32, "fp16", PROFILE, MachineInfo("10.13.0", "NVIDIA L4", "8.9"))
+
+    def entry(key: EngineKey) -> Artifact:
+        return Artifact(
+            f"trt/gru.fp16.{key.digest()[:12]}.plan",
+            "0" * 64,
+            1,
+            "engine",
+            model="gru",
+            precision="fp16",
+            engine_key=key.to_dict(),
+        )
+
+    assert select_engine([entry(there), entry(here)], here, "m") == entry(here)
+    with pytest.raises(EngineMismatchError, match="GPU: engine NVIDIA L4"):
+        select_engine([entry(there)], here, "m")
+    with pytest.raises(EngineMismatchError, match="no TensorRT engine"):
+        select_engine([], here, "m")
+
+
+# ----------------------------------------------------------------------------------------- TensorRT (GPU only)
+
+
+@pytest.mark.trt
+def test_tensorrt_engines_build_and_match_onnx_runtime(tiny, tmp_path):
+    from brainrecon.runtime.stage1 import Stage1Pipeline
+
+    model_dir = copy_model_dir(tiny["gru"], tmp_path / "m")
+    summary = export_model_dir(model_dir, stage="all", precision="both")
+    assert len(summary["engines"]["built"]) == 4 and summary["engines"]["skipped"] is None
+    betas = np.load(tiny["prep"] / "test_betas.npy")
+    for precision, mean_tol in (("fp32", 0.05), ("fp16", 0.5)):
+        ort = Stage1Pipeline.from_model_dir(model_dir, "ort", precision).run(betas)
+        trt = Stage1Pipeline.from_model_dir(model_dir, "trt", precision).run(betas)
+        assert np.abs(ort.images.astype(int) - trt.images.astype(int)).mean() <= mean_tol
+    again = export_model_dir(model_dir, stage="all", precision="both")  # reused: same key, intact bytes
+    assert again["engines"]["built"] == summary["engines"]["built"]
+
+
+def test_errors_are_brainrecon_errors():
+    for cls in (ParityError, GraphCheckError, EngineMismatchError):
+        assert issubclass(cls, BrainReconError)
