@@ -19,9 +19,22 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+MODEL_DIR ?= engines/subj01
+REGRESSOR ?= gru
+# The paper's recipe allows 200 epochs (about 15 min here on the demo subject); the demo caps it to stay quick.
+GRU_EPOCHS ?= 40
+
+# The main job on the embedded default: simulate -> prepare -> fit stage 1 with the shipped VDVAE ->
+# export to ONNX (fp32 + fp16, validated) -> torch-free recon-infer on the test set -> contact sheet.
 demo: install
 	$(BIN)/recon-sim --out $(DATA)/sim-demo --preset demo --seed $(SEED) --overwrite
 	$(BIN)/recon-prepare --nsd-root $(DATA)/sim-demo --subject 1 --out $(DATA)/subj01 --overwrite
+	$(BIN)/recon-train subject --data $(DATA)/subj01 --model-dir $(MODEL_DIR) --stage vdvae --regressor $(REGRESSOR) --seed $(SEED) \
+		--max-epochs $(GRU_EPOCHS)
+	$(BIN)/recon-export --model-dir $(MODEL_DIR) --stage all --precision both
+	$(BIN)/recon-infer $(DATA)/subj01/test_betas.npy --model-dir $(MODEL_DIR) --engine ort --stage 1 \
+		--stimuli $(DATA)/subj01/test_images.npy --out $(DATA)/recon-stage1 --overwrite
+	@echo "contact sheet: $(DATA)/recon-stage1/contact_sheet.png"
 
 test: install
 	$(PY) -m pytest -q -m "not slow"
@@ -35,6 +48,8 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_stage1.py --data $(DATA)/subj01
+	$(PY) benchmarks/bench_stage1_runtime.py --model-dir $(MODEL_DIR) --betas $(DATA)/subj01/test_betas.npy
 
 clean:
 	rm -rf $(VENV) $(DATA) engines/*/ .pytest_cache

@@ -233,7 +233,7 @@ def eval_stage1(
     out: Annotated[
         Path, typer.Option(help="Results folder: stage1.json, stage1.md, stage1_sheet.png, models/.")
     ],
-    layers: Annotated[str, typer.Option(help="Comma-separated latent-layer counts K to compare.")] = "6,14",
+    layers: Annotated[str, typer.Option(help="Comma-separated latent-layer counts K to compare.")] = "13,19",
     vdvae: Annotated[
         str, typer.Option(help="Foundation VDVAE (as recon-train subject).")
     ] = "builtin:small64",
