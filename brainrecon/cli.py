@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from brainrecon.errors import BrainReconError
@@ -32,7 +33,7 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
 def print_summary(title: str, summary: dict) -> None:
     table = Table(title=title, show_header=False)
     for key, value in summary.items():
-        table.add_row(key, str(value))
+        table.add_row(escape(str(key)), escape(str(value)))  # values like "brainrecon[trt]" are not markup
     Console().print(table)
 
 
@@ -225,6 +226,11 @@ def reconstruct(
 eval_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Evaluate and compare reconstructions."
 )
+
+
+@eval_app.callback()
+def eval_group() -> None:
+    """Evaluate and compare reconstructions (subcommands keep their names even while there is one)."""
 
 
 @eval_app.command("stage1")
