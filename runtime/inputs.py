@@ -96,34 +96,11 @@ class Preprocessing:
 
 def _load_nifti(path: Path, prep: Preprocessing) -> tuple[np.ndarray, bool]:
     """One session X × Y × Z × trials → (T, V) percent signal change, through recon-prepare's own reader."""
-    import nibabel as nib
+    from brainrecon.data.nsd import open_session, read_session
 
-    from brainrecon.data.nsd import read_session
-
-    try:
-        img = nib.load(path, keep_file_open=True)  # slices would otherwise re-decompress the gzip from 0
-        shape = img.shape
-    except Exception as e:  # nibabel raises many types for corrupt files
-        raise InputError(
-            path, "a NIfTI betas file", f"an unreadable file ({type(e).__name__}: {e})"
-        ) from None
-    if len(shape) != 4 or tuple(shape[:3]) != prep.grid:
-        raise InputError(
-            path, f"betas of shape {prep.grid} x trials (the recorded mask grid)", f"shape {shape}"
-        )
     affine = prep.info["mask"].get("affine")
-    if affine is not None and not np.allclose(img.affine, np.asarray(affine), atol=1e-3):
-        diff = float(np.abs(img.affine - np.asarray(affine)).max())
-        raise InputError(
-            path,
-            "the recorded mask's affine (same subject and grid)",
-            f"a different affine (max diff {diff:.3g})",
-        )
+    img = open_session(path, prep.grid, None if affine is None else np.asarray(affine))
     dtype = img.get_data_dtype()
-    if dtype != np.int16 and dtype.kind != "f":
-        raise InputError(
-            path, "int16 betas (percent signal change x 300) or float percent change", f"dtype {dtype}"
-        )
     return read_session(img, path, prep.mask(), CHUNK_TRIALS), dtype == np.int16
 
 

@@ -138,19 +138,22 @@ def find_sessions(root: Path, subject: int, max_sessions: int | None) -> list[Pa
     return sessions
 
 
-def _open_session(path: Path, mask: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+def open_session(path: Path, grid: tuple[int, ...], affine: np.ndarray | None) -> nib.Nifti1Image:
+    """Open one betas session lazily and check it against the mask's grid and affine (None: not checked).
+
+    Shared by recon-prepare and the runtime's NIfTI input, so both refuse the same files the same way.
+    """
     try:
-        img = nib.load(
-            path, keep_file_open=True
-        )  # keep the gzip stream: slices otherwise re-decompress from 0
+        # keep the gzip stream open: slices otherwise re-decompress from 0
+        img = nib.load(path, keep_file_open=True)
         shape = img.shape
     except Exception as e:
         raise InputError(
             path, "a NIfTI betas file", f"an unreadable file ({type(e).__name__}: {e})"
         ) from None
-    if len(shape) != 4 or shape[:3] != mask.shape:
-        raise InputError(path, f"betas of shape {mask.shape} x trials (the mask's grid)", f"shape {shape}")
-    if not np.allclose(img.affine, affine, atol=1e-3):
+    if len(shape) != 4 or tuple(shape[:3]) != tuple(grid):
+        raise InputError(path, f"betas of shape {tuple(grid)} x trials (the mask's grid)", f"shape {shape}")
+    if affine is not None and not np.allclose(img.affine, affine, atol=1e-3):
         raise InputError(
             path,
             "the mask's affine",
@@ -262,7 +265,7 @@ def prepare_subject(
     design = load_design(root, subject)
     mask, affine, mask_file = load_mask(root, subject)
     session_files = find_sessions(root, subject, config.max_sessions)
-    images = [_open_session(p, mask, affine) for p in session_files]
+    images = [open_session(p, mask.shape, affine) for p in session_files]
     trials_per_session = images[0].shape[3]
     for p, img in zip(session_files, images, strict=True):
         if img.shape[3] != trials_per_session:
