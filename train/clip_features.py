@@ -1,0 +1,304 @@
+"""Stage-2 targets: CLIP token embeddings in Versatile Diffusion's normalisation.
+
+Versatile Diffusion (Xu et al. 2023, SHI-Labs/Versatile-Diffusion `lib/model_zoo/clip.py`, `FrozenCLIP.encode_text`
+/ `encode_vision`; diffusers `VersatileDiffusionDualGuidedPipeline._encode_text_prompt` / `_encode_image_prompt`)
+conditions its UNet on every CLIP token, not only the pooled one. Brain-Diffuser (ozcelikfu/brain-diffuser
+`scripts/cliptext_extract_features.py`, `scripts/clipvision_extract_features.py`) regresses these tokens from fMRI:
+
+  text   (L=77, D=768):  text_projection(last_hidden_state) / ‖text_embeds‖, text_embeds = projected EOS token;
+                          the (up to 5) captions of an image are averaged after normalisation.
+  vision (1+P=257, D):   visual_projection(post_layernorm(last_hidden_state)) on ALL tokens / ‖CLS row‖.
+
+Only the pooled token is normalised; all other tokens keep their scale relative to it, so the UNet sees the same
+magnitudes it was trained with.
+
+Input convention: images are uint8 RGB in [0, 255] and go through the CLIP image processor as such. Brain-Diffuser
+passed float tensors in [-1, 1] to the processor; transformers 4.19 turned floats into uint8 by ×255 (wrapping
+negatives), while ≥ 4.2x rescales floats by 1/255: this is one way its CLIP-vision features changed between 4.19.2
+and 4.33 (facts §1). uint8 input means the same thing to every transformers version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
+
+from brainrecon.errors import ConfigError, InputError, MissingFileError
+
+# OpenAI CLIP's pixel statistics: the defaults of CLIPImageProcessor, used when the folder has no processor config.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "[PAD]", "<eos>", "</s>")
+
+
+@dataclass(frozen=True)
+class ClipFeatureShapes:
+    """What `text_embeddings` / `vision_embeddings` return per image: (text_tokens, dim) and (vision_tokens, dim)."""
+
+    text_tokens: int  # L = max_position_embeddings (77 for ViT-L/14)
+    vision_tokens: int  # 1 + P = 1 + (image_size / patch_size)² (257 for ViT-L/14 at 224)
+    dim: int  # D = projection_dim (768)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Each tower loaded from a CLIPModel checkpoint reports the other tower's keys as unexpected: expected here,
+    and missing keys are checked explicitly instead."""
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def _read_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise MissingFileError(config_path, "CLIP config", "expected a Hugging Face CLIPModel folder")
+    cfg = json.loads(config_path.read_text())
+    for key in ("text_config", "vision_config"):
+        if key not in cfg:
+            raise ConfigError(
+                f"{config_path}: expected a CLIPModel config with `{key}`, found keys {sorted(cfg)}"
+            )
+    return cfg
+
+
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """CLIP's BPE tokenizer when its files are there; else a `tokenizers` tokenizer.json (the small trained CLIP)."""
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return CLIPTokenizer.from_pretrained(folder)
+    tokenizer_json = folder / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise MissingFileError(folder, "tokenizer", "expected vocab.json + merges.txt or tokenizer.json")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json))
+    if tokenizer.pad_token is None:
+        # Padding to the full context needs a pad id; CLIP pads with its EOS token, a word-level vocab with <pad>.
+        vocab = tokenizer.get_vocab()
+        pad = next((t for t in PAD_CANDIDATES if t in vocab), None)
+        if pad is None:
+            raise InputError(
+                tokenizer_json, f"a pad token (one of {', '.join(PAD_CANDIDATES)})", "none in vocab"
+            )
+        tokenizer.pad_token = pad
+    return tokenizer
+
+
+class _Preprocess:
+    """uint8 (N, H, W, 3) → pixel_values (N, 3, S, S) float32.
+
+    With the folder's CLIPImageProcessor when it has one; otherwise CLIP's own recipe by hand: bicubic resize of the
+    short side to S, centre crop S×S, /255, normalise with OpenAI CLIP's mean/std.
+    """
+
+    def __init__(self, folder: Path, image_size: int):
+        self.processor: CLIPImageProcessor | None = None
+        if (folder / "preprocessor_config.json").is_file():
+            # Without torchvision, transformers 5 falls back to the PIL backend (a printed notice): the same
+            # bicubic resize as transformers 4.x and as the hand-written path below.
+            with _quiet_transformers():
+                self.processor = CLIPImageProcessor.from_pretrained(folder)
+        self.image_size = image_size
+        self.mean = np.asarray(OPENAI_CLIP_MEAN, np.float32)
+        self.std = np.asarray(OPENAI_CLIP_STD, np.float32)
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        if self.processor is not None:
+            pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+            return pixels.to(torch.float32)
+        return torch.from_numpy(np.stack([self._one(im) for im in images]))
+
+    def _one(self, image: np.ndarray) -> np.ndarray:
+        s = self.image_size
+        h, w = image.shape[:2]
+        # Short side to S, long side floored: transformers' `get_resize_output_image_size` rounding.
+        new_h, new_w = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        resized = Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC)
+        top, left = (new_h - s) // 2, (new_w - s) // 2
+        crop = np.asarray(resized, np.float32)[top : top + s, left : left + s] / 255.0  # (S, S, 3)
+        return ((crop - self.mean) / self.std).transpose(2, 0, 1).copy()  # (3, S, S)
+
+
+class CLIPFeatureExtractor:
+    """CLIP text/vision token embeddings for stage 2, normalised as Versatile Diffusion expects (module doc)."""
+
+    def __init__(
+        self,
+        text_model: CLIPTextModelWithProjection,
+        vision_model: CLIPVisionModelWithProjection,
+        tokenizer: PreTrainedTokenizerBase,
+        preprocess: _Preprocess,
+        source: str = "CLIP",
+        batch_size: int = 32,
+        device: str | torch.device = "cpu",
+    ):
+        text_dim = text_model.config.projection_dim
+        vision_dim = vision_model.config.projection_dim
+        if text_dim != vision_dim:
+            raise ConfigError(
+                f"{source}: text and vision projection_dim must match (one UNet context width), "
+                f"found text {text_dim}, vision {vision_dim}"
+            )
+        if batch_size < 1:
+            raise ConfigError(f"{source}: batch_size must be >= 1, found {batch_size}")
+        self.device = torch.device(device)
+        self.text_model = text_model.eval().to(self.device)
+        self.vision_model = vision_model.eval().to(self.device)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.source = source
+        self.batch_size = batch_size
+        vcfg = vision_model.config
+        self.shapes = ClipFeatureShapes(
+            text_tokens=text_model.config.max_position_embeddings,
+            vision_tokens=1 + (vcfg.image_size // vcfg.patch_size) ** 2,
+            dim=text_dim,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, batch_size: int = 32, device: str | torch.device = "cpu"
+    ) -> CLIPFeatureExtractor:
+        """Load a local Hugging Face CLIPModel folder (config.json + weights + tokenizer [+ preprocessor_config.json])."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MissingFileError(folder, "CLIP model folder")
+        cfg = _read_config(folder)
+        if not any((folder / name).is_file() for name in WEIGHT_FILES):
+            raise MissingFileError(folder, "CLIP weights", f"expected one of {', '.join(WEIGHT_FILES)}")
+        text_proj = cfg["text_config"].get("projection_dim", cfg.get("projection_dim"))
+        vision_proj = cfg["vision_config"].get("projection_dim", cfg.get("projection_dim"))
+        if text_proj != vision_proj:
+            raise ConfigError(
+                f"{folder / 'config.json'}: text_config and vision_config projection_dim must match, "
+                f"found {text_proj} and {vision_proj}"
+            )
+        models = []
+        for model_cls in (CLIPTextModelWithProjection, CLIPVisionModelWithProjection):
+            # A missing key means a randomly initialised layer: refuse it rather than produce silent noise features.
+            with _quiet_transformers():
+                model, info = model_cls.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
+            if info["missing_keys"] or info["mismatched_keys"]:
+                bad = sorted(info["missing_keys"]) + sorted(str(k[0]) for k in info["mismatched_keys"])
+                raise MissingFileError(
+                    folder, f"{model_cls.__name__} weights", f"absent or mis-shaped: {bad[:5]}"
+                )
+            models.append(model)
+        text_model, vision_model = models
+        preprocess = _Preprocess(folder, vision_model.config.image_size)
+        return cls(
+            text_model, vision_model, _load_tokenizer(folder), preprocess, str(folder), batch_size, device
+        )
+
+    # ---------------------------------------------------------------- text
+    def _check_captions(self, captions: list[list[str]]) -> None:
+        if not isinstance(captions, list) or not captions:
+            raise InputError(
+                "captions", "a non-empty list (one list of captions per image)", repr(type(captions))
+            )
+        for i, caps in enumerate(captions):
+            if isinstance(caps, str) or not isinstance(caps, (list, tuple)) or not caps:
+                raise InputError(f"captions[{i}]", "a non-empty list of strings", repr(caps)[:60])
+            if not all(isinstance(c, str) for c in caps):
+                raise InputError(f"captions[{i}]", "strings only", repr([type(c).__name__ for c in caps]))
+
+    @torch.no_grad()
+    def _encode_captions(self, texts: list[str]) -> torch.Tensor:
+        """Captions → (B, L, D): projected tokens / ‖projected pooled (EOS) token‖, one caption each."""
+        L = self.shapes.text_tokens
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=L, truncation=True, return_tensors="pt"
+        )
+        input_ids = tokens["input_ids"].to(self.device)  # (B, L)
+        eos = self.text_model.config.eos_token_id
+        # eos_token_id == 2 is the legacy config (argmax pooling, e.g. openai ViT-L/14); any other id is pooled at
+        # its first occurrence, and a row without it would silently pool token 0.
+        if eos != 2 and not bool((input_ids == eos).any(dim=1).all()):
+            raise InputError(
+                self.source, f"every tokenised caption to contain eos_token_id {eos}", "a row without it"
+            )
+        # No attention mask, as CLIP/VD: the causal mask already hides the padding from the EOS token.
+        out = self.text_model(input_ids=input_ids)
+        tokens_proj = self.text_model.text_projection(out.last_hidden_state)  # (B, L, D)
+        pooled_norm = out.text_embeds.norm(dim=-1)[:, None, None]  # (B, 1, 1)
+        return tokens_proj / pooled_norm
+
+    def text_embeddings(self, captions: list[list[str]]) -> np.ndarray:
+        """captions[i] = the captions of image i → (N, L, D) float32, the mean of each image's normalised captions."""
+        self._check_captions(captions)
+        flat = [c for caps in captions for c in caps]
+        owner = np.repeat(
+            np.arange(len(captions)), [len(caps) for caps in captions]
+        )  # image index per caption
+        sums = np.zeros((len(captions), self.shapes.text_tokens, self.shapes.dim), np.float64)  # (N, L, D)
+        for start in range(0, len(flat), self.batch_size):
+            emb = self._encode_captions(flat[start : start + self.batch_size]).cpu().numpy()  # (B, L, D)
+            np.add.at(sums, owner[start : start + self.batch_size], emb)
+        counts = np.asarray([len(caps) for caps in captions], np.float64)[:, None, None]
+        return (sums / counts).astype(np.float32)
+
+    # ---------------------------------------------------------------- vision
+    def _check_images(self, images: np.ndarray) -> None:
+        if not isinstance(images, np.ndarray):
+            raise InputError("images", "a numpy uint8 array (N, H, W, 3)", repr(type(images)))
+        if images.dtype != np.uint8:
+            raise InputError("images", "dtype uint8 (RGB in [0, 255])", str(images.dtype))
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0 or min(images.shape[1:3]) == 0:
+            raise InputError("images", "shape (N>0, H, W, 3)", str(images.shape))
+
+    @torch.no_grad()
+    def _encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, S, S) → (B, 1+P, D): projected post-LN tokens / ‖CLS row‖."""
+        hidden = self.vision_model.vision_model(pixel_values=pixel_values.to(self.device)).last_hidden_state
+        # post_layernorm on ALL tokens: the model's own pooled output applies it to the CLS token only.
+        tokens_proj = self.vision_model.visual_projection(
+            self.vision_model.vision_model.post_layernorm(hidden)
+        )
+        return tokens_proj / tokens_proj[:, :1].norm(dim=-1, keepdim=True)  # (B, 1+P, D)
+
+    def vision_embeddings(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) RGB → (N, 1+P, D) float32."""
+        self._check_images(images)
+        out = np.empty((len(images), self.shapes.vision_tokens, self.shapes.dim), np.float32)
+        for start in range(0, len(images), self.batch_size):
+            pixels = self.preprocess(images[start : start + self.batch_size])  # (B, 3, S, S)
+            out[start : start + len(pixels)] = self._encode_pixels(pixels).cpu().numpy()
+        return out
+
+    # ---------------------------------------------------------------- guidance
+    def unconditional_contexts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Classifier-free-guidance contexts: text of "" (1, L, D) and vision of an all-black image (1, 1+P, D).
+
+        Why black: Brain-Diffuser (`versatilediffusion_reconstruct_images.py`) encodes `torch.zeros((1, 3, 224,
+        224))` with VD's `FrozenCLIP.encode_vision`, which hands it to the CLIP processor. Under transformers 4.19
+        the float zeros became uint8 0 (×255); under current versions they are rescaled by 1/255, still 0. Either
+        way the model saw pixel value 0 normalised by CLIP's mean/std, i.e. a black image, not "zeros after
+        normalisation". diffusers' VD pipeline passes `np.zeros((512, 512, 3)) + 0.5` (meant as mid-grey), which
+        current transformers rescale to ≈0.002, nearly black as well; we follow Brain-Diffuser exactly.
+        """
+        s = self.preprocess.image_size
+        black = np.zeros((1, s, s, 3), np.uint8)
+        return self.text_embeddings([[""]]), self.vision_embeddings(black)
