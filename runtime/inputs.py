@@ -109,6 +109,8 @@ def _load_hdf5(path: Path, prep: Preprocessing) -> tuple[np.ndarray, bool]:
     reads in h5py (axes reversed); told apart by the recorded grid (X × Y × Z assumed when X == Z)."""
     import h5py
 
+    from brainrecon.data.nsd import check_finite_betas
+
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -137,14 +139,7 @@ def _load_hdf5(path: Path, prep: Preprocessing) -> tuple[np.ndarray, bool]:
             out[start : start + len(block)] = block.reshape(len(block), -1)[:, prep.mask_indices]  # (c, V)
         if ds.dtype == np.int16:
             out /= np.float32(prep.scale)
-        bad = ~np.isfinite(out)
-        if bad.any():
-            t, v = np.argwhere(bad)[0]
-            raise InputError(
-                path,
-                "finite betas",
-                f"{int(bad.sum())} NaN/Inf values (first at trial {t}, masked voxel {v})",
-            )
+        check_finite_betas(path, out)
         return out, ds.dtype == np.int16
 
 

@@ -192,7 +192,13 @@ def read_session(
         out[start:stop] = block[mask].T.astype(np.float32) * np.float32(scale)  # (c, V)
         if progress is not None:
             progress.advance(task, stop - start)
-    bad = ~np.isfinite(out)
+    check_finite_betas(path, out)
+    return out
+
+
+def check_finite_betas(path: Path, betas: np.ndarray) -> None:
+    """(trials, V) betas must be finite; the error names the first bad trial and masked voxel."""
+    bad = ~np.isfinite(betas)
     if bad.any():
         trial, voxel = np.argwhere(bad)[0]
         raise InputError(
@@ -200,7 +206,6 @@ def read_session(
             "finite betas",
             f"{int(bad.sum())} NaN/Inf values (first at trial {trial}, masked voxel {voxel})",
         )
-    return out
 
 
 def zscore_session(betas: np.ndarray) -> np.ndarray:
