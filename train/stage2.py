@@ -1,0 +1,253 @@
+"""Stage 2 of Brain-Diffuser: Versatile Diffusion img2img refinement of the stage-1 (VDVAE) image, torch reference.
+
+Mirrors `versatilediffusion_reconstruct_images.py` of Brain-Diffuser (Ozcelik & VanRullen 2023,
+ozcelikfu/brain-diffuser): the stage-1 image is VAE-encoded, noised to 75% of a 50-step DDIM schedule (37 denoising
+steps, eta 0), then denoised by the dual-guided Versatile Diffusion UNet (`train/dual_unet.py`) conditioned on the
+predicted CLIP-vision (257 tokens) and CLIP-text (77 tokens) embeddings, mixed 0.6 vision / 0.4 text, with
+classifier-free guidance 7.5 against CLIP-text of "" and CLIP-vision of a black image.
+
+The schedule follows diffusers' img2img pipelines (`get_timesteps`, `prepare_latents`) so the numpy runtime can be
+checked against this file step by step. Two deliberate differences from diffusers:
+- the init latents are the VAE posterior *mean*, not a sample, so encoding is deterministic and reproducible by a
+  runtime that only exports the encoder;
+- the noise is drawn once as a tensor of the latent shape from `torch.Generator().manual_seed(seed)` (or passed in
+  as `noise`), so a runtime can be fed exactly the same noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from brainrecon.errors import ConfigError, InputError
+from train.dual_unet import DualUNetConfig, build_dual_unet, dual_context, set_mix_ratio
+
+# Versatile Diffusion's noise schedule (its DDIM sampler: LDM linear_start/linear_end on a scaled-linear
+# schedule, timesteps offset by 1, alpha_prev of the last step = alphas_cumprod[0]).
+VD_SCHEDULER_KWARGS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+@dataclass(frozen=True)
+class Img2ImgConfig:
+    """Brain-Diffuser's stage-2 sampling settings (facts.md section 1)."""
+
+    num_inference_steps: int = 50
+    strength: float = 0.75  # fraction of the schedule re-noised: 50 * 0.75 -> 37 denoising steps
+    guidance_scale: float = 7.5
+    eta: float = (
+        0.0  # deterministic DDIM; the only value supported, so a runtime can match bit-for-bit noise use
+    )
+    seed: int = 0
+    vae_scale_factor: float = 0.18215
+    mix_ratio: float = 0.6  # vision weight of the dual cross-attention (text weight 0.4)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise ConfigError(
+                f"Img2ImgConfig: expected num_inference_steps >= 1, found {self.num_inference_steps}"
+            )
+        if not 0.0 <= self.strength <= 1.0:
+            raise ConfigError(f"Img2ImgConfig: expected strength in [0, 1], found {self.strength}")
+        if self.eta != 0.0:
+            # eta > 0 draws fresh noise inside every step from a global RNG the runtime cannot reproduce.
+            raise ConfigError(f"Img2ImgConfig: expected eta 0.0 (deterministic DDIM), found {self.eta}")
+        if not np.isfinite(self.guidance_scale):
+            raise ConfigError(f"Img2ImgConfig: expected a finite guidance_scale, found {self.guidance_scale}")
+        if not self.vae_scale_factor > 0:
+            raise ConfigError(f"Img2ImgConfig: expected vae_scale_factor > 0, found {self.vae_scale_factor}")
+        if not 0.0 <= self.mix_ratio <= 1.0:
+            raise ConfigError(f"Img2ImgConfig: expected mix_ratio in [0, 1], found {self.mix_ratio}")
+
+
+def vd_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**VD_SCHEDULER_KWARGS)
+
+
+def denoising_timesteps(scheduler: DDIMScheduler, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps img2img denoises, as diffusers' `get_timesteps`: 50 steps, strength 0.75 -> 37 (721 ... 1).
+
+    Sets the scheduler's timesteps (like the pipelines do); empty for strength 0.
+    """
+    scheduler.set_timesteps(steps)
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    return scheduler.timesteps[t_start * scheduler.order :]
+
+
+def vae_downsampling(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_inputs(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    init_images: np.ndarray,
+    vision_ctx: torch.Tensor,
+    text_ctx: torch.Tensor,
+    uncond_vision: torch.Tensor,
+    uncond_text: torch.Tensor,
+    config: Img2ImgConfig,
+    noise: torch.Tensor | None = None,
+) -> None:
+    """One-line InputError/ConfigError before any network runs. Token shapes are checked by `dual_context`."""
+    if not isinstance(config, Img2ImgConfig):
+        raise ConfigError(f"img2img: expected an Img2ImgConfig, found {type(config).__name__}")
+    images = np.asarray(init_images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise InputError("init_images", "uint8 (B, H, W, 3)", f"{images.dtype} {images.shape}")
+    # Latents must survive the UNet's down/up sampling too, else the skip connections do not line up.
+    unet_down = 2 ** (len(unet.config.block_out_channels) - 1)
+    multiple = vae_downsampling(vae) * unet_down
+    if images.shape[1] % multiple or images.shape[2] % multiple:
+        raise InputError(
+            "init_images",
+            f"H and W divisible by {multiple} (VAE x UNet downsampling)",
+            f"{images.shape[1]}x{images.shape[2]}",
+        )
+    batch = images.shape[0]
+    for name, ctx, want in (
+        ("vision_ctx", vision_ctx, batch),
+        ("text_ctx", text_ctx, batch),
+        ("uncond_vision", uncond_vision, 1),
+        ("uncond_text", uncond_text, 1),
+    ):
+        if ctx.ndim != 3 or ctx.shape[0] != want:
+            raise InputError(name, f"(batch {want}, tokens, dim)", str(tuple(ctx.shape)))
+        if not torch.isfinite(ctx).all():
+            raise InputError(name, "finite values", "NaN or Inf")
+    if noise is not None:
+        latent = vae_downsampling(vae)
+        expected = (batch, vae.config.latent_channels, images.shape[1] // latent, images.shape[2] // latent)
+        if tuple(noise.shape) != expected or not torch.isfinite(noise).all():
+            raise InputError("noise", f"finite {expected}", str(tuple(noise.shape)))
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: np.ndarray, scale: float) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> scaled latents (B, 4, H/f, W/f), posterior mean (diffusers samples; see module doc)."""
+    param = next(vae.parameters())
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(param.device, param.dtype)  # (B, H, W, 3)
+    x = x.permute(0, 3, 1, 2) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+    return vae.encode(x).latent_dist.mean * scale  # (B, 4, h, w)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scale: float) -> np.ndarray:
+    """Scaled latents (B, 4, h, w) -> uint8 (B, H, W, 3), rounded and clipped."""
+    x = vae.decode(latents / scale).sample  # (B, 3, H, W) in ~[-1, 1]
+    x = ((x + 1.0) * 127.5).round().clamp(0, 255)
+    return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()  # (B, H, W, 3)
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The img2img noise: one float32 draw of the whole latent shape from a fresh CPU generator."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+@torch.no_grad()
+def denoise(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    init_latents: torch.Tensor,  # (B, 4, h, w), scaled
+    cond_ctx: torch.Tensor,  # (B, Nv + Nt, D)
+    uncond_ctx: torch.Tensor,  # (1, Nv + Nt, D)
+    config: Img2ImgConfig,
+    noise: torch.Tensor | None = None,  # (B, 4, h, w)
+) -> torch.Tensor:
+    """Noise the init latents to the start of the truncated schedule, then DDIM-denoise with guidance.
+
+    Classifier-free guidance runs both branches in one UNet batch laid out `[uncond; cond]`:
+    `torch.cat([uncond_ctx.expand(B), cond_ctx])` -> (2B, Nv + Nt, D); the UNet output is split in that order and
+    `noise_pred = uncond + guidance_scale * (cond - uncond)`.
+    """
+    timesteps = denoising_timesteps(scheduler, config.num_inference_steps, config.strength)
+    latents = init_latents
+    if len(timesteps) == 0:  # strength 0: nothing is re-noised, the VAE round trip comes back
+        return latents
+    if noise is None:
+        noise = seeded_noise(tuple(latents.shape), config.seed)
+    noise = noise.to(latents.device, latents.dtype)
+    latents = scheduler.add_noise(latents, noise, timesteps[:1])  # (B, 4, h, w)
+
+    batch = latents.shape[0]
+    context = torch.cat([uncond_ctx.expand(batch, -1, -1), cond_ctx])  # (2B, Nv + Nt, D)
+    for t in timesteps:
+        latent_in = torch.cat([latents, latents])  # (2B, 4, h, w)
+        out = unet(latent_in, t, encoder_hidden_states=context).sample  # (2B, 4, h, w)
+        uncond_pred, cond_pred = out.chunk(2)  # each (B, 4, h, w)
+        noise_pred = uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
+        latents = scheduler.step(noise_pred, t, latents, eta=config.eta).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def img2img(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    scheduler: DDIMScheduler,
+    init_images: np.ndarray,  # uint8 (B, H, W, 3), the stage-1 reconstructions
+    vision_ctx: torch.Tensor,  # (B, Nv, D) predicted CLIP-vision tokens
+    text_ctx: torch.Tensor,  # (B, Nt, D) predicted CLIP-text tokens
+    uncond_vision: torch.Tensor,  # (1, Nv, D) CLIP-vision of a black image
+    uncond_text: torch.Tensor,  # (1, Nt, D) CLIP-text of ""
+    config: Img2ImgConfig,
+    *,
+    dual_config: DualUNetConfig,
+    noise: torch.Tensor | None = None,  # (B, 4, H/f, W/f); default: seeded_noise(shape, config.seed)
+) -> np.ndarray:
+    """Brain-Diffuser stage 2: Versatile Diffusion dual-guided img2img. Returns uint8 (B, H, W, 3).
+
+    Sets every dual block's mix ratio to `config.mix_ratio` (as VD's pipeline does per call). The guidance batch
+    is `[uncond; cond]`, see `denoise`. strength 0 returns the VAE round trip of `init_images`.
+    """
+    check_inputs(unet, vae, init_images, vision_ctx, text_ctx, uncond_vision, uncond_text, config, noise)
+    set_mix_ratio(unet, config.mix_ratio)
+    dtype = next(unet.parameters()).dtype
+    device = next(unet.parameters()).device
+    cond_ctx = dual_context(vision_ctx, text_ctx, dual_config).to(device, dtype)  # (B, Nv + Nt, D)
+    uncond_ctx = dual_context(uncond_vision, uncond_text, dual_config).to(device, dtype)  # (1, Nv + Nt, D)
+
+    init_latents = encode_images(vae, init_images, config.vae_scale_factor)  # (B, 4, h, w)
+    latents = denoise(unet, scheduler, init_latents, cond_ctx, uncond_ctx, config, noise)
+    return decode_latents(vae, latents, config.vae_scale_factor)
+
+
+def tiny_components(
+    seed: int = 0,
+) -> tuple[UNet2DConditionModel, AutoencoderKL, DDIMScheduler, DualUNetConfig]:
+    """Tiny seeded random UNet/VAE/scheduler for CPU tests: 16x16 images -> 8x8x4 latents (VAE downsampling 2)."""
+    dual_config = DualUNetConfig.tiny()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=2 * dual_config.sample_size,
+    ).eval()
+    unet = build_dual_unet(dual_config).eval()
+    if vae.config.latent_channels != unet.config.in_channels:
+        raise ConfigError(
+            f"tiny_components: expected VAE latent channels {unet.config.in_channels}, "
+            f"found {vae.config.latent_channels}"
+        )
+    if vae.config.sample_size // vae_downsampling(vae) != dual_config.sample_size:
+        raise ConfigError(
+            f"tiny_components: expected latent side {dual_config.sample_size}, "
+            f"found {vae.config.sample_size // vae_downsampling(vae)}"
+        )
+    return unet, vae, vd_scheduler(), dual_config
