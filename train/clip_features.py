@@ -87,7 +87,7 @@ def _read_config(folder: Path) -> dict:
     return cfg
 
 
-def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """CLIP's BPE tokenizer when its files are there; else a `tokenizers` tokenizer.json (the small trained CLIP)."""
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return CLIPTokenizer.from_pretrained(folder)
@@ -107,7 +107,7 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-class _Preprocess:
+class CLIPPreprocess:
     """uint8 (N, H, W, 3) → pixel_values (N, 3, S, S) float32.
 
     With the folder's CLIPImageProcessor when it has one; otherwise CLIP's own recipe by hand: bicubic resize of the
@@ -150,7 +150,7 @@ class CLIPFeatureExtractor:
         text_model: CLIPTextModelWithProjection,
         vision_model: CLIPVisionModelWithProjection,
         tokenizer: PreTrainedTokenizerBase,
-        preprocess: _Preprocess,
+        preprocess: CLIPPreprocess,
         source: str = "CLIP",
         batch_size: int = 32,
         device: str | torch.device = "cpu",
@@ -208,9 +208,9 @@ class CLIPFeatureExtractor:
                 )
             models.append(model)
         text_model, vision_model = models
-        preprocess = _Preprocess(folder, vision_model.config.image_size)
+        preprocess = CLIPPreprocess(folder, vision_model.config.image_size)
         return cls(
-            text_model, vision_model, _load_tokenizer(folder), preprocess, str(folder), batch_size, device
+            text_model, vision_model, load_tokenizer(folder), preprocess, str(folder), batch_size, device
         )
 
     # ---------------------------------------------------------------- text
