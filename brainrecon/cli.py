@@ -149,6 +149,48 @@ def train_foundation_vdvae(
     print_summary(f"recon-train foundation vdvae -> {out}", summary)
 
 
+@foundation_app.command("clip")
+def train_foundation_clip(
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder with train images and train_captions.json.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder: a local Hugging Face CLIP folder + tokenizer.json.")
+    ],
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Image-caption pairs per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, cosine).")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Train a small CLIP contrastively on the stimuli and their captions (word-level tokenizer).
+
+    Example: recon-train foundation clip --data data/subj01 --out data/clip-small --steps 2000
+    """
+    from brainrecon.images import resize
+    from brainrecon.io import load_npy, read_json
+    from brainrecon.train.clip_small import SmallCLIPConfig, train_small_clip
+
+    config = SmallCLIPConfig()
+    images = resize(load_npy(data / "train_images.npy", "train images from recon-prepare"), config.image_size)
+    captions = read_json(data / "train_captions.json", "train captions from recon-prepare")
+    summary = train_small_clip(
+        images,
+        captions,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        config=config,
+        overwrite=overwrite,
+    )
+    print_summary(
+        f"recon-train foundation clip -> {out}",
+        {k: v for k, v in summary.items() if not isinstance(v, (list, dict))},
+    )
+
+
 @train_app.command("subject")
 def train_subject(
     data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
