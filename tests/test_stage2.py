@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brainrecon.errors import ConfigError, InputError
-from train.stage2 import (
+from brainrecon.train.stage2 import (
     Img2ImgConfig,
     decode_latents,
     denoise,

@@ -39,8 +39,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from brainrecon.config import config_from_dict, config_to_dict, load_config, save_config
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.io import atomic_dir, read_json, write_json
-from train.dual_unet import DualUNetConfig, build_dual_unet
-from train.stage2 import vd_scheduler
+from brainrecon.train.dual_unet import DualUNetConfig, build_dual_unet
+from brainrecon.train.stage2 import vd_scheduler
 
 CHECKPOINT_DIR = "checkpoint"
 DUAL_UNET_CONFIG = "dual_unet_config.json"

@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from brainrecon.errors import ConfigError, InputError
-from train.dual_unet import DualUNetConfig, build_dual_unet, dual_context, set_mix_ratio
+from brainrecon.train.dual_unet import DualUNetConfig, build_dual_unet, dual_context, set_mix_ratio
 
 # Versatile Diffusion's noise schedule (its DDIM sampler: LDM linear_start/linear_end on a scaled-linear
 # schedule, timesteps offset by 1, alpha_prev of the last step = alphas_cumprod[0]).

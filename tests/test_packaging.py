@@ -1,0 +1,30 @@
+"""Every module imports through the installed `brainrecon` namespace, not through the repo's folder names."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import brainrecon
+
+
+def test_all_modules_import_outside_the_repo(tmp_path):
+    names = [m.name for m in pkgutil.walk_packages(brainrecon.__path__, "brainrecon.")]
+    names += [
+        f"brainrecon.{sub}.{m.name}"
+        for sub in ("train", "export", "runtime")
+        for m in pkgutil.iter_modules(__import__(f"brainrecon.{sub}", fromlist=["x"]).__path__)
+    ]
+    assert "brainrecon.train.stage2" in names and "brainrecon.runtime.stage1" in names
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\nprint('ok')"
+    # cwd outside the repo: a stray `from train.x import` only works when the repo root is on sys.path
+    res = subprocess.run(
+        [sys.executable, "-c", code, *sorted(set(names))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": "", "OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)},
+    )
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-1500:]
