@@ -191,6 +191,41 @@ def train_foundation_clip(
     )
 
 
+@foundation_app.command("vae")
+def train_foundation_vae(
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder; its train images (resized to 64) are used.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder: checkpoint/, then vae/ (diffusers AutoencoderKL).")
+    ],
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+) -> None:
+    """Train the small latent-diffusion VAE (64x64 images -> 8x8x4 latents) on the stimuli.
+
+    Example: recon-train foundation vae --data data/subj01 --out data/vae-small --steps 1000
+    """
+    from brainrecon.images import resize
+    from brainrecon.io import load_npy
+    from brainrecon.train.ldm_train import small_vae_config, train_vae
+
+    config = small_vae_config()
+    images = resize(
+        load_npy(data / "train_images.npy", "train images from recon-prepare"), config["sample_size"]
+    )
+    result = train_vae(
+        images, config, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume
+    )
+    print_summary(
+        f"recon-train foundation vae -> {out}/vae",
+        {"step": result["step"], "final_loss": result["final_loss"]},
+    )
+
+
 @train_app.command("subject")
 def train_subject(
     data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
