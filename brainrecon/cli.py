@@ -30,6 +30,14 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
     return main
 
 
+def load_train_images(data: Path, size: int):
+    """A recon-prepare folder's training stimuli resized to `size` (what every foundation model trains on)."""
+    from brainrecon.images import resize
+    from brainrecon.io import load_npy
+
+    return resize(load_npy(data / "train_images.npy", "train images from recon-prepare"), size)
+
+
 def print_summary(title: str, summary: dict) -> None:
     table = Table(title=title, show_header=False)
     for key, value in summary.items():
@@ -126,13 +134,11 @@ def train_foundation_vdvae(
 
     Example: recon-train foundation vdvae --data data/subj01 --out data/vdvae-small64 --steps 1500
     """
-    from brainrecon.images import resize
-    from brainrecon.io import load_npy
     from brainrecon.train.vdvae import vdvae_config
     from brainrecon.train.vdvae_train import train_vdvae
 
     cfg = vdvae_config(config)
-    images = resize(load_npy(data / "train_images.npy", "train images from recon-prepare"), cfg.image_size)
+    images = load_train_images(data, cfg.image_size)
     result = train_vdvae(
         images, cfg, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume
     )
@@ -167,12 +173,11 @@ def train_foundation_clip(
 
     Example: recon-train foundation clip --data data/subj01 --out data/clip-small --steps 2000
     """
-    from brainrecon.images import resize
-    from brainrecon.io import load_npy, read_json
+    from brainrecon.io import read_json
     from brainrecon.train.clip_small import SmallCLIPConfig, train_small_clip
 
     config = SmallCLIPConfig()
-    images = resize(load_npy(data / "train_images.npy", "train images from recon-prepare"), config.image_size)
+    images = load_train_images(data, config.image_size)
     captions = read_json(data / "train_captions.json", "train captions from recon-prepare")
     summary = train_small_clip(
         images,
@@ -209,14 +214,10 @@ def train_foundation_vae(
 
     Example: recon-train foundation vae --data data/subj01 --out data/vae-small --steps 1000
     """
-    from brainrecon.images import resize
-    from brainrecon.io import load_npy
     from brainrecon.train.ldm_train import small_vae_config, train_vae
 
     config = small_vae_config()
-    images = resize(
-        load_npy(data / "train_images.npy", "train images from recon-prepare"), config["sample_size"]
-    )
+    images = load_train_images(data, config["sample_size"])
     result = train_vae(
         images, config, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume
     )

@@ -44,3 +44,12 @@ def load_config(cls: type[T], path: str | Path) -> T:
     if found_type != cls.__name__:
         raise ConfigError(f"{path}: expected a {cls.__name__} config, found {found_type}")
     return config_from_dict(cls, data, source=str(path))
+
+
+def changed_fields(saved: Any, current: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names of the dataclass fields whose values differ between two configs (e.g. a checkpoint's and a resume's)."""
+    return [
+        f.name
+        for f in dataclasses.fields(current)
+        if f.name not in ignore and getattr(saved, f.name) != getattr(current, f.name)
+    ]

@@ -25,7 +25,6 @@ seeded by (seed, s), so a resumed run takes the same steps as an uninterrupted o
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from brainrecon.config import config_from_dict, config_to_dict, load_config, save_config
+from brainrecon.config import changed_fields, config_from_dict, config_to_dict, load_config, save_config
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.io import atomic_dir, read_json, write_json
 from brainrecon.train.dual_unet import DualUNetConfig, build_dual_unet
@@ -477,11 +476,7 @@ def _load_checkpoint(
             f"{state_path}: checkpoint is for another {cfg.kind} model config; resume with the same one"
         )
     saved = config_from_dict(LDMTrainConfig, state["train"], source=str(state_path))
-    changed = [
-        f.name
-        for f in dataclasses.fields(LDMTrainConfig)
-        if f.name != "steps" and getattr(saved, f.name) != getattr(cfg, f.name)
-    ]
+    changed = changed_fields(saved, cfg, ignore=("steps",))
     if changed:
         raise ConfigError(
             f"{state_path}: resume with the saved training settings; these differ: {', '.join(changed)}"

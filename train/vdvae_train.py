@@ -15,7 +15,6 @@ Reproducible: the batch order and the posterior noise of step `s` come from gene
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainrecon.config import config_from_dict, config_to_dict
+from brainrecon.config import changed_fields, config_from_dict, config_to_dict
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.io import atomic_dir, read_json, write_json
 from brainrecon.train.vdvae import VDVAE, VDVAEConfig, save_vdvae
@@ -260,11 +259,7 @@ def _load_checkpoint(
             f"{ckpt_dir}: checkpoint is for VDVAE config {saved_config.name!r}, not {config.name!r}"
         )
     saved_train = config_from_dict(VDVAETrainConfig, state["train"], source=str(ckpt_dir / "state.json"))
-    changed = [
-        f.name
-        for f in dataclasses.fields(VDVAETrainConfig)
-        if f.name != "steps" and getattr(saved_train, f.name) != getattr(train_cfg, f.name)
-    ]
+    changed = changed_fields(saved_train, train_cfg, ignore=("steps",))
     if changed:
         raise ConfigError(
             f"{ckpt_dir}: resume with the saved training settings; these differ: {', '.join(changed)}"
