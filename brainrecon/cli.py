@@ -227,11 +227,71 @@ def train_foundation_vae(
     )
 
 
+@foundation_app.command("unet")
+def train_foundation_unet(
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder with train images and train_captions.json.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder: checkpoint/, then unet/ (dual-guided UNet).")],
+    clip: Annotated[
+        str, typer.Option(help="CLIP for the contexts: builtin:small or a folder.")
+    ] = "builtin:small",
+    vae: Annotated[
+        str, typer.Option(help="VAE for the latents: builtin:small or a folder.")
+    ] = "builtin:small",
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 5000,
+    batch_size: Annotated[int, typer.Option(help="Latents per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 2e-4,
+    cond_drop: Annotated[float, typer.Option(help="Probability of the unconditional context (CFG).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+) -> None:
+    """Train the small dual-guided latent UNet on the stimuli's VAE latents, conditioned on CLIP tokens.
+
+    Example: recon-train foundation unet --data data/subj01 --out data/unet-small --steps 5000
+    """
+    from brainrecon.io import read_json
+    from brainrecon.train.foundations import load_clip, load_vae
+    from brainrecon.train.ldm_train import small_unet_config, train_dual_unet, unet_training_data
+
+    vae_model, _ = load_vae(vae)
+    extractor, _ = load_clip(clip)
+    size = vae_model.config.sample_size
+    images = load_train_images(data, size)
+    captions = read_json(data / "train_captions.json", "train captions from recon-prepare")
+    console.print(f"encoding {len(images)} training images and their captions ...")
+    tensors = unet_training_data(images, captions, vae_model, extractor)
+    shapes = extractor.shapes
+    latent_side = tensors["latents"].shape[-1]
+    config = small_unet_config(shapes.dim, shapes.vision_tokens, shapes.text_tokens, latent_side)
+    result = train_dual_unet(
+        tensors["latents"],
+        tensors["vision_ctx"],
+        tensors["text_ctx"],
+        config,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        cond_drop=cond_drop,
+        uncond_vision=tensors["uncond_vision"],
+        uncond_text=tensors["uncond_text"],
+        resume=resume,
+    )
+    print_summary(
+        f"recon-train foundation unet -> {out}/unet",
+        {"step": result["step"], "final_loss": result["final_loss"]},
+    )
+
+
 @train_app.command("subject")
 def train_subject(
     data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
     model_dir: Annotated[Path, typer.Option(help="Subject model folder (created; stages add subfolders).")],
-    stage: Annotated[str, typer.Option(help="vdvae (stage 1).")] = "vdvae",
+    stage: Annotated[
+        str, typer.Option(help="vdvae (stage 1), clip (stage 2's CLIP regressors) or all (both).")
+    ] = "all",
     regressor: Annotated[str, typer.Option(help="gru (the seed paper) or ridge (Brain-Diffuser).")] = "gru",
     vdvae: Annotated[
         str, typer.Option(help="builtin:small64, a recon-train foundation folder, or an openai .th.")
@@ -240,40 +300,76 @@ def train_subject(
         int | None, typer.Option(help="Latent layers K (default 15 for imagenet64, 14 for small64).")
     ] = None,
     alpha: Annotated[
-        float | None, typer.Option(help="Ridge alpha; 0 picks one on a validation split.")
+        float | None, typer.Option(help="Stage-1 ridge alpha; 0 picks one on a validation split.")
     ] = 5e4,
     max_epochs: Annotated[
         int, typer.Option(help="GRU epoch cap (early stopping usually ends sooner).")
     ] = 200,
+    clip: Annotated[str, typer.Option(help="CLIP: builtin:small or a local Hugging Face folder.")] = (
+        "builtin:small"
+    ),
+    vae: Annotated[str, typer.Option(help="VAE: builtin:small, an AutoencoderKL or VD folder.")] = (
+        "builtin:small"
+    ),
+    unet: Annotated[
+        str, typer.Option(help="UNet: builtin:small, a foundation unet folder or a VD folder.")
+    ] = "builtin:small",
+    text_alpha: Annotated[float, typer.Option(help="CLIP-text ridge alpha.")] = 1e5,
+    vision_alpha: Annotated[float, typer.Option(help="CLIP-vision ridge alpha.")] = 6e4,
+    clip_rank: Annotated[
+        int | None, typer.Option(help="CLIP ridge rank (default: within 1% of full rank on validation).")
+    ] = None,
     renormalize: Annotated[
-        bool, typer.Option(help="Re-normalise predictions to training-latent statistics.")
+        bool, typer.Option(help="Re-normalise predictions to training-target statistics.")
     ] = True,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Fit the subject's stage-1 regressor from betas to VDVAE latents.
+    """Fit the subject's regressors: betas -> VDVAE latents (stage 1) and betas -> CLIP tokens (stage 2).
 
-    Example: recon-train subject --data data/subj01 --model-dir engines/subj01 --stage vdvae --regressor gru
+    Example: recon-train subject --data data/subj01 --model-dir engines/subj01 --stage all --regressor gru
     """
-    from brainrecon.train.stage1 import Stage1Config, fit_stage1
+    if stage not in ("vdvae", "clip", "all"):
+        raise typer.BadParameter(f"expected vdvae, clip or all, found {stage!r}", param_hint="--stage")
+    if stage in ("vdvae", "all"):
+        from brainrecon.train.stage1 import Stage1Config, fit_stage1
 
-    if stage != "vdvae":
-        raise typer.BadParameter(
-            f"expected vdvae (stage 2 comes later), found {stage!r}", param_hint="--stage"
+        config = Stage1Config(
+            regressor=regressor,
+            num_layers=layers,
+            alpha=alpha or None,
+            renormalize=renormalize,
+            seed=seed,
+            max_epochs=max_epochs,
+            vdvae=vdvae,
         )
-    config = Stage1Config(
-        regressor=regressor,
-        num_layers=layers,
-        alpha=alpha or None,
-        renormalize=renormalize,
-        seed=seed,
-        max_epochs=max_epochs,
-        vdvae=vdvae,
-    )
-    summary = fit_stage1(data, model_dir, config)
-    print_summary(
-        f"recon-train subject {regressor} -> {model_dir}/stage1",
-        {k: v for k, v in summary.items() if k not in ("config", "foundation", "alpha_search")},
-    )
+        summary = fit_stage1(data, model_dir, config)
+        print_summary(
+            f"recon-train subject {regressor} -> {model_dir}/stage1",
+            {k: v for k, v in summary.items() if k not in ("config", "foundation", "alpha_search")},
+        )
+    if stage in ("clip", "all"):
+        from brainrecon.train.stage2_subject import Stage2Config, fit_stage2
+
+        config2 = Stage2Config(
+            clip=clip,
+            vae=vae,
+            unet=unet,
+            text_alpha=text_alpha,
+            vision_alpha=vision_alpha,
+            rank=clip_rank,
+            renormalize=renormalize,
+            seed=seed,
+        )
+        summary2 = fit_stage2(data, model_dir, config2)
+        ridge = summary2["clip_ridge"]
+        print_summary(
+            f"recon-train subject clip -> {model_dir}/stage2",
+            {
+                **{f"{k} rank": v["rank"] for k, v in ridge.items()},
+                **{f"{k} parameters": v["parameters"] for k, v in ridge.items()},
+                "fit_seconds": summary2["fit_seconds"],
+            },
+        )
 
 
 reconstruct_app = typer.Typer(
@@ -286,19 +382,49 @@ def reconstruct(
     model_dir: Annotated[Path, typer.Option(help="Subject model folder from recon-train subject.")],
     data: Annotated[Path, typer.Option(help="recon-prepare folder; its test betas (and images) are used.")],
     out: Annotated[Path, typer.Option(help="Output folder: PNGs, contact_sheet.png, metrics.json.")],
-    stage: Annotated[int, typer.Option(help="1: VDVAE stage only.")] = 1,
+    stage: Annotated[int, typer.Option(help="1: VDVAE stage only; 2: both stages.")] = 2,
+    seed: Annotated[int | None, typer.Option(help="Noise seed (default: the one fitted with).")] = None,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps of the full schedule (50).")] = None,
+    strength: Annotated[float | None, typer.Option(help="Fraction of the schedule re-noised (0.75).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (7.5).")] = None,
+    mix: Annotated[float | None, typer.Option(help="Vision weight of the dual guidance (0.6).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
-    """Reconstruct the test set with the torch models.
+    """Reconstruct the test set with the torch models (the reference the runtime must match).
 
-    Example: recon-reconstruct --model-dir engines/subj01 --data data/subj01 --out data/recon-stage1
+    Example: recon-reconstruct --model-dir engines/subj01 --data data/subj01 --out data/recon-torch --stage 2
     """
-    from brainrecon.train.stage1 import reconstruct_test_set
+    if stage == 1:
+        from brainrecon.train.stage1 import reconstruct_test_set
 
-    if stage != 1:
-        raise typer.BadParameter(f"expected 1 (stage 2 comes later), found {stage}", param_hint="--stage")
-    summary = reconstruct_test_set(model_dir, data, out, overwrite=overwrite)
-    print_summary(f"recon-reconstruct stage 1 -> {out}", summary)
+        summary = reconstruct_test_set(model_dir, data, out, overwrite=overwrite)
+    elif stage == 2:
+        import dataclasses
+
+        from brainrecon.io import read_json
+        from brainrecon.train.stage2 import Img2ImgConfig
+        from brainrecon.train.stage2_subject import reconstruct_test_set as reconstruct_two_stage
+
+        info = read_json(model_dir / "stage2" / "stage2.json", "stage-2 summary (recon-train subject)")
+        changes = {
+            "seed": seed,
+            "num_inference_steps": steps,
+            "strength": strength,
+            "guidance_scale": guidance,
+            "mix_ratio": mix,
+        }
+        sampling = dataclasses.replace(
+            Img2ImgConfig(**info["sampling"]), **{k: v for k, v in changes.items() if v is not None}
+        )
+        metrics = reconstruct_two_stage(model_dir, data, out, overwrite=overwrite, sampling=sampling)
+        summary = {
+            "n": metrics["n"],
+            "seconds": metrics["seconds"],
+            **{f"{s} {m}": round(v, 4) for s in ("stage1", "final") for m, v in metrics[s].items()},
+        }
+    else:
+        raise typer.BadParameter(f"expected 1 or 2, found {stage}", param_hint="--stage")
+    print_summary(f"recon-reconstruct stage {stage} -> {out}", summary)
 
 
 eval_app = typer.Typer(

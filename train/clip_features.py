@@ -67,11 +67,15 @@ def _quiet_transformers() -> Iterator[None]:
     """Each tower loaded from a CLIPModel checkpoint reports the other tower's keys as unexpected: expected here,
     and missing keys are checked explicitly instead."""
     old = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a per-tower "Loading weights" bar says nothing useful here
     try:
         yield
     finally:
         hf_logging.set_verbosity(old)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _read_config(folder: Path) -> dict:

@@ -497,3 +497,48 @@ def _load_checkpoint(
     optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
     step = int(state["step"])
     return step, list(state["history"])[:step]
+
+
+def unet_training_data(
+    images: np.ndarray,
+    captions: list[list[str]],
+    vae: AutoencoderKL,
+    clip: Any,  # CLIPFeatureExtractor
+    scale: float = 0.18215,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """What `train_dual_unet` needs from stimuli: scaled VAE latents (posterior mean) and CLIP token contexts.
+
+    images uint8 (N, S, S, 3) at the VAE's sample size; captions[i] the captions of image i (their normalised
+    text tokens are averaged, as the subject's CLIP targets are). Returns float32 tensors latents (N, 4, h, w),
+    vision_ctx (N, Nv, D), text_ctx (N, Nt, D), uncond_vision (1, Nv, D), uncond_text (1, Nt, D).
+    """
+    from brainrecon.train.stage2 import encode_images
+
+    if len(captions) != len(images):
+        raise InputError("captions", f"one list per image ({len(images)})", str(len(captions)))
+    latents = torch.cat(
+        [encode_images(vae, images[i : i + batch_size], scale) for i in range(0, len(images), batch_size)]
+    )
+    uncond_text, uncond_vision = clip.unconditional_contexts()
+    arrays = {
+        "vision_ctx": clip.vision_embeddings(images),
+        "text_ctx": clip.text_embeddings(captions),
+        "uncond_vision": uncond_vision,
+        "uncond_text": uncond_text,
+    }
+    return {"latents": latents.float(), **{k: torch.from_numpy(v).float() for k, v in arrays.items()}}
+
+
+def small_unet_config(
+    clip_dim: int, vision_tokens: int, text_tokens: int, latent_side: int
+) -> DualUNetConfig:
+    """The shipped UNet: (64, 128, 128) channels, 7.7 M parameters (15 MB in fp16) for 8x8x4 latents."""
+    import dataclasses
+
+    return dataclasses.replace(
+        DualUNetConfig.small(clip_dim),
+        sample_size=latent_side,
+        vision_tokens=vision_tokens,
+        text_tokens=text_tokens,
+    )

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+import brainrecon
 from brainrecon.config import config_from_dict
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.images import resize
@@ -44,7 +45,7 @@ from brainrecon.train.vdvae import (
     load_vdvae,
 )
 
-BUILTIN_WEIGHTS = Path(__file__).resolve().parent.parent / "brainrecon" / "weights"
+BUILTIN_WEIGHTS = Path(brainrecon.__file__).resolve().parent / "weights"  # shipped in the core package
 PREPROCESS_FILES = ("preprocess.json", "voxel_mean.npy", "voxel_std.npy", "mask_indices.npy")
 # Latent layers used by default: the seed paper's 15 of 75 for imagenet64; for small64 the layers up to 8x8
 # plus the first 16x16 one, a similar share of the hierarchy.

@@ -10,8 +10,8 @@ The schedule follows diffusers' img2img pipelines (`get_timesteps`, `prepare_lat
 checked against this file step by step. Two deliberate differences from diffusers:
 - the init latents are the VAE posterior *mean*, not a sample, so encoding is deterministic and reproducible by a
   runtime that only exports the encoder;
-- the noise is drawn once as a tensor of the latent shape from `torch.Generator().manual_seed(seed)` (or passed in
-  as `noise`), so a runtime can be fed exactly the same noise.
+- the noise is drawn once for the whole latent batch by numpy from the seed (`brainrecon.noise`; or passed in as
+  `noise`), so the torch-free runtime draws exactly the same noise.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from brainrecon.errors import ConfigError, InputError
+from brainrecon.noise import img2img_noise
 from brainrecon.train.dual_unet import DualUNetConfig, build_dual_unet, dual_context, set_mix_ratio
 
 # Versatile Diffusion's noise schedule (its DDIM sampler: LDM linear_start/linear_end on a scaled-linear
@@ -151,8 +152,8 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scale: float) -> n
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The img2img noise: one float32 draw of the whole latent shape from a fresh CPU generator."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    """The img2img noise as a tensor: `brainrecon.noise.img2img_noise` (numpy, so the runtime draws the same)."""
+    return torch.from_numpy(img2img_noise(shape, seed))
 
 
 @torch.no_grad()
