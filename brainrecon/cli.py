@@ -462,6 +462,22 @@ def eval_stage1(
     del table
 
 
+@eval_app.command("stage2")
+def eval_stage2(
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder with both stages fitted.")],
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
+    out: Annotated[Path, typer.Option(help="Results folder: stage2.json, stage2.md, stage2_sheet.png.")],
+) -> None:
+    """Stage 1 vs stage 1+2 (PixCorr, SSIM, CLIP 2-way identification) with guidance, oracle and shuffle controls.
+
+    Example: recon-eval stage2 --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/stage2
+    """
+    from brainrecon.train.stage2_subject import compare_stage2
+
+    compare_stage2(model_dir, data, out)
+    Console().print((out / "stage2.md").read_text())
+
+
 sim_main = run_app(sim_app)
 train_main = run_app(train_app)
 reconstruct_main = run_app(reconstruct_app)

@@ -164,3 +164,18 @@ def test_cli_train_clip_then_reconstruct_stage2(tiny, tmp_path):
     res = _cli("recon-reconstruct", "--model-dir", model_dir, "--data", tiny["prep"], "--out", out)
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error:")
     assert (out / "metrics.json").is_file()
+
+
+def test_compare_stage2_writes_the_results_table(tiny, tmp_path):
+    from brainrecon.train.stage2_subject import compare_stage2
+
+    result = compare_stage2(tiny["model"], tiny["prep"], tmp_path / "results", sheet_images=4)
+    runs = [r["run"] for r in result["rows"]]
+    assert runs[0] == "stage 1" and "oracle: true CLIP contexts" in runs and len(runs) == 7
+    for row in result["rows"]:
+        assert -1 <= row["pixcorr"] <= 1 and 0 <= row["clip_2way"] <= 1
+    ridge = {r["model"].split(",")[0]: r for r in result["sizes"] if "ridge," in r["model"]}
+    assert ridge["CLIP-vision ridge"]["parameters"] < ridge["CLIP-vision ridge"]["full_rank_parameters"]
+    assert result["real_size_clip_ridge"]["compression"] > 10
+    for name in ("stage2.json", "stage2.md", "stage2_sheet.png"):
+        assert (tmp_path / "results" / name).is_file()

@@ -17,6 +17,7 @@ and a changed file is refused, as stage 1 does for its VDVAE.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,3 +285,123 @@ def reconstruct_test_set(
         )
         write_json(tmp / "metrics.json", metrics)
     return metrics
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_sizes(model: Stage2Model, extractor) -> list[dict]:
+    """Parameters of every model the two-stage reconstruction runs (CLIP only for training and evaluation)."""
+    s1 = model.stage1
+    regressor = s1.regressor
+    reg_params = (
+        int(regressor.coef.size + regressor.intercept.size)
+        if hasattr(regressor, "coef")
+        else _parameters(regressor)
+    )
+    rows = [
+        {"model": f"stage-1 regressor ({s1.config.regressor})", "parameters": reg_params},
+        {"model": "VDVAE (whole; the decoder runs)", "parameters": _parameters(s1.vdvae)},
+    ]
+    for name in CLIP_TARGETS:
+        ridge = model.clip[name]
+        rows.append(
+            {
+                "model": f"CLIP-{name} ridge, rank {ridge.config.rank}",
+                "parameters": ridge.parameter_count,
+                "full_rank_parameters": ridge.full_rank_parameter_count,
+            }
+        )
+    rows += [
+        {"model": "VAE (AutoencoderKL)", "parameters": _parameters(model.vae)},
+        {"model": "dual-guided UNet", "parameters": _parameters(model.unet)},
+        {
+            "model": "CLIP (training targets, CLIP identification)",
+            "parameters": _parameters(extractor.text_model) + _parameters(extractor.vision_model),
+        },
+    ]
+    return rows
+
+
+def compare_stage2(
+    model_dir: str | Path, data_dir: str | Path, out: str | Path, sheet_images: int = 12
+) -> dict:
+    """Stage 1 vs stage 1+2 on a subject's test set, beside controls that say where stage 2's gains come from.
+
+    Rows: stage 1; stage 1+2 at the fitted settings; guidance 1 (no guidance) and 3; oracle CLIP contexts (the true
+    embeddings of the test images: the ceiling of the regressors); shuffled predicted contexts (conditioning that
+    belongs to other images); strength 0 (the VAE round trip, no diffusion). Writes out/stage2.{json,md},
+    out/stage2_sheet.png.
+    """
+    from brainrecon.images import contact_sheet
+    from brainrecon.metrics import pixcorr, ssim
+
+    data_dir, out = Path(data_dir), Path(out)
+    model = Stage2Model.load(model_dir)
+    extractor, _ = load_clip(model.info["config"]["clip"])
+    betas, images = load_prepared(data_dir, "test")
+    gt = np.asarray(images)
+    predicted = model.predict_contexts(betas)
+    true = clip_targets(data_dir, "test", extractor, gt)
+    shuffle = np.random.default_rng(model.sampling.seed).permutation(len(gt))
+    base = model.sampling
+    runs = {
+        "stage 1+2 (fitted settings)": (base, predicted),
+        "stage 1+2, guidance 3": (dataclasses.replace(base, guidance_scale=3.0), predicted),
+        "stage 1+2, guidance 1 (no CFG)": (dataclasses.replace(base, guidance_scale=1.0), predicted),
+        "oracle: true CLIP contexts": (base, true),
+        "control: shuffled predicted contexts": (base, {k: v[shuffle] for k, v in predicted.items()}),
+        "control: strength 0 (VAE round trip)": (dataclasses.replace(base, strength=0.0), predicted),
+    }
+    rows, sheet = [], [("ground truth", gt[:sheet_images])]
+    t0 = time.perf_counter()
+    stage1 = model.stage1.reconstruct(betas)
+
+    def score(name: str, recon: np.ndarray, seconds: float | None = None) -> None:
+        rows.append(
+            {
+                "run": name,
+                "pixcorr": round(float(pixcorr(gt, recon)), 4),
+                "ssim": round(float(ssim(gt, recon)), 4),
+                "clip_2way": round(clip_identification(extractor, gt, recon), 4),
+                "seconds": None if seconds is None else round(seconds, 1),
+            }
+        )
+
+    score("stage 1", stage1, time.perf_counter() - t0)
+    sheet.append(("stage 1", stage1[:sheet_images]))
+    for name, (sampling, contexts) in runs.items():
+        t0 = time.perf_counter()
+        final = model.reconstruct(betas, sampling, contexts=contexts)["final"]
+        score(name, final, time.perf_counter() - t0)
+        if name.startswith("stage 1+2 (") or name.startswith("oracle"):
+            sheet.append(
+                (name.split(" (")[0] if name.startswith("stage") else "oracle", final[:sheet_images])
+            )
+    sizes = model_sizes(model, extractor)
+    from brainrecon.train.clip_ridge import real_size_parameter_report
+
+    rank = max(model.clip[name].config.rank for name in CLIP_TARGETS)
+    result = {
+        "model_dir": str(model_dir),
+        "data": str(data_dir),
+        "n_test": len(gt),
+        "sampling": config_to_dict(base),
+        "rows": rows,
+        "sizes": sizes,
+        "clip_ridge": model.info["clip_ridge"],
+        "real_size_clip_ridge": real_size_parameter_report(rank=max(rank, 256)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    contact_sheet(sheet, out / "stage2_sheet.png")
+    write_json(out / "stage2.json", result)
+    lines = ["| run | PixCorr ↑ | SSIM ↑ | CLIP 2-way ↑ | seconds |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['run']} | {r['pixcorr']:.3f} | {r['ssim']:.3f} | {r['clip_2way']:.3f} | {r['seconds']} |"
+        for r in rows
+    ]
+    lines += ["", "| model | parameters | full-rank parameters |", "|---|---|---|"]
+    lines += [f"| {r['model']} | {r['parameters']:,} | {r.get('full_rank_parameters', '')} |" for r in sizes]
+    (out / "stage2.md").write_text("\n".join(lines) + "\n")
+    return result
