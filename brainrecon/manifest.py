@@ -66,7 +66,7 @@ class Artifact:
     sha256: str
     size: int
     kind: str
-    model: str | None = None  # export contract name ("gru", "ridge", "vdvae_decoder")
+    model: str | None = None  # export contract name ("gru", "ridge", "vdvae_decoder", "unet", ...)
     precision: str | None = None  # "fp32" | "fp16"
     opset: int | None = None
     exporter: str | None = None

@@ -14,6 +14,17 @@ Exporter and opset (pinned per model, the reasons in `ExportContract.why`):
 - "onnx_helper" = the ridge graph built directly (MatMul + Add). A real ridge has 15,724 × 91,168 = 1.43 B weights
   (5.7 GB fp32): building the graph ourselves streams the weights into the external-data file without ever holding
   a torch copy or a > 2 GB protobuf; the fp16 variant is built the same way (see `onnx_export.build_ridge_onnx`).
+  The stage-2 CLIP ridges are built the same way, as two MatMuls (reduced rank, `export/stage2.py`).
+
+Contracts:
+    stage 1   gru | ridge       betas (B, V)                    → vdvae_latents (B, D)
+              vdvae_decoder     vdvae_latents (B, D)            → images (B, S, S, 3) in [0, 255]
+    stage 2   clip_text         betas (B, V)                    → clip_text (B, Nt, D)     (no re-normalisation)
+              clip_vision       betas (B, V)                    → clip_vision (B, Nv, D)   (no re-normalisation)
+              vae_encoder       images (B, 3, S, S) in [-1, 1]  → latents (B, 4, h, w)     (posterior mean × scale)
+              vae_decoder       latents (B, 4, h, w)            → images (B, 3, S, S)      (unclipped, ~[-1, 1])
+              unet              sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, Nv + Nt, D)
+                                                                → noise_pred (B, 4, h, w)
 """
 
 from __future__ import annotations
@@ -29,6 +40,17 @@ BATCH = "batch"  # the symbolic name of every dynamic batch axis
 # real inputs (z-scored betas are unit-variance and heavy-tailed: Student t with 5 dof; latents follow the
 # training-latent mean/std recorded in the model dir when given).
 INPUT_KINDS = ("random", "realistic")
+# What each input holds, which decides how validation draws it (`ExportContract.draws`; "betas" by default):
+#   betas      random: uniform(-1, 1); realistic: Student t (5 dof), or mean + std·N(0, 1) when `stats` has it
+#   latents    random: uniform(-1, 1); realistic: mean + std·N(0, 1) from `stats`, else N(0, 1) (scaled VAE latents
+#              and DDIM's noised latents are ~unit variance)
+#   images     random: uniform(-1, 1) pixels; realistic: smooth images in [-1, 1] (a few low spatial frequencies
+#              plus fine noise), the structure of real photographs that uniform noise lacks
+#   timesteps  both kinds: integer-valued floats uniform in [1, TRAIN_TIMESTEPS), the values DDIM sends
+#   contexts   both kinds: rows drawn from `pools` (the unconditional contexts and predicted CLIP contexts); a
+#              UNet conditioned on uniform noise would be validated far from where it runs
+INPUT_DRAWS = ("betas", "latents", "images", "timesteps", "contexts")
+TRAIN_TIMESTEPS = 1000  # num_train_timesteps of Versatile Diffusion's DDIM schedule (train/stage2.py)
 
 
 @dataclass(frozen=True)
@@ -131,6 +153,12 @@ class ExportContract:
     validate_batches: tuple[int, ...] = (1, 2, 5)
     # Structural checks on the exported graph (validate.STRUCTURAL_CHECKS), e.g. GRU semantics.
     structural_checks: tuple[str, ...] = ()
+    draws: tuple[tuple[str, str], ...] = ()  # (input name, INPUT_DRAWS entry); unnamed inputs draw "betas"
+    # Inputs whose own subgraph (every node computed from them and weights only) stays fp32 in the fp16 model:
+    # the UNet's timestep embedding (sin/cos of t·frequency; fp16 would move t·f by up to 0.5 rad at t = 981).
+    fp32_inputs: tuple[str, ...] = ()
+    # Values baked into the graph at export (e.g. the dual-attention mix ratio), recorded in the manifest's io spec.
+    constants: tuple[tuple[str, float | int | str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.exporter not in ("torchscript", "onnx_helper"):
@@ -138,6 +166,17 @@ class ExportContract:
         if not set(self.input_kinds) <= set(INPUT_KINDS):
             raise ValueError(
                 f"contract {self.name}: input kinds must be in {INPUT_KINDS}, found {self.input_kinds}"
+            )
+        names = set(self.input_names)
+        for name, draw in self.draws:
+            if name not in names or draw not in INPUT_DRAWS:
+                raise ValueError(
+                    f"contract {self.name}: draws must pair an input of {sorted(names)} with one of "
+                    f"{INPUT_DRAWS}, found ({name!r}, {draw!r})"
+                )
+        if not set(self.fp32_inputs) <= names:
+            raise ValueError(
+                f"contract {self.name}: fp32_inputs must be inputs {sorted(names)}, found {self.fp32_inputs}"
             )
 
     @property
@@ -160,28 +199,51 @@ class ExportContract:
         """{input name: {"min", "opt", "max"}} for `IOptimizationProfile.set_shape`."""
         return {s.name: self.profile.shapes(s) for s in self.inputs}
 
+    def draw(self, input_name: str) -> str:
+        return dict(self.draws).get(input_name, "betas")
+
     def sample_input(
         self,
         batch: int,
         kind: str = "random",
         seed: int = 0,
         stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        pools: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Seeded float32 inputs of the contract's shapes at `batch`. `stats` gives a (mean, std) per input
-        name for "realistic" draws (the decoder's training-latent statistics)."""
+        """Seeded float32 inputs of the contract's shapes at `batch`, each drawn as its INPUT_DRAWS entry says.
+        `stats` gives a (mean, std) per input name for "realistic" draws (the decoder's training-latent
+        statistics); `pools` gives (N, ...) arrays that "contexts" inputs draw rows from."""
+        if kind not in INPUT_KINDS:
+            raise ValueError(f"input kind must be one of {INPUT_KINDS}, found {kind!r}")
         rng = np.random.default_rng(seed)
         out = {}
         for spec in self.inputs:
             shape = spec.concrete(batch)
-            if kind == "random":
+            draw = self.draw(spec.name)
+            if draw == "timesteps":
+                x = rng.integers(1, TRAIN_TIMESTEPS, size=shape)
+            elif draw == "contexts":
+                if not pools or spec.name not in pools:
+                    raise ValueError(
+                        f"contract {self.name}: input {spec.name} draws from pools[{spec.name!r}]"
+                    )
+                pool = pools[spec.name]
+                if pool.shape[1:] != shape[1:]:
+                    raise ValueError(
+                        f"{self.name} pool {spec.name}: expected rows {shape[1:]}, found {pool.shape}"
+                    )
+                x = pool[rng.integers(0, len(pool), size=batch)]
+            elif kind == "random":
                 x = rng.uniform(-1.0, 1.0, size=shape)
-            elif kind == "realistic" and stats and spec.name in stats:
+            elif stats and spec.name in stats:
                 mean, std = stats[spec.name]
                 x = mean + std * rng.standard_normal(size=shape)
-            elif kind == "realistic":
-                x = rng.standard_t(5, size=shape)  # z-scored betas: unit variance, heavy tails
+            elif draw == "latents":
+                x = rng.standard_normal(size=shape)
+            elif draw == "images":
+                x = smooth_images(rng, shape)
             else:
-                raise ValueError(f"input kind must be one of {INPUT_KINDS}, found {kind!r}")
+                x = rng.standard_t(5, size=shape)  # z-scored betas: unit variance, heavy tails
             out[spec.name] = x.astype(spec.dtype)
         return out
 
@@ -194,7 +256,22 @@ class ExportContract:
             "min_batch": self.profile.min_batch,
             "max_batch": self.profile.max_batch,
             "tolerances": {"fp32": self.fp32.describe(), "fp16": self.fp16.describe()},
+            **({"constants": dict(self.constants)} if self.constants else {}),
         }
+
+
+def smooth_images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """(B, C, H, W) images in [-1, 1]: a random sum of 4 low spatial frequencies per channel plus ±0.05 noise."""
+    b, c, h, w = shape
+    y = np.linspace(0.0, 1.0, h)[:, None]  # (H, 1)
+    x = np.linspace(0.0, 1.0, w)[None, :]  # (1, W)
+    img = np.zeros(shape)
+    for _ in range(4):
+        fy, fx = rng.uniform(0.0, 3.0, size=(2, b, c, 1, 1))
+        phase = rng.uniform(0.0, 2 * np.pi, size=(b, c, 1, 1))
+        amp = rng.uniform(0.1, 0.4, size=(b, c, 1, 1))
+        img += amp * np.cos(2 * np.pi * (fy * y + fx * x) + phase)
+    return np.clip(img + rng.uniform(-0.05, 0.05, size=shape), -1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------- contracts
@@ -267,4 +344,164 @@ def vdvae_decoder_contract(latent_dims: int, image_size: int) -> ExportContract:
         fp16=Tolerance(atol=8.0, median_rtol=0.5 / 255, outlier_fraction=1e-2),
         why=_TORCHSCRIPT_WHY,
         input_kinds=("random", "realistic"),
+        draws=(("vdvae_latents", "latents"),),
+    )
+
+
+# ----------------------------------------------------------------------------------------- stage 2
+
+_STAGE2_TORCHSCRIPT_WHY = (
+    "torch.onnx.export(dynamo=False), opset 17: the dynamo exporter needs onnxscript; the TorchScript exporter "
+    "traces diffusers' AutoencoderKL and the dual-attention UNet2DConditionModel with a dynamic batch (facts §5: "
+    "max diff 1.5e-6 on a tiny dual UNet), emits LayerNormalization as one op, and GroupNorm as "
+    "InstanceNormalization (kept fp32 by fp16.py); parity against torch is checked at every export"
+)
+# Stage 2 runs per image at the VAE's resolution: activations grow with S², so the image models' max batch shrinks
+# with it (64 up to 256 px, 16 at Versatile Diffusion's 512 px, the batch TensorRT's diffusion demo builds for).
+# The UNet runs both classifier-free-guidance branches in one call, so its profile is twice the image models'.
+STAGE2_MAX_BATCH = 64
+STAGE2_MAX_BATCH_AT = 256  # pixels per side up to which STAGE2_MAX_BATCH holds
+
+
+def stage2_profiles(image_size: int) -> tuple[ShapeProfile, ShapeProfile]:
+    """(VAE profile, UNet profile) for images of `image_size` px; the UNet's is exactly twice the VAE's."""
+    scale = (STAGE2_MAX_BATCH_AT / max(image_size, STAGE2_MAX_BATCH_AT)) ** 2
+    max_batch = max(2, int(STAGE2_MAX_BATCH * scale))
+    opt_batch = max(1, max_batch // 4)
+    return (
+        ShapeProfile(min_batch=1, opt_batch=opt_batch, max_batch=max_batch),
+        ShapeProfile(min_batch=1, opt_batch=2 * opt_batch, max_batch=2 * max_batch),
+    )
+
+
+def clip_ridge_contract(target: str, n_voxels: int, n_tokens: int, dim: int) -> ExportContract:
+    """Stage-2 CLIP regressor (train/clip_ridge.py ClipRidge.predict with renormalize=False): betas (B, V) →
+    clip_<target> (B, T, D) = ((betas @ A) @ B + intercept).reshape(B, T, D). The runtime re-normalises over the
+    whole input set in numpy (clip_<target>_target_{mean,std}.npy), as it does for the stage-1 latents."""
+    if target not in ("text", "vision"):
+        raise ValueError(f"clip_ridge_contract: target must be text or vision, found {target!r}")
+    return ExportContract(
+        name=f"clip_{target}",
+        inputs=(TensorSpec("betas", (BATCH, n_voxels)),),
+        outputs=(TensorSpec(f"clip_{target}", (BATCH, n_tokens, dim)),),
+        profile=REGRESSOR_PROFILE,
+        exporter="onnx_helper",
+        opset=17,
+        # scale = max |prediction| (0.13-0.24 with the small CLIP). fp32: another summation order, measured max
+        # 5e-7·scale (demo, tiny). fp16: both factors scaled per column by powers of two, intercept added in fp32;
+        # measured max 1e-4·scale, median 1e-5·scale (demo), i.e. 5e-4 of the trial-dependent part's spread and
+        # 0.24% of the target std after the runtime's re-normalisation (checked in tests/test_export_stage2.py).
+        fp32=Tolerance(atol=0.0, rtol=1e-5),
+        fp16=Tolerance(atol=0.0, rtol=2e-3, median_rtol=2e-4),
+        why=(
+            "graph built with onnx.helper (MatMul A → MatMul B → Add → Reshape), opset 17: the reduced-rank factors "
+            "stay two MatMuls (A·B would be V × T·D, ~4 B weights at real size); fp16 built the same way with "
+            "power-of-two column scales and fp32 I/O, intercept and re-scaling"
+        ),
+        input_kinds=("random", "realistic"),
+        constants=(("n_tokens", n_tokens), ("dim", dim)),
+    )
+
+
+def vae_encoder_contract(
+    image_size: int, latent_channels: int, latent_size: int, scale_factor: float
+) -> ExportContract:
+    """Stage-2 VAE encoder (train/stage2.py encode_images after its uint8 → [-1, 1] step): images (B, 3, S, S) in
+    [-1, 1] → latents (B, C, h, w) = posterior mean × vae_scale_factor (the mean, not a sample: deterministic)."""
+    return ExportContract(
+        name="vae_encoder",
+        inputs=(TensorSpec("images", (BATCH, 3, image_size, image_size)),),
+        outputs=(TensorSpec("latents", (BATCH, latent_channels, latent_size, latent_size)),),
+        profile=stage2_profiles(image_size)[0],
+        exporter="torchscript",
+        opset=17,
+        # scale = max |latent| (0.7-1.4 on the small VAE). fp32 measured max 7.5e-7·scale: 1e-4·scale leaves a wide
+        # margin for other CPUs' kernels. fp16 (GroupNorm as InstanceNormalization and the attention softmax in
+        # fp32) measured max 6.6e-4·scale, median 3e-5·scale; bounds 1e-2·scale and 1e-3·scale.
+        fp32=Tolerance(atol=1e-5, rtol=1e-4),
+        fp16=Tolerance(atol=1e-3, rtol=1e-2, median_rtol=1e-3),
+        why=_STAGE2_TORCHSCRIPT_WHY,
+        input_kinds=("random", "realistic"),
+        draws=(("images", "images"),),
+        constants=(("vae_scale_factor", scale_factor),),
+    )
+
+
+def vae_decoder_contract(
+    image_size: int, latent_channels: int, latent_size: int, scale_factor: float
+) -> ExportContract:
+    """Stage-2 VAE decoder (train/stage2.py decode_latents before its rounding): latents (B, C, h, w), scaled →
+    images (B, 3, S, S) = vae.decode(latents / vae_scale_factor).sample, unclipped (~[-1, 1]); the runtime rounds
+    ((x + 1) · 127.5) and clips to uint8 as decode_latents does."""
+    return ExportContract(
+        name="vae_decoder",
+        inputs=(TensorSpec("latents", (BATCH, latent_channels, latent_size, latent_size)),),
+        outputs=(TensorSpec("images", (BATCH, 3, image_size, image_size)),),
+        profile=stage2_profiles(image_size)[0],
+        exporter="torchscript",
+        opset=17,
+        # One uint8 level is 2/255 = 7.8e-3 here; scale = max |image| (2-3.5 for N(0, 1) latents). fp32 measured max
+        # 1.2e-5 (5e-6·scale): the bound keeps every pixel within a small fraction of a level (the test allows a
+        # one-level flip on 0.1% of rounding edges). fp16 measured max 3.2e-3 (1.4e-3·scale, under half a level),
+        # median 2e-4; bounds 2e-2·scale and a median of 2e-3·scale.
+        fp32=Tolerance(atol=1e-5, rtol=1e-4),
+        fp16=Tolerance(atol=1e-3, rtol=2e-2, median_rtol=2e-3),
+        why=_STAGE2_TORCHSCRIPT_WHY,
+        input_kinds=("random", "realistic"),
+        draws=(("latents", "latents"),),
+        constants=(("vae_scale_factor", scale_factor),),
+    )
+
+
+def unet_contract(
+    latent_channels: int,
+    latent_size: int,
+    vision_tokens: int,
+    text_tokens: int,
+    dim: int,
+    mix_ratio: float,
+    image_size: int,
+) -> ExportContract:
+    """Stage-2 dual-guided Versatile Diffusion UNet (train/dual_unet.py), one denoising evaluation:
+
+        sample (B, C, h, w)                     noised latents x_t
+        timestep (B,) float32                   t per row (integer-valued; every row of a call may differ)
+        encoder_hidden_states (B, Nv + Nt, D)   vision tokens first, then text (dual_unet.dual_context)
+        → noise_pred (B, C, h, w)               epsilon prediction
+
+    The dual mix ratio (vision weight; text 1 - mix_ratio) is baked in at export (`constants`). Classifier-free
+    guidance is the runtime's: for B images it sends 2B rows laid out [uncond × B; cond × B] (the unconditional
+    context repeated B times, then the B predicted contexts; the same x_t and t in both halves), splits the output
+    in that order and computes `uncond + guidance_scale · (cond − uncond)` in numpy, as train/stage2.py `denoise`.
+    The profile's max batch is therefore twice the VAE models'.
+    """
+    shape = (BATCH, latent_channels, latent_size, latent_size)
+    return ExportContract(
+        name="unet",
+        inputs=(
+            TensorSpec("sample", shape),
+            TensorSpec("timestep", (BATCH,)),
+            TensorSpec("encoder_hidden_states", (BATCH, vision_tokens + text_tokens, dim)),
+        ),
+        outputs=(TensorSpec("noise_pred", shape),),
+        profile=stage2_profiles(image_size)[1],
+        exporter="torchscript",
+        opset=17,
+        # scale = max |noise_pred| (1.1-1.8 on the tiny and demo UNets). fp32 measured max 1.2e-6·scale at t in
+        # [1, 999]. fp16 (timestep embedding, norms and softmax fp32) measured max 1.9e-3·scale, median 2.7e-4·scale;
+        # bounds 2e-2·scale and 1e-3·scale. Guidance multiplies cond − uncond by 7.5, so the guided prediction's
+        # fp16 error is larger than the UNet's; the runtime's end-to-end test owns that comparison.
+        fp32=Tolerance(atol=1e-5, rtol=1e-4),
+        fp16=Tolerance(atol=1e-3, rtol=2e-2, median_rtol=1e-3),
+        why=_STAGE2_TORCHSCRIPT_WHY,
+        input_kinds=("realistic",),
+        validate_batches=(1, 2, 5),
+        draws=(("sample", "latents"), ("timestep", "timesteps"), ("encoder_hidden_states", "contexts")),
+        fp32_inputs=("timestep",),
+        constants=(
+            ("mix_ratio", mix_ratio),
+            ("vision_tokens", vision_tokens),
+            ("text_tokens", text_tokens),
+            ("guidance_layout", "[uncond x B; cond x B]"),
+        ),
     )

@@ -1,14 +1,19 @@
 """One generic export routine for every contract: model directory → validated ONNX files (+ engines) + manifest.
 
     export_model_dir(model_dir, stage="all", precision="both")
-      for each contract of the stage (contracts.py):
-        fp32 ONNX     torch.onnx.export(dynamo=False) | build_ridge_onnx        → staging dir
-        fp16 ONNX     ORT float16 tool (fp16.py)      | build_ridge_onnx(fp16)  → staging dir
+      for each contract of the stage (contracts.py; stage-2 sources in stage2.py):
+        fp32 ONNX     torch.onnx.export(dynamo=False) | build_ridge_onnx, build_clip_ridge_onnx        → staging dir
+        fp16 ONNX     ORT float16 tool (fp16.py)      | the same builders at fp16                      → staging dir
         check         onnx.checker.check_model(path, full_check=True)
         validate      ORT vs torch/numpy (validate.py), on by default
       publish         os.replace staging → model_dir/onnx/<name>.<precision>.onnx (+ .data): all or nothing
+      scheduler       stage 2 only: model_dir/stage2/scheduler.json (diffusers' DDIM tables, stage2.py)
       engines         TensorRT when present (tensorrt.py), else skipped with the reason
       manifest        model_dir/manifest.json (brainrecon/manifest.py), written last
+
+Stages: "stage1" = the stage-1 regressor + vdvae_decoder; "gru", "ridge", "vdvae" = one of them; "stage2" = clip_text,
+clip_vision, vae_encoder, vae_decoder, unet (needs model_dir/stage2/ from recon-train subject --stage clip);
+"all" = stage 1, plus stage 2 when model_dir/stage2/stage2.json exists.
 
 Nothing reaches `model_dir/onnx/` before every requested file has been exported, checked and validated: a killed
 or failed export leaves the previous files (or none) in place and removes its staging directory.
@@ -41,7 +46,8 @@ from brainrecon.export.validate import Reference, validate_onnx
 from brainrecon.io import read_json
 from brainrecon.manifest import Artifact, describe_file, write_manifest
 
-STAGES = ("stage1", "gru", "ridge", "vdvae", "all")
+STAGES = ("stage1", "gru", "ridge", "vdvae", "stage2", "all")
+STAGE2_MODELS = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")  # sources in stage2.py
 PRECISION_CHOICES = ("fp32", "fp16", "both")
 ONNX_DIR = "onnx"
 # A protobuf cannot exceed 2 GiB; keep headroom for the graph itself.
@@ -56,6 +62,17 @@ RUNTIME_DATA_FILES = (
     "stage1/latent_mean.npy",
     "stage1/latent_std.npy",
 )
+# ... and stage 2's, when a stage-2 model is exported (scheduler.json is written by the export itself).
+STAGE2_DATA_FILES = (
+    "stage2/stage2.json",
+    "stage2/clip_text_target_mean.npy",
+    "stage2/clip_text_target_std.npy",
+    "stage2/clip_vision_target_mean.npy",
+    "stage2/clip_vision_target_std.npy",
+    "stage2/uncond_text.npy",
+    "stage2/uncond_vision.npy",
+)
+STAGE2_SUMMARY = "stage2/stage2.json"
 _EXTERNAL_ALIGN = 4096
 
 
@@ -68,6 +85,9 @@ class ExportSource:
     module: Any = None  # torch.nn.Module for "torchscript"
     build: Callable[[Path, str, bool], None] | None = None  # (path, precision, external) for "onnx_helper"
     stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # realistic input statistics
+    pools: dict[str, np.ndarray] | None = (
+        None  # rows that "contexts" inputs are drawn from (contracts.INPUT_DRAWS)
+    )
     weight_bytes: int = 0  # fp32 parameter bytes, for the external-data decision
 
 
@@ -92,6 +112,13 @@ def contract_names(model_dir: Path, stage: str) -> list[str]:
     """Contracts exported for `stage` given what the model directory holds."""
     if stage not in STAGES:
         raise ConfigError(f"export stage: expected one of {STAGES}, found {stage!r}")
+    has_stage2 = (model_dir / STAGE2_SUMMARY).is_file()
+    if stage == "stage2":
+        if not has_stage2:
+            raise MissingFileError(
+                model_dir / STAGE2_SUMMARY, "stage-2 summary", "run recon-train subject --stage clip first"
+            )
+        return list(STAGE2_MODELS)
     regressor = stage1_summary(model_dir)["config"]["regressor"]
     if stage in ("gru", "ridge") and stage != regressor:
         raise InputError(
@@ -103,26 +130,50 @@ def contract_names(model_dir: Path, stage: str) -> list[str]:
         return [stage]
     if stage == "vdvae":
         return ["vdvae_decoder"]
-    return [regressor, "vdvae_decoder"]  # stage1, all (stage 2 joins "all" when it exists)
+    stage1 = [regressor, "vdvae_decoder"]
+    return stage1 + list(STAGE2_MODELS) if stage == "all" and has_stage2 else stage1
 
 
-def _torch_reference(module: Any, input_name: str, output_name: str) -> Reference:
+def torch_reference(module: Any, contract: ExportContract) -> Reference:
+    """The torch module as a validation reference: inputs passed positionally in the contract's order, outputs
+    (a tensor or a tuple) named as the contract's."""
     import torch
 
     def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            return {output_name: module(torch.from_numpy(inputs[input_name])).numpy()}
+            out = module(*(torch.from_numpy(inputs[n]) for n in contract.input_names))
+        outs = out if isinstance(out, tuple) else (out,)
+        return {n: o.numpy() for n, o in zip(contract.output_names, outs, strict=True)}
 
     return run
 
 
 def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
-    """Build each contract's source from the stage-1 torch reference (`Stage1Model.load` checks the VDVAE hash)."""
+    """Build each contract's source from the torch references: stage 1 from `Stage1Model.load` (checks the VDVAE
+    hash), stage 2 from `Stage2Model.load` (checks the VAE and UNet hashes), each loaded only when needed."""
+    stage2 = [n for n in names if n in STAGE2_MODELS]
+    stage1 = [n for n in names if n not in STAGE2_MODELS]
+    sources: list[ExportSource] = []
+    model1 = None
+    if stage2:
+        from brainrecon.export.stage2 import stage2_sources
+        from brainrecon.train.stage2_subject import Stage2Model
+
+        model2 = Stage2Model.load(model_dir)
+        model1 = model2.stage1
+        sources += stage2_sources(model2, stage2)
+    if stage1:
+        sources = load_stage1_sources(model_dir, stage1, model1) + sources
+    return sources
+
+
+def load_stage1_sources(model_dir: Path, names: list[str], model: Any = None) -> list[ExportSource]:
+    """Stage-1 sources from `model` (a Stage1Model) or `Stage1Model.load(model_dir)`."""
     from brainrecon.train.ridge import RidgeRegressor
     from brainrecon.train.stage1 import Stage1Model
     from brainrecon.train.vdvae import VDVAEDecoder
 
-    model = Stage1Model.load(model_dir)
+    model = model if model is not None else Stage1Model.load(model_dir)
     latent_dims = int(model.latent_mean.shape[0])
     sources = []
     for name in names:
@@ -132,7 +183,7 @@ def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
             sources.append(
                 ExportSource(
                     contract,
-                    _torch_reference(module, "betas", "vdvae_latents"),
+                    torch_reference(module, contract),
                     module=module,
                     weight_bytes=sum(p.numel() * 4 for p in module.parameters()),
                 )
@@ -165,7 +216,7 @@ def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
             sources.append(
                 ExportSource(
                     contract,
-                    _torch_reference(decoder, "vdvae_latents", "images"),
+                    torch_reference(decoder, contract),
                     module=decoder,
                     stats=stats,
                     weight_bytes=sum(p.numel() * 4 for p in decoder.parameters()),
@@ -209,14 +260,19 @@ def _initializer_bytes(model: Any) -> int:
 
 
 def export_torchscript(
-    module: Any, contract: ExportContract, path: Path, external_threshold: int
+    module: Any,
+    contract: ExportContract,
+    path: Path,
+    external_threshold: int,
+    pools: dict[str, np.ndarray] | None = None,
 ) -> list[Path]:
     """torch.onnx.export(dynamo=False) at the contract's opset with a dynamic batch; then re-save with our
-    external-data policy (the exporter itself writes one file per tensor for models over 2 GB)."""
+    external-data policy (the exporter itself writes one file per tensor for models over 2 GB). Traced at batch 2
+    with different rows (the UNet: two different timesteps), so nothing per-row is folded into a constant."""
     import onnx
     import torch
 
-    sample = {k: torch.from_numpy(v) for k, v in contract.sample_input(2).items()}
+    sample = {k: torch.from_numpy(v) for k, v in contract.sample_input(2, pools=pools).items()}
     with warnings.catch_warnings():
         # the legacy-exporter deprecation notice and tracer warnings about the shape asserts in forward()
         warnings.simplefilter("ignore")
@@ -323,6 +379,92 @@ def build_ridge_onnx(
     return data_files
 
 
+def pow2_column_scale(matrix: np.ndarray) -> np.ndarray:
+    """(C,) float32: per column, the power of two at or above its max |value| (1 for an all-zero column)."""
+    col_max = np.abs(matrix).max(axis=0)
+    return np.exp2(np.ceil(np.log2(np.where(col_max > 0, col_max, 1.0)))).astype(np.float32)
+
+
+def build_clip_ridge_onnx(
+    A: np.ndarray,
+    B: np.ndarray,
+    intercept: np.ndarray,
+    n_tokens: int,
+    dim: int,
+    output_name: str,
+    path: Path,
+    precision: str,
+    opset: int = 17,
+    external: bool = False,
+) -> list[Path]:
+    """Reduced-rank CLIP ridge (train/clip_ridge.py): betas (B, V) → MatMul A (V, r) → MatMul B (r, T·D) →
+    Add intercept (T·D,) → Reshape (B, T, D), written to `path`. A·B is never formed (V × T·D weights).
+
+    fp16: betas → Cast → MatMul(A / a) → MatMul(diag(a) B / b) → Cast(fp32) → Mul(b) → Add(intercept) → Reshape,
+    with `a` (r,) and `b` (T·D,) the power-of-two column scales (exact to apply and undo) that bring both fp16
+    factors into [-1, 1]: ridge weights at alpha 1e5 sit near fp16's subnormal range, as in `build_ridge_onnx`,
+    whose reasons for the fp32 intercept (re-normalisation amplifies rounding of the sum) hold here too.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: expected one of {PRECISIONS}, found {precision!r}")
+    v, r = A.shape
+    if B.shape != (r, n_tokens * dim) or intercept.shape != (n_tokens * dim,):
+        raise InputError(
+            path.name,
+            f"factors A (V, r), B (r, {n_tokens * dim}), intercept ({n_tokens * dim},)",
+            f"A {A.shape}, B {B.shape}, intercept {intercept.shape}",
+        )
+    initializers = [
+        numpy_helper.from_array(np.asarray(intercept, np.float32), "intercept"),
+        numpy_helper.from_array(np.array([-1, n_tokens, dim], np.int64), "token_shape"),
+    ]
+    if precision == "fp16":
+        a_scale = pow2_column_scale(A)  # (r,)
+        b_scaled = B.astype(np.float64) * a_scale[:, None].astype(np.float64)  # (r, T·D) = diag(a) B
+        b_scale = pow2_column_scale(b_scaled)  # (T·D,)
+        initializers += [
+            numpy_helper.from_array((A / a_scale).astype(np.float16), "A"),
+            numpy_helper.from_array((b_scaled / b_scale).astype(np.float16), "B"),
+            numpy_helper.from_array(b_scale, "B_scale"),
+        ]
+        nodes = [
+            helper.make_node("Cast", ["betas"], ["betas_fp16"], to=TensorProto.FLOAT16, name="cast_in"),
+            helper.make_node("MatMul", ["betas_fp16", "A"], ["low_rank"], name="matmul_A"),  # (B, r)
+            helper.make_node("MatMul", ["low_rank", "B"], ["flat_fp16"], name="matmul_B"),  # (B, T·D)
+            helper.make_node("Cast", ["flat_fp16"], ["flat_scaled"], to=TensorProto.FLOAT, name="cast_out"),
+            helper.make_node("Mul", ["flat_scaled", "B_scale"], ["flat"], name="unscale"),
+        ]
+    else:
+        initializers += [
+            numpy_helper.from_array(np.asarray(A, np.float32), "A"),
+            numpy_helper.from_array(np.asarray(B, np.float32), "B"),
+        ]
+        nodes = [
+            helper.make_node("MatMul", ["betas", "A"], ["low_rank"], name="matmul_A"),  # (B, r)
+            helper.make_node("MatMul", ["low_rank", "B"], ["flat"], name="matmul_B"),  # (B, T·D)
+        ]
+    nodes += [
+        helper.make_node("Add", ["flat", "intercept"], ["flat_out"], name="add_intercept"),
+        helper.make_node(
+            "Reshape", ["flat_out", "token_shape"], [output_name], name="to_tokens"
+        ),  # (B, T, D)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"{output_name}_{precision}",
+        [helper.make_tensor_value_info("betas", TensorProto.FLOAT, ["batch", v])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_tokens, dim])],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="brainrecon"
+    )
+    _set_ir_version(model)
+    return save_onnx(model, path, external)
+
+
 # ----------------------------------------------------------------------------------------- staging
 
 
@@ -349,7 +491,7 @@ def stage_contract(
     fp32_path = staging / f"{contract.name}.fp32.onnx"
     t0 = time.perf_counter()
     if contract.exporter == "torchscript":
-        fp32_data = export_torchscript(source.module, contract, fp32_path, external_threshold)
+        fp32_data = export_torchscript(source.module, contract, fp32_path, external_threshold, source.pools)
     else:
         assert source.build is not None
         external = source.weight_bytes > external_threshold
@@ -367,7 +509,8 @@ def stage_contract(
             if contract.exporter == "torchscript":
                 from brainrecon.export.fp16 import convert_to_fp16
 
-                data = save_onnx(convert_to_fp16(fp32_path), path, external)
+                model = convert_to_fp16(fp32_path, fp32_inputs=contract.fp32_inputs)
+                data = save_onnx(model, path, external)
             else:
                 assert source.build is not None
                 source.build(path, "fp16", external)
@@ -376,7 +519,12 @@ def stage_contract(
         check_onnx(staged_file.path)
         if validate:
             staged_file.validation = validate_onnx(
-                contract, staged_file.path, source.reference, precision, stats=source.stats
+                contract,
+                staged_file.path,
+                source.reference,
+                precision,
+                stats=source.stats,
+                pools=source.pools,
             )
         staged.append(staged_file)
     return staged
@@ -444,10 +592,17 @@ def export_model_dir(
         raise InputError(
             onnx_dir, f"an output folder inside the model directory {model_dir}", "a folder outside it"
         ) from None
-    for rel in RUNTIME_DATA_FILES:
-        if not (model_dir / rel).is_file():
-            raise MissingFileError(model_dir / rel, "model directory file", "run recon-train subject first")
     names = contract_names(model_dir, stage)
+    with_stage2 = any(n in STAGE2_MODELS for n in names)
+    runtime_files = RUNTIME_DATA_FILES + (STAGE2_DATA_FILES if with_stage2 else ())
+    for rel in runtime_files:
+        if not (model_dir / rel).is_file():
+            hint = (
+                "run recon-train subject --stage clip"
+                if rel.startswith("stage2/")
+                else "run recon-train subject"
+            )
+            raise MissingFileError(model_dir / rel, "model directory file", f"{hint} first")
     sources = load_sources(model_dir, names)
 
     with staging_dir(onnx_dir) as staging:
@@ -458,7 +613,11 @@ def export_model_dir(
         ]
         published = [(f, *publish(f, onnx_dir)) for f in staged]
 
-    artifacts: list[Artifact] = [describe_file(model_dir, rel, "data") for rel in RUNTIME_DATA_FILES]
+    if with_stage2:
+        from brainrecon.export.stage2 import write_scheduler_json
+
+        runtime_files += (write_scheduler_json(model_dir),)
+    artifacts: list[Artifact] = [describe_file(model_dir, rel, "data") for rel in runtime_files]
     exported = []
     for f, final, data_files in published:
         rel = final.relative_to(model_dir).as_posix()

@@ -100,6 +100,7 @@ def validate_onnx(
     batches: tuple[int, ...] | None = None,
     stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     seed: int = 0,
+    pools: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Compare ONNX Runtime with `reference` for every input kind and batch; raise ParityError or GraphCheckError.
 
@@ -118,7 +119,7 @@ def validate_onnx(
     spreads: list[float] = []
     for k, kind in enumerate(contract.input_kinds):
         for b, batch in enumerate(batches):
-            inputs = contract.sample_input(batch, kind, seed=seed + 1000 * k + b, stats=stats)
+            inputs = contract.sample_input(batch, kind, seed=seed + 1000 * k + b, stats=stats, pools=pools)
             expected = reference(inputs)
             found = dict(zip(contract.output_names, session.run(contract.output_names, inputs), strict=True))
             for name in contract.output_names:

@@ -159,9 +159,24 @@ def train_vae(
         return loss, {"rec": float(rec.detach()), "kl": float(kl.detach())}
 
     def save_final(model: torch.nn.Module, tmp: Path) -> None:
+        model.register_to_config(scaling_factor=latent_scaling_factor(model, images))
         model.save_pretrained(tmp)
 
     return _train(vae, data, loss_fn, save_final, "vae", vae_config, cfg, Path(out_dir), resume, progress)
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> float:
+    """1 / std of the posterior-mean latents of `images`: the LDM recipe (Rombach et al. 2022, section G) that
+    gave SD's 0.18215. The UNet's noise schedule assumes unit-variance latents; a VAE of our own with SD's factor
+    would leave them at a third of that, so img2img at strength 0.75 would keep far less of the init image."""
+    from brainrecon.train.stage2 import encode_images
+
+    vae = vae.eval()
+    latents = torch.cat(
+        [encode_images(vae, images[i : i + batch_size], 1.0) for i in range(0, len(images), batch_size)]
+    )
+    return round(1.0 / float(latents.float().std()), 5)
 
 
 # ------------------------------------------------------------------------------------------------- dual UNet
@@ -504,11 +519,12 @@ def unet_training_data(
     captions: list[list[str]],
     vae: AutoencoderKL,
     clip: Any,  # CLIPFeatureExtractor
-    scale: float = 0.18215,
+    scale: float | None = None,
     batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
     """What `train_dual_unet` needs from stimuli: scaled VAE latents (posterior mean) and CLIP token contexts.
 
+    scale: the latent scaling factor, by default the VAE's own (`vae.config.scaling_factor`).
     images uint8 (N, S, S, 3) at the VAE's sample size; captions[i] the captions of image i (their normalised
     text tokens are averaged, as the subject's CLIP targets are). Returns float32 tensors latents (N, 4, h, w),
     vision_ctx (N, Nv, D), text_ctx (N, Nt, D), uncond_vision (1, Nv, D), uncond_text (1, Nt, D).
@@ -517,6 +533,7 @@ def unet_training_data(
 
     if len(captions) != len(images):
         raise InputError("captions", f"one list per image ({len(images)})", str(len(captions)))
+    scale = float(vae.config.scaling_factor) if scale is None else scale
     latents = torch.cat(
         [encode_images(vae, images[i : i + batch_size], scale) for i in range(0, len(images), batch_size)]
     )

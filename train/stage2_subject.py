@@ -79,7 +79,7 @@ def fit_stage2(data_dir: str | Path, model_dir: str | Path, config: Stage2Config
     t0 = time.perf_counter()
     train_betas, train_images = load_prepared(data_dir, "train")
     extractor, clip_info = load_clip(config.clip)
-    _, vae_info = load_vae(config.vae)  # load once now: a broken foundation fails before the fit
+    vae, vae_info = load_vae(config.vae)  # load once now: a broken foundation fails before the fit
     _, dual_config, unet_info = load_unet(config.unet)
     shapes = extractor.shapes
     if (shapes.vision_tokens, shapes.text_tokens, shapes.dim) != (
@@ -123,7 +123,10 @@ def fit_stage2(data_dir: str | Path, model_dir: str | Path, config: Stage2Config
         save_npy(tmp / "uncond_vision.npy", uncond_vision)
         summary = {
             "config": config_to_dict(config),
-            "sampling": config_to_dict(Img2ImgConfig(seed=config.seed)),
+            # the latent scale the UNet was trained with: the VAE's own (0.18215 for Versatile Diffusion's)
+            "sampling": config_to_dict(
+                Img2ImgConfig(seed=config.seed, vae_scale_factor=float(vae.config.scaling_factor))
+            ),
             "foundation": {"clip": clip_info, "vae": vae_info, "unet": unet_info},
             "dual_unet": config_to_dict(dual_config),
             "n_voxels": int(train_betas.shape[1]),

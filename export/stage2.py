@@ -1,0 +1,243 @@
+"""Stage-2 export sources: the five models of Versatile Diffusion img2img as ONNX contracts, plus the DDIM tables.
+
+    Stage2Model.load(model_dir)                       (train/stage2_subject.py; checks the VAE/UNet sha256)
+      clip["text"|"vision"]  ClipRidge            → clip_text, clip_vision   (onnx.helper graphs, two MatMuls)
+      vae                    AutoencoderKL        → vae_encoder, vae_decoder (torch wrappers below, TorchScript)
+      unet                   dual-attention UNet  → unet                     (mix ratio baked in)
+      sampling               Img2ImgConfig        → stage2/scheduler.json    (diffusers DDIMScheduler tables)
+
+The wrappers reproduce `train/stage2.py` exactly on the graph side of the numpy boundary: `encode_images` after its
+uint8 → [-1, 1] step, `decode_latents` before its rounding, and one UNet call of `denoise` (guidance, the DDIM step
+and the noise stay in the numpy runtime).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from brainrecon.config import config_from_dict, config_to_dict
+from brainrecon.errors import ConfigError
+from brainrecon.export.contracts import (
+    TRAIN_TIMESTEPS,
+    clip_ridge_contract,
+    unet_contract,
+    vae_decoder_contract,
+    vae_encoder_contract,
+)
+from brainrecon.export.onnx_export import ExportSource, build_clip_ridge_onnx, torch_reference
+from brainrecon.io import read_json, write_json
+from brainrecon.train.clip_ridge import ClipRidge
+from brainrecon.train.dual_unet import set_mix_ratio
+from brainrecon.train.stage2 import (
+    VD_SCHEDULER_KWARGS,
+    Img2ImgConfig,
+    denoising_timesteps,
+    vae_downsampling,
+    vd_scheduler,
+)
+from brainrecon.train.stage2_subject import STAGE_DIR, Stage2Model
+
+SCHEDULER_FILE = f"{STAGE_DIR}/scheduler.json"
+SCHEDULER_FORMAT = "brainrecon.ddim_tables"
+SCHEDULER_VERSION = 1
+CONTEXT_POOL_SEED = 1234  # predicted contexts for validating the UNet (seeded, like every validation input)
+
+
+class VAEEncoderGraph(torch.nn.Module):
+    """images (B, 3, S, S) in [-1, 1] → latents (B, C, h, w): posterior mean × scale (train/stage2 encode_images)."""
+
+    def __init__(self, vae: Any, scale: float):
+        super().__init__()
+        self.vae, self.scale = vae, scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.mean * self.scale  # (B, C, h, w)
+
+
+class VAEDecoderGraph(torch.nn.Module):
+    """latents (B, C, h, w), scaled → images (B, 3, S, S) ~[-1, 1], unclipped (train/stage2 decode_latents)."""
+
+    def __init__(self, vae: Any, scale: float):
+        super().__init__()
+        self.vae, self.scale = vae, scale
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scale).sample  # (B, 3, S, S)
+
+
+class UNetGraph(torch.nn.Module):
+    """(sample (B, C, h, w), timestep (B,), context (B, Nv + Nt, D)) → noise_pred (B, C, h, w); one UNet call of
+    train/stage2 `denoise` with a per-row timestep (diffusers expands a (B,) tensor as is)."""
+
+    def __init__(self, unet: Any):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * 4 for p in module.parameters())
+
+
+def context_pool(model: Stage2Model, n_predicted: int = 7, seed: int = CONTEXT_POOL_SEED) -> np.ndarray:
+    """(1 + n_predicted, Nv + Nt, D) float32: the unconditional context, then contexts predicted (and re-normalised,
+    as the runtime will) from seeded heavy-tailed z-scored betas: what the UNet sees in both guidance halves."""
+    betas = np.random.default_rng(seed).standard_t(
+        5, size=(max(n_predicted, 2), model.clip["text"].A.shape[0])
+    )
+    predicted = model.predict_contexts(betas.astype(np.float32))
+    cond = np.concatenate([predicted["vision"], predicted["text"]], axis=1)[:n_predicted]  # vision first
+    uncond = np.concatenate([model.uncond["vision"], model.uncond["text"]], axis=1)
+    return np.concatenate([uncond, cond]).astype(np.float32)
+
+
+def _clip_source(name: str, ridge: ClipRidge) -> ExportSource:
+    c = ridge.config
+    contract = clip_ridge_contract(name.removeprefix("clip_"), c.n_features, c.n_tokens, c.dim)
+
+    def build(path: Path, precision: str, external: bool) -> None:
+        build_clip_ridge_onnx(
+            ridge.A,
+            ridge.B,
+            ridge.intercept,
+            c.n_tokens,
+            c.dim,
+            name,
+            path,
+            precision,
+            contract.opset,
+            external,
+        )
+
+    return ExportSource(
+        contract,
+        lambda inputs: {name: ridge.predict(inputs["betas"], renormalize=False)},
+        build=build,
+        weight_bytes=int(ridge.A.nbytes + ridge.B.nbytes + ridge.intercept.nbytes),
+    )
+
+
+def stage2_sources(model: Stage2Model, names: list[str]) -> list[ExportSource]:
+    """One ExportSource per requested stage-2 contract, from the loaded torch reference."""
+    vae, unet, sampling, dual = model.vae.eval(), model.unet.eval(), model.sampling, model.dual_config
+    image_size = model.image_size
+    latent_size = image_size // vae_downsampling(vae)
+    channels = int(vae.config.latent_channels)
+    if (unet.config.in_channels, unet.config.sample_size) != (channels, latent_size):
+        raise ConfigError(
+            f"stage 2: expected a UNet on the VAE's {channels}x{latent_size}x{latent_size} latents, found "
+            f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size}"
+        )
+    scale = float(sampling.vae_scale_factor)
+    sources = []
+    for name in names:
+        if name in ("clip_text", "clip_vision"):
+            sources.append(_clip_source(name, model.clip[name.removeprefix("clip_")]))
+        elif name == "vae_encoder":
+            module = VAEEncoderGraph(vae, scale).eval()
+            contract = vae_encoder_contract(image_size, channels, latent_size, scale)
+            sources.append(
+                ExportSource(
+                    contract,
+                    torch_reference(module, contract),
+                    module=module,
+                    weight_bytes=_param_bytes(module),
+                )
+            )
+        elif name == "vae_decoder":
+            module = VAEDecoderGraph(vae, scale).eval()
+            contract = vae_decoder_contract(image_size, channels, latent_size, scale)
+            sources.append(
+                ExportSource(
+                    contract,
+                    torch_reference(module, contract),
+                    module=module,
+                    weight_bytes=_param_bytes(module),
+                )
+            )
+        elif name == "unet":
+            set_mix_ratio(unet, sampling.mix_ratio)  # baked into the graph, as img2img sets it per call
+            module = UNetGraph(unet).eval()
+            contract = unet_contract(
+                channels,
+                latent_size,
+                dual.vision_tokens,
+                dual.text_tokens,
+                dual.cross_attention_dim,
+                sampling.mix_ratio,
+                image_size,
+            )
+            sources.append(
+                ExportSource(
+                    contract,
+                    torch_reference(module, contract),
+                    module=module,
+                    pools={"encoder_hidden_states": context_pool(model)},
+                    weight_bytes=_param_bytes(module),
+                )
+            )
+        else:  # pragma: no cover - contract_names only yields STAGE2_MODELS
+            raise ConfigError(f"no stage-2 export source for {name!r}")
+    return sources
+
+
+# ----------------------------------------------------------------------------------------- scheduler tables
+
+
+def scheduler_tables(sampling: Img2ImgConfig) -> dict[str, Any]:
+    """The DDIM constants and the fitted sampling run's per-step tables, from diffusers' DDIMScheduler (the
+    reference the numpy runtime scheduler is checked against). Step i maps x_{t_i} to x_{t_i - k}."""
+    import diffusers
+
+    scheduler = vd_scheduler()
+    if scheduler.config.num_train_timesteps != TRAIN_TIMESTEPS:
+        raise ConfigError(
+            f"VD_SCHEDULER_KWARGS: expected num_train_timesteps {TRAIN_TIMESTEPS} (contracts.TRAIN_TIMESTEPS), "
+            f"found {scheduler.config.num_train_timesteps}"
+        )
+    timesteps = denoising_timesteps(scheduler, sampling.num_inference_steps, sampling.strength)  # sets them
+    step_ratio = scheduler.config.num_train_timesteps // sampling.num_inference_steps
+    alphas = scheduler.alphas_cumprod  # (1000,) float32
+    final = float(scheduler.final_alpha_cumprod)
+    t = [int(x) for x in timesteps]
+    prev = [x - step_ratio for x in t]
+    return {
+        "format": SCHEDULER_FORMAT,
+        "version": SCHEDULER_VERSION,
+        "source": f"diffusers {diffusers.__version__} DDIMScheduler",
+        "scheduler": {
+            **VD_SCHEDULER_KWARGS,
+            "prediction_type": scheduler.config.prediction_type,
+            "timestep_spacing": scheduler.config.timestep_spacing,
+        },
+        "sampling": config_to_dict(sampling),
+        "step_ratio": step_ratio,
+        "timesteps": t,  # (S,) what the UNet is called with; t[0] is also add_noise's timestep
+        "alpha_t": [float(alphas[x]) for x in t],  # alphas_cumprod[t_i]
+        "prev_timesteps": prev,  # t_i - step_ratio (< 0 on the last step)
+        "alpha_prev": [float(alphas[x]) if x >= 0 else final for x in prev],
+        "final_alpha_cumprod": final,
+        "alphas_cumprod": [float(a) for a in alphas],  # (num_train_timesteps,) the whole table
+    }
+
+
+def fitted_sampling(model_dir: Path) -> Img2ImgConfig:
+    """The sampling settings recorded in `model_dir/stage2/stage2.json` (what Stage2Model.load reads)."""
+    path = Path(model_dir) / STAGE_DIR / "stage2.json"
+    info = read_json(path, "stage-2 summary (recon-train subject --stage clip)")
+    return config_from_dict(Img2ImgConfig, info["sampling"], str(path))
+
+
+def write_scheduler_json(model_dir: Path) -> str:
+    """Write `model_dir/stage2/scheduler.json` for the fitted sampling settings, atomically; returns its path
+    relative to the model directory."""
+    write_json(Path(model_dir) / SCHEDULER_FILE, scheduler_tables(fitted_sampling(model_dir)))
+    return SCHEDULER_FILE
