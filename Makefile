@@ -24,17 +24,18 @@ REGRESSOR ?= gru
 # The paper's recipe allows 200 epochs (about 15 min here on the demo subject); the demo caps it to stay quick.
 GRU_EPOCHS ?= 40
 
-# The main job on the embedded default: simulate -> prepare -> fit stage 1 with the shipped VDVAE ->
-# export to ONNX (fp32 + fp16, validated) -> torch-free recon-infer on the test set -> contact sheet.
+# The main job on the embedded default: simulate -> prepare -> fit both stages of the subject with the shipped
+# foundation models -> export to ONNX (fp32 + fp16, validated) -> torch-free recon-infer on the test set ->
+# contact sheet (ground truth, stage 1, final) and metrics.
 demo: install
 	$(BIN)/recon-sim --out $(DATA)/sim-demo --preset demo --seed $(SEED) --overwrite
 	$(BIN)/recon-prepare --nsd-root $(DATA)/sim-demo --subject 1 --out $(DATA)/subj01 --overwrite
-	$(BIN)/recon-train subject --data $(DATA)/subj01 --model-dir $(MODEL_DIR) --stage vdvae --regressor $(REGRESSOR) --seed $(SEED) \
-		--max-epochs $(GRU_EPOCHS)
+	$(BIN)/recon-train subject --data $(DATA)/subj01 --model-dir $(MODEL_DIR) --stage all --regressor $(REGRESSOR) \
+		--seed $(SEED) --max-epochs $(GRU_EPOCHS)
 	$(BIN)/recon-export --model-dir $(MODEL_DIR) --stage all --precision both
-	$(BIN)/recon-infer $(DATA)/subj01/test_betas.npy --model-dir $(MODEL_DIR) --engine ort --stage 1 \
-		--stimuli $(DATA)/subj01/test_images.npy --out $(DATA)/recon-stage1 --overwrite
-	@echo "contact sheet: $(DATA)/recon-stage1/contact_sheet.png"
+	$(BIN)/recon-infer $(DATA)/subj01/test_betas.npy --model-dir $(MODEL_DIR) --engine ort \
+		--stimuli $(DATA)/subj01/test_images.npy --out $(DATA)/recon --overwrite
+	@echo "contact sheet: $(DATA)/recon/contact_sheet.png"
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

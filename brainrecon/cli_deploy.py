@@ -88,19 +88,45 @@ def infer(
     ],
     model_dir: Annotated[Path, typer.Option(help="Exported subject model folder (recon-export).")],
     out: Annotated[
-        Path, typer.Option(help="Output folder: one PNG per trial, contact_sheet.png, summary.json.")
+        Path,
+        typer.Option(
+            help="Output folder: trial_*.png (stage 1), final_*.png and final_images.npy (stage 2), "
+            "contact_sheet.png, summary.json, timings.json, metrics.json (with --stimuli)."
+        ),
     ],
     engine: Annotated[str, typer.Option(help="ort (ONNX Runtime) or trt (TensorRT engines).")] = "ort",
-    stage: Annotated[int, typer.Option(help="1: VDVAE stage.")] = 1,
+    stage: Annotated[
+        int | None,
+        typer.Option(
+            help="1: VDVAE only; 2: VDVAE then Versatile Diffusion img2img "
+            "(default: 2 when the model has a fitted stage 2, else 1)."
+        ),
+    ] = None,
     precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
     device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt (EP).")] = "cpu",
     trials: Annotated[
         str | None, typer.Option(help="Rows/trials to reconstruct, e.g. 0,5,10-20 (inclusive); default all.")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Batch size (default: the engines' profile max).")
+        int | None,
+        typer.Option(help="Images per model call (default: each engine's profile max; the UNet runs 2x)."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed (recorded; stage 1 is deterministic).")] = 0,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Stage-2 noise seed (default: the fitted one; stage 1 is deterministic)."),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Stage 2: DDIM schedule length (default: the fitted one, 50).")
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(
+            help="Stage 2: share of the schedule re-noised, 0..1 (default: fitted, 0.75; 0: VAE only)."
+        ),
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Stage 2: classifier-free guidance scale (default: fitted, 7.5).")
+    ] = None,
     stimuli: Annotated[
         Path | None, typer.Option(help="Ground-truth images .npy, one per betas row (test_images.npy).")
     ] = None,
@@ -108,8 +134,12 @@ def infer(
         bool | None,
         typer.Option(
             "--renormalize/--no-renormalize",
-            help="Re-normalise latents over the input set (default: as the model was trained).",
+            help="Re-normalise predictions over the input set (default: as the model was trained; stage 2 "
+            "skips it for a single trial).",
         ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice).")
     ] = None,
     allow_cpu_fallback: Annotated[
         bool,
@@ -117,16 +147,20 @@ def infer(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
-    """Reconstruct stage-1 images from betas with the exported ONNX models or TensorRT engines.
+    """Reconstruct images from betas with the exported ONNX models or TensorRT engines.
 
     Examples:
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stimuli data/subj01/test_images.npy
+      recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --seed 3 --steps 25 --guidance 5
       recon-infer betas_session01.nii.gz --model-dir engines/subj01 --out out/ --trials 0,5,10-20 --engine trt
+      recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stage 1
     """
-    from brainrecon.runtime.infer import run_inference
+    from brainrecon.runtime.infer import STAGES, run_inference
 
     if engine not in ("ort", "trt"):
         raise typer.BadParameter(f"expected ort or trt, found {engine!r}", param_hint="--engine")
+    if stage is not None and stage not in STAGES:
+        raise typer.BadParameter(f"expected 1 or 2, found {stage}", param_hint="--stage")
     if precision not in ("fp32", "fp16"):
         raise typer.BadParameter(f"expected fp32 or fp16, found {precision!r}", param_hint="--precision")
     if device not in ("cpu", "cuda", "tensorrt"):
@@ -142,25 +176,41 @@ def infer(
         trials=trials,
         batch_size=batch_size,
         seed=seed,
+        steps=steps,
+        strength=strength,
+        guidance=guidance,
         stimuli=stimuli,
         renormalize=renormalize,
         allow_cpu_fallback=allow_cpu_fallback,
         overwrite=overwrite,
         progress=True,
+        threads=threads,
     )
     timings = summary["timings"]
-    print_summary(
-        f"recon-infer stage {stage} ({engine} {precision}) -> {out}",
-        {
-            "trials": summary["n_trials"],
-            "providers": "; ".join(f"{k}: {', '.join(v)}" for k, v in summary["providers"].items()),
-            "cpu fallback": summary["cpu_fallback"] or "none",
-            "regressor s": timings["regressor_s"],
-            "decoder s": timings["decoder_s"],
-            "per image ms": round(timings["per_image_ms"], 2),
-            "summary": str(out / "summary.json"),
-        },
-    )
+    rows = {
+        "trials": summary["n_trials"],
+        "providers": "; ".join(f"{k}: {', '.join(v)}" for k, v in summary["providers"].items()),
+        "cpu fallback": summary["cpu_fallback"] or "none",
+    }
+    if summary["stage"] == 1:
+        rows |= {"regressor s": timings["regressor_s"], "decoder s": timings["decoder_s"]}
+    else:
+        sampling = summary["sampling"]
+        rows["sampling"] = (
+            f"seed {sampling['seed']}, {len(sampling['timesteps'])} of {sampling['num_inference_steps']} steps "
+            f"(strength {sampling['strength']}), guidance {sampling['guidance_scale']}"
+        )
+        rows |= {
+            f"{name} s": round(timings[f"{name}_s"], 3)
+            for name in ("stage1", "clip", "vae_encode", "unet", "vae_decode")
+        }
+        for name, values in summary.get("metrics", {}).items():
+            if isinstance(values, dict):
+                rows[f"{name} PixCorr / SSIM"] = " / ".join(
+                    "n/a" if v is None else f"{v:.3f}" for v in (values["pixcorr"], values["ssim"])
+                )
+    rows |= {"per image ms": round(timings["per_image_ms"], 2), "summary": str(out / "summary.json")}
+    print_summary(f"recon-infer stage {summary['stage']} ({engine} {precision}) -> {out}", rows)
 
 
 export_main = run_app(export_app)

@@ -7,8 +7,13 @@ Never imports torch, diffusers or transformers (tests/test_runtime.py enforces i
     pipe = Stage1Pipeline.from_model_dir("engines/subj01", engine="ort", precision="fp32")
     result = pipe.run(betas)  # result.images (N, 64, 64, 3) uint8, result.timings, result.providers
 
+    from brainrecon.runtime import Stage2Pipeline
+    pipe = Stage2Pipeline.from_model_dir("engines/subj01", engine="ort", precision="fp32")
+    result = pipe.run(betas, seed=0)  # result.stage1.images, result.images (final), result.timings per stage
+
 Modules: backends (Backend, OrtBackend, ModelIO), trt_backend (TrtBackend), engine_key (EngineKey, checks),
-stage1 (Stage1Pipeline), inputs (betas readers and recorded preprocessing), infer (run_inference = recon-infer).
+stage1 (Stage1Pipeline), ddim (DDIMScheduler, numpy), stage2 (Stage2Pipeline: stage 1 + img2img refinement),
+inputs (betas readers and recorded preprocessing), infer (run_inference = recon-infer).
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ _EXPORTS = {
     "Stage1Pipeline": "stage1",
     "Stage1Result": "stage1",
     "renormalize_latents": "stage1",
+    "DDIMConfig": "ddim",
+    "DDIMScheduler": "ddim",
+    "Stage2Pipeline": "stage2",
+    "Stage2Result": "stage2",
+    "SamplingConfig": "stage2",
     "load_betas": "inputs",
     "run_inference": "infer",
 }

@@ -19,8 +19,6 @@ from brainrecon.train.stage2 import Img2ImgConfig, decode_latents, encode_images
 from brainrecon.train.stage2_subject import Stage2Config, Stage2Model, fit_stage2
 from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, save_tiny_unet, tiny_unet_config
 
-FAST = Img2ImgConfig(num_inference_steps=FAST_STEPS)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
@@ -30,6 +28,12 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def model(tiny) -> Stage2Model:
     return Stage2Model.load(tiny["model"])
+
+
+@pytest.fixture(scope="module")
+def fast(model) -> Img2ImgConfig:
+    """The fitted sampling settings (the VAE's own latent scale) on a short schedule."""
+    return dataclasses.replace(model.sampling, num_inference_steps=FAST_STEPS)
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +55,9 @@ def test_fit_writes_reduced_rank_regressors_and_contexts(tiny, model):
         mean = np.load(tiny["model"] / "stage2" / f"clip_{name}_target_mean.npy")
         assert mean.shape == (tokens, 128)
     assert model.uncond["text"].shape == (1, 77, 128) and model.uncond["vision"].shape == (1, 65, 128)
-    assert info["sampling"] == dataclasses.asdict(Img2ImgConfig())  # Brain-Diffuser's settings by default
+    # Brain-Diffuser's settings, with the latent scale of the VAE the UNet was trained on
+    scale = model.vae.config.scaling_factor
+    assert info["sampling"] == dataclasses.asdict(Img2ImgConfig(vae_scale_factor=scale))
 
 
 def test_predicted_contexts_track_the_targets(tiny, model):
@@ -68,26 +74,26 @@ def test_predicted_contexts_track_the_targets(tiny, model):
     assert r > 0.5, r
 
 
-def test_reconstruct_is_seeded_and_independent_of_batching(tiny, model):
+def test_reconstruct_is_seeded_and_independent_of_batching(tiny, model, fast):
     betas = np.load(tiny["prep"] / "test_betas.npy")[:5]
-    a = model.reconstruct(betas, FAST, batch_size=5, progress=False)
-    b = model.reconstruct(betas, FAST, batch_size=2, progress=False)
-    c = model.reconstruct(betas, dataclasses.replace(FAST, seed=1), batch_size=5, progress=False)
+    a = model.reconstruct(betas, fast, batch_size=5, progress=False)
+    b = model.reconstruct(betas, fast, batch_size=2, progress=False)
+    c = model.reconstruct(betas, dataclasses.replace(fast, seed=1), batch_size=5, progress=False)
     assert a["final"].shape == (5, 64, 64, 3) and a["final"].dtype == np.uint8
     # same noise per image however the batch is split; only float rounding of batch-size-specific kernels differs
     split = np.abs(a["final"].astype(int) - b["final"])
     assert split.max() <= 1 and (split > 0).mean() < 0.01
     np.testing.assert_array_equal(
-        a["final"], model.reconstruct(betas, FAST, batch_size=5, progress=False)["final"]
+        a["final"], model.reconstruct(betas, fast, batch_size=5, progress=False)["final"]
     )
     assert np.abs(a["final"].astype(int) - c["final"]).mean() > 1.0
 
 
-def test_strength_zero_returns_the_vae_round_trip_of_stage1(tiny, model):
+def test_strength_zero_returns_the_vae_round_trip_of_stage1(tiny, model, fast):
     betas = np.load(tiny["prep"] / "test_betas.npy")[:3]
-    out = model.reconstruct(betas, dataclasses.replace(FAST, strength=0.0), progress=False)
+    out = model.reconstruct(betas, dataclasses.replace(fast, strength=0.0), progress=False)
     init = resize(out["stage1"], model.image_size)
-    scale = FAST.vae_scale_factor
+    scale = fast.vae_scale_factor
     round_trip = decode_latents(model.vae, encode_images(model.vae, init, scale), scale)
     np.testing.assert_array_equal(out["final"], round_trip)
 

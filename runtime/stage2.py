@@ -1,0 +1,562 @@
+"""Stage-2 runtime (numpy): Brain-Diffuser's Versatile Diffusion img2img refinement of the stage-1 image.
+
+The torch reference is `brainrecon.train.stage2_subject.Stage2Model.reconstruct` (and `train/stage2.py img2img`,
+`denoise`, `encode_images`, `decode_latents`); this pipeline runs the exported ONNX files or TensorRT engines
+listed in `model_dir/manifest.json`, after re-hashing every file it reads, with the numpy DDIM of `ddim.py`.
+No torch, diffusers or transformers import, here or below (a test enforces it).
+
+    betas (N, V) ──Stage1Pipeline──► stage-1 images (N, s, s, 3) uint8 ──resize (PIL bicubic)──► (N, S, S, 3)
+      ──/127.5 − 1, NCHW──► vae_encoder ──► init latents (N, 4, h, w), already × vae_scale_factor
+    betas ──clip_text / clip_vision──► (N, Nt, D), (N, Nv, D) ──renormalize over the set──► cond context
+      (N, Nv + Nt, D), vision tokens first
+    noise = img2img_noise((N, 4, h, w), seed), drawn once for the whole set ──add_noise(t0)──► x
+      for t in timesteps: unet([x; x], t, [uncond × b; cond]) → eps_u, eps_c;
+                          eps = eps_u + guidance_scale (eps_c − eps_u); x = ddim.step(eps, t, x)
+      ──vae_decoder──► (N, 3, S, S) ≈ [−1, 1] ──((x + 1) · 127.5).round().clip(0, 255)──► uint8 (N, S, S, 3)
+
+Every image's noise and CLIP statistics are computed over the whole input set before any batching, so the result
+does not depend on how the set is split into model calls (the UNet sees twice the image batch: [uncond; cond]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainrecon.config import config_from_dict
+from brainrecon.errors import ConfigError, InputError, MissingFileError
+from brainrecon.images import resize
+from brainrecon.io import load_npy, read_json
+from brainrecon.manifest import MANIFEST_FILE, Manifest, load_manifest, verify_manifest
+from brainrecon.noise import img2img_noise
+from brainrecon.runtime.backends import Backend, ModelIO, OrtBackend
+from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
+from brainrecon.runtime.stage1 import (
+    ENGINES,
+    PRECISIONS,
+    Progress,
+    Stage1Pipeline,
+    Stage1Result,
+    _engine_for,
+    _model_artifact,
+    check_betas,
+    renormalize_latents,
+)
+
+CLIP_TARGETS = ("text", "vision")
+MODELS = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")
+SUMMARY = "stage2/stage2.json"
+# What the pipeline reads besides the models (all hash-verified through the manifest first).
+STAGE2_DATA = (
+    SUMMARY,
+    *(f"stage2/clip_{name}_target_{stat}.npy" for name in CLIP_TARGETS for stat in ("mean", "std")),
+    *(f"stage2/uncond_{name}.npy" for name in CLIP_TARGETS),
+    "stage2/scheduler.json",  # written by recon-export: diffusers' DDIM tables for the fitted sampling
+)
+SCHEDULER = "stage2/scheduler.json"
+SCHEDULER_FORMAT = ("brainrecon.ddim_tables", 1)
+# diffusers DDIMScheduler settings that runtime/ddim.py implements and does not take as parameters
+SCHEDULER_FIXED = {"clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"}
+# numpy's float32 table path lands within 6e-8 of diffusers' (runtime/ddim.py docstring)
+ALPHA_ATOL = 1e-6
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Stage-2 sampling, as fitted (`stage2.json` "sampling"): the runtime twin of `train/stage2.py Img2ImgConfig`
+    (the runtime does not import train). `mix_ratio` and `vae_scale_factor` are baked into the exported graphs."""
+
+    num_inference_steps: int = 50
+    strength: float = 0.75  # 50 steps x 0.75 -> 37 denoising steps
+    guidance_scale: float = 7.5
+    eta: float = 0.0  # deterministic DDIM, the only value supported (as the reference)
+    seed: int = 0
+    vae_scale_factor: float = 0.18215
+    mix_ratio: float = 0.6  # vision weight of the dual cross-attention
+
+    def __post_init__(self) -> None:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        if not is_int(self.num_inference_steps) or self.num_inference_steps < 1:
+            raise ConfigError(
+                f"sampling: expected num_inference_steps >= 1, found {self.num_inference_steps!r}"
+            )
+        if not 0.0 <= self.strength <= 1.0:
+            raise ConfigError(f"sampling: expected strength in [0, 1], found {self.strength!r}")
+        if not math.isfinite(self.guidance_scale):
+            raise ConfigError(f"sampling: expected a finite guidance_scale, found {self.guidance_scale!r}")
+        if self.eta != 0.0:
+            raise ConfigError(f"sampling: expected eta 0.0 (deterministic DDIM), found {self.eta!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"sampling: expected a seed >= 0, found {self.seed!r}")
+        if not self.vae_scale_factor > 0:
+            raise ConfigError(f"sampling: expected vae_scale_factor > 0, found {self.vae_scale_factor!r}")
+        if not 0.0 <= self.mix_ratio <= 1.0:
+            raise ConfigError(f"sampling: expected mix_ratio in [0, 1], found {self.mix_ratio!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Stage2Result:
+    stage1: Stage1Result  # .images (N, s, s, 3) uint8, .timings: the stage-1 split
+    images: np.ndarray  # (N, S, S, 3) uint8, the final reconstructions
+    latents: np.ndarray  # (N, 4, h, w) float32, scaled: what the VAE decoder got (init latents at strength 0)
+    sampling: SamplingConfig  # as run (overrides applied)
+    timesteps: np.ndarray  # (T,) int64, the UNet timesteps (empty at strength 0)
+    timings: dict[str, float]  # seconds: stage1_s, clip_s, vae_encode_s, unet_s, vae_decode_s, total_s
+    providers: dict[str, list[str]]  # model -> providers actually used
+    renormalized: dict[str, bool]  # "stage1", "clip": whether the transductive re-normalisation ran
+    batch_sizes: dict[str, int]  # images per call; the UNet gets twice its value
+    fallback: dict[str, str]  # model -> GPU provider fallback, when allowed and it happened
+
+
+def _not_exported(model_dir: Path, what: str) -> MissingFileError:
+    return MissingFileError(
+        model_dir / MANIFEST_FILE,
+        what,
+        f"stage 2 is not exported; export it with: recon-export --model-dir {model_dir} --stage all",
+    )
+
+
+def _load_model(
+    manifest: Manifest,
+    model_dir: Path,
+    name: str,
+    engine: str,
+    precision: str,
+    device: str,
+    allow_cpu_fallback: bool,
+    threads: int | None,
+) -> tuple[Backend, ModelIO, str, dict[str, Any]]:
+    """One verified backend as `Stage1Pipeline.from_model_dir` loads its models; returns (backend, io, file,
+    the contract's baked-in constants)."""
+    onnx = _model_artifact(manifest, model_dir, "onnx", name, precision)
+    chosen = _engine_for(manifest, model_dir, name, precision, onnx) if engine == "trt" else onnx
+    verify_manifest(model_dir, [chosen.path, *onnx.external_data] if engine == "ort" else [chosen.path])
+    spec = chosen.io or onnx.io or {}
+    io = ModelIO.from_spec(name, spec)
+    constants = dict(spec.get("constants") or {})
+    if engine == "ort":
+        backend: Backend = OrtBackend(model_dir / chosen.path, io, device, allow_cpu_fallback, threads)
+    else:
+        from brainrecon.runtime.trt_backend import TrtBackend
+
+        backend = TrtBackend(
+            model_dir / chosen.path, io, chosen.engine_key or {}, onnx.sha256, precision, model_dir
+        )
+    return backend, io, chosen.path, constants
+
+
+def _shape(io: ModelIO, which: str, index: int = 0) -> tuple[int | str, ...]:
+    return (io.inputs if which == "in" else io.outputs)[index][1]
+
+
+class Stage2Pipeline:
+    """Stage 1 + stage 2 over exported models. Build with `from_model_dir`; `run(betas)` → `Stage2Result`."""
+
+    def __init__(
+        self,
+        stage1: Stage1Pipeline,
+        backends: dict[str, Backend],
+        ios: dict[str, ModelIO],
+        target_stats: dict[str, tuple[np.ndarray, np.ndarray]],
+        uncond: dict[str, np.ndarray],
+        sampling: SamplingConfig,
+        scheduler: DDIMScheduler,
+        renormalize: bool = True,
+        info: dict[str, Any] | None = None,
+    ):
+        self.stage1 = stage1
+        self.backends, self.ios = backends, ios
+        self.sampling = sampling
+        self.scheduler = scheduler
+        self.renormalize = renormalize
+        self.info = info or {}
+        source = self.info.get("model_dir", "model directory")
+        # geometry from the exported contracts; every pair of models must agree
+        self.tokens = {name: int(_shape(ios[f"clip_{name}"], "out")[1]) for name in CLIP_TARGETS}
+        self.clip_dim = int(_shape(ios["clip_text"], "out")[2])
+        self.image_size = int(_shape(ios["vae_encoder"], "in")[2])  # S
+        self.latent_shape = tuple(int(d) for d in _shape(ios["vae_encoder"], "out")[1:])  # (4, h, w)
+        context = (self.tokens["vision"] + self.tokens["text"], self.clip_dim)
+        found = {
+            "clip_vision dim": int(_shape(ios["clip_vision"], "out")[2]),
+            "vae_decoder latents": tuple(int(d) for d in _shape(ios["vae_decoder"], "in")[1:]),
+            "vae_decoder images": tuple(int(d) for d in _shape(ios["vae_decoder"], "out")[1:]),
+            "unet sample": tuple(int(d) for d in _shape(ios["unet"], "in", 0)[1:]),
+            "unet context": tuple(int(d) for d in _shape(ios["unet"], "in", 2)[1:]),
+        }
+        expected = {
+            "clip_vision dim": self.clip_dim,
+            "vae_decoder latents": self.latent_shape,
+            "vae_decoder images": (3, self.image_size, self.image_size),
+            "unet sample": self.latent_shape,
+            "unet context": context,
+        }
+        for key, want in expected.items():
+            if found[key] != want:
+                raise ConfigError(
+                    f"{source}: exported stage-2 models disagree: expected {key} {want}, found {found[key]}"
+                )
+        for name in CLIP_TARGETS:
+            shape = (self.tokens[name], self.clip_dim)
+            mean, std = target_stats[name]
+            if mean.shape != shape or std.shape != shape:
+                raise InputError(
+                    f"{source}/stage2/clip_{name}_target_{{mean,std}}.npy",
+                    f"shape {shape} (clip_{name} output)",
+                    f"{mean.shape}, {std.shape}",
+                )
+            if uncond[name].shape != (1, *shape):
+                raise InputError(
+                    f"{source}/stage2/uncond_{name}.npy", f"shape {(1, *shape)}", f"{uncond[name].shape}"
+                )
+        # (T·D,) float32, the layout of train/clip_ridge.py's flattened predictions
+        self.target_stats = {
+            name: (np.asarray(m, np.float32).ravel(), np.asarray(s, np.float32).ravel())
+            for name, (m, s) in target_stats.items()
+        }
+        # (1, Nv + Nt, D), vision tokens first as the UNet's dual blocks split them
+        self.uncond_context = np.concatenate([uncond["vision"], uncond["text"]], axis=1, dtype=np.float32)
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        engine: str = "ort",
+        precision: str = "fp32",
+        device: str = "cpu",
+        allow_cpu_fallback: bool = False,
+        threads: int | None = None,
+    ) -> Stage2Pipeline:
+        """Load stage 1 and the five stage-2 models of `model_dir` after verifying the hash of every file read."""
+        model_dir = Path(model_dir)
+        if engine not in ENGINES:
+            raise InputError("engine", f"one of {ENGINES}", repr(engine))
+        if precision not in PRECISIONS:
+            raise InputError("precision", f"one of {PRECISIONS}", repr(precision))
+        if not (model_dir / SUMMARY).is_file():
+            raise MissingFileError(
+                model_dir / SUMMARY,
+                "stage-2 model (CLIP regressors)",
+                f"fit it with: recon-train subject --stage clip, then export with: "
+                f"recon-export --model-dir {model_dir} --stage all",
+            )
+        manifest = load_manifest(model_dir)
+        if manifest.get(SUMMARY) is None or manifest.find("onnx", "unet") is None:
+            raise _not_exported(model_dir, "stage-2 entries (stage2/stage2.json, unet, vae, clip models)")
+        verify_manifest(model_dir, STAGE2_DATA)
+        summary = read_json(model_dir / SUMMARY, "stage-2 summary")
+        sampling = config_from_dict(SamplingConfig, summary["sampling"], str(model_dir / SUMMARY))
+        scheduler = load_scheduler(model_dir, sampling)
+        stage1 = Stage1Pipeline.from_model_dir(
+            model_dir, engine, precision, device, allow_cpu_fallback, threads
+        )
+        backends, ios, files = {}, {}, {}
+        for name in MODELS:
+            backends[name], ios[name], files[name], constants = _load_model(
+                manifest, model_dir, name, engine, precision, device, allow_cpu_fallback, threads
+            )
+            # what a graph has baked in must be what stage2.json says the model samples with
+            for key, value in constants.items():
+                if key in ("mix_ratio", "vae_scale_factor") and not math.isclose(
+                    value, getattr(sampling, key), rel_tol=1e-6
+                ):
+                    raise ConfigError(
+                        f"{model_dir / files[name]}: expected {key} {getattr(sampling, key)} (stage2/stage2.json), "
+                        f"found {value} baked in (re-export with: recon-export --model-dir {model_dir} --stage all)"
+                    )
+        stage_dir = model_dir / "stage2"
+        return cls(
+            stage1,
+            backends,
+            ios,
+            target_stats={
+                name: (
+                    load_npy(stage_dir / f"clip_{name}_target_mean.npy", f"CLIP-{name} target mean"),
+                    load_npy(stage_dir / f"clip_{name}_target_std.npy", f"CLIP-{name} target std"),
+                )
+                for name in CLIP_TARGETS
+            },
+            uncond={
+                name: load_npy(stage_dir / f"uncond_{name}.npy", f"unconditional CLIP-{name} context")
+                for name in CLIP_TARGETS
+            },
+            sampling=sampling,
+            scheduler=scheduler,
+            renormalize=bool(summary.get("config", {}).get("renormalize", True)),
+            info={**stage1.info, "files": {**stage1.info["files"], **files}, "model_dir": str(model_dir)},
+        )
+
+    # ------------------------------------------------------------------------- checks
+
+    def sampling_for(
+        self,
+        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        strength: float | None = None,
+        guidance_scale: float | None = None,
+        mix_ratio: float | None = None,
+    ) -> SamplingConfig:
+        """The fitted sampling with overrides. The mix ratio is baked into the exported UNet: only its value."""
+        if mix_ratio is not None and not math.isclose(mix_ratio, self.sampling.mix_ratio, abs_tol=1e-9):
+            raise ConfigError(
+                f"{self.info.get('files', {}).get('unet', 'unet')}: expected mix ratio "
+                f"{self.sampling.mix_ratio} (baked into the exported UNet graph), found {mix_ratio} "
+                "(a different ratio needs a re-export of the UNet)"
+            )
+        overrides = {
+            "seed": seed,
+            "num_inference_steps": num_inference_steps,
+            "strength": strength,
+            "guidance_scale": guidance_scale,
+        }
+        sampling = dataclasses.replace(self.sampling, **{k: v for k, v in overrides.items() if v is not None})
+        # a schedule the scheduler cannot build (too many steps for the offset, ...) fails here, before any work
+        self.scheduler.timesteps(sampling.num_inference_steps, sampling.strength)
+        return sampling
+
+    def batch_limits(self) -> dict[str, tuple[int, int]]:
+        """Images per call allowed by each model's profile, [lo, hi]; the UNet sees twice the image batch."""
+        limits = {
+            "stage1": (
+                max(self.stage1.regressor_io.min_batch, self.stage1.decoder_io.min_batch),
+                self.stage1.max_batch(),
+            ),
+            **{
+                name: (self.ios[name].min_batch, self.ios[name].max_batch)
+                for name in MODELS
+                if name != "unet"
+            },
+        }
+        unet = self.ios["unet"]
+        limits["unet"] = ((unet.min_batch + 1) // 2, unet.max_batch // 2)
+        return limits
+
+    def check_inputs(
+        self,
+        betas: Any,
+        batch_size: int | None = None,
+        renormalize: bool | None = None,
+        source: str = "betas",
+    ) -> tuple[np.ndarray, dict[str, int], dict[str, bool]]:
+        """Validate before any work: betas, the batch against every profile, the set size for re-normalisation.
+
+        `renormalize=None` applies what each stage was fitted with, except for a single trial, where the
+        statistics over the set do not exist and it is skipped (as `--no-renormalize`; recorded in the result).
+        """
+        betas = check_betas(betas, self.stage1.n_voxels, source)
+        limits = self.batch_limits()
+        if batch_size is None:
+            batches = {name: hi for name, (_, hi) in limits.items()}
+            # The UNet at its profile's opt batch: per row, ONNX Runtime on the CPU was fastest at 16-64 rows
+            # (4.2-4.5 ms) and slower at 128 (4.6 ms) on the demo UNet; a GPU engine is tuned for opt as well.
+            unet = self.ios["unet"]
+            opt_rows = unet.profile[unet.inputs[0][0]]["opt"][0]
+            batches["unet"] = max(limits["unet"][0], min(limits["unet"][1], opt_rows // 2))
+        else:
+            lo = max(lo for lo, _ in limits.values())
+            hi = min(hi for _, hi in limits.values())
+            if not lo <= int(batch_size) <= hi:
+                raise InputError(
+                    "batch size",
+                    f"{lo}..{hi} images (the engines' shape profiles; the UNet runs 2 x batch)",
+                    f"{batch_size}",
+                )
+            batches = dict.fromkeys(limits, int(batch_size))
+        if renormalize and len(betas) < 2:
+            raise InputError(
+                source,
+                "at least 2 trials (re-normalisation takes statistics over the set; or disable it)",
+                f"{len(betas)}",
+            )
+        single = len(betas) < 2
+        renorm = {
+            "stage1": (self.stage1.renormalize if renormalize is None else renormalize) and not single,
+            "clip": (self.renormalize if renormalize is None else renormalize) and not single,
+        }
+        return betas, batches, renorm
+
+    # ------------------------------------------------------------------------- run
+
+    def run(
+        self,
+        betas: np.ndarray,
+        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        strength: float | None = None,
+        guidance_scale: float | None = None,
+        mix_ratio: float | None = None,
+        batch_size: int | None = None,
+        renormalize: bool | None = None,
+        progress: Progress | None = None,
+    ) -> Stage2Result:
+        """(N, V) z-scored betas → stage-1 and final images. Sampling defaults to the fitted one (`stage2.json`);
+        `progress(step, done, total)` is called for the steps regressor, decoder (stage 1), clip_text,
+        clip_vision, vae_encoder, unet (one tick per UNet call), vae_decoder."""
+        sampling = self.sampling_for(seed, num_inference_steps, strength, guidance_scale, mix_ratio)
+        betas, batches, renorm = self.check_inputs(betas, batch_size, renormalize)
+        n = len(betas)
+        timesteps = self.scheduler.timesteps(sampling.num_inference_steps, sampling.strength)  # (T,) int64
+        timings: dict[str, float] = {}
+        t_all = time.perf_counter()
+
+        t0 = time.perf_counter()
+        stage1 = self.stage1.run(betas, batches["stage1"], renorm["stage1"], progress)
+        timings["stage1_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        contexts = {
+            name: self._predict_clip(name, betas, batches[f"clip_{name}"], renorm["clip"], progress)
+            for name in CLIP_TARGETS
+        }
+        cond_context = np.concatenate([contexts["vision"], contexts["text"]], axis=1)  # (N, Nv + Nt, D)
+        timings["clip_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        init_images = resize(stage1.images, self.image_size)  # (N, S, S, 3) uint8
+        init_latents = self._encode(init_images, batches["vae_encoder"], progress)  # (N, 4, h, w)
+        timings["vae_encode_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        latents = self._denoise(init_latents, cond_context, sampling, timesteps, batches["unet"], progress)
+        timings["unet_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        images = self._decode(latents, batches["vae_decoder"], progress)  # (N, S, S, 3) uint8
+        timings["vae_decode_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_all
+        timings["per_image_ms"] = 1000.0 * timings["total_s"] / n
+
+        return Stage2Result(
+            stage1=stage1,
+            images=images,
+            latents=latents,
+            sampling=sampling,
+            timesteps=timesteps,
+            timings={k: round(v, 6) for k, v in timings.items()},
+            providers={**stage1.providers, **{k: list(b.providers) for k, b in self.backends.items()}},
+            renormalized=renorm,
+            batch_sizes=batches,
+            fallback={
+                **stage1.fallback,
+                **{k: fb for k, b in self.backends.items() if (fb := getattr(b, "fallback", None))},
+            },
+        )
+
+    def _run_batched(self, name: str, x: np.ndarray, batch: int, progress: Progress | None) -> np.ndarray:
+        io = self.ios[name]
+        chunks = []
+        for i in range(0, len(x), batch):
+            chunks.append(self.backends[name].run({io.input_name: x[i : i + batch]})[io.output_name])
+            if progress:
+                progress(name, min(i + batch, len(x)), len(x))
+        return np.concatenate(chunks)
+
+    def _predict_clip(
+        self, name: str, betas: np.ndarray, batch: int, renorm: bool, progress: Progress | None
+    ) -> np.ndarray:
+        """(N, V) → (N, T, D) float32, re-normalised over the set like `train/clip_ridge.py ClipRidge.predict`."""
+        pred = self._run_batched(f"clip_{name}", betas, batch, progress)  # (N, T, D)
+        if renorm:
+            flat = renormalize_latents(pred.reshape(len(pred), -1), *self.target_stats[name])  # (N, T·D)
+            pred = flat.reshape(pred.shape)
+        return np.ascontiguousarray(pred, dtype=np.float32)
+
+    def _encode(self, images: np.ndarray, batch: int, progress: Progress | None) -> np.ndarray:
+        """uint8 (N, S, S, 3) → scaled latents (N, 4, h, w), as `train/stage2.py encode_images` (float32 maths)."""
+        pixels = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(127.5) - np.float32(1.0)
+        return self._run_batched("vae_encoder", np.ascontiguousarray(pixels), batch, progress)
+
+    def _decode(self, latents: np.ndarray, batch: int, progress: Progress | None) -> np.ndarray:
+        """Scaled latents (N, 4, h, w) → uint8 (N, S, S, 3), as `train/stage2.py decode_latents`."""
+        x = self._run_batched("vae_decoder", latents, batch, progress)  # (N, 3, S, S) ≈ [-1, 1]
+        x = np.clip(np.rint((x + np.float32(1.0)) * np.float32(127.5)), 0, 255)  # rint: torch.round's ties
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1).astype(np.uint8))
+
+    def _denoise(
+        self,
+        init_latents: np.ndarray,  # (N, 4, h, w)
+        cond_context: np.ndarray,  # (N, Nv + Nt, D)
+        sampling: SamplingConfig,
+        timesteps: np.ndarray,  # (T,) int64
+        batch: int,
+        progress: Progress | None,
+    ) -> np.ndarray:
+        """`train/stage2.py denoise`: noise to timesteps[0], then eta-0 DDIM with classifier-free guidance."""
+        if len(timesteps) == 0:  # strength 0: nothing is re-noised, the VAE round trip comes back
+            return init_latents
+        n = len(init_latents)
+        noise = img2img_noise(init_latents.shape, sampling.seed)  # the whole set at once: batch-independent
+        latents = self.scheduler.add_noise(init_latents, noise, int(timesteps[0]))  # (N, 4, h, w)
+        guidance = np.float32(sampling.guidance_scale)
+        calls, total = 0, math.ceil(n / batch) * len(timesteps)
+        out = np.empty_like(latents)
+        for i in range(0, n, batch):
+            x = latents[i : i + batch]  # (b, 4, h, w)
+            b = len(x)
+            context = np.concatenate(
+                [np.repeat(self.uncond_context, b, axis=0), cond_context[i : i + batch]]
+            )  # (2b, Nv + Nt, D), [uncond; cond]
+            for t in timesteps:
+                inputs = {
+                    "sample": np.concatenate([x, x]),  # (2b, 4, h, w)
+                    "timestep": np.full((2 * b,), t, dtype=np.float32),  # (2b,)
+                    "encoder_hidden_states": context,
+                }
+                eps = self.backends["unet"].run(inputs)["noise_pred"]  # (2b, 4, h, w)
+                eps_uncond, eps_cond = eps[:b], eps[b:]
+                x = self.scheduler.step(
+                    eps_uncond + guidance * (eps_cond - eps_uncond), int(t), x, sampling.num_inference_steps
+                )
+                calls += 1
+                if progress:
+                    progress("unet", calls, total)
+            out[i : i + batch] = x
+        return out
+
+
+def load_scheduler(model_dir: Path, sampling: SamplingConfig) -> DDIMScheduler:
+    """The numpy DDIM of `stage2/scheduler.json` (hash-verified by the caller), checked against the diffusers
+    tables recorded there for the fitted sampling: same timesteps, alphas within ALPHA_ATOL."""
+    path = model_dir / SCHEDULER
+    data = read_json(path, "stage-2 DDIM tables (recon-export)")
+    found = (data.get("format"), data.get("version"))
+    if found != SCHEDULER_FORMAT:
+        raise ConfigError(f"{path}: expected format/version {SCHEDULER_FORMAT}, found {found}")
+    settings = dict(data["scheduler"])
+    for key, want in SCHEDULER_FIXED.items():
+        if settings.pop(key, want) != want:
+            raise ConfigError(
+                f"{path}: expected scheduler {key} {want!r} (what runtime/ddim.py implements), "
+                f"found {data['scheduler'][key]!r}"
+            )
+    scheduler = DDIMScheduler(DDIMConfig.from_dict(settings, str(path)))
+    recorded = config_from_dict(SamplingConfig, data["sampling"], str(path))
+    if (recorded.num_inference_steps, recorded.strength) != (sampling.num_inference_steps, sampling.strength):
+        raise ConfigError(
+            f"{path}: expected the tables of stage2/stage2.json's sampling ({sampling.num_inference_steps} steps, "
+            f"strength {sampling.strength}), found {recorded.num_inference_steps} steps, strength "
+            f"{recorded.strength} (re-export with: recon-export --model-dir {model_dir} --stage all)"
+        )
+    tables = scheduler.tables(sampling.num_inference_steps, sampling.strength)
+    if tables["timesteps"].tolist() != list(data["timesteps"]):
+        raise ConfigError(
+            f"{path}: expected timesteps {tables['timesteps'].tolist()} (runtime/ddim.py), found {data['timesteps']}"
+        )
+    for key in ("alpha_t", "alpha_prev"):
+        diff = float(np.abs(tables[key] - np.asarray(data[key], np.float64)).max(initial=0.0))
+        if diff > ALPHA_ATOL:
+            raise ConfigError(
+                f"{path}: expected {key} within {ALPHA_ATOL} of runtime/ddim.py's, found a difference of {diff:.3g}"
+            )
+    return scheduler

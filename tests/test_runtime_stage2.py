@@ -1,0 +1,408 @@
+"""Stage-2 runtime (runtime/stage2.py, recon-infer --stage 2): parity with the torch reference
+`Stage2Model.reconstruct`, seeding, batching, strength 0, a single trial, overrides, bad inputs, manifest checks,
+the CLI end to end, and the no-torch guarantee; on the tiny two-stage subject of tests/stage2_fixture.py exported by
+`recon-export --stage all --precision both`, with the short schedule FAST_STEPS (8 steps, strength 0.75 → 6 UNet
+calls).
+
+Tolerances, |ORT − torch| over the 10 test trials, the reference run with the fitted sampling shortened to
+FAST_STEPS (pixels in grey levels of 1/255; latents are the scaled latents given to the VAE decoder, up to ~13 in
+magnitude here). Stage 1 alone is tests/test_runtime.py's business; the stage-2 latent comparison refines the
+runtime's own stage-1 images so that a stage-1 rounding tie does not count twice.
+- fp32: final pixels mean ≤ 0.01 level, max ≤ 1 level (a rounding tie of `rint`); latents max ≤ 1e-4
+  (measured: pixels mean 1.2e-4 level, max 1; latents max 2.3e-5, mean 3.4e-6: ORT's kernels, and DDIM steps taken
+  in float64 by runtime/ddim.py vs float32 by diffusers, over 6 steps);
+- fp16: final pixels mean ≤ 0.5 level and ≥ 98 % within 2 levels (measured: mean 0.24, max 4 levels, 98.4 % within
+  1 level, 99.7 % within 2; latents max 0.022). Part of it is inherited: the fp16 stage 1 already differs by 0.06
+  level on average and up to 37 levels where the VDVAE's DmoL argmax flips; the VAE encoder smooths that out.
+Re-runs are bit-identical; batch splits allowed ≤ 1e-5 on latents and ≤ 1 level on pixels (measured: identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from brainrecon.errors import ConfigError, InputError, MissingFileError
+from brainrecon.manifest import load_manifest, write_manifest
+from brainrecon.runtime.infer import default_stage, run_inference
+from brainrecon.runtime.stage2 import Stage2Pipeline, load_scheduler
+from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2
+
+FINAL_TOLERANCE = {"fp32": {"mean": 0.01, "max": 1}, "fp16": {"mean": 0.5, "within_2": 0.98}}
+LATENT_ATOL_FP32 = 1e-4
+SAME_ATOL = 1e-5  # re-runs, batch splits: same kernels, possibly another blocking
+
+
+@pytest.fixture(scope="session")
+def tiny2(tmp_path_factory) -> dict[str, Path]:
+    """The tiny two-stage subject, exported (both precisions) unless an earlier test already did."""
+    paths = build_tiny_stage2(tmp_path_factory.getbasetemp() / "tiny-stage2")
+    manifest = paths["model"] / "manifest.json"
+    exported = manifest.is_file() and all(
+        load_manifest(paths["model"]).find("onnx", "unet", p) for p in ("fp32", "fp16")
+    )
+    if not exported:
+        import torch
+
+        from brainrecon.export.onnx_export import export_model_dir
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            export_model_dir(paths["model"], stage="all", precision="both")
+        finally:
+            torch.set_num_threads(threads)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def betas(tiny2) -> np.ndarray:
+    return np.load(tiny2["prep"] / "test_betas.npy")  # (10, V)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny2) -> Stage2Pipeline:
+    return Stage2Pipeline.from_model_dir(tiny2["model"], "ort", "fp32", threads=1)
+
+
+@pytest.fixture(scope="module")
+def fast(pipe, betas):
+    """The fp32 pipeline on the test betas with the short schedule (shared by several tests)."""
+    return pipe.run(betas, num_inference_steps=FAST_STEPS)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny2):
+    import torch
+
+    from brainrecon.train.stage2_subject import Stage2Model
+
+    torch.set_num_threads(1)
+    return Stage2Model.load(tiny2["model"])
+
+
+def torch_latents(
+    reference, stage1_images: np.ndarray, contexts: dict[str, np.ndarray], sampling
+) -> np.ndarray:
+    """The reference's denoised latents (what `img2img` hands to `decode_latents`), from its own pieces."""
+    import torch
+
+    from brainrecon.images import resize
+    from brainrecon.noise import img2img_noise
+    from brainrecon.train.stage2 import denoise, encode_images, vd_scheduler
+
+    init = encode_images(
+        reference.vae, resize(stage1_images, reference.image_size), sampling.vae_scale_factor
+    )
+    cond = torch.cat([torch.from_numpy(contexts["vision"]), torch.from_numpy(contexts["text"])], dim=1)
+    uncond = torch.cat(
+        [torch.from_numpy(reference.uncond["vision"]), torch.from_numpy(reference.uncond["text"])], 1
+    )
+    noise = torch.from_numpy(img2img_noise(tuple(init.shape), sampling.seed))
+    return denoise(reference.unet, vd_scheduler(), init, cond, uncond, sampling, noise).numpy()
+
+
+def pixel_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    return np.abs(a.astype(np.int16) - b.astype(np.int16))
+
+
+# ----------------------------------------------------------------------------------------- parity
+
+
+def test_fp32_and_fp16_match_the_torch_reference(tiny2, reference, betas, fast):
+    sampling = dataclasses.replace(reference.sampling, num_inference_steps=FAST_STEPS)  # the fitted, shorter
+    expected = reference.reconstruct(betas, sampling, progress=False)
+    d1 = pixel_diff(fast.stage1.images, expected["stage1"])  # stage 1 alone: tests/test_runtime.py
+    assert d1.mean() <= FINAL_TOLERANCE["fp32"]["mean"] and d1.max() <= 1, (d1.mean(), d1.max())
+
+    d = pixel_diff(fast.images, expected["final"])
+    assert d.mean() <= FINAL_TOLERANCE["fp32"]["mean"] and d.max() <= FINAL_TOLERANCE["fp32"]["max"], (
+        d.mean(),
+        d.max(),
+    )
+    # stage 2 alone: the reference refines the runtime's stage-1 images (a rint tie there moves the latents)
+    latents = torch_latents(reference, fast.stage1.images, reference.predict_contexts(betas), sampling)
+    np.testing.assert_allclose(fast.latents, latents, rtol=0, atol=LATENT_ATOL_FP32)
+    assert list(fast.timesteps) == [626, 501, 376, 251, 126, 1]  # 8 steps, strength 0.75, offset 1
+    assert fast.renormalized == {"stage1": True, "clip": True}
+    assert set(fast.timings) >= {"stage1_s", "clip_s", "vae_encode_s", "unet_s", "vae_decode_s", "total_s"}
+    assert all(p == ["CPUExecutionProvider"] for p in fast.providers.values()) and len(fast.providers) == 7
+
+    fp16 = Stage2Pipeline.from_model_dir(tiny2["model"], "ort", "fp16", threads=1).run(
+        betas, num_inference_steps=FAST_STEPS
+    )
+    d16 = pixel_diff(fp16.images, expected["final"])
+    tol = FINAL_TOLERANCE["fp16"]
+    assert d16.mean() <= tol["mean"] and (d16 <= 2).mean() >= tol["within_2"], (d16.mean(), d16.max())
+
+
+def test_same_seed_same_images_other_seed_other_images(pipe, betas, fast):
+    again = pipe.run(betas, num_inference_steps=FAST_STEPS)
+    np.testing.assert_array_equal(again.images, fast.images)
+    other = pipe.run(betas, seed=1, num_inference_steps=FAST_STEPS)
+    np.testing.assert_array_equal(other.stage1.images, fast.stage1.images)  # stage 1 draws no noise
+    assert other.sampling.seed == 1 and pixel_diff(other.images, fast.images).mean() > 1.0
+
+
+def test_result_does_not_depend_on_batch_splitting(pipe, betas, fast):
+    split = pipe.run(betas, num_inference_steps=FAST_STEPS, batch_size=3)  # 3 + 3 + 3 + 1; UNet batch 6
+    assert split.batch_sizes["unet"] == 3
+    np.testing.assert_allclose(split.latents, fast.latents, rtol=0, atol=SAME_ATOL)
+    assert pixel_diff(split.images, fast.images).max() <= 1
+
+
+def test_strength_zero_is_the_vae_round_trip_of_stage1(pipe, reference, betas):
+    from brainrecon.images import resize
+    from brainrecon.train.stage2 import decode_latents, encode_images
+
+    calls = []
+    unet = pipe.backends["unet"]
+
+    class Counting:
+        providers = unet.providers
+
+        def run(self, inputs):
+            calls.append(len(inputs["sample"]))
+            return unet.run(inputs)
+
+    pipe.backends["unet"] = Counting()
+    try:
+        result = pipe.run(betas[:3], strength=0.0)
+    finally:
+        pipe.backends["unet"] = unet
+    assert calls == [] and len(result.timesteps) == 0
+    scale = pipe.sampling.vae_scale_factor
+    expected = decode_latents(
+        reference.vae,
+        encode_images(reference.vae, resize(result.stage1.images, pipe.image_size), scale),
+        scale,
+    )
+    d = pixel_diff(result.images, expected)
+    assert d.mean() <= FINAL_TOLERANCE["fp32"]["mean"] and d.max() <= 1
+
+
+def test_single_trial_skips_the_renormalisation(pipe, reference, betas):
+    one = pipe.run(betas[4:5], num_inference_steps=FAST_STEPS)
+    assert one.images.shape == (1, pipe.image_size, pipe.image_size, 3)
+    assert one.renormalized == {"stage1": False, "clip": False}
+    # the reference with re-normalisation off (its regressors refuse a set of one otherwise)
+    reference = dataclasses.replace(
+        reference,
+        stage1=dataclasses.replace(
+            reference.stage1, config=dataclasses.replace(reference.stage1.config, renormalize=False)
+        ),
+    )
+    contexts = {k: r.predict(betas[4:5], renormalize=False) for k, r in reference.clip.items()}
+    expected = reference.reconstruct(
+        betas[4:5],
+        dataclasses.replace(reference.sampling, num_inference_steps=FAST_STEPS),
+        contexts=contexts,
+        progress=False,
+    )
+    assert pixel_diff(one.stage1.images, expected["stage1"]).max() <= 1
+    assert pixel_diff(one.images, expected["final"]).max() <= 1
+    with pytest.raises(InputError, match="at least 2 trials"):
+        pipe.run(betas[4:5], renormalize=True)
+
+
+# ----------------------------------------------------------------------------------------- refusals
+
+
+def test_sampling_overrides_are_checked(pipe, betas):
+    assert pipe.sampling_for(mix_ratio=pipe.sampling.mix_ratio).mix_ratio == pipe.sampling.mix_ratio
+    with pytest.raises(ConfigError, match="baked into the exported UNet"):
+        pipe.run(betas, mix_ratio=0.5)
+    with pytest.raises(ConfigError, match="strength in"):
+        pipe.run(betas, strength=1.5)
+    with pytest.raises(ConfigError, match="num_inference_steps"):
+        pipe.run(betas, num_inference_steps=0)
+    with pytest.raises(ConfigError, match="seed"):
+        pipe.run(betas, seed=-1)
+    unet_max = pipe.ios["unet"].max_batch // 2
+    with pytest.raises(InputError, match="UNet runs 2 x batch"):
+        pipe.run(betas, batch_size=unet_max + 1)
+
+
+def test_model_without_stage2_says_what_to_run(tiny2, tmp_path):
+    from tests.test_export import build_tiny_stage1
+
+    stage1_only = build_tiny_stage1(tiny2["prep"].parent)["ridge"]  # the stage-1 half of the fixture
+    with pytest.raises(MissingFileError, match="recon-train subject --stage clip"):
+        Stage2Pipeline.from_model_dir(stage1_only)
+    assert default_stage(stage1_only) == 1 and default_stage(tiny2["model"]) == 2
+
+    copy = tmp_path / "not-exported"
+    shutil.copytree(tiny2["model"], copy)
+    manifest = load_manifest(copy)
+    kept = [a for a in manifest.artifacts if not a.path.startswith("stage2/") and a.model not in ("unet",)]
+    (copy / "manifest.json").unlink()
+    write_manifest(copy, kept, merge=False)
+    with pytest.raises(MissingFileError, match="recon-export --model-dir .* --stage all"):
+        Stage2Pipeline.from_model_dir(copy)
+
+
+def test_tampered_stage2_file_is_refused(tiny2, tmp_path):
+    copy = tmp_path / "tampered"
+    shutil.copytree(tiny2["model"], copy)
+    uncond = np.load(copy / "stage2" / "uncond_text.npy")
+    np.save(copy / "stage2" / "uncond_text.npy", uncond + 1)
+    with pytest.raises(InputError, match="uncond_text.npy.*modified file"):
+        Stage2Pipeline.from_model_dir(copy)
+
+
+def test_scheduler_tables_of_the_export_are_checked(tiny2, pipe, tmp_path):
+    """stage2/scheduler.json holds diffusers' DDIM tables; the numpy scheduler must reproduce them."""
+    data = json.loads((tiny2["model"] / "stage2" / "scheduler.json").read_text())
+    assert data["timesteps"] == pipe.scheduler.timesteps(50, 0.75).tolist()  # the fitted sampling: 37 steps
+    for change, match in (
+        ({"scheduler": {**data["scheduler"], "clip_sample": True}}, "clip_sample"),
+        ({"scheduler": {**data["scheduler"], "steps_offset": 0}}, "expected timesteps"),
+        ({"alpha_t": [a * 1.01 for a in data["alpha_t"]]}, "alpha_t within"),
+        ({"version": 99}, "format/version"),
+    ):
+        (tmp_path / "stage2").mkdir(exist_ok=True)
+        (tmp_path / "stage2" / "scheduler.json").write_text(json.dumps({**data, **change}))
+        with pytest.raises(ConfigError, match=match):
+            load_scheduler(tmp_path, pipe.sampling)
+
+
+# ----------------------------------------------------------------------------------------- recon-infer
+
+
+def run_cli(monkeypatch, *args: str) -> int:
+    from brainrecon.cli_deploy import infer_main
+
+    monkeypatch.setattr(sys, "argv", ["recon-infer", *args])
+    with pytest.raises(SystemExit) as e:
+        infer_main()
+    return e.value.code
+
+
+def test_recon_infer_stage2_with_stimuli(tiny2, fast, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    prep = tiny2["prep"]
+    args = [str(prep / "test_betas.npy"), "--model-dir", str(tiny2["model"]), "--out", str(out)]
+    args += ["--stimuli", str(prep / "test_images.npy"), "--steps", str(FAST_STEPS), "--threads", "1"]
+    assert run_cli(monkeypatch, *args) == 0  # stage 2 by default
+    printed = capsys.readouterr().out
+    assert "recon-infer stage 2" in printed and "final PixCorr / SSIM" in printed
+    n = len(fast.images)
+    names = {p.name for p in out.iterdir()}
+    assert names == {
+        "contact_sheet.png",
+        "summary.json",
+        "timings.json",
+        "metrics.json",
+        "final_images.npy",
+        *(f"trial_{t:05d}.png" for t in range(n)),
+        *(f"final_{t:05d}.png" for t in range(n)),
+    }
+    np.testing.assert_array_equal(np.load(out / "final_images.npy"), fast.images)
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "final_00003.png")), fast.images[3])
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "trial_00003.png")), fast.stage1.images[3])
+    assert Image.open(out / "contact_sheet.png").size[1] > 3 * 90  # ground truth, stage 1, final
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == n and set(metrics) == {"n", "stage1", "final"}
+    assert all(
+        -1 <= metrics[k]["pixcorr"] <= 1 and -1 <= metrics[k]["ssim"] <= 1 for k in ("stage1", "final")
+    )
+    timings = json.loads((out / "timings.json").read_text())
+    for key in ("stage1_s", "clip_s", "vae_encode_s", "unet_s", "vae_decode_s", "wall_s"):
+        assert timings[key] >= 0, key
+    assert (
+        timings["unet_calls"] == 6 * -(-n // fast.batch_sizes["unet"])
+        and timings["stage1_split"]["decoder_s"] > 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage"] == 2 and summary["sampling"]["num_inference_steps"] == FAST_STEPS
+    assert summary["metrics"] == metrics and summary["seed"] == 0
+
+
+def test_recon_infer_stage1_still_runs_on_a_stage2_model(tiny2, fast, tmp_path):
+    out = tmp_path / "out1"
+    summary = run_inference(tiny2["prep"] / "test_betas.npy", tiny2["model"], out, stage=1, trials="0-3")
+    assert summary["stage"] == 1 and not (out / "final_images.npy").exists()
+    assert sorted(p.name for p in out.glob("*.png"))[-1] == "trial_00003.png"
+    with pytest.raises(InputError, match="--steps"):
+        run_inference(tiny2["prep"] / "test_betas.npy", tiny2["model"], tmp_path / "x", stage=1, steps=4)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("nan", "NaN/Inf"),
+        ("shape", "voxels per row"),
+        ("int", "float32 or float64"),
+        ("strength", "strength in [0, 1]"),
+        ("mix", None),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(tiny2, betas, tmp_path, monkeypatch, capsys, case, match):
+    path = tmp_path / "betas.npy"
+    bad = {"nan": betas.copy(), "shape": betas[:, :-1], "int": betas.astype(np.int32)}.get(case, betas)
+    if case == "nan":
+        bad[2, 5] = np.nan
+    np.save(path, bad)
+    if case == "mix":  # no CLI option: the mix ratio is baked into the UNet, a change is refused by the API
+        with pytest.raises(ConfigError, match="baked"):
+            Stage2Pipeline.from_model_dir(tiny2["model"]).run(betas, mix_ratio=0.3)
+        return
+    out = tmp_path / "out"
+    extra = ["--strength", "1.5"] if case == "strength" else []
+    code = run_cli(monkeypatch, str(path), "--model-dir", str(tiny2["model"]), "--out", str(out), *extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and match in err, err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+
+
+# ----------------------------------------------------------------------------------------- torch-free
+
+
+def test_stage2_runtime_runs_with_torch_blocked(tiny2, tmp_path):
+    """recon-infer --stage 2 in a fresh interpreter where importing torch, diffusers or transformers fails."""
+    out = tmp_path / "out"
+    prep = tiny2["prep"]
+    code = f"""
+import importlib.abc, json, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+            raise ImportError(f"blocked: {{name}}")
+        return None
+
+sys.meta_path.insert(0, Block())
+from brainrecon.cli_deploy import infer_main
+sys.argv = ["recon-infer", {str(prep / "test_betas.npy")!r}, "--model-dir", {str(tiny2["model"])!r},
+            "--out", {str(out)!r}, "--stage", "2", "--steps", "{FAST_STEPS}", "--precision", "fp16",
+            "--stimuli", {str(prep / "test_images.npy")!r}, "--threads", "1"]
+try:
+    infer_main()
+    code = 0
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "brainrecon.train", "brainrecon.export") if m in sys.modules)
+print(json.dumps({{"code": code, "heavy": heavy}}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}, proc.stderr
+    assert (out / "final_images.npy").is_file() and (out / "metrics.json").is_file()
