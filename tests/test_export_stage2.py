@@ -134,7 +134,10 @@ def test_export_all_lists_stage2_models_data_and_io_specs(exported):
             assert set(entry.io["profile"]) == {n for n, _ in inputs}
             assert entry.validation["max_abs"] <= entry.validation["max_abs_kept"] + 1e-12
     assert manifest.find("onnx", "unet", "fp32").io["constants"]["mix_ratio"] == model.sampling.mix_ratio
-    assert manifest.find("onnx", "vae_decoder", "fp32").io["constants"]["vae_scale_factor"] == model.sampling.vae_scale_factor
+    assert (
+        manifest.find("onnx", "vae_decoder", "fp32").io["constants"]["vae_scale_factor"]
+        == model.sampling.vae_scale_factor
+    )
     assert (
         manifest.find("onnx", "unet", "fp32").io["max_batch"]
         == 2 * manifest.find("onnx", "vae_decoder", "fp32").io["max_batch"]
