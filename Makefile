@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data
 SEED ?= 0
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench bench-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +51,19 @@ bench: install
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_stage1.py --data $(DATA)/subj01
 	$(PY) benchmarks/bench_stage1_runtime.py --model-dir $(MODEL_DIR) --betas $(DATA)/subj01/test_betas.npy
+	$(PY) benchmarks/bench_stage2_runtime.py --model-dir $(MODEL_DIR) --betas $(DATA)/subj01/test_betas.npy
+
+# CI's speed regression check: a tiny simulated subject with the shipped foundation models (real sizes), both
+# stages fitted and exported, then the runtime vs the torch reference in one run against benchmarks/targets.json.
+BENCH_TMP ?= .bench-check
+bench-check: install
+	rm -rf $(BENCH_TMP)
+	$(BIN)/recon-sim --out $(BENCH_TMP)/sim --preset tiny --seed $(SEED)
+	$(BIN)/recon-prepare --nsd-root $(BENCH_TMP)/sim --subject 1 --out $(BENCH_TMP)/prep
+	$(BIN)/recon-train subject --data $(BENCH_TMP)/prep --model-dir $(BENCH_TMP)/model --stage all --regressor ridge
+	$(BIN)/recon-export --model-dir $(BENCH_TMP)/model --stage all --precision both
+	$(PY) benchmarks/bench_stage2_runtime.py --model-dir $(BENCH_TMP)/model --betas $(BENCH_TMP)/prep/test_betas.npy \
+		--repeats 3 --out $(BENCH_TMP)/stage2_runtime.json --check benchmarks/targets.json
 
 clean:
-	rm -rf $(VENV) $(DATA) engines/*/ .pytest_cache
+	rm -rf $(VENV) $(DATA) engines/*/ .pytest_cache $(BENCH_TMP)

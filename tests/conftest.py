@@ -15,6 +15,16 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny torch models run several times faster on one thread (no fork/join per op on shared cores)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     cuda = _has_cuda()
     trt = cuda and importlib.util.find_spec("tensorrt") is not None

@@ -38,6 +38,8 @@ from brainrecon.runtime.engine_key import (
     select_engine,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TINY_VDVAE = dict(
     name="tiny",
     width=16,
@@ -92,14 +94,6 @@ def build_tiny_stage1(root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     return build_tiny_stage1(tmp_path_factory.getbasetemp() / "tiny-stage1")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def copy_model_dir(src: Path, dst: Path) -> Path:

@@ -28,15 +28,9 @@ from brainrecon.train.stage2 import decode_latents, denoising_timesteps, encode_
 from brainrecon.train.stage2_subject import Stage2Model
 from tests.stage2_fixture import build_tiny_stage2
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TIMESTEPS = (1, 21, 481, 721, 981)  # both ends of the 50-step schedule, and the noisiest step of 1000
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

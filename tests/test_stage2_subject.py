@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.images import resize
 from brainrecon.train.stage2 import Img2ImgConfig, decode_latents, encode_images
 from brainrecon.train.stage2_subject import Stage2Config, Stage2Model, fit_stage2
 from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, save_tiny_unet, tiny_unet_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,6 @@ def model(tiny) -> Stage2Model:
 def fast(model) -> Img2ImgConfig:
     """The fitted sampling settings (the VAE's own latent scale) on a short schedule."""
     return dataclasses.replace(model.sampling, num_inference_steps=FAST_STEPS)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_fit_writes_reduced_rank_regressors_and_contexts(tiny, model):
