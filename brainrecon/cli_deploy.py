@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from brainrecon.cli import print_summary, run_app
+from brainrecon.cli import console, print_summary, run_app
 
 export_app = typer.Typer(
     add_completion=False, help="Export a subject model directory to ONNX (and TensorRT engines)."
@@ -213,5 +213,47 @@ def infer(
     print_summary(f"recon-infer stage {summary['stage']} ({engine} {precision}) -> {out}", rows)
 
 
+bench_app = typer.Typer(add_completion=False, help="Runtime vs torch reference benchmark, per stage.")
+
+
+@bench_app.command()
+def bench(
+    betas: Annotated[Path, typer.Argument(help="z-scored betas .npy (e.g. data/subj01/test_betas.npy).")],
+    model_dir: Annotated[Path, typer.Option(help="Exported model folder (recon-export).")] = Path(
+        "engines/subj01"
+    ),
+    out: Annotated[Path, typer.Option(help="Results JSON.")] = Path("stage2_runtime.json"),
+    limit: Annotated[int | None, typer.Option(help="Use the first N betas only.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats after one warm-up round.")] = 3,
+    threads: Annotated[
+        int | None, typer.Option(help="Threads for torch and ORT (default: all cores).")
+    ] = None,
+    check: Annotated[
+        Path | None, typer.Option(help="Targets JSON (benchmarks/targets.json); exit 1 below a floor.")
+    ] = None,
+) -> None:
+    """Two-stage reconstruction: ONNX Runtime fp32/fp16 vs the torch reference, same models, betas and settings.
+
+    Example: recon-bench data/subj01/test_betas.npy --model-dir engines/subj01 --out stage2_runtime.json
+    """
+    import os
+
+    from brainrecon.errors import BrainReconError
+    from brainrecon.export.bench import check as check_floors
+    from brainrecon.export.bench import run_benchmark, summary_line
+    from brainrecon.io import load_npy, write_json
+
+    data = load_npy(betas, "z-scored betas")[:limit]
+    results = run_benchmark(model_dir, data, repeats, threads or len(os.sched_getaffinity(0)))
+    results["betas"]["path"] = str(betas)
+    write_json(out, results)
+    console.print(f"{summary_line(results)} -> {out}")
+    if check is not None:
+        misses = check_floors(results, check)
+        if misses:
+            raise BrainReconError(f"speed regression against {check}: " + "; ".join(misses))
+
+
 export_main = run_app(export_app)
+bench_main = run_app(bench_app)
 infer_main = run_app(infer_app)

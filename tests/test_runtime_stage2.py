@@ -406,3 +406,28 @@ print(json.dumps({{"code": code, "heavy": heavy}}))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}, proc.stderr
     assert (out / "final_images.npy").is_file() and (out / "metrics.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------- recon-bench
+
+
+def test_recon_bench_reports_speedups_and_enforces_floors(tiny2, tmp_path, monkeypatch):
+    """recon-bench on the tiny subject: medians per stage for the three pipelines, pixel agreement, and --check."""
+    from brainrecon.cli_deploy import bench_main
+
+    def bench(*extra: str) -> int:
+        args = [str(tiny2["prep"] / "test_betas.npy"), "--model-dir", str(tiny2["model"]), "--limit", "4"]
+        monkeypatch.setattr(sys, "argv", ["recon-bench", *args, "--repeats", "1", "--threads", "1", *extra])
+        with pytest.raises(SystemExit) as e:
+            bench_main()
+        return e.value.code
+
+    out = tmp_path / "bench.json"
+    assert bench("--out", str(out)) == 0
+    results = json.loads(out.read_text())["inference"]
+    assert set(results["median_s"]) == {"torch", "ort_fp32", "ort_fp16"}
+    assert results["median_s"]["torch"]["unet_s"] > 0
+    assert results["ort_fp32"]["pixel_diff_vs_torch"]["max"] <= 1  # same models, seed and noise
+    unreachable = tmp_path / "targets.json"
+    unreachable.write_text(json.dumps({"stage2_speedup_floor": {"ort_fp32": {"total_s": 1000.0}}}))
+    assert bench("--out", str(out), "--check", str(unreachable)) == 1
