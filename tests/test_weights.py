@@ -42,3 +42,24 @@ def test_shipped_vae_round_trips_latent_shape():
     with torch.no_grad():
         z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert tuple(z.shape) == (1, 4, 8, 8)
+
+
+def test_shipped_unet_matches_the_shipped_clip_and_vae():
+    """The dual UNet predicts noise for the VAE's latents, conditioned on the CLIP's token layout."""
+    import torch
+
+    from brainrecon.train.foundations import load_clip, load_unet, load_vae
+
+    unet, config, _ = load_unet("builtin:small")
+    extractor, _ = load_clip("builtin:small")
+    vae, _ = load_vae("builtin:small")
+    shapes = extractor.shapes
+    assert (config.vision_tokens, config.text_tokens) == (shapes.vision_tokens, shapes.text_tokens)
+    assert config.cross_attention_dim == shapes.dim
+    side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    assert config.sample_size == side and unet.dtype == torch.float32
+    with torch.no_grad():
+        eps = unet(
+            torch.zeros(1, 4, side, side), 500, torch.zeros(1, config.context_tokens, shapes.dim)
+        ).sample
+    assert eps.shape == (1, 4, side, side) and torch.isfinite(eps).all()

@@ -332,9 +332,10 @@ def compare_stage2(
 ) -> dict:
     """Stage 1 vs stage 1+2 on a subject's test set, beside controls that say where stage 2's gains come from.
 
-    Rows: stage 1; stage 1+2 at the fitted settings; guidance 1 (no guidance) and 3; oracle CLIP contexts (the true
-    embeddings of the test images: the ceiling of the regressors); shuffled predicted contexts (conditioning that
-    belongs to other images); strength 0 (the VAE round trip, no diffusion). Writes out/stage2.{json,md},
+    Rows: stage 1; stage 1+2 at the fitted settings; guidance 1 (no guidance) and 3; strength 0.5; oracle CLIP
+    contexts (the true embeddings of the test images: the ceiling of the regressors), also at strength 1 (pure
+    generation from them: how well the UNet follows its conditioning); shuffled predicted contexts (conditioning
+    that belongs to other images); strength 0 (the VAE round trip, no diffusion). Writes out/stage2.{json,md},
     out/stage2_sheet.png.
     """
     from brainrecon.images import contact_sheet
@@ -353,7 +354,12 @@ def compare_stage2(
         "stage 1+2 (fitted settings)": (base, predicted),
         "stage 1+2, guidance 3": (dataclasses.replace(base, guidance_scale=3.0), predicted),
         "stage 1+2, guidance 1 (no CFG)": (dataclasses.replace(base, guidance_scale=1.0), predicted),
+        "stage 1+2, strength 0.5": (dataclasses.replace(base, strength=0.5), predicted),
         "oracle: true CLIP contexts": (base, true),
+        "oracle: true CLIP contexts, strength 1 (no stage 1)": (
+            dataclasses.replace(base, strength=1.0),
+            true,
+        ),
         "control: shuffled predicted contexts": (base, {k: v[shuffle] for k, v in predicted.items()}),
         "control: strength 0 (VAE round trip)": (dataclasses.replace(base, strength=0.0), predicted),
     }
