@@ -38,6 +38,12 @@ from brainrecon.train.stage1 import Stage1Model, copy_preprocessing, load_prepar
 from brainrecon.train.stage2 import Img2ImgConfig, img2img, vd_scheduler
 
 STAGE_DIR = "stage2"
+SHEET_ROWS = {  # compare_stage2 runs shown in its contact sheet, with their row labels
+    "stage 1+2 (fitted settings)": "stage 1+2",
+    "stage 1+2, guidance 3": "guidance 3",
+    "oracle: true CLIP contexts": "oracle CLIP",
+    "oracle: true CLIP contexts, strength 1 (no stage 1)": "oracle, no stage 1",
+}
 CLIP_TARGETS = ("text", "vision")
 
 
@@ -384,10 +390,8 @@ def compare_stage2(
         t0 = time.perf_counter()
         final = model.reconstruct(betas, sampling, contexts=contexts)["final"]
         score(name, final, time.perf_counter() - t0)
-        if name.startswith("stage 1+2 (") or name.startswith("oracle"):
-            sheet.append(
-                (name.split(" (")[0] if name.startswith("stage") else "oracle", final[:sheet_images])
-            )
+        if name in SHEET_ROWS:
+            sheet.append((SHEET_ROWS[name], final[:sheet_images]))
     sizes = model_sizes(model, extractor)
     from brainrecon.train.clip_ridge import real_size_parameter_report
 
