@@ -159,6 +159,18 @@ def test_result_does_not_depend_on_batch_splitting(pipe, betas, fast):
     assert pixel_diff(split.images, fast.images).max() <= 1
 
 
+def test_parallel_unet_sessions_give_the_single_session_result(tiny2, betas, fast):
+    """On the CPU the UNet loop runs one 1-thread session per thread, each on its own chunk of images."""
+    parallel = Stage2Pipeline.from_model_dir(tiny2["model"], "ort", "fp32", threads=2)
+    assert len(parallel.unet_workers) == 2
+    progress = []
+    result = parallel.run(betas, num_inference_steps=FAST_STEPS, progress=lambda *a: progress.append(a))
+    np.testing.assert_allclose(result.latents, fast.latents, rtol=0, atol=SAME_ATOL)
+    assert pixel_diff(result.images, fast.images).max() <= 1
+    unet_calls = [done for step, done, _ in progress if step == "unet"]
+    assert sorted(unet_calls) == list(range(1, 2 * len(result.timesteps) + 1))  # 2 chunks of 5 images
+
+
 def test_strength_zero_is_the_vae_round_trip_of_stage1(pipe, reference, betas):
     from brainrecon.images import resize
     from brainrecon.train.stage2 import decode_latents, encode_images
