@@ -22,7 +22,7 @@ export_app = typer.Typer(
 @export_app.command()
 def export(
     model_dir: Annotated[Path, typer.Option(help="Subject model folder from recon-train subject.")],
-    stage: Annotated[str, typer.Option(help="stage1 | gru | ridge | vdvae | all.")] = "all",
+    stage: Annotated[str, typer.Option(help="stage1 | gru | ridge | vdvae | stage2 | all.")] = "all",
     precision: Annotated[str, typer.Option(help="fp32 | fp16 | both.")] = "both",
     validate: Annotated[
         bool, typer.Option("--validate/--no-validate", help="Compare ONNX Runtime with torch after export.")
@@ -139,7 +139,11 @@ def infer(
         ),
     ] = None,
     threads: Annotated[
-        int | None, typer.Option(help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice).")
+        int | None,
+        typer.Option(
+            help="ONNX Runtime threads (default: all cores); on the CPU the UNet loop runs this many 1-thread "
+            "sessions on chunks of the images."
+        ),
     ] = None,
     allow_cpu_fallback: Annotated[
         bool,
