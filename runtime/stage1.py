@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from brainrecon.errors import InputError, MissingFileError
+from brainrecon.errors import InputError
 from brainrecon.io import load_npy, read_json
-from brainrecon.manifest import Artifact, Manifest, load_manifest, regenerate_hint, verify_manifest
-from brainrecon.runtime.backends import Backend, ModelIO, OrtBackend
+from brainrecon.manifest import load_manifest, verify_manifest
+from brainrecon.runtime.artifacts import check_engine, load_model
+from brainrecon.runtime.backends import Backend, ModelIO
 
-ENGINES = ("ort", "trt")
-PRECISIONS = ("fp32", "fp16")
 # What the pipeline reads besides the models (all hash-verified through the manifest first).
 STAGE1_DATA = ("stage1/stage1.json", "stage1/latent_mean.npy", "stage1/latent_std.npy")
 DECODER = "vdvae_decoder"
@@ -80,19 +79,6 @@ class Stage1Result:
     fallback: dict[str, str]  # model -> GPU provider fallback, when allowed and it happened
 
 
-def _model_artifact(manifest: Manifest, model_dir: Path, kind: str, model: str, precision: str) -> Artifact:
-    found = manifest.find(kind, model, precision)
-    if found is None:
-        raise MissingFileError(
-            Path(model_dir) / "manifest.json",
-            f"{model} {precision} {'ONNX' if kind == 'onnx' else 'TensorRT engine'} entry",
-            regenerate_hint(model_dir).replace("--stage all", f"--stage all --precision {precision}")
-            if kind == "onnx"
-            else f"build it on this machine with: recon-export --model-dir {model_dir} --stage all",
-        )
-    return found
-
-
 class Stage1Pipeline:
     def __init__(
         self,
@@ -132,37 +118,18 @@ class Stage1Pipeline:
     ) -> Stage1Pipeline:
         """Load the regressor and decoder of `model_dir` after verifying the hashes of every file read."""
         model_dir = Path(model_dir)
-        if engine not in ENGINES:
-            raise InputError("engine", f"one of {ENGINES}", repr(engine))
-        if precision not in PRECISIONS:
-            raise InputError("precision", f"one of {PRECISIONS}", repr(precision))
+        check_engine(engine, precision)
         manifest = load_manifest(model_dir)
         verify_manifest(model_dir, STAGE1_DATA)
         summary = read_json(model_dir / "stage1" / "stage1.json", "stage-1 summary")
         regressor_name = summary["config"]["regressor"]
-        models = {}
-        for name in (regressor_name, DECODER):
-            onnx = _model_artifact(manifest, model_dir, "onnx", name, precision)
-            chosen = onnx
-            if engine == "trt":
-                chosen = _engine_for(manifest, model_dir, name, precision, onnx)
-            verify_manifest(
-                model_dir, [chosen.path, *onnx.external_data] if engine == "ort" else [chosen.path]
-            )
-            models[name] = (onnx, chosen)
         backends: dict[str, Backend] = {}
         ios: dict[str, ModelIO] = {}
-        for name, (onnx, chosen) in models.items():
-            io = ModelIO.from_spec(name, chosen.io or onnx.io or {})
-            ios[name] = io
-            if engine == "ort":
-                backends[name] = OrtBackend(model_dir / chosen.path, io, device, allow_cpu_fallback, threads)
-            else:
-                from brainrecon.runtime.trt_backend import TrtBackend
-
-                backends[name] = TrtBackend(
-                    model_dir / chosen.path, io, chosen.engine_key or {}, onnx.sha256, precision, model_dir
-                )
+        files: dict[str, str] = {}
+        for name in (regressor_name, DECODER):
+            backends[name], ios[name], files[name], _ = load_model(
+                manifest, model_dir, name, engine, precision, device, allow_cpu_fallback, threads
+            )
         return cls(
             backends[regressor_name],
             backends[DECODER],
@@ -177,7 +144,7 @@ class Stage1Pipeline:
                 "engine": engine,
                 "precision": precision,
                 "device": device,
-                "files": {name: chosen.path for name, (_, chosen) in models.items()},
+                "files": files,
             },
         )
 
@@ -262,20 +229,3 @@ class Stage1Pipeline:
                 if (fb := getattr(backend, "fallback", None))
             },
         )
-
-
-def _engine_for(manifest: Manifest, model_dir: Path, model: str, precision: str, onnx: Artifact) -> Artifact:
-    """The engine entry for (model, precision) built for this machine and this ONNX; else a one-line error."""
-    from brainrecon.runtime.engine_key import EngineKey, select_engine
-    from brainrecon.runtime.trt_backend import TrtError, current_machine, tensorrt_status
-
-    candidates = [
-        a for a in manifest.artifacts if a.kind == "engine" and a.model == model and a.precision == precision
-    ]
-    if not candidates:
-        _model_artifact(manifest, model_dir, "engine", model, precision)  # raises MissingFileError
-    ok, reason = tensorrt_status()
-    if not ok:
-        raise TrtError(f"{model_dir / candidates[0].path}: cannot run a TensorRT engine here: {reason}")
-    expected = EngineKey.for_machine(onnx.sha256, precision, (onnx.io or {})["profile"], current_machine())
-    return select_engine(candidates, expected, model_dir)

@@ -38,18 +38,15 @@ from brainrecon.config import config_from_dict
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.images import resize
 from brainrecon.io import load_npy, read_json
-from brainrecon.manifest import MANIFEST_FILE, Manifest, load_manifest, verify_manifest
+from brainrecon.manifest import MANIFEST_FILE, load_manifest, verify_manifest
 from brainrecon.noise import img2img_noise
-from brainrecon.runtime.backends import Backend, ModelIO, OrtBackend
+from brainrecon.runtime.artifacts import check_engine, load_model
+from brainrecon.runtime.backends import Backend, ModelIO
 from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
 from brainrecon.runtime.stage1 import (
-    ENGINES,
-    PRECISIONS,
     Progress,
     Stage1Pipeline,
     Stage1Result,
-    _engine_for,
-    _model_artifact,
     check_betas,
     renormalize_latents,
 )
@@ -130,35 +127,6 @@ def _not_exported(model_dir: Path, what: str) -> MissingFileError:
         what,
         f"stage 2 is not exported; export it with: recon-export --model-dir {model_dir} --stage all",
     )
-
-
-def _load_model(
-    manifest: Manifest,
-    model_dir: Path,
-    name: str,
-    engine: str,
-    precision: str,
-    device: str,
-    allow_cpu_fallback: bool,
-    threads: int | None,
-) -> tuple[Backend, ModelIO, str, dict[str, Any]]:
-    """One verified backend as `Stage1Pipeline.from_model_dir` loads its models; returns (backend, io, file,
-    the contract's baked-in constants)."""
-    onnx = _model_artifact(manifest, model_dir, "onnx", name, precision)
-    chosen = _engine_for(manifest, model_dir, name, precision, onnx) if engine == "trt" else onnx
-    verify_manifest(model_dir, [chosen.path, *onnx.external_data] if engine == "ort" else [chosen.path])
-    spec = chosen.io or onnx.io or {}
-    io = ModelIO.from_spec(name, spec)
-    constants = dict(spec.get("constants") or {})
-    if engine == "ort":
-        backend: Backend = OrtBackend(model_dir / chosen.path, io, device, allow_cpu_fallback, threads)
-    else:
-        from brainrecon.runtime.trt_backend import TrtBackend
-
-        backend = TrtBackend(
-            model_dir / chosen.path, io, chosen.engine_key or {}, onnx.sha256, precision, model_dir
-        )
-    return backend, io, chosen.path, constants
 
 
 def _shape(io: ModelIO, which: str, index: int = 0) -> tuple[int | str, ...]:
@@ -248,10 +216,7 @@ class Stage2Pipeline:
     ) -> Stage2Pipeline:
         """Load stage 1 and the five stage-2 models of `model_dir` after verifying the hash of every file read."""
         model_dir = Path(model_dir)
-        if engine not in ENGINES:
-            raise InputError("engine", f"one of {ENGINES}", repr(engine))
-        if precision not in PRECISIONS:
-            raise InputError("precision", f"one of {PRECISIONS}", repr(precision))
+        check_engine(engine, precision)
         if not (model_dir / SUMMARY).is_file():
             raise MissingFileError(
                 model_dir / SUMMARY,
@@ -271,7 +236,7 @@ class Stage2Pipeline:
         )
         backends, ios, files = {}, {}, {}
         for name in MODELS:
-            backends[name], ios[name], files[name], constants = _load_model(
+            backends[name], ios[name], files[name], constants = load_model(
                 manifest, model_dir, name, engine, precision, device, allow_cpu_fallback, threads
             )
             # what a graph has baked in must be what stage2.json says the model samples with
@@ -291,9 +256,9 @@ class Stage2Pipeline:
             count = threads or len(os.sched_getaffinity(0))
             if count > 1:
                 workers = [
-                    _load_model(
-                        manifest, model_dir, "unet", engine, precision, device, allow_cpu_fallback, 1
-                    )[0]
+                    load_model(manifest, model_dir, "unet", engine, precision, device, allow_cpu_fallback, 1)[
+                        0
+                    ]
                     for _ in range(count)
                 ]
         stage_dir = model_dir / "stage2"

@@ -1,0 +1,83 @@
+"""Model artifacts of a model directory, as both runtime pipelines load them: the manifest entry of a model (ONNX,
+or the TensorRT engine built for this machine), hash-verified, wrapped in a backend with its I/O spec.
+No torch import (the runtime never loads it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from brainrecon.errors import InputError, MissingFileError
+from brainrecon.manifest import Artifact, Manifest, regenerate_hint, verify_manifest
+from brainrecon.runtime.backends import Backend, ModelIO, OrtBackend
+
+ENGINES = ("ort", "trt")
+PRECISIONS = ("fp32", "fp16")
+
+
+def check_engine(engine: str, precision: str) -> None:
+    """One-line InputError for an unknown engine or precision, before anything is read."""
+    if engine not in ENGINES:
+        raise InputError("engine", f"one of {ENGINES}", repr(engine))
+    if precision not in PRECISIONS:
+        raise InputError("precision", f"one of {PRECISIONS}", repr(precision))
+
+
+def model_artifact(manifest: Manifest, model_dir: Path, kind: str, model: str, precision: str) -> Artifact:
+    found = manifest.find(kind, model, precision)
+    if found is None:
+        raise MissingFileError(
+            Path(model_dir) / "manifest.json",
+            f"{model} {precision} {'ONNX' if kind == 'onnx' else 'TensorRT engine'} entry",
+            regenerate_hint(model_dir).replace("--stage all", f"--stage all --precision {precision}")
+            if kind == "onnx"
+            else f"build it on this machine with: recon-export --model-dir {model_dir} --stage all",
+        )
+    return found
+
+
+def engine_for(manifest: Manifest, model_dir: Path, model: str, precision: str, onnx: Artifact) -> Artifact:
+    """The engine entry for (model, precision) built for this machine and this ONNX; else a one-line error."""
+    from brainrecon.runtime.engine_key import EngineKey, select_engine
+    from brainrecon.runtime.trt_backend import TrtError, current_machine, tensorrt_status
+
+    candidates = [
+        a for a in manifest.artifacts if a.kind == "engine" and a.model == model and a.precision == precision
+    ]
+    if not candidates:
+        model_artifact(manifest, model_dir, "engine", model, precision)  # raises MissingFileError
+    ok, reason = tensorrt_status()
+    if not ok:
+        raise TrtError(f"{model_dir / candidates[0].path}: cannot run a TensorRT engine here: {reason}")
+    expected = EngineKey.for_machine(onnx.sha256, precision, (onnx.io or {})["profile"], current_machine())
+    return select_engine(candidates, expected, model_dir)
+
+
+def load_model(
+    manifest: Manifest,
+    model_dir: Path,
+    name: str,
+    engine: str,
+    precision: str,
+    device: str,
+    allow_cpu_fallback: bool,
+    threads: int | None,
+) -> tuple[Backend, ModelIO, str, dict[str, Any]]:
+    """One hash-verified backend (ONNX Runtime or TensorRT) for `name`; returns (backend, io, the file's path in
+    the model dir, the contract's baked-in constants)."""
+    onnx = model_artifact(manifest, model_dir, "onnx", name, precision)
+    chosen = engine_for(manifest, model_dir, name, precision, onnx) if engine == "trt" else onnx
+    verify_manifest(model_dir, [chosen.path, *onnx.external_data] if engine == "ort" else [chosen.path])
+    spec = chosen.io or onnx.io or {}
+    io = ModelIO.from_spec(name, spec)
+    constants = dict(spec.get("constants") or {})
+    if engine == "ort":
+        backend: Backend = OrtBackend(model_dir / chosen.path, io, device, allow_cpu_fallback, threads)
+    else:
+        from brainrecon.runtime.trt_backend import TrtBackend
+
+        backend = TrtBackend(
+            model_dir / chosen.path, io, chosen.engine_key or {}, onnx.sha256, precision, model_dir
+        )
+    return backend, io, chosen.path, constants
