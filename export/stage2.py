@@ -23,6 +23,7 @@ from brainrecon.config import config_from_dict, config_to_dict
 from brainrecon.errors import ConfigError
 from brainrecon.export.contracts import (
     TRAIN_TIMESTEPS,
+    ExportContract,
     clip_ridge_contract,
     unet_contract,
     vae_decoder_contract,
@@ -87,6 +88,20 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * 4 for p in module.parameters())
 
 
+def _torch_source(
+    module: torch.nn.Module, contract: ExportContract, pools: dict[str, np.ndarray] | None = None
+) -> ExportSource:
+    """A TorchScript export source: the module in eval mode is both what is exported and the reference."""
+    module = module.eval()
+    return ExportSource(
+        contract,
+        torch_reference(module, contract),
+        module=module,
+        pools=pools,
+        weight_bytes=_param_bytes(module),
+    )
+
+
 def context_pool(model: Stage2Model, n_predicted: int = 7, seed: int = CONTEXT_POOL_SEED) -> np.ndarray:
     """(1 + n_predicted, Nv + Nt, D) float32: the unconditional context, then contexts predicted (and re-normalised,
     as the runtime will) from seeded heavy-tailed z-scored betas: what the UNet sees in both guidance halves."""
@@ -142,30 +157,13 @@ def stage2_sources(model: Stage2Model, names: list[str]) -> list[ExportSource]:
         if name in ("clip_text", "clip_vision"):
             sources.append(_clip_source(name, model.clip[name.removeprefix("clip_")]))
         elif name == "vae_encoder":
-            module = VAEEncoderGraph(vae, scale).eval()
             contract = vae_encoder_contract(image_size, channels, latent_size, scale)
-            sources.append(
-                ExportSource(
-                    contract,
-                    torch_reference(module, contract),
-                    module=module,
-                    weight_bytes=_param_bytes(module),
-                )
-            )
+            sources.append(_torch_source(VAEEncoderGraph(vae, scale), contract))
         elif name == "vae_decoder":
-            module = VAEDecoderGraph(vae, scale).eval()
             contract = vae_decoder_contract(image_size, channels, latent_size, scale)
-            sources.append(
-                ExportSource(
-                    contract,
-                    torch_reference(module, contract),
-                    module=module,
-                    weight_bytes=_param_bytes(module),
-                )
-            )
+            sources.append(_torch_source(VAEDecoderGraph(vae, scale), contract))
         elif name == "unet":
             set_mix_ratio(unet, sampling.mix_ratio)  # baked into the graph, as img2img sets it per call
-            module = UNetGraph(unet).eval()
             contract = unet_contract(
                 channels,
                 latent_size,
@@ -175,15 +173,8 @@ def stage2_sources(model: Stage2Model, names: list[str]) -> list[ExportSource]:
                 sampling.mix_ratio,
                 image_size,
             )
-            sources.append(
-                ExportSource(
-                    contract,
-                    torch_reference(module, contract),
-                    module=module,
-                    pools={"encoder_hidden_states": context_pool(model)},
-                    weight_bytes=_param_bytes(module),
-                )
-            )
+            pools = {"encoder_hidden_states": context_pool(model)}
+            sources.append(_torch_source(UNetGraph(unet), contract, pools))
         else:  # pragma: no cover - contract_names only yields STAGE2_MODELS
             raise ConfigError(f"no stage-2 export source for {name!r}")
     return sources

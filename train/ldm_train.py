@@ -16,7 +16,7 @@ Reproducible (as train/vdvae_train.py): the batch order of epoch `e` comes from 
 (seed, e) and every random draw of step `s` (posterior sample; noise, timesteps and context drop) from one
 seeded by (seed, s), so a resumed run takes the same steps as an uninterrupted one, bit for bit on the CPU.
 
-    out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; replaced atomically)
+    out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; train/checkpoint.py)
     out_dir/vae/   AutoencoderKL.save_pretrained                       (train_vae; atomically)
     out_dir/unet/  save_pretrained + dual_unet_config.json             (train_dual_unet; load_dual_unet)
     out_dir/train.json                                                  (final loss, steps, settings)
@@ -35,13 +35,19 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from brainrecon.config import changed_fields, config_from_dict, config_to_dict, load_config, save_config
+from brainrecon.config import config_to_dict, load_config, save_config
 from brainrecon.errors import ConfigError, InputError, MissingFileError
-from brainrecon.io import atomic_dir, read_json, write_json
+from brainrecon.io import atomic_dir, write_json
+from brainrecon.train.checkpoint import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    load_checkpoint,
+    resume_state,
+    save_checkpoint,
+)
 from brainrecon.train.dual_unet import DualUNetConfig, build_dual_unet
 from brainrecon.train.stage2 import vd_scheduler
 
-CHECKPOINT_DIR = "checkpoint"
 DUAL_UNET_CONFIG = "dual_unet_config.json"
 _SEED_STRIDE = 1_000_003
 
@@ -357,12 +363,24 @@ def _train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     previous: list[dict[str, float]] = []
-    if (ckpt_dir / "state.json").is_file():
-        if not resume:
-            raise InputError(
-                ckpt_dir, "no checkpoint (or resume=True to continue it)", "an existing checkpoint"
+    state = resume_state(ckpt_dir, resume, "LDM training state")
+    if state is not None:
+        state_path = ckpt_dir / STATE_FILE
+        if state["model_config"] != model_config:
+            raise ConfigError(
+                f"{state_path}: checkpoint is for another {cfg.kind} model config; resume with the same one"
             )
-        step, previous = _load_checkpoint(ckpt_dir, model, ema, optimizer, model_config, cfg, data_sha256)
+        step, previous = load_checkpoint(
+            ckpt_dir,
+            state,
+            model,
+            ema,
+            optimizer,
+            train_cfg=cfg,
+            data_sha256=data_sha256,
+            data_name="data",
+            where=state_path,
+        )
 
     n = next(iter(data.values())).shape[0]
     steps_per_epoch = n // cfg.batch_size  # the last partial batch is dropped: every step sees a full batch
@@ -395,8 +413,15 @@ def _train(
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(
-                ckpt_dir, model, ema, optimizer, model_config, cfg, data_sha256, step, previous + history
+            save_checkpoint(
+                ckpt_dir,
+                model,
+                ema,
+                optimizer,
+                step=step,
+                configs={"model_config": model_config, "train": config_to_dict(cfg)},
+                data_sha256=data_sha256,
+                history=previous + history,
             )
     if bar is not None:
         bar.close()
@@ -428,90 +453,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_jsonable(v) for v in obj]
     return obj
-
-
-def _save_checkpoint(
-    ckpt_dir: Path,
-    model: torch.nn.Module,
-    ema: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-    model_config: dict[str, Any],
-    cfg: LDMTrainConfig,
-    data_sha256: str,
-    step: int,
-    history: list[dict[str, float]],
-) -> None:
-    from safetensors.torch import save_file
-
-    sd = optimizer.state_dict()
-    opt_tensors = {
-        f"{idx}.{name}": torch.as_tensor(value).detach().clone().reshape(-1)
-        for idx, state in sd["state"].items()
-        for name, value in state.items()
-    }
-    with atomic_dir(ckpt_dir, overwrite=True) as tmp:
-        save_file(
-            {k: v.detach().contiguous() for k, v in model.state_dict().items()},
-            str(tmp / "model.safetensors"),
-        )
-        if ema is not None:
-            save_file(
-                {k: v.detach().contiguous() for k, v in ema.state_dict().items()},
-                str(tmp / "ema.safetensors"),
-            )
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        write_json(
-            tmp / "state.json",
-            {
-                "step": step,
-                "model_config": model_config,
-                "train": config_to_dict(cfg),
-                "data_sha256": data_sha256,
-                "optimizer_param_groups": sd["param_groups"],
-                "history": history,
-            },
-        )
-
-
-def _load_checkpoint(
-    ckpt_dir: Path,
-    model: torch.nn.Module,
-    ema: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-    model_config: dict[str, Any],
-    cfg: LDMTrainConfig,
-    data_sha256: str,
-) -> tuple[int, list[dict[str, float]]]:
-    from safetensors.torch import load_file
-
-    state_path = ckpt_dir / "state.json"
-    state = read_json(state_path, "LDM training state")
-    if state["model_config"] != model_config:
-        raise ConfigError(
-            f"{state_path}: checkpoint is for another {cfg.kind} model config; resume with the same one"
-        )
-    saved = config_from_dict(LDMTrainConfig, state["train"], source=str(state_path))
-    changed = changed_fields(saved, cfg, ignore=("steps",))
-    if changed:
-        raise ConfigError(
-            f"{state_path}: resume with the saved training settings; these differ: {', '.join(changed)}"
-        )
-    if state["data_sha256"] != data_sha256:
-        raise InputError(
-            ckpt_dir, "the data the checkpoint was trained on", "different data (sha256 mismatch)"
-        )
-    model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")), strict=True)
-    if ema is not None:
-        ema.load_state_dict(load_file(str(ckpt_dir / "ema.safetensors")), strict=True)
-    reference = dict(enumerate(model.parameters()))
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(ckpt_dir / "optimizer.safetensors")).items():
-        idx, name = key.split(".", 1)
-        shape = () if name == "step" else reference[int(idx)].shape  # AdamW keeps `step` as a 0-d tensor
-        per_param.setdefault(int(idx), {})[name] = value.reshape(shape)
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
-    step = int(state["step"])
-    return step, list(state["history"])[:step]
 
 
 def unet_training_data(

@@ -8,7 +8,7 @@ what gets saved for use.
 Reproducible: the batch order and the posterior noise of step `s` come from generators seeded by
 (seed, epoch) and (seed, s), so a resumed run takes the same steps as an uninterrupted one.
 
-    out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; replaced atomically)
+    out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; train/checkpoint.py)
     out_dir/model.safetensors + config.json                             (final EMA weights, save_vdvae)
 """
 
@@ -23,12 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainrecon.config import changed_fields, config_from_dict, config_to_dict
+from brainrecon.config import config_from_dict, config_to_dict
 from brainrecon.errors import ConfigError, InputError
-from brainrecon.io import atomic_dir, read_json, write_json
+from brainrecon.train.checkpoint import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    load_checkpoint,
+    resume_state,
+    save_checkpoint,
+)
 from brainrecon.train.vdvae import VDVAE, VDVAEConfig, save_vdvae
 
-CHECKPOINT_DIR = "checkpoint"
 _SEED_STRIDE = 1_000_003
 
 
@@ -103,12 +108,25 @@ def train_vdvae(
         model.parameters(), lr=lr, betas=train_cfg.adam_betas, weight_decay=train_cfg.weight_decay
     )
     step = 0
-    if (ckpt_dir / "state.json").is_file():
-        if not resume:
-            raise InputError(
-                ckpt_dir, "no checkpoint (or resume=True to continue it)", "an existing checkpoint"
+    previous: list[dict[str, float]] = []  # history of the steps before a resume
+    state = resume_state(ckpt_dir, resume, "VDVAE training state")
+    if state is not None:
+        saved_config = config_from_dict(VDVAEConfig, state["config"], source=str(ckpt_dir / STATE_FILE))
+        if saved_config != config:
+            raise ConfigError(
+                f"{ckpt_dir}: checkpoint is for VDVAE config {saved_config.name!r}, not {config.name!r}"
             )
-        step = _load_checkpoint(ckpt_dir, model, ema, optimizer, config, train_cfg, data_sha256)
+        step, previous = load_checkpoint(
+            ckpt_dir,
+            state,
+            model,
+            ema,
+            optimizer,
+            train_cfg=train_cfg,
+            data_sha256=data_sha256,
+            data_name="images",
+            where=ckpt_dir,
+        )
 
     n = images.shape[0]
     steps_per_epoch = n // batch_size
@@ -131,7 +149,16 @@ def train_vdvae(
                 elbo=f"{record['elbo']:.3f}", rate=f"{record['rate']:.3f}", skip=int(record["skipped"])
             )
         if step % train_cfg.checkpoint_every == 0 or step == steps:
-            _save_checkpoint(ckpt_dir, model, ema, optimizer, config, train_cfg, data_sha256, step, history)
+            save_checkpoint(
+                ckpt_dir,
+                model,
+                ema,
+                optimizer,
+                step=step,
+                configs={"config": config_to_dict(config), "train": config_to_dict(train_cfg)},
+                data_sha256=data_sha256,
+                history=previous + history,
+            )
     if bar is not None:
         bar.close()
     save_vdvae(ema, config, out_dir)
@@ -186,96 +213,3 @@ def _progress_bar(start: int, total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc="vdvae", unit="step", dynamic_ncols=True)
-
-
-# --------------------------------------------------------------------------------------------------- checkpoint
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """AdamW state -> flat tensors {"<param index>.<name>": tensor} and JSON-able param groups."""
-    sd = optimizer.state_dict()
-    tensors = {
-        f"{idx}.{name}": torch.as_tensor(value).detach().clone().reshape(-1)
-        for idx, state in sd["state"].items()
-        for name, value in state.items()
-    }
-    return tensors, sd["param_groups"]
-
-
-def _save_checkpoint(
-    ckpt_dir: Path,
-    model: VDVAE,
-    ema: VDVAE,
-    optimizer: torch.optim.Optimizer,
-    config: VDVAEConfig,
-    train_cfg: VDVAETrainConfig,
-    data_sha256: str,
-    step: int,
-    history: list[dict[str, float]],
-) -> None:
-    from safetensors.torch import save_file
-
-    opt_tensors, param_groups = _optimizer_tensors(optimizer)
-    previous = read_json(ckpt_dir / "state.json")["history"] if (ckpt_dir / "state.json").is_file() else []
-    done_before = step - len(history)
-    full_history = previous[:done_before] + history
-    with atomic_dir(ckpt_dir, overwrite=True) as tmp:
-        save_file(
-            {k: v.detach().contiguous() for k, v in model.state_dict().items()},
-            str(tmp / "model.safetensors"),
-        )
-        save_file(
-            {k: v.detach().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors")
-        )
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        write_json(
-            tmp / "state.json",
-            {
-                "step": step,
-                "config": config_to_dict(config),
-                "train": config_to_dict(train_cfg),
-                "data_sha256": data_sha256,
-                "optimizer_param_groups": param_groups,
-                "history": full_history,
-            },
-        )
-
-
-def _load_checkpoint(
-    ckpt_dir: Path,
-    model: VDVAE,
-    ema: VDVAE,
-    optimizer: torch.optim.Optimizer,
-    config: VDVAEConfig,
-    train_cfg: VDVAETrainConfig,
-    data_sha256: str,
-) -> int:
-    from safetensors.torch import load_file
-
-    state = read_json(ckpt_dir / "state.json", "VDVAE training state")
-    saved_config = config_from_dict(VDVAEConfig, state["config"], source=str(ckpt_dir / "state.json"))
-    if saved_config != config:
-        raise ConfigError(
-            f"{ckpt_dir}: checkpoint is for VDVAE config {saved_config.name!r}, not {config.name!r}"
-        )
-    saved_train = config_from_dict(VDVAETrainConfig, state["train"], source=str(ckpt_dir / "state.json"))
-    changed = changed_fields(saved_train, train_cfg, ignore=("steps",))
-    if changed:
-        raise ConfigError(
-            f"{ckpt_dir}: resume with the saved training settings; these differ: {', '.join(changed)}"
-        )
-    if state["data_sha256"] != data_sha256:
-        raise InputError(
-            ckpt_dir, "the images the checkpoint was trained on", "different images (sha256 mismatch)"
-        )
-    model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")), strict=True)
-    ema.load_state_dict(load_file(str(ckpt_dir / "ema.safetensors")), strict=True)
-    flat = load_file(str(ckpt_dir / "optimizer.safetensors"))
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    reference = dict(enumerate(model.parameters()))
-    for key, value in flat.items():
-        idx, name = key.split(".", 1)
-        shape = () if name == "step" else reference[int(idx)].shape  # AdamW keeps `step` as a 0-d tensor
-        per_param.setdefault(int(idx), {})[name] = value.reshape(shape)
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
-    return int(state["step"])
