@@ -13,8 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from brainrecon.export.bench import check, run_benchmark, summary_line
-from brainrecon.io import load_npy, write_json
+from brainrecon.export.bench import bench_and_write
 
 RESULTS = Path(__file__).parent / "results" / "stage2_runtime.json"
 
@@ -33,17 +32,15 @@ def main() -> None:
     parser.add_argument("--note", default="", help="How the model dir was made (recorded with the results).")
     args = parser.parse_args()
 
-    betas = load_npy(args.betas, "z-scored betas")[: args.limit]
-    results = run_benchmark(args.model_dir, betas, args.repeats, args.threads, args.note)
-    results["betas"]["path"] = str(args.betas)
-    write_json(args.out, results)
-    print(f"{summary_line(results)} -> {args.out}")
+    line, misses = bench_and_write(
+        args.model_dir, args.betas, args.out, args.limit, args.repeats, args.threads, args.check, args.note
+    )
+    print(line)
+    for miss in misses:
+        print(f"regression: {miss}", file=sys.stderr)
+    if misses:
+        sys.exit(1)
     if args.check is not None:
-        misses = check(results, args.check)
-        for miss in misses:
-            print(f"regression: {miss}", file=sys.stderr)
-        if misses:
-            sys.exit(1)
         print(f"speedups at or above the floors in {args.check}")
 
 

@@ -240,22 +240,13 @@ def bench(
 
     Example: recon-bench data/subj01/test_betas.npy --model-dir engines/subj01 --out stage2_runtime.json
     """
-    import os
-
     from brainrecon.errors import BrainReconError
-    from brainrecon.export.bench import check as check_floors
-    from brainrecon.export.bench import run_benchmark, summary_line
-    from brainrecon.io import load_npy, write_json
+    from brainrecon.export.bench import bench_and_write
 
-    data = load_npy(betas, "z-scored betas")[:limit]
-    results = run_benchmark(model_dir, data, repeats, threads or len(os.sched_getaffinity(0)))
-    results["betas"]["path"] = str(betas)
-    write_json(out, results)
-    console.print(f"{summary_line(results)} -> {out}")
-    if check is not None:
-        misses = check_floors(results, check)
-        if misses:
-            raise BrainReconError(f"speed regression against {check}: " + "; ".join(misses))
+    line, misses = bench_and_write(model_dir, betas, out, limit, repeats, threads, check)
+    console.print(line)
+    if misses:
+        raise BrainReconError(f"speed regression against {check}: " + "; ".join(misses))
 
 
 export_main = run_app(export_app)

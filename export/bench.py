@@ -161,3 +161,24 @@ def summary_line(results: dict[str, Any]) -> str:
         f"ORT fp32 {med['ort_fp32']['total_s']:.2f} s ({inf['ort_fp32']['speedup_vs_torch']['total_s']}x) | "
         f"ORT fp16 {med['ort_fp16']['total_s']:.2f} s ({inf['ort_fp16']['speedup_vs_torch']['total_s']}x)"
     )
+
+
+def bench_and_write(
+    model_dir: Path,
+    betas_path: Path,
+    out: Path,
+    limit: int | None = None,
+    repeats: int = 3,
+    threads: int | None = None,
+    targets: Path | None = None,
+    note: str = "",
+) -> tuple[str, list[str]]:
+    """What `recon-bench` and benchmarks/bench_stage2_runtime.py do: benchmark, write `out`, compare with the
+    floors of `targets` when given. Returns (summary line, floor misses)."""
+    from brainrecon.io import load_npy, write_json
+
+    betas = load_npy(betas_path, "z-scored betas")[:limit]
+    results = run_benchmark(model_dir, betas, repeats, threads or len(os.sched_getaffinity(0)), note)
+    results["betas"]["path"] = str(betas_path)
+    write_json(out, results)
+    return f"{summary_line(results)} -> {out}", check(results, targets) if targets is not None else []

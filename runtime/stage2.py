@@ -41,7 +41,7 @@ from brainrecon.io import load_npy, read_json
 from brainrecon.manifest import MANIFEST_FILE, load_manifest, verify_manifest
 from brainrecon.noise import img2img_noise
 from brainrecon.runtime.artifacts import check_engine, load_model
-from brainrecon.runtime.backends import Backend, ModelIO
+from brainrecon.runtime.backends import Backend, ModelIO, OrtBackend
 from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
 from brainrecon.runtime.stage1 import (
     Progress,
@@ -234,10 +234,17 @@ class Stage2Pipeline:
         stage1 = Stage1Pipeline.from_model_dir(
             model_dir, engine, precision, device, allow_cpu_fallback, threads
         )
+        # On the CPU the UNet loop runs as one 1-thread ONNX Runtime session per core, each denoising its own
+        # chunk of images: on 2 cores that was 1.25x faster than one 2-thread session (small per-op work scales
+        # poorly across threads). Images are independent, so the result does not depend on the split.
+        unet_sessions = 1
+        if engine == "ort" and device == "cpu":
+            unet_sessions = threads or len(os.sched_getaffinity(0))
         backends, ios, files = {}, {}, {}
         for name in MODELS:
+            model_threads = 1 if name == "unet" and unet_sessions > 1 else threads
             backends[name], ios[name], files[name], constants = load_model(
-                manifest, model_dir, name, engine, precision, device, allow_cpu_fallback, threads
+                manifest, model_dir, name, engine, precision, device, allow_cpu_fallback, model_threads
             )
             # what a graph has baked in must be what stage2.json says the model samples with
             for key, value in constants.items():
@@ -248,19 +255,11 @@ class Stage2Pipeline:
                         f"{model_dir / files[name]}: expected {key} {getattr(sampling, key)} (stage2/stage2.json), "
                         f"found {value} baked in (re-export with: recon-export --model-dir {model_dir} --stage all)"
                     )
-        # On the CPU the UNet loop runs as one 1-thread ONNX Runtime session per core, each denoising its own
-        # chunk of images: on 2 cores that was 1.25x faster than one 2-thread session (small per-op work scales
-        # poorly across threads). Images are independent, so the result does not depend on the split.
-        workers = [backends["unet"]]
-        if engine == "ort" and device == "cpu":
-            count = threads or len(os.sched_getaffinity(0))
-            if count > 1:
-                workers = [
-                    load_model(manifest, model_dir, "unet", engine, precision, device, allow_cpu_fallback, 1)[
-                        0
-                    ]
-                    for _ in range(count)
-                ]
+        # the file is verified once (load_model above); the further sessions open the same verified file
+        workers = [backends["unet"]] + [
+            OrtBackend(model_dir / files["unet"], ios["unet"], device, allow_cpu_fallback, 1)
+            for _ in range(unet_sessions - 1)
+        ]
         stage_dir = model_dir / "stage2"
         return cls(
             stage1,

@@ -247,13 +247,17 @@ class Stage2Model:
         return {"stage1": stage1, "final": np.concatenate(final)}
 
 
-def clip_identification(extractor, gt_images: np.ndarray, recon: np.ndarray) -> float:
-    """2-way identification on CLIP image embeddings (projected, normalised CLS token) of the given extractor."""
+def clip_image_embeddings(extractor, images: np.ndarray) -> np.ndarray:
+    """(N, D) CLIP image embeddings (projected, normalised CLS token) at the extractor's image size."""
+    return extractor.vision_embeddings(resize(np.asarray(images), extractor.preprocess.image_size))[:, 0]
+
+
+def clip_identification(extractor, gt_embeddings: np.ndarray, recon: np.ndarray) -> float:
+    """2-way identification of reconstructions among ground truths on CLIP image embeddings (gt: computed once
+    with `clip_image_embeddings`)."""
     from brainrecon.metrics import two_way_identification
 
-    gt = extractor.vision_embeddings(resize(np.asarray(gt_images), extractor.preprocess.image_size))[:, 0]
-    pred = extractor.vision_embeddings(resize(recon, extractor.preprocess.image_size))[:, 0]
-    return float(two_way_identification(gt, pred))
+    return float(two_way_identification(gt_embeddings, clip_image_embeddings(extractor, recon)))
 
 
 def reconstruct_test_set(
@@ -276,11 +280,12 @@ def reconstruct_test_set(
     gt = np.asarray(images)
     extractor, _ = load_clip(model.info["config"]["clip"])
     metrics = {"n": len(gt), "seconds": round(seconds, 2)}
+    gt_embeddings = clip_image_embeddings(extractor, gt)
     for name in ("stage1", "final"):
         metrics[name] = {
             "pixcorr": float(pixcorr(gt, recon[name])),
             "ssim": float(ssim(gt, recon[name])),
-            "clip_2way": clip_identification(extractor, gt, recon[name]),
+            "clip_2way": clip_identification(extractor, gt_embeddings, recon[name]),
         }
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for stim, s1, final in zip(ids, recon["stage1"], recon["final"], strict=True):
@@ -354,6 +359,7 @@ def compare_stage2(
     gt = np.asarray(images)
     predicted = model.predict_contexts(betas)
     true = clip_targets(data_dir, "test", extractor, gt)
+    gt_embeddings = clip_image_embeddings(extractor, gt)
     shuffle = np.random.default_rng(model.sampling.seed).permutation(len(gt))
     base = model.sampling
     runs = {
@@ -379,7 +385,7 @@ def compare_stage2(
                 "run": name,
                 "pixcorr": round(float(pixcorr(gt, recon)), 4),
                 "ssim": round(float(ssim(gt, recon)), 4),
-                "clip_2way": round(clip_identification(extractor, gt, recon), 4),
+                "clip_2way": round(clip_identification(extractor, gt_embeddings, recon), 4),
                 "seconds": None if seconds is None else round(seconds, 1),
             }
         )
