@@ -29,7 +29,7 @@ def hwm_gb():
 task = json.loads(sys.argv[1])
 rng = np.random.default_rng(0)
 if task["kind"] == "ridge_synthetic":
-    from brainrecon.train.ridge import RidgeRegressor
+    from brainrecon.train.stage1.ridge import RidgeRegressor
     n, v, d = task["n"], task["v"], task["d"]
     X = rng.standard_normal((n, v), dtype=np.float32)
     Y = rng.standard_normal((n, d), dtype=np.float32)
@@ -38,14 +38,14 @@ if task["kind"] == "ridge_synthetic":
     RidgeRegressor(5e4).fit(X, Y)
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_gb": hwm_gb(), "inputs_gb": base}))
 elif task["kind"] == "ridge_demo":
-    from brainrecon.train.ridge import RidgeRegressor
+    from brainrecon.train.stage1.ridge import RidgeRegressor
     X = np.load(task["x"]); Y = np.load(task["y"])
     t0 = time.perf_counter()
     RidgeRegressor(5e4).fit(X, Y)
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_gb": hwm_gb(), "n": X.shape[0], "v": X.shape[1], "d": Y.shape[1]}))
 elif task["kind"] == "gru_infer":
     import torch
-    from brainrecon.train.gru import GRUMapper, GRUMapperConfig
+    from brainrecon.train.stage1.gru import GRUMapper, GRUMapperConfig
     model = GRUMapper(GRUMapperConfig(n_voxels=task["v"], n_outputs=task["d"])).eval()
     x = torch.from_numpy(rng.standard_normal((64, task["v"]), dtype=np.float32))
     times = []

@@ -94,7 +94,7 @@ def bench_inference(
 
     from brainrecon.runtime.infer import run_inference
     from brainrecon.runtime.stage1 import Stage1Pipeline
-    from brainrecon.train.stage1 import Stage1Model
+    from brainrecon.train.stage1.fit import Stage1Model
 
     reference = Stage1Model.load(model_dir)
     torch_stats, torch_images = timed(lambda: reference.reconstruct(betas), repeats)
@@ -120,7 +120,8 @@ def bench_inference(
 
 def bench_sessions(model_dir: Path, repeats: int) -> dict[str, float]:
     from brainrecon.manifest import load_manifest
-    from brainrecon.runtime.backends import ModelIO, OrtBackend
+    from brainrecon.runtime.backends.base import ModelIO
+    from brainrecon.runtime.backends.ort import OrtBackend
 
     manifest = load_manifest(model_dir)
     out = {}
@@ -171,8 +172,8 @@ def main() -> None:
             "brainrecon.runtime.stage1 + onnxruntime": subprocess_seconds(
                 "import brainrecon.runtime.stage1, onnxruntime", args.repeats
             ),
-            "brainrecon.train.stage1 (torch reference)": subprocess_seconds(
-                "import brainrecon.train.stage1", args.repeats
+            "brainrecon.train.stage1.fit (torch reference)": subprocess_seconds(
+                "import brainrecon.train.stage1.fit", args.repeats
             ),
         },
     }

@@ -1,6 +1,6 @@
 """Two-stage end-to-end benchmark (issue 6): the torch-free runtime (ONNX Runtime fp32, fp16) vs the torch reference
 pipeline on the same exported model directory, with the per-stage split. Results: benchmarks/results/stage2_runtime.json.
-The same as `recon-bench`; the logic is brainrecon/export/bench.py.
+The same as `recon-bench`; the logic is brainrecon/benchmarks/runtime_vs_torch.py.
 
     python benchmarks/bench_stage2_runtime.py --model-dir engines/subj01 --betas data/subj01/test_betas.npy
         [--repeats 3] [--threads 2] [--check benchmarks/targets.json]
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from brainrecon.export.bench import bench_and_write
+from brainrecon.benchmarks.runtime_vs_torch import bench_and_write
 
 RESULTS = Path(__file__).parent / "results" / "stage2_runtime.json"
 

@@ -50,7 +50,7 @@ INPUT_KINDS = ("random", "realistic")
 #   contexts   both kinds: rows drawn from `pools` (the unconditional contexts and predicted CLIP contexts); a
 #              UNet conditioned on uniform noise would be validated far from where it runs
 INPUT_DRAWS = ("betas", "latents", "images", "timesteps", "contexts")
-TRAIN_TIMESTEPS = 1000  # num_train_timesteps of Versatile Diffusion's DDIM schedule (train/stage2.py)
+TRAIN_TIMESTEPS = 1000  # num_train_timesteps of Versatile Diffusion's DDIM schedule (train/stage2/img2img.py)
 
 
 @dataclass(frozen=True)
@@ -288,7 +288,7 @@ DECODER_PROFILE = ShapeProfile(min_batch=1, opt_batch=16, max_batch=64)
 
 
 def gru_contract(n_voxels: int, latent_dims: int) -> ExportContract:
-    """The seed paper's bi-GRU mapper (train/gru.py GRUMapper): betas (B, V) → vdvae_latents (B, D)."""
+    """The seed paper's bi-GRU mapper (train/stage1/gru.py GRUMapper): betas (B, V) → vdvae_latents (B, D)."""
     return ExportContract(
         name="gru",
         inputs=(TensorSpec("betas", (BATCH, n_voxels)),),
@@ -307,7 +307,7 @@ def gru_contract(n_voxels: int, latent_dims: int) -> ExportContract:
 
 
 def ridge_contract(n_voxels: int, latent_dims: int) -> ExportContract:
-    """Brain-Diffuser's ridge (train/ridge.py RidgeRegressor.predict): betas (B, V) @ coef (V, D) + intercept."""
+    """Brain-Diffuser's ridge (train/stage1/ridge.py RidgeRegressor.predict): betas (B, V) @ coef (V, D) + intercept."""
     return ExportContract(
         name="ridge",
         inputs=(TensorSpec("betas", (BATCH, n_voxels)),),
@@ -327,7 +327,7 @@ def ridge_contract(n_voxels: int, latent_dims: int) -> ExportContract:
 
 
 def vdvae_decoder_contract(latent_dims: int, image_size: int) -> ExportContract:
-    """Deterministic VDVAE decode (train/vdvae.py VDVAEDecoder): vdvae_latents (B, D) → images (B, S, S, 3) float
+    """Deterministic VDVAE decode (train/foundations/vdvae.py VDVAEDecoder): vdvae_latents (B, D) → images (B, S, S, 3) float
     in [0, 255] (prior means after layer K, DmoL mode)."""
     return ExportContract(
         name="vdvae_decoder",
@@ -375,7 +375,7 @@ def stage2_profiles(image_size: int) -> tuple[ShapeProfile, ShapeProfile]:
 
 
 def clip_ridge_contract(target: str, n_voxels: int, n_tokens: int, dim: int) -> ExportContract:
-    """Stage-2 CLIP regressor (train/clip_ridge.py ClipRidge.predict with renormalize=False): betas (B, V) →
+    """Stage-2 CLIP regressor (train/stage2/clip_ridge.py ClipRidge.predict with renormalize=False): betas (B, V) →
     clip_<target> (B, T, D) = ((betas @ A) @ B + intercept).reshape(B, T, D). The runtime re-normalises over the
     whole input set in numpy (clip_<target>_target_{mean,std}.npy), as it does for the stage-1 latents."""
     if target not in ("text", "vision"):
@@ -406,7 +406,7 @@ def clip_ridge_contract(target: str, n_voxels: int, n_tokens: int, dim: int) -> 
 def vae_encoder_contract(
     image_size: int, latent_channels: int, latent_size: int, scale_factor: float
 ) -> ExportContract:
-    """Stage-2 VAE encoder (train/stage2.py encode_images after its uint8 → [-1, 1] step): images (B, 3, S, S) in
+    """Stage-2 VAE encoder (train/stage2/img2img.py encode_images after its uint8 → [-1, 1] step): images (B, 3, S, S) in
     [-1, 1] → latents (B, C, h, w) = posterior mean × vae_scale_factor (the mean, not a sample: deterministic)."""
     return ExportContract(
         name="vae_encoder",
@@ -430,7 +430,7 @@ def vae_encoder_contract(
 def vae_decoder_contract(
     image_size: int, latent_channels: int, latent_size: int, scale_factor: float
 ) -> ExportContract:
-    """Stage-2 VAE decoder (train/stage2.py decode_latents before its rounding): latents (B, C, h, w), scaled →
+    """Stage-2 VAE decoder (train/stage2/img2img.py decode_latents before its rounding): latents (B, C, h, w), scaled →
     images (B, 3, S, S) = vae.decode(latents / vae_scale_factor).sample, unclipped (~[-1, 1]); the runtime rounds
     ((x + 1) · 127.5) and clips to uint8 as decode_latents does."""
     return ExportContract(
@@ -462,7 +462,7 @@ def unet_contract(
     mix_ratio: float,
     image_size: int,
 ) -> ExportContract:
-    """Stage-2 dual-guided Versatile Diffusion UNet (train/dual_unet.py), one denoising evaluation:
+    """Stage-2 dual-guided Versatile Diffusion UNet (train/foundations/dual_unet.py), one denoising evaluation:
 
         sample (B, C, h, w)                     noised latents x_t
         timestep (B,) float32                   t per row (integer-valued; every row of a call may differ)
@@ -472,7 +472,7 @@ def unet_contract(
     The dual mix ratio (vision weight; text 1 - mix_ratio) is baked in at export (`constants`). Classifier-free
     guidance is the runtime's: for B images it sends 2B rows laid out [uncond × B; cond × B] (the unconditional
     context repeated B times, then the B predicted contexts; the same x_t and t in both halves), splits the output
-    in that order and computes `uncond + guidance_scale · (cond − uncond)` in numpy, as train/stage2.py `denoise`.
+    in that order and computes `uncond + guidance_scale · (cond − uncond)` in numpy, as train/stage2/img2img.py `denoise`.
     The profile's max batch is therefore twice the VAE models'.
     """
     shape = (BATCH, latent_channels, latent_size, latent_size)

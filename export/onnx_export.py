@@ -157,7 +157,7 @@ def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
     model1 = None
     if stage2:
         from brainrecon.export.stage2 import stage2_sources
-        from brainrecon.train.stage2_subject import Stage2Model
+        from brainrecon.train.stage2.fit import Stage2Model
 
         model2 = Stage2Model.load(model_dir)
         model1 = model2.stage1
@@ -169,9 +169,9 @@ def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
 
 def load_stage1_sources(model_dir: Path, names: list[str], model: Any = None) -> list[ExportSource]:
     """Stage-1 sources from `model` (a Stage1Model) or `Stage1Model.load(model_dir)`."""
-    from brainrecon.train.ridge import RidgeRegressor
-    from brainrecon.train.stage1 import Stage1Model
-    from brainrecon.train.vdvae import VDVAEDecoder
+    from brainrecon.train.foundations.vdvae import VDVAEDecoder
+    from brainrecon.train.stage1.fit import Stage1Model
+    from brainrecon.train.stage1.ridge import RidgeRegressor
 
     model = model if model is not None else Stage1Model.load(model_dir)
     latent_dims = int(model.latent_mean.shape[0])
@@ -397,7 +397,7 @@ def build_clip_ridge_onnx(
     opset: int = 17,
     external: bool = False,
 ) -> list[Path]:
-    """Reduced-rank CLIP ridge (train/clip_ridge.py): betas (B, V) → MatMul A (V, r) → MatMul B (r, T·D) →
+    """Reduced-rank CLIP ridge (train/stage2/clip_ridge.py): betas (B, V) → MatMul A (V, r) → MatMul B (r, T·D) →
     Add intercept (T·D,) → Reshape (B, T, D), written to `path`. A·B is never formed (V × T·D weights).
 
     fp16: betas → Cast → MatMul(A / a) → MatMul(diag(a) B / b) → Cast(fp32) → Mul(b) → Add(intercept) → Reshape,

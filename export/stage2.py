@@ -1,12 +1,12 @@
 """Stage-2 export sources: the five models of Versatile Diffusion img2img as ONNX contracts, plus the DDIM tables.
 
-    Stage2Model.load(model_dir)                       (train/stage2_subject.py; checks the VAE/UNet sha256)
+    Stage2Model.load(model_dir)                       (train/stage2/fit.py; checks the VAE/UNet sha256)
       clip["text"|"vision"]  ClipRidge            → clip_text, clip_vision   (onnx.helper graphs, two MatMuls)
       vae                    AutoencoderKL        → vae_encoder, vae_decoder (torch wrappers below, TorchScript)
       unet                   dual-attention UNet  → unet                     (mix ratio baked in)
       sampling               Img2ImgConfig        → stage2/scheduler.json    (diffusers DDIMScheduler tables)
 
-The wrappers reproduce `train/stage2.py` exactly on the graph side of the numpy boundary: `encode_images` after its
+The wrappers reproduce `train/stage2/img2img.py` exactly on the graph side of the numpy boundary: `encode_images` after its
 uint8 → [-1, 1] step, `decode_latents` before its rounding, and one UNet call of `denoise` (guidance, the DDIM step
 and the noise stay in the numpy runtime).
 """
@@ -31,16 +31,16 @@ from brainrecon.export.contracts import (
 )
 from brainrecon.export.onnx_export import ExportSource, build_clip_ridge_onnx, torch_reference
 from brainrecon.io import read_json, write_json
-from brainrecon.train.clip_ridge import ClipRidge
-from brainrecon.train.dual_unet import set_mix_ratio
-from brainrecon.train.stage2 import (
+from brainrecon.train.foundations.dual_unet import set_mix_ratio
+from brainrecon.train.stage2.clip_ridge import ClipRidge
+from brainrecon.train.stage2.fit import STAGE_DIR, Stage2Model
+from brainrecon.train.stage2.img2img import (
     VD_SCHEDULER_KWARGS,
     Img2ImgConfig,
     denoising_timesteps,
     vae_downsampling,
     vd_scheduler,
 )
-from brainrecon.train.stage2_subject import STAGE_DIR, Stage2Model
 
 SCHEDULER_FILE = f"{STAGE_DIR}/scheduler.json"
 SCHEDULER_FORMAT = "brainrecon.ddim_tables"

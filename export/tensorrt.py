@@ -16,8 +16,7 @@ from typing import Any
 from brainrecon.errors import BrainReconError
 from brainrecon.io import atomic_path
 from brainrecon.manifest import Artifact, describe_file, load_manifest, verify_artifact
-from brainrecon.runtime.engine_key import EngineKey, MachineInfo
-from brainrecon.runtime.trt_backend import current_machine, tensorrt_status
+from brainrecon.runtime.backends.tensorrt import EngineKey, MachineInfo, current_machine, tensorrt_status
 
 ENGINE_DIR = "trt"
 WORKSPACE_BYTES = 4 << 30

@@ -10,7 +10,8 @@ from typing import Any
 
 from brainrecon.errors import InputError, MissingFileError
 from brainrecon.manifest import Artifact, Manifest, regenerate_hint, verify_manifest
-from brainrecon.runtime.backends import Backend, ModelIO, OrtBackend
+from brainrecon.runtime.backends.base import Backend, ModelIO
+from brainrecon.runtime.backends.ort import OrtBackend
 
 ENGINES = ("ort", "trt")
 PRECISIONS = ("fp32", "fp16")
@@ -39,8 +40,13 @@ def model_artifact(manifest: Manifest, model_dir: Path, kind: str, model: str, p
 
 def engine_for(manifest: Manifest, model_dir: Path, model: str, precision: str, onnx: Artifact) -> Artifact:
     """The engine entry for (model, precision) built for this machine and this ONNX; else a one-line error."""
-    from brainrecon.runtime.engine_key import EngineKey, select_engine
-    from brainrecon.runtime.trt_backend import TrtError, current_machine, tensorrt_status
+    from brainrecon.runtime.backends.tensorrt import (
+        EngineKey,
+        TrtError,
+        current_machine,
+        select_engine,
+        tensorrt_status,
+    )
 
     candidates = [
         a for a in manifest.artifacts if a.kind == "engine" and a.model == model and a.precision == precision
@@ -75,7 +81,7 @@ def load_model(
     if engine == "ort":
         backend: Backend = OrtBackend(model_dir / chosen.path, io, device, allow_cpu_fallback, threads)
     else:
-        from brainrecon.runtime.trt_backend import TrtBackend
+        from brainrecon.runtime.backends.tensorrt import TrtBackend
 
         backend = TrtBackend(
             model_dir / chosen.path, io, chosen.engine_key or {}, onnx.sha256, precision, model_dir

@@ -35,7 +35,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class DDIMConfig:
-    """The scheduler constants (defaults: Versatile Diffusion, `train/stage2.py VD_SCHEDULER_KWARGS`)."""
+    """The scheduler constants (defaults: Versatile Diffusion, `train/stage2/img2img.py VD_SCHEDULER_KWARGS`)."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085

@@ -23,7 +23,7 @@ from brainrecon.errors import InputError
 from brainrecon.io import load_npy, read_json
 from brainrecon.manifest import load_manifest, verify_manifest
 from brainrecon.runtime.artifacts import check_engine, load_model
-from brainrecon.runtime.backends import Backend, ModelIO
+from brainrecon.runtime.backends.base import Backend, ModelIO
 
 # What the pipeline reads besides the models (all hash-verified through the manifest first).
 STAGE1_DATA = ("stage1/stage1.json", "stage1/latent_mean.npy", "stage1/latent_std.npy")
@@ -33,7 +33,7 @@ Progress = Callable[[str, int, int], None]  # (step, done, total)
 
 
 def renormalize_latents(pred: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray) -> np.ndarray:
-    """Brain-Diffuser's transductive re-normalisation, the formula of `train/ridge.py renormalize_predictions`
+    """Brain-Diffuser's transductive re-normalisation, the formula of `train/stage1/ridge.py renormalize_predictions`
     (re-implemented here: the runtime does not import train): standardise each dimension over the prediction set
     (ddof=0, float64), then scale to the training latents' mean/std. Constant dimensions get the target mean."""
     if pred.ndim != 2 or pred.shape[0] < 2:

@@ -1,6 +1,6 @@
 """Stage-2 runtime (numpy): Brain-Diffuser's Versatile Diffusion img2img refinement of the stage-1 image.
 
-The torch reference is `brainrecon.train.stage2_subject.Stage2Model.reconstruct` (and `train/stage2.py img2img`,
+The torch reference is `brainrecon.train.stage2.fit.Stage2Model.reconstruct` (and `train/stage2/img2img.py img2img`,
 `denoise`, `encode_images`, `decode_latents`); this pipeline runs the exported ONNX files or TensorRT engines
 listed in `model_dir/manifest.json`, after re-hashing every file it reads, with the numpy DDIM of `ddim.py`.
 No torch, diffusers or transformers import, here or below (a test enforces it).
@@ -41,7 +41,8 @@ from brainrecon.io import load_npy, read_json
 from brainrecon.manifest import MANIFEST_FILE, load_manifest, verify_manifest
 from brainrecon.noise import img2img_noise
 from brainrecon.runtime.artifacts import check_engine, load_model
-from brainrecon.runtime.backends import Backend, ModelIO, OrtBackend
+from brainrecon.runtime.backends.base import Backend, ModelIO
+from brainrecon.runtime.backends.ort import OrtBackend
 from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
 from brainrecon.runtime.stage1 import (
     Progress,
@@ -71,7 +72,7 @@ ALPHA_ATOL = 1e-6
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Stage-2 sampling, as fitted (`stage2.json` "sampling"): the runtime twin of `train/stage2.py Img2ImgConfig`
+    """Stage-2 sampling, as fitted (`stage2.json` "sampling"): the runtime twin of `train/stage2/img2img.py Img2ImgConfig`
     (the runtime does not import train). `mix_ratio` and `vae_scale_factor` are baked into the exported graphs."""
 
     num_inference_steps: int = 50
@@ -196,7 +197,7 @@ class Stage2Pipeline:
                 raise InputError(
                     f"{source}/stage2/uncond_{name}.npy", f"shape {(1, *shape)}", f"{uncond[name].shape}"
                 )
-        # (T·D,) float32, the layout of train/clip_ridge.py's flattened predictions
+        # (T·D,) float32, the layout of train/stage2/clip_ridge.py's flattened predictions
         self.target_stats = {
             name: (np.asarray(m, np.float32).ravel(), np.asarray(s, np.float32).ravel())
             for name, (m, s) in target_stats.items()
@@ -451,7 +452,7 @@ class Stage2Pipeline:
     def _predict_clip(
         self, name: str, betas: np.ndarray, batch: int, renorm: bool, progress: Progress | None
     ) -> np.ndarray:
-        """(N, V) → (N, T, D) float32, re-normalised over the set like `train/clip_ridge.py ClipRidge.predict`."""
+        """(N, V) → (N, T, D) float32, re-normalised over the set like `train/stage2/clip_ridge.py ClipRidge.predict`."""
         pred = self._run_batched(f"clip_{name}", betas, batch, progress)  # (N, T, D)
         if renorm:
             flat = renormalize_latents(pred.reshape(len(pred), -1), *self.target_stats[name])  # (N, T·D)
@@ -459,12 +460,12 @@ class Stage2Pipeline:
         return np.ascontiguousarray(pred, dtype=np.float32)
 
     def _encode(self, images: np.ndarray, batch: int, progress: Progress | None) -> np.ndarray:
-        """uint8 (N, S, S, 3) → scaled latents (N, 4, h, w), as `train/stage2.py encode_images` (float32 maths)."""
+        """uint8 (N, S, S, 3) → scaled latents (N, 4, h, w), as `train/stage2/img2img.py encode_images` (float32 maths)."""
         pixels = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(127.5) - np.float32(1.0)
         return self._run_batched("vae_encoder", np.ascontiguousarray(pixels), batch, progress)
 
     def _decode(self, latents: np.ndarray, batch: int, progress: Progress | None) -> np.ndarray:
-        """Scaled latents (N, 4, h, w) → uint8 (N, S, S, 3), as `train/stage2.py decode_latents`."""
+        """Scaled latents (N, 4, h, w) → uint8 (N, S, S, 3), as `train/stage2/img2img.py decode_latents`."""
         x = self._run_batched("vae_decoder", latents, batch, progress)  # (N, 3, S, S) ≈ [-1, 1]
         x = np.clip(np.rint((x + np.float32(1.0)) * np.float32(127.5)), 0, 255)  # rint: torch.round's ties
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1).astype(np.uint8))
@@ -478,7 +479,7 @@ class Stage2Pipeline:
         batch: int,
         progress: Progress | None,
     ) -> np.ndarray:
-        """`train/stage2.py denoise`: noise to timesteps[0], then eta-0 DDIM with classifier-free guidance.
+        """`train/stage2/img2img.py denoise`: noise to timesteps[0], then eta-0 DDIM with classifier-free guidance.
 
         Image chunks of at most `batch` are denoised independently, in parallel over `self.unet_workers`."""
         if len(timesteps) == 0:  # strength 0: nothing is re-noised, the VAE round trip comes back

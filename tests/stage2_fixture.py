@@ -15,7 +15,7 @@ FAST_STEPS = 8  # strength 0.75 -> 6 UNet calls
 
 
 def tiny_unet_config():
-    from brainrecon.train.dual_unet import DualUNetConfig
+    from brainrecon.train.foundations.dual_unet import DualUNetConfig
 
     # the shipped small CLIP's token layout (65 vision + 77 text, dim 128) on the small VAE's 8x8 latents
     return dataclasses.replace(
@@ -25,8 +25,8 @@ def tiny_unet_config():
 
 def save_tiny_unet(folder: Path, seed: int = 0) -> Path:
     from brainrecon.config import save_config
-    from brainrecon.train.dual_unet import build_dual_unet
-    from brainrecon.train.ldm_train import DUAL_UNET_CONFIG
+    from brainrecon.train.foundations.dual_unet import build_dual_unet
+    from brainrecon.train.foundations.ldm_train import DUAL_UNET_CONFIG
 
     config = tiny_unet_config()
     torch.manual_seed(seed)
@@ -41,7 +41,7 @@ def save_tiny_unet(folder: Path, seed: int = 0) -> Path:
 
 def build_tiny_stage2(root: Path) -> dict[str, Path]:
     """Build (once per folder) a stage-1 + stage-2 model dir; returns its paths (model, prep, unet)."""
-    from brainrecon.train.stage2_subject import Stage2Config, fit_stage2
+    from brainrecon.train.stage2.fit import Stage2Config, fit_stage2
 
     stage1 = build_tiny_stage1(root / "stage1")
     paths = {"prep": stage1["prep"], "unet": root / "unet", "model": root / "model-2"}

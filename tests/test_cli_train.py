@@ -30,7 +30,7 @@ def test_recon_train_foundation_clip(tmp_path):
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert res.returncode == 0, res.stderr[-2000:]
-    from brainrecon.train.clip_features import CLIPFeatureExtractor
+    from brainrecon.train.foundations.clip_features import CLIPFeatureExtractor
 
     extractor = CLIPFeatureExtractor.from_pretrained(tmp_path / "clip")
     images = np.load(tmp_path / "prep" / "test_images.npy")[:2]

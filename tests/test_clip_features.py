@@ -16,7 +16,7 @@ from tokenizers.processors import TemplateProcessing
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from brainrecon.errors import ConfigError, InputError, MissingFileError
-from brainrecon.train.clip_features import CLIPFeatureExtractor
+from brainrecon.train.foundations.clip_features import CLIPFeatureExtractor
 
 WORDS = ["a", "cat", "dog", "sits", "on", "the", "mat", "red", "car", "in", "street", "man", "with", "hat"]
 MAX_POS, IMAGE, PATCH, DIM = 77, 32, 8, 16

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from brainrecon.errors import ConfigError, InputError
-from brainrecon.train.clip_ridge import (
+from brainrecon.train.stage1.ridge import RidgeRegressor
+from brainrecon.train.stage2.clip_ridge import (
     ClipRidge,
     fit_clip_ridge,
     rank_grid,
     real_size_parameter_report,
 )
-from brainrecon.train.ridge import RidgeRegressor
 
 N, V, T, D = 120, 300, 5, 16
 
@@ -158,7 +158,7 @@ def test_real_size_parameter_report():
 
 
 def test_output_chunks_do_not_change_the_answer(dense, monkeypatch):
-    import brainrecon.train.clip_ridge as clip_ridge
+    import brainrecon.train.stage2.clip_ridge as clip_ridge
 
     X, Y = dense
     whole = fit_clip_ridge(X, Y, 50.0, rank=None, renormalize=False)

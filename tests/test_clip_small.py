@@ -1,4 +1,4 @@
-"""Small CLIP (train/clip_small.py): tokenizer framing, loss going down, seeded determinism, atomic output, and the
+"""Small CLIP (train/foundations/clip_small.py): tokenizer framing, loss going down, seeded determinism, atomic output, and the
 written folder loading in CLIPFeatureExtractor with the expected shapes and VD normalisation."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from transformers import PreTrainedTokenizerFast
 
 from brainrecon.data.scenes import draw_scene, render_scene, scene_captions
 from brainrecon.errors import ConfigError, InputError
-from brainrecon.train import clip_small
-from brainrecon.train.clip_features import CLIPFeatureExtractor, CLIPPreprocess
-from brainrecon.train.clip_small import (
+from brainrecon.train.foundations import clip_small
+from brainrecon.train.foundations.clip_features import CLIPFeatureExtractor, CLIPPreprocess
+from brainrecon.train.foundations.clip_small import (
     BOS,
     EOS,
     PAD,

@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler as TorchDDIM
 
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
-from brainrecon.train.stage2 import VD_SCHEDULER_KWARGS, Img2ImgConfig, denoise, denoising_timesteps
+from brainrecon.train.stage2.img2img import VD_SCHEDULER_KWARGS, Img2ImgConfig, denoise, denoising_timesteps
 
 SHAPE = (2, 4, 8, 8)  # (B, C, h, w)
 

@@ -1,4 +1,4 @@
-"""Dual-guided Versatile Diffusion UNet (train/dual_unet.py): tiny seeded configs on the CPU."""
+"""Dual-guided Versatile Diffusion UNet (train/foundations/dual_unet.py): tiny seeded configs on the CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from brainrecon.errors import ConfigError, InputError, MissingFileError
-from brainrecon.train.dual_unet import (
+from brainrecon.train.foundations.dual_unet import (
     DualAttentionTransformer,
     DualUNetConfig,
     check_context,
@@ -133,7 +133,7 @@ def test_encoder_attention_mask_keyword_is_accepted(unets):
 
 
 def test_build_without_text_state_copies_image_blocks():
-    from brainrecon.train.dual_unet import build_dual_unet
+    from brainrecon.train.foundations.dual_unet import build_dual_unet
 
     torch.manual_seed(0)
     a = build_dual_unet(CFG)

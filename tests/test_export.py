@@ -29,7 +29,7 @@ from brainrecon.export.validate import (
     validate_onnx,
 )
 from brainrecon.manifest import MANIFEST_FILE, load_manifest, verify_manifest
-from brainrecon.runtime.engine_key import (
+from brainrecon.runtime.backends.tensorrt import (
     EngineKey,
     EngineMismatchError,
     MachineInfo,
@@ -64,8 +64,8 @@ def build_tiny_stage1(root: Path) -> dict[str, Path]:
         return paths
     from brainrecon.data.nsd import PrepareConfig, prepare_subject
     from brainrecon.data.sim import SimConfig, simulate_subject
-    from brainrecon.train.stage1 import Stage1Config, fit_stage1
-    from brainrecon.train.vdvae import VDVAE, VDVAEConfig, save_vdvae
+    from brainrecon.train.foundations.vdvae import VDVAE, VDVAEConfig, save_vdvae
+    from brainrecon.train.stage1.fit import Stage1Config, fit_stage1
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread avoids fork/join overhead on shared cores
@@ -177,7 +177,7 @@ def test_export_summary_says_engines_were_skipped(tiny, tmp_path):
 
 def test_gru_graph_semantics_and_parity_at_two_scales(tiny):
     """The GRU gets extra scrutiny: structure, random and realistic-scale inputs, batches 1/2/5/17, input dependence."""
-    from brainrecon.train.gru import load_gru
+    from brainrecon.train.stage1.gru import load_gru
 
     model_dir = tiny["gru"]
     graph = onnx.load(str(model_dir / "onnx/gru.fp32.onnx"))
@@ -220,7 +220,7 @@ def test_fp16_graph_keeps_normalisations_and_output_layer_fp32(tiny):
 def test_parity_error_reports_max_median_model_precision_batch(tiny):
     model_dir = tiny["ridge"]
     contract = ridge_contract(int(np.load(model_dir / "voxel_mean.npy").shape[0]), 324)
-    from brainrecon.train.ridge import RidgeRegressor
+    from brainrecon.train.stage1.ridge import RidgeRegressor
 
     reg = RidgeRegressor.load(model_dir / "stage1", "ridge")
     wrong = lambda inputs: {"vdvae_latents": reg.predict(inputs["betas"]) + 0.5}  # noqa: E731
@@ -337,7 +337,7 @@ def test_export_refuses_bad_stage_and_precision(tiny):
 
 
 def test_recon_export_cli_verify_and_export(tiny, tmp_path, monkeypatch, capsys):
-    from brainrecon.cli_deploy import export_main
+    from brainrecon.cli.deploy import export_main
 
     def run(*args: str) -> int:
         monkeypatch.setattr(sys, "argv", ["recon-export", *args])

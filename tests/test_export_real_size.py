@@ -13,7 +13,7 @@ def test_imagenet64_decoder_exports_with_parity(tmp_path, num_layers):
     from brainrecon.export.contracts import vdvae_decoder_contract
     from brainrecon.export.onnx_export import _torch_reference, check_onnx, export_torchscript
     from brainrecon.export.validate import validate_onnx
-    from brainrecon.train.vdvae import VDVAE, VDVAEDecoder, latent_dims, vdvae_config
+    from brainrecon.train.foundations.vdvae import VDVAE, VDVAEDecoder, latent_dims, vdvae_config
 
     torch.manual_seed(0)
     config = vdvae_config("imagenet64")
@@ -35,7 +35,7 @@ def test_real_size_gru_exports_with_parity(tmp_path):
     from brainrecon.export.contracts import gru_contract
     from brainrecon.export.onnx_export import _torch_reference, check_onnx, export_torchscript
     from brainrecon.export.validate import check_gru_linear_before_reset, validate_onnx
-    from brainrecon.train.gru import GRUMapper, GRUMapperConfig, count_parameters
+    from brainrecon.train.stage1.gru import GRUMapper, GRUMapperConfig, count_parameters
 
     torch.manual_seed(0)
     model = GRUMapper(GRUMapperConfig(n_voxels=15724, n_outputs=13344)).eval()

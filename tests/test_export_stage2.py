@@ -22,10 +22,10 @@ from brainrecon.export.onnx_export import STAGE2_DATA_FILES, STAGE2_MODELS, expo
 from brainrecon.export.stage2 import SCHEDULER_FILE, context_pool
 from brainrecon.export.validate import ort_session
 from brainrecon.manifest import MANIFEST_FILE, verify_manifest
-from brainrecon.train.dual_unet import set_mix_ratio
-from brainrecon.train.ridge import renormalize_predictions
-from brainrecon.train.stage2 import decode_latents, denoising_timesteps, encode_images, vd_scheduler
-from brainrecon.train.stage2_subject import Stage2Model
+from brainrecon.train.foundations.dual_unet import set_mix_ratio
+from brainrecon.train.stage1.ridge import renormalize_predictions
+from brainrecon.train.stage2.fit import Stage2Model
+from brainrecon.train.stage2.img2img import decode_latents, denoising_timesteps, encode_images, vd_scheduler
 from tests.stage2_fixture import build_tiny_stage2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -281,7 +281,7 @@ def test_fp16_unet_keeps_the_timestep_embedding_fp32(exported):
 
 
 def run_cli(monkeypatch, *args: str) -> int:
-    from brainrecon.cli_deploy import export_main
+    from brainrecon.cli.deploy import export_main
 
     monkeypatch.setattr(sys, "argv", ["recon-export", *args])
     with pytest.raises(SystemExit) as e:

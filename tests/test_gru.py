@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brainrecon.errors import ConfigError, InputError
-from brainrecon.train.gru import (
+from brainrecon.train.stage1.gru import (
     GRUMapper,
     GRUMapperConfig,
     GRUTrainConfig,

@@ -1,4 +1,4 @@
-"""LDM training (train/ldm_train.py): tiny seeded configs, tiny random data, a handful of CPU steps."""
+"""LDM training (train/foundations/ldm_train.py): tiny seeded configs, tiny random data, a handful of CPU steps."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from brainrecon.errors import InputError
-from brainrecon.train.dual_unet import DualUNetConfig
-from brainrecon.train.ldm_train import load_dual_unet, tiny_vae_config, train_dual_unet, train_vae
+from brainrecon.train.foundations.dual_unet import DualUNetConfig
+from brainrecon.train.foundations.ldm_train import load_dual_unet, tiny_vae_config, train_dual_unet, train_vae
 
 ATOL_RELOAD = 0.0  # same weights, same ops, same thread count: bit-identical
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from brainrecon.errors import ConfigError, InputError
-from brainrecon.train.ridge import (
+from brainrecon.train.stage1.ridge import (
     RidgeRegressor,
     fit_alpha_on_validation,
     renormalize_predictions,
@@ -50,7 +50,7 @@ def test_matches_primal_normal_equations(n, v, alpha):
 
 
 def test_output_chunks_do_not_change_the_answer(monkeypatch):
-    import brainrecon.train.ridge as ridge
+    import brainrecon.train.stage1.ridge as ridge
 
     X, Y, _ = _synthetic(50, 120, d=23, noise=0.1, seed=3)
     whole = RidgeRegressor(10.0).fit(X, Y)

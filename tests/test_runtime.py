@@ -24,8 +24,9 @@ import pytest
 
 from brainrecon.errors import BrainReconError, InputError, MissingFileError
 from brainrecon.manifest import MANIFEST_FILE, ManifestError, load_manifest, verify_manifest
-from brainrecon.runtime.backends import ModelIO, OrtBackend, ProviderError
-from brainrecon.runtime.engine_key import EngineKey, EngineMismatchError, MachineInfo
+from brainrecon.runtime.backends.base import ModelIO
+from brainrecon.runtime.backends.ort import OrtBackend, ProviderError
+from brainrecon.runtime.backends.tensorrt import EngineKey, EngineMismatchError, MachineInfo
 from brainrecon.runtime.infer import run_inference
 from brainrecon.runtime.inputs import parse_trials
 from brainrecon.runtime.stage1 import Stage1Pipeline, renormalize_latents
@@ -45,7 +46,7 @@ def test_betas(tiny) -> np.ndarray:
 
 
 def run_cli(monkeypatch, *args: str) -> int:
-    from brainrecon.cli_deploy import infer_main
+    from brainrecon.cli.deploy import infer_main
 
     monkeypatch.setattr(sys, "argv", ["recon-infer", *args])
     with pytest.raises(SystemExit) as e:
@@ -70,7 +71,7 @@ def assert_one_line_failure(monkeypatch, capsys, out: Path, *args: str, match: s
 def test_pipeline_matches_torch_reference(tiny, regressor):
     import torch
 
-    from brainrecon.train.stage1 import Stage1Model
+    from brainrecon.train.stage1.fit import Stage1Model
 
     torch.set_num_threads(1)
     reference = Stage1Model.load(tiny[regressor])
@@ -88,7 +89,7 @@ def test_pipeline_matches_torch_reference(tiny, regressor):
 
 
 def test_renormalisation_is_the_training_formula():
-    from brainrecon.train.ridge import renormalize_predictions
+    from brainrecon.train.stage1.ridge import renormalize_predictions
 
     rng = np.random.default_rng(0)
     pred = rng.normal(3, 0.01, size=(9, 40)).astype(np.float32)
@@ -257,7 +258,7 @@ def test_unknown_manifest_version_is_refused(tiny, tmp_path):
 
 def test_engine_built_for_another_machine(tiny, tmp_path, monkeypatch, capsys):
     """A manifest engine entry whose key names another GPU/TensorRT: refused before any deserialisation."""
-    import brainrecon.runtime.trt_backend as trt_backend
+    import brainrecon.runtime.backends.tensorrt as trt_backend
     from brainrecon.manifest import Artifact, describe_file, write_manifest
 
     model_dir = shutil.copytree(tiny["gru"], tmp_path / "m")
@@ -373,7 +374,7 @@ def test_recon_infer_never_imports_torch(tiny, tmp_path):
     out = tmp_path / "out"
     code = f"""
 import json, sys
-from brainrecon.cli_deploy import infer_main
+from brainrecon.cli.deploy import infer_main
 import brainrecon.runtime
 sys.argv = ["recon-infer", {str(tiny["prep"] / "test_betas.npy")!r}, "--model-dir", {str(tiny["gru"])!r},
             "--out", {str(out)!r}, "--precision", "fp16", "--stimuli", {str(tiny["prep"] / "test_images.npy")!r}]

@@ -82,7 +82,7 @@ def fast(pipe, betas):
 def reference(tiny2):
     import torch
 
-    from brainrecon.train.stage2_subject import Stage2Model
+    from brainrecon.train.stage2.fit import Stage2Model
 
     torch.set_num_threads(1)
     return Stage2Model.load(tiny2["model"])
@@ -96,7 +96,7 @@ def torch_latents(
 
     from brainrecon.images import resize
     from brainrecon.noise import img2img_noise
-    from brainrecon.train.stage2 import denoise, encode_images, vd_scheduler
+    from brainrecon.train.stage2.img2img import denoise, encode_images, vd_scheduler
 
     init = encode_images(
         reference.vae, resize(stage1_images, reference.image_size), sampling.vae_scale_factor
@@ -173,7 +173,7 @@ def test_parallel_unet_sessions_give_the_single_session_result(tiny2, betas, fas
 
 def test_strength_zero_is_the_vae_round_trip_of_stage1(pipe, reference, betas):
     from brainrecon.images import resize
-    from brainrecon.train.stage2 import decode_latents, encode_images
+    from brainrecon.train.stage2.img2img import decode_latents, encode_images
 
     calls = []
     unet = pipe.backends["unet"]
@@ -290,7 +290,7 @@ def test_scheduler_tables_of_the_export_are_checked(tiny2, pipe, tmp_path):
 
 
 def run_cli(monkeypatch, *args: str) -> int:
-    from brainrecon.cli_deploy import infer_main
+    from brainrecon.cli.deploy import infer_main
 
     monkeypatch.setattr(sys, "argv", ["recon-infer", *args])
     with pytest.raises(SystemExit) as e:
@@ -396,7 +396,7 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Block())
-from brainrecon.cli_deploy import infer_main
+from brainrecon.cli.deploy import infer_main
 sys.argv = ["recon-infer", {str(prep / "test_betas.npy")!r}, "--model-dir", {str(tiny2["model"])!r},
             "--out", {str(out)!r}, "--stage", "2", "--steps", "{FAST_STEPS}", "--precision", "fp16",
             "--stimuli", {str(prep / "test_images.npy")!r}, "--threads", "1"]
@@ -425,7 +425,7 @@ print(json.dumps({{"code": code, "heavy": heavy}}))
 
 def test_recon_bench_reports_speedups_and_enforces_floors(tiny2, tmp_path, monkeypatch):
     """recon-bench on the tiny subject: medians per stage for the three pipelines, pixel agreement, and --check."""
-    from brainrecon.cli_deploy import bench_main
+    from brainrecon.cli.deploy import bench_main
 
     def bench(*extra: str) -> int:
         args = [str(tiny2["prep"] / "test_betas.npy"), "--model-dir", str(tiny2["model"]), "--limit", "4"]

@@ -11,7 +11,13 @@ from brainrecon.data.nsd import prepare_subject
 from brainrecon.data.sim import SimConfig, simulate_subject
 from brainrecon.errors import InputError
 from brainrecon.metrics import ssim
-from brainrecon.train.stage1 import Stage1Config, Stage1Model, fit_stage1, load_prepared, reconstruct_test_set
+from brainrecon.train.stage1.fit import (
+    Stage1Config,
+    Stage1Model,
+    fit_stage1,
+    load_prepared,
+    reconstruct_test_set,
+)
 
 
 @pytest.fixture(scope="module")

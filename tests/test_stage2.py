@@ -1,4 +1,4 @@
-"""Stage-2 Versatile Diffusion img2img torch reference (train/stage2.py): tiny seeded components on the CPU."""
+"""Stage-2 Versatile Diffusion img2img torch reference (train/stage2/img2img.py): tiny seeded components on the CPU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from brainrecon.errors import ConfigError, InputError
-from brainrecon.train.stage2 import (
+from brainrecon.train.stage2.img2img import (
     Img2ImgConfig,
     decode_latents,
     denoise,

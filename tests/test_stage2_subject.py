@@ -14,8 +14,8 @@ import pytest
 
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.images import resize
-from brainrecon.train.stage2 import Img2ImgConfig, decode_latents, encode_images
-from brainrecon.train.stage2_subject import Stage2Config, Stage2Model, fit_stage2
+from brainrecon.train.stage2.fit import Stage2Config, Stage2Model, fit_stage2
+from brainrecon.train.stage2.img2img import Img2ImgConfig, decode_latents, encode_images
 from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, save_tiny_unet, tiny_unet_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -55,8 +55,8 @@ def test_fit_writes_reduced_rank_regressors_and_contexts(tiny, model):
 
 def test_predicted_contexts_track_the_targets(tiny, model):
     """Betas carry the image: predicted CLIP-vision tokens correlate with the true ones of held-out images."""
-    from brainrecon.train.foundations import load_clip
-    from brainrecon.train.stage1 import load_prepared
+    from brainrecon.train.foundations.loaders import load_clip
+    from brainrecon.train.stage1.fit import load_prepared
 
     betas, images = load_prepared(tiny["prep"], "test")
     pred = model.predict_contexts(betas)
@@ -93,8 +93,8 @@ def test_strength_zero_returns_the_vae_round_trip_of_stage1(tiny, model, fast):
 
 def test_unet_with_other_tokens_is_refused(tiny, tmp_path):
     from brainrecon.config import save_config
-    from brainrecon.train.dual_unet import build_dual_unet
-    from brainrecon.train.ldm_train import DUAL_UNET_CONFIG
+    from brainrecon.train.foundations.dual_unet import build_dual_unet
+    from brainrecon.train.foundations.ldm_train import DUAL_UNET_CONFIG
 
     config = dataclasses.replace(tiny_unet_config(), vision_tokens=257)
     build_dual_unet(config).save_pretrained(tmp_path / "unet")
@@ -166,7 +166,7 @@ def test_cli_train_clip_then_reconstruct_stage2(tiny, tmp_path):
 
 
 def test_compare_stage2_writes_the_results_table(tiny, tmp_path):
-    from brainrecon.train.stage2_subject import compare_stage2
+    from brainrecon.train.stage2.fit import compare_stage2
 
     result = compare_stage2(tiny["model"], tiny["prep"], tmp_path / "results", sheet_images=4)
     runs = [r["run"] for r in result["rows"]]

@@ -1,4 +1,4 @@
-"""VDVAE (train/vdvae.py, train/vdvae_train.py): openai layout, latents, deterministic decode, ONNX, training.
+"""VDVAE (train/foundations/vdvae.py, train/foundations/vdvae_train.py): openai layout, latents, deterministic decode, ONNX, training.
 
 Tiny seeded configs on the CPU; the 125 M-parameter ImageNet-64 model is only ever built on the meta device.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from brainrecon.errors import ConfigError, InputError, MissingFileError
-from brainrecon.train.vdvae import (
+from brainrecon.train.foundations.vdvae import (
     VDVAE,
     VDVAEConfig,
     VDVAEDecoder,
@@ -295,7 +295,7 @@ def test_onnx_export_parity(tmp_path):
 
 
 def _train(out_dir, steps, resume=False, **kw):
-    from brainrecon.train.vdvae_train import train_vdvae
+    from brainrecon.train.foundations.vdvae_train import train_vdvae
 
     images = _images(12, seed=3).numpy()
     settings = dict(

@@ -17,7 +17,7 @@ def test_shipped_weights_total_under_40_mb():
 
 
 def test_shipped_vdvae_loads_and_decodes():
-    from brainrecon.train.stage1 import decode_images, resolve_vdvae
+    from brainrecon.train.stage1.fit import decode_images, resolve_vdvae
 
     model, info = resolve_vdvae("builtin:small64")
     assert info["config"]["name"] == "small64"
@@ -26,7 +26,7 @@ def test_shipped_vdvae_loads_and_decodes():
 
 
 def test_shipped_clip_loads_in_the_extractor():
-    from brainrecon.train.clip_features import CLIPFeatureExtractor
+    from brainrecon.train.foundations.clip_features import CLIPFeatureExtractor
 
     extractor = CLIPFeatureExtractor.from_pretrained(WEIGHTS / "clip-small")
     vision = extractor.vision_embeddings(np.zeros((1, 64, 64, 3), dtype=np.uint8))
@@ -48,7 +48,7 @@ def test_shipped_unet_matches_the_shipped_clip_and_vae():
     """The dual UNet predicts noise for the VAE's latents, conditioned on the CLIP's token layout."""
     import torch
 
-    from brainrecon.train.foundations import load_clip, load_unet, load_vae
+    from brainrecon.train.foundations.loaders import load_clip, load_unet, load_vae
 
     unet, config, _ = load_unet("builtin:small")
     extractor, _ = load_clip("builtin:small")

@@ -6,7 +6,7 @@ highest cosine similarity in a batch. Here it is the Hugging Face `CLIPModel` at
 tokenizer instead of CLIP's BPE: the captions of the procedural scenes (`brainrecon.data.scenes`) use a few dozen
 words, so a word vocabulary is complete and tiny.
 
-The output folder is exactly what `train/clip_features.py` loads (`CLIPFeatureExtractor.from_pretrained`):
+The output folder is exactly what `train/foundations/clip_features.py` loads (`CLIPFeatureExtractor.from_pretrained`):
 config.json + model.safetensors + tokenizer.json + preprocessor_config.json, plus train.json (how it was made).
 Training reuses the extractor's own tokenizer loader and image preprocessing on the folder being built, so the
 pixels and token ids seen in training are the ones seen at extraction.
@@ -32,7 +32,12 @@ from brainrecon.errors import ConfigError, InputError
 from brainrecon.io import atomic_dir, atomic_path, write_json
 
 # The extractor's loaders are used on purpose: one code path from pixels/words to model inputs, train and extract.
-from brainrecon.train.clip_features import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPPreprocess, load_tokenizer
+from brainrecon.train.foundations.clip_features import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    CLIPPreprocess,
+    load_tokenizer,
+)
 
 BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)  # ids 0..3 in this order

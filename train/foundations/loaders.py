@@ -21,8 +21,8 @@ from diffusers.utils import logging as diffusers_logging
 import brainrecon
 from brainrecon.errors import MissingFileError
 from brainrecon.io import sha256_file
-from brainrecon.train.clip_features import CLIPFeatureExtractor
-from brainrecon.train.dual_unet import DualUNetConfig, load_versatile_diffusion_unet
+from brainrecon.train.foundations.clip_features import CLIPFeatureExtractor
+from brainrecon.train.foundations.dual_unet import DualUNetConfig, load_versatile_diffusion_unet
 
 BUILTIN_WEIGHTS = Path(brainrecon.__file__).resolve().parent / "weights"  # shipped in the core package
 DEFAULTS = {"clip": "builtin:small", "vae": "builtin:small", "unet": "builtin:small"}
@@ -71,7 +71,7 @@ def load_unet(
 ) -> tuple[UNet2DConditionModel, DualUNetConfig, dict]:
     """The dual-guided UNet and its token layout (vision tokens first, then text)."""
     from brainrecon.config import load_config
-    from brainrecon.train.ldm_train import DUAL_UNET_CONFIG, load_dual_unet
+    from brainrecon.train.foundations.ldm_train import DUAL_UNET_CONFIG, load_dual_unet
 
     folder = resolve(spec, "unet")
     if (folder / "image_unet").is_dir():  # a Versatile Diffusion folder: ViT-L/14 token counts

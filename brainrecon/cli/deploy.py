@@ -240,8 +240,8 @@ def bench(
 
     Example: recon-bench data/subj01/test_betas.npy --model-dir engines/subj01 --out stage2_runtime.json
     """
+    from brainrecon.benchmarks.runtime_vs_torch import bench_and_write
     from brainrecon.errors import BrainReconError
-    from brainrecon.export.bench import bench_and_write
 
     line, misses = bench_and_write(model_dir, betas, out, limit, repeats, threads, check)
     console.print(line)

@@ -1,8 +1,8 @@
 """Stage 2 of a subject: CLIP regressors fitted on its betas, and the two-stage torch reference reconstruction.
 
 Brain-Diffuser (Ozcelik & VanRullen 2023) step 2: betas → CLIP-text (77 tokens) and CLIP-vision (257 tokens)
-embeddings by per-token ridge (text alpha 1e5, vision 6e4), here stored at reduced rank (train/clip_ridge.py);
-then the stage-1 image is refined by Versatile Diffusion img2img guided by both predictions (train/stage2.py).
+embeddings by per-token ridge (text alpha 1e5, vision 6e4), here stored at reduced rank (train/stage2/clip_ridge.py);
+then the stage-1 image is refined by Versatile Diffusion img2img guided by both predictions (train/stage2/img2img.py).
 
     model_dir/stage2/stage2.json        config, sampling settings, foundations (source + sha256), shapes, sizes
     model_dir/stage2/clip_text.{safetensors,json}    reduced-rank ridge betas → (Nt, D)
@@ -31,11 +31,11 @@ from brainrecon.errors import ConfigError, InputError
 from brainrecon.images import resize
 from brainrecon.io import atomic_dir, load_npy, read_json, save_npy, write_json
 from brainrecon.noise import img2img_noise
-from brainrecon.train.clip_ridge import ClipRidge, fit_clip_ridge
-from brainrecon.train.dual_unet import DualUNetConfig
-from brainrecon.train.foundations import DEFAULTS, load_clip, load_unet, load_vae
-from brainrecon.train.stage1 import Stage1Model, copy_preprocessing, load_prepared
-from brainrecon.train.stage2 import Img2ImgConfig, img2img, vd_scheduler
+from brainrecon.train.foundations.dual_unet import DualUNetConfig
+from brainrecon.train.foundations.loaders import DEFAULTS, load_clip, load_unet, load_vae
+from brainrecon.train.stage1.fit import Stage1Model, copy_preprocessing, load_prepared
+from brainrecon.train.stage2.clip_ridge import ClipRidge, fit_clip_ridge
+from brainrecon.train.stage2.img2img import Img2ImgConfig, img2img, vd_scheduler
 
 STAGE_DIR = "stage2"
 SHEET_ROWS = {  # compare_stage2 runs shown in its contact sheet, with their row labels
@@ -399,7 +399,7 @@ def compare_stage2(
         if name in SHEET_ROWS:
             sheet.append((SHEET_ROWS[name], final[:sheet_images]))
     sizes = model_sizes(model, extractor)
-    from brainrecon.train.clip_ridge import real_size_parameter_report
+    from brainrecon.train.stage2.clip_ridge import real_size_parameter_report
 
     rank = max(model.clip[name].config.rank for name in CLIP_TARGETS)
     result = {

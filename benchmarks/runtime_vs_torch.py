@@ -29,7 +29,7 @@ class TorchReference:
     """`Stage2Model.reconstruct`, stage by stage, so its time splits like the runtime's (same calls inside)."""
 
     def __init__(self, model_dir: Path):
-        from brainrecon.train.stage2_subject import Stage2Model
+        from brainrecon.train.stage2.fit import Stage2Model
 
         self.model = Stage2Model.load(model_dir)
 
@@ -39,8 +39,8 @@ class TorchReference:
 
         from brainrecon.images import resize
         from brainrecon.noise import img2img_noise
-        from brainrecon.train.dual_unet import dual_context, set_mix_ratio
-        from brainrecon.train.stage2 import decode_latents, denoise, encode_images, vd_scheduler
+        from brainrecon.train.foundations.dual_unet import dual_context, set_mix_ratio
+        from brainrecon.train.stage2.img2img import decode_latents, denoise, encode_images, vd_scheduler
 
         m, s = self.model, self.model.sampling
         parts = [slice(i, i + batch) for i in range(0, len(betas), batch)]

@@ -18,7 +18,7 @@ Everything is computed in the dual (n×n) form, chunked over output columns, so 
 matrices are never materialised; with K = XcXcᵀ and C = (K + αI)⁻¹Yc:
   W = XcᵀC,   Ŷc = K C,   Ŷc Ŷcᵀ = K M K with M = C Cᵀ  →  eigh gives U, s² (Ŷc = U diag(s) Vᵀ)
   V_r = Cᵀ K U_r / s_r,   A = W V_r = Xcᵀ M K U_r / s_r,   B = V_rᵀ = (U_rᵀ K C) / s_r
-The ridge math is `brainrecon.train.ridge.RidgeRegressor`'s dual solver; it is not called directly because it
+The ridge math is `brainrecon.train.stage1.ridge.RidgeRegressor`'s dual solver; it is not called directly because it
 stores W, the one thing this module exists to avoid. `tests/test_clip_ridge.py` checks the result against
 per-token `RidgeRegressor` fits.
 """
@@ -34,7 +34,7 @@ import scipy.linalg
 from brainrecon.config import load_config, save_config
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.io import atomic_path
-from brainrecon.train.ridge import (
+from brainrecon.train.stage1.ridge import (
     _check_alpha,
     _check_xy,
     _describe,

@@ -28,14 +28,7 @@ from brainrecon.config import config_from_dict
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.images import resize
 from brainrecon.io import atomic_dir, load_npy, read_json, save_npy, sha256_file, write_json
-from brainrecon.train import gru as gru_mod
-from brainrecon.train.ridge import (
-    RidgeRegressor,
-    fit_alpha_on_validation,
-    renormalize_predictions,
-    target_stats,
-)
-from brainrecon.train.vdvae import (
+from brainrecon.train.foundations.vdvae import (
     VDVAE,
     VDVAE_CONFIGS,
     decode_latents,
@@ -43,6 +36,13 @@ from brainrecon.train.vdvae import (
     latent_dims,
     load_openai_checkpoint,
     load_vdvae,
+)
+from brainrecon.train.stage1 import gru as gru_mod
+from brainrecon.train.stage1.ridge import (
+    RidgeRegressor,
+    fit_alpha_on_validation,
+    renormalize_predictions,
+    target_stats,
 )
 
 BUILTIN_WEIGHTS = Path(brainrecon.__file__).resolve().parent / "weights"  # shipped in the core package

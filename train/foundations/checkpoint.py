@@ -1,4 +1,4 @@
-"""Resumable training checkpoints, shared by train/vdvae_train.py and train/ldm_train.py.
+"""Resumable training checkpoints, shared by train/foundations/vdvae_train.py and train/foundations/ldm_train.py.
 
     out_dir/checkpoint/model.safetensors       trained weights (state_dict)
     out_dir/checkpoint/ema.safetensors         EMA weights (absent when the trainer keeps no EMA)

@@ -2,7 +2,7 @@
 
 Mirrors `versatilediffusion_reconstruct_images.py` of Brain-Diffuser (Ozcelik & VanRullen 2023,
 ozcelikfu/brain-diffuser): the stage-1 image is VAE-encoded, noised to 75% of a 50-step DDIM schedule (37 denoising
-steps, eta 0), then denoised by the dual-guided Versatile Diffusion UNet (`train/dual_unet.py`) conditioned on the
+steps, eta 0), then denoised by the dual-guided Versatile Diffusion UNet (`train/foundations/dual_unet.py`) conditioned on the
 predicted CLIP-vision (257 tokens) and CLIP-text (77 tokens) embeddings, mixed 0.6 vision / 0.4 text, with
 classifier-free guidance 7.5 against CLIP-text of "" and CLIP-vision of a black image.
 
@@ -24,7 +24,12 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.noise import img2img_noise
-from brainrecon.train.dual_unet import DualUNetConfig, build_dual_unet, dual_context, set_mix_ratio
+from brainrecon.train.foundations.dual_unet import (
+    DualUNetConfig,
+    build_dual_unet,
+    dual_context,
+    set_mix_ratio,
+)
 
 # Versatile Diffusion's noise schedule (its DDIM sampler: LDM linear_start/linear_end on a scaled-linear
 # schedule, timesteps offset by 1, alpha_prev of the last step = alphas_cumprod[0]).

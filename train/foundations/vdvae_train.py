@@ -1,4 +1,4 @@
-"""Train a VDVAE (train/vdvae.py) on 64x64 stimuli, as openai/vdvae `train.py` does, on the CPU.
+"""Train a VDVAE (train/foundations/vdvae.py) on 64x64 stimuli, as openai/vdvae `train.py` does, on the CPU.
 
 Loss: the ELBO in nats per dim (DmoL NLL + KL of every latent layer). AdamW (betas 0.9, 0.9) with a linear
 warm-up then a constant rate; gradients clipped to `grad_clip`, and a step whose gradient norm reaches
@@ -8,7 +8,7 @@ what gets saved for use.
 Reproducible: the batch order and the posterior noise of step `s` come from generators seeded by
 (seed, epoch) and (seed, s), so a resumed run takes the same steps as an uninterrupted one.
 
-    out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; train/checkpoint.py)
+    out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; train/foundations/checkpoint.py)
     out_dir/model.safetensors + config.json                             (final EMA weights, save_vdvae)
 """
 
@@ -25,14 +25,14 @@ import torch
 
 from brainrecon.config import config_from_dict, config_to_dict
 from brainrecon.errors import ConfigError, InputError
-from brainrecon.train.checkpoint import (
+from brainrecon.train.foundations.checkpoint import (
     CHECKPOINT_DIR,
     STATE_FILE,
     load_checkpoint,
     resume_state,
     save_checkpoint,
 )
-from brainrecon.train.vdvae import VDVAE, VDVAEConfig, save_vdvae
+from brainrecon.train.foundations.vdvae import VDVAE, VDVAEConfig, save_vdvae
 
 _SEED_STRIDE = 1_000_003
 

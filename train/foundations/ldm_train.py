@@ -3,7 +3,7 @@
 Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models") trains
 in two phases: an autoencoder first (`train_vae`), then an epsilon-prediction DDPM (Ho et al. 2020) on its
 scaled latents (`train_dual_unet`), conditioned here on CLIP-vision + CLIP-text tokens through the dual blocks
-of train/dual_unet.py. Classifier-free guidance (Ho & Salimans 2022) needs the same UNet to know the
+of train/foundations/dual_unet.py. Classifier-free guidance (Ho & Salimans 2022) needs the same UNet to know the
 unconditional context, so during training each sample's context is replaced by the unconditional one with
 probability `cond_drop`.
 
@@ -12,11 +12,11 @@ per sample; dividing both by the pixel count keeps `kl_weight=1e-6` meaning what
 reads per pixel. Unlike SD's VAE there is no LPIPS or patch-GAN term: the simulated stimuli are smooth shapes
 whose L1 reconstruction is already sharp, and both terms would need pretrained weights or a second optimiser.
 
-Reproducible (as train/vdvae_train.py): the batch order of epoch `e` comes from a generator seeded by
+Reproducible (as train/foundations/vdvae_train.py): the batch order of epoch `e` comes from a generator seeded by
 (seed, e) and every random draw of step `s` (posterior sample; noise, timesteps and context drop) from one
 seeded by (seed, s), so a resumed run takes the same steps as an uninterrupted one, bit for bit on the CPU.
 
-    out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; train/checkpoint.py)
+    out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; train/foundations/checkpoint.py)
     out_dir/vae/   AutoencoderKL.save_pretrained                       (train_vae; atomically)
     out_dir/unet/  save_pretrained + dual_unet_config.json             (train_dual_unet; load_dual_unet)
     out_dir/train.json                                                  (final loss, steps, settings)
@@ -38,15 +38,15 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from brainrecon.config import config_to_dict, load_config, save_config
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.io import atomic_dir, write_json
-from brainrecon.train.checkpoint import (
+from brainrecon.train.foundations.checkpoint import (
     CHECKPOINT_DIR,
     STATE_FILE,
     load_checkpoint,
     resume_state,
     save_checkpoint,
 )
-from brainrecon.train.dual_unet import DualUNetConfig, build_dual_unet
-from brainrecon.train.stage2 import vd_scheduler
+from brainrecon.train.foundations.dual_unet import DualUNetConfig, build_dual_unet
+from brainrecon.train.stage2.img2img import vd_scheduler
 
 DUAL_UNET_CONFIG = "dual_unet_config.json"
 _SEED_STRIDE = 1_000_003
@@ -68,7 +68,7 @@ def small_vae_config() -> dict[str, Any]:
 
 
 def tiny_vae_config() -> dict[str, Any]:
-    """Tests: 16x16 images -> 8x8x4 latents (one downsampling), as train/stage2.py `tiny_components`."""
+    """Tests: 16x16 images -> 8x8x4 latents (one downsampling), as train/stage2/img2img.py `tiny_components`."""
     return {
         "in_channels": 3,
         "out_channels": 3,
@@ -176,7 +176,7 @@ def latent_scaling_factor(vae: AutoencoderKL, images: np.ndarray, batch_size: in
     """1 / std of the posterior-mean latents of `images`: the LDM recipe (Rombach et al. 2022, section G) that
     gave SD's 0.18215. The UNet's noise schedule assumes unit-variance latents; a VAE of our own with SD's factor
     would leave them at a third of that, so img2img at strength 0.75 would keep far less of the init image."""
-    from brainrecon.train.stage2 import encode_images
+    from brainrecon.train.stage2.img2img import encode_images
 
     vae = vae.eval()
     latents = torch.cat(
@@ -209,7 +209,7 @@ def train_dual_unet(
     """Epsilon-prediction DDPM training of `build_dual_unet(unet_config)`; save it to `out_dir/unet`.
 
     latents (N, 4, h, w) float32, already x the VAE scale factor; vision_ctx (N, Nv, D); text_ctx (N, Nt, D);
-    uncond_vision (1, Nv, D) and uncond_text (1, Nt, D): CLIP of the black image and of "" (train/stage2.py).
+    uncond_vision (1, Nv, D) and uncond_text (1, Nt, D): CLIP of the black image and of "" (train/stage2/img2img.py).
     CFG drop: one Bernoulli(cond_drop) per sample replaces *both* token sets together, since sampling guides
     with the (uncond_vision, uncond_text) pair as one unconditional branch; dropping them separately would
     train mixed contexts that sampling never uses.
@@ -271,7 +271,7 @@ def train_dual_unet(
 def load_dual_unet(folder: str | Path) -> UNet2DConditionModel:
     """Rebuild a UNet saved by `train_dual_unet` (folder = out_dir/unet).
 
-    Not `from_pretrained`: the dual blocks are train/dual_unet.py's `DualAttentionTransformer` with our token
+    Not `from_pretrained`: the dual blocks are train/foundations/dual_unet.py's `DualAttentionTransformer` with our token
     layout, which diffusers' own `dual_cross_attention=True` construction would not reproduce.
     """
     from safetensors.torch import load_file
@@ -470,7 +470,7 @@ def unet_training_data(
     text tokens are averaged, as the subject's CLIP targets are). Returns float32 tensors latents (N, 4, h, w),
     vision_ctx (N, Nv, D), text_ctx (N, Nt, D), uncond_vision (1, Nv, D), uncond_text (1, Nt, D).
     """
-    from brainrecon.train.stage2 import encode_images
+    from brainrecon.train.stage2.img2img import encode_images
 
     if len(captions) != len(images):
         raise InputError("captions", f"one list per image ({len(images)})", str(len(captions)))

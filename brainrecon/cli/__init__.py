@@ -134,8 +134,8 @@ def train_foundation_vdvae(
 
     Example: recon-train foundation vdvae --data data/subj01 --out data/vdvae-small64 --steps 1500
     """
-    from brainrecon.train.vdvae import vdvae_config
-    from brainrecon.train.vdvae_train import train_vdvae
+    from brainrecon.train.foundations.vdvae import vdvae_config
+    from brainrecon.train.foundations.vdvae_train import train_vdvae
 
     cfg = vdvae_config(config)
     images = load_train_images(data, cfg.image_size)
@@ -143,7 +143,7 @@ def train_foundation_vdvae(
         images, cfg, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume
     )
     if fp16:  # smaller shipped weights: re-save the EMA model with fp16 storage
-        from brainrecon.train.vdvae import save_vdvae
+        from brainrecon.train.foundations.vdvae import save_vdvae
 
         save_vdvae(result.ema_model, cfg, out, fp16=True)
     last = result.history[-1] if result.history else {}
@@ -174,7 +174,7 @@ def train_foundation_clip(
     Example: recon-train foundation clip --data data/subj01 --out data/clip-small --steps 2000
     """
     from brainrecon.io import read_json
-    from brainrecon.train.clip_small import SmallCLIPConfig, train_small_clip
+    from brainrecon.train.foundations.clip_small import SmallCLIPConfig, train_small_clip
 
     config = SmallCLIPConfig()
     images = load_train_images(data, config.image_size)
@@ -214,7 +214,7 @@ def train_foundation_vae(
 
     Example: recon-train foundation vae --data data/subj01 --out data/vae-small --steps 1000
     """
-    from brainrecon.train.ldm_train import small_vae_config, train_vae
+    from brainrecon.train.foundations.ldm_train import small_vae_config, train_vae
 
     config = small_vae_config()
     images = load_train_images(data, config["sample_size"])
@@ -251,8 +251,8 @@ def train_foundation_unet(
     Example: recon-train foundation unet --data data/subj01 --out data/unet-small --steps 5000
     """
     from brainrecon.io import read_json
-    from brainrecon.train.foundations import load_clip, load_vae
-    from brainrecon.train.ldm_train import small_unet_config, train_dual_unet, unet_training_data
+    from brainrecon.train.foundations.ldm_train import small_unet_config, train_dual_unet, unet_training_data
+    from brainrecon.train.foundations.loaders import load_clip, load_vae
 
     vae_model, _ = load_vae(vae)
     extractor, _ = load_clip(clip)
@@ -331,7 +331,7 @@ def train_subject(
     if stage not in ("vdvae", "clip", "all"):
         raise typer.BadParameter(f"expected vdvae, clip or all, found {stage!r}", param_hint="--stage")
     if stage in ("vdvae", "all"):
-        from brainrecon.train.stage1 import Stage1Config, fit_stage1
+        from brainrecon.train.stage1.fit import Stage1Config, fit_stage1
 
         config = Stage1Config(
             regressor=regressor,
@@ -348,7 +348,7 @@ def train_subject(
             {k: v for k, v in summary.items() if k not in ("config", "foundation", "alpha_search")},
         )
     if stage in ("clip", "all"):
-        from brainrecon.train.stage2_subject import Stage2Config, fit_stage2
+        from brainrecon.train.stage2.fit import Stage2Config, fit_stage2
 
         config2 = Stage2Config(
             clip=clip,
@@ -395,15 +395,15 @@ def reconstruct(
     Example: recon-reconstruct --model-dir engines/subj01 --data data/subj01 --out data/recon-torch --stage 2
     """
     if stage == 1:
-        from brainrecon.train.stage1 import reconstruct_test_set
+        from brainrecon.train.stage1.fit import reconstruct_test_set
 
         summary = reconstruct_test_set(model_dir, data, out, overwrite=overwrite)
     elif stage == 2:
         import dataclasses
 
         from brainrecon.io import read_json
-        from brainrecon.train.stage2 import Img2ImgConfig
-        from brainrecon.train.stage2_subject import reconstruct_test_set as reconstruct_two_stage
+        from brainrecon.train.stage2.fit import reconstruct_test_set as reconstruct_two_stage
+        from brainrecon.train.stage2.img2img import Img2ImgConfig
 
         info = read_json(model_dir / "stage2" / "stage2.json", "stage-2 summary (recon-train subject)")
         changes = {
@@ -454,7 +454,7 @@ def eval_stage1(
 
     Example: recon-eval stage1 --data data/subj01 --out benchmarks/results/stage1
     """
-    from brainrecon.train.stage1 import compare_stage1
+    from brainrecon.train.stage1.fit import compare_stage1
 
     ks = tuple(int(k) for k in layers.split(","))
     table = compare_stage1(data, out, ks, vdvae=vdvae, max_epochs=max_epochs, seed=seed)
@@ -472,7 +472,7 @@ def eval_stage2(
 
     Example: recon-eval stage2 --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/stage2
     """
-    from brainrecon.train.stage2_subject import compare_stage2
+    from brainrecon.train.stage2.fit import compare_stage2
 
     compare_stage2(model_dir, data, out)
     Console().print((out / "stage2.md").read_text())
