@@ -61,7 +61,7 @@ def subprocess_seconds(code: str, repeats: int) -> float:
 
 
 def bench_export(model_dir: Path, work: Path, in_place: bool) -> tuple[Path, dict[str, Any]]:
-    from brainrecon.export.onnx_export import export_model_dir
+    from brainrecon.export.subject import export_model_dir
 
     target = model_dir
     if not in_place:

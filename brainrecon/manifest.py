@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import importlib.metadata
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,10 @@ from typing import Any
 from brainrecon import __version__
 from brainrecon.errors import BrainReconError, ConfigError, InputError, MissingFileError
 from brainrecon.io import read_json, sha256_file, write_json
+from brainrecon.model_dir import MANIFEST, PREPROCESS
 
 MANIFEST_VERSION = 1
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = MANIFEST  # brainrecon/model_dir.py
 KINDS = ("onnx", "onnx_data", "engine", "data")
 # Distribution names whose versions are recorded; onnxruntime-gpu installs the same `onnxruntime` module.
 _PRODUCERS = {
@@ -177,9 +179,17 @@ def load_manifest(model_dir: str | Path) -> Manifest:
     )
 
 
-def write_manifest(model_dir: str | Path, artifacts: Iterable[Artifact], merge: bool = True) -> Manifest:
-    """Write the manifest atomically. With `merge`, entries of an existing valid manifest whose paths are not
-    among `artifacts` are kept (exporting one model leaves the others' entries alone), unless their file is gone.
+class ManifestWarning(UserWarning):
+    """An existing manifest could not be merged (unreadable or of another version) and is replaced whole."""
+
+
+def write_manifest(
+    model_dir: str | Path, artifacts: Iterable[Artifact], merge: bool = True, out: str | Path | None = None
+) -> Manifest:
+    """Write the manifest of `model_dir` atomically to `out` (default `model_dir/manifest.json`). With `merge`,
+    entries of the existing manifest whose paths are not among `artifacts` are kept (exporting one model leaves
+    the others' entries alone) unless their file is gone; an existing manifest that cannot be read is replaced,
+    with a ManifestWarning naming why (its entries are lost, so the models it listed must be exported again).
     """
     model_dir = Path(model_dir)
     new = {a.path: a for a in artifacts}
@@ -187,11 +197,15 @@ def write_manifest(model_dir: str | Path, artifacts: Iterable[Artifact], merge: 
     if merge and (model_dir / MANIFEST_FILE).is_file():
         try:
             old = load_manifest(model_dir)
-        except BrainReconError:
-            old = None  # an unreadable or older manifest is replaced, not merged
-        if old is not None:
+        except BrainReconError as e:
+            warnings.warn(
+                f"{model_dir / MANIFEST_FILE}: not merged, replaced ({e}); export the other models again",
+                ManifestWarning,
+                stacklevel=2,
+            )
+        else:
             kept = {a.path: a for a in old.artifacts if a.path not in new and (model_dir / a.path).is_file()}
-    preprocess_path = model_dir / "preprocess.json"
+    preprocess_path = model_dir / PREPROCESS
     preprocess = (
         read_json(preprocess_path, "recon-prepare preprocess.json") if preprocess_path.is_file() else {}
     )
@@ -202,7 +216,7 @@ def write_manifest(model_dir: str | Path, artifacts: Iterable[Artifact], merge: 
         preprocess=preprocess,
         artifacts=tuple(sorted({**kept, **new}.values(), key=lambda a: a.path)),
     )
-    write_json(model_dir / MANIFEST_FILE, manifest.to_dict())
+    write_json(Path(out) if out is not None else model_dir / MANIFEST_FILE, manifest.to_dict())
     return manifest
 
 

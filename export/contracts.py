@@ -13,7 +13,7 @@ Exporter and opset (pinned per model, the reasons in `ExportContract.why`):
   `LayerNormalization` as one op (opset ≥ 17), and a batch-dynamic graph.
 - "onnx_helper" = the ridge graph built directly (MatMul + Add). A real ridge has 15,724 × 91,168 = 1.43 B weights
   (5.7 GB fp32): building the graph ourselves streams the weights into the external-data file without ever holding
-  a torch copy or a > 2 GB protobuf; the fp16 variant is built the same way (see `onnx_export.build_ridge_onnx`).
+  a torch copy or a > 2 GB protobuf; the fp16 variant is built the same way (see `stage1.build_ridge_onnx`).
   The stage-2 CLIP ridges are built the same way, as two MatMuls (reduced rank, `export/stage2.py`).
 
 Contracts:

@@ -4,7 +4,7 @@
       clip["text"|"vision"]  ClipRidge            → clip_text, clip_vision   (onnx.helper graphs, two MatMuls)
       vae                    AutoencoderKL        → vae_encoder, vae_decoder (torch wrappers below, TorchScript)
       unet                   dual-attention UNet  → unet                     (mix ratio baked in)
-      sampling               Img2ImgConfig        → stage2/scheduler.json    (diffusers DDIMScheduler tables)
+      sampling               SamplingConfig        → stage2/scheduler.json    (diffusers DDIMScheduler tables)
 
 The wrappers reproduce `train/stage2/img2img.py` exactly on the graph side of the numpy boundary: `encode_images` after its
 uint8 → [-1, 1] step, `decode_latents` before its rounding, and one UNet call of `denoise` (guidance, the DDIM step
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from brainrecon.config import config_from_dict, config_to_dict
-from brainrecon.errors import ConfigError
+from brainrecon.errors import ConfigError, InputError
 from brainrecon.export.contracts import (
+    PRECISIONS,
     TRAIN_TIMESTEPS,
     ExportContract,
     clip_ridge_contract,
@@ -29,20 +30,20 @@ from brainrecon.export.contracts import (
     vae_decoder_contract,
     vae_encoder_contract,
 )
-from brainrecon.export.onnx_export import ExportSource, build_clip_ridge_onnx, torch_reference
+from brainrecon.export.onnx_export import ExportSource, save_onnx, set_ir_version, torch_reference
 from brainrecon.io import read_json, write_json
+from brainrecon.model_dir import SCHEDULER, STAGE2_SUMMARY
+from brainrecon.sampling import SamplingConfig
 from brainrecon.train.foundations.dual_unet import set_mix_ratio
 from brainrecon.train.stage2.clip_ridge import ClipRidge
-from brainrecon.train.stage2.fit import STAGE_DIR, Stage2Model
+from brainrecon.train.stage2.fit import Stage2Model
 from brainrecon.train.stage2.img2img import (
     VD_SCHEDULER_KWARGS,
-    Img2ImgConfig,
     denoising_timesteps,
     vae_downsampling,
     vd_scheduler,
 )
 
-SCHEDULER_FILE = f"{STAGE_DIR}/scheduler.json"
 SCHEDULER_FORMAT = "brainrecon.ddim_tables"
 SCHEDULER_VERSION = 1
 CONTEXT_POOL_SEED = 1234  # predicted contexts for validating the UNet (seeded, like every validation input)
@@ -183,7 +184,93 @@ def stage2_sources(model: Stage2Model, names: list[str]) -> list[ExportSource]:
 # ----------------------------------------------------------------------------------------- scheduler tables
 
 
-def scheduler_tables(sampling: Img2ImgConfig) -> dict[str, Any]:
+def pow2_column_scale(matrix: np.ndarray) -> np.ndarray:
+    """(C,) float32: per column, the power of two at or above its max |value| (1 for an all-zero column)."""
+    col_max = np.abs(matrix).max(axis=0)
+    return np.exp2(np.ceil(np.log2(np.where(col_max > 0, col_max, 1.0)))).astype(np.float32)
+
+
+def build_clip_ridge_onnx(
+    A: np.ndarray,
+    B: np.ndarray,
+    intercept: np.ndarray,
+    n_tokens: int,
+    dim: int,
+    output_name: str,
+    path: Path,
+    precision: str,
+    opset: int = 17,
+    external: bool = False,
+) -> list[Path]:
+    """Reduced-rank CLIP ridge (train/stage2/clip_ridge.py): betas (B, V) → MatMul A (V, r) → MatMul B (r, T·D) →
+    Add intercept (T·D,) → Reshape (B, T, D), written to `path`. A·B is never formed (V × T·D weights).
+
+    fp16: betas → Cast → MatMul(A / a) → MatMul(diag(a) B / b) → Cast(fp32) → Mul(b) → Add(intercept) → Reshape,
+    with `a` (r,) and `b` (T·D,) the power-of-two column scales (exact to apply and undo) that bring both fp16
+    factors into [-1, 1]: ridge weights at alpha 1e5 sit near fp16's subnormal range, as in `build_ridge_onnx`,
+    whose reasons for the fp32 intercept (re-normalisation amplifies rounding of the sum) hold here too.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: expected one of {PRECISIONS}, found {precision!r}")
+    v, r = A.shape
+    if B.shape != (r, n_tokens * dim) or intercept.shape != (n_tokens * dim,):
+        raise InputError(
+            path.name,
+            f"factors A (V, r), B (r, {n_tokens * dim}), intercept ({n_tokens * dim},)",
+            f"A {A.shape}, B {B.shape}, intercept {intercept.shape}",
+        )
+    initializers = [
+        numpy_helper.from_array(np.asarray(intercept, np.float32), "intercept"),
+        numpy_helper.from_array(np.array([-1, n_tokens, dim], np.int64), "token_shape"),
+    ]
+    if precision == "fp16":
+        a_scale = pow2_column_scale(A)  # (r,)
+        b_scaled = B.astype(np.float64) * a_scale[:, None].astype(np.float64)  # (r, T·D) = diag(a) B
+        b_scale = pow2_column_scale(b_scaled)  # (T·D,)
+        initializers += [
+            numpy_helper.from_array((A / a_scale).astype(np.float16), "A"),
+            numpy_helper.from_array((b_scaled / b_scale).astype(np.float16), "B"),
+            numpy_helper.from_array(b_scale, "B_scale"),
+        ]
+        nodes = [
+            helper.make_node("Cast", ["betas"], ["betas_fp16"], to=TensorProto.FLOAT16, name="cast_in"),
+            helper.make_node("MatMul", ["betas_fp16", "A"], ["low_rank"], name="matmul_A"),  # (B, r)
+            helper.make_node("MatMul", ["low_rank", "B"], ["flat_fp16"], name="matmul_B"),  # (B, T·D)
+            helper.make_node("Cast", ["flat_fp16"], ["flat_scaled"], to=TensorProto.FLOAT, name="cast_out"),
+            helper.make_node("Mul", ["flat_scaled", "B_scale"], ["flat"], name="unscale"),
+        ]
+    else:
+        initializers += [
+            numpy_helper.from_array(np.asarray(A, np.float32), "A"),
+            numpy_helper.from_array(np.asarray(B, np.float32), "B"),
+        ]
+        nodes = [
+            helper.make_node("MatMul", ["betas", "A"], ["low_rank"], name="matmul_A"),  # (B, r)
+            helper.make_node("MatMul", ["low_rank", "B"], ["flat"], name="matmul_B"),  # (B, T·D)
+        ]
+    nodes += [
+        helper.make_node("Add", ["flat", "intercept"], ["flat_out"], name="add_intercept"),
+        helper.make_node(
+            "Reshape", ["flat_out", "token_shape"], [output_name], name="to_tokens"
+        ),  # (B, T, D)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"{output_name}_{precision}",
+        [helper.make_tensor_value_info("betas", TensorProto.FLOAT, ["batch", v])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_tokens, dim])],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="brainrecon"
+    )
+    set_ir_version(model)
+    return save_onnx(model, path, external)
+
+
+def scheduler_tables(sampling: SamplingConfig) -> dict[str, Any]:
     """The DDIM constants and the fitted sampling run's per-step tables, from diffusers' DDIMScheduler (the
     reference the numpy runtime scheduler is checked against). Step i maps x_{t_i} to x_{t_i - k}."""
     import diffusers
@@ -220,15 +307,15 @@ def scheduler_tables(sampling: Img2ImgConfig) -> dict[str, Any]:
     }
 
 
-def fitted_sampling(model_dir: Path) -> Img2ImgConfig:
+def fitted_sampling(model_dir: Path) -> SamplingConfig:
     """The sampling settings recorded in `model_dir/stage2/stage2.json` (what Stage2Model.load reads)."""
-    path = Path(model_dir) / STAGE_DIR / "stage2.json"
+    path = Path(model_dir) / STAGE2_SUMMARY
     info = read_json(path, "stage-2 summary (recon-train subject --stage clip)")
-    return config_from_dict(Img2ImgConfig, info["sampling"], str(path))
+    return config_from_dict(SamplingConfig, info["sampling"], str(path))
 
 
-def write_scheduler_json(model_dir: Path) -> str:
-    """Write `model_dir/stage2/scheduler.json` for the fitted sampling settings, atomically; returns its path
-    relative to the model directory."""
-    write_json(Path(model_dir) / SCHEDULER_FILE, scheduler_tables(fitted_sampling(model_dir)))
-    return SCHEDULER_FILE
+def write_scheduler_json(model_dir: Path, root: Path | None = None) -> str:
+    """Write `stage2/scheduler.json` for the fitted sampling settings of `model_dir` under `root` (default the
+    model directory; the export stages it elsewhere first), atomically; returns its relative path."""
+    write_json(Path(root or model_dir) / SCHEDULER, scheduler_tables(fitted_sampling(model_dir)))
+    return SCHEDULER

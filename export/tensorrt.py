@@ -16,18 +16,14 @@ from typing import Any
 from brainrecon.errors import BrainReconError
 from brainrecon.io import atomic_path
 from brainrecon.manifest import Artifact, describe_file, load_manifest, verify_artifact
+from brainrecon.model_dir import ENGINE_DIR, engine_file
 from brainrecon.runtime.backends.tensorrt import EngineKey, MachineInfo, current_machine, tensorrt_status
 
-ENGINE_DIR = "trt"
 WORKSPACE_BYTES = 4 << 30
 
 
 class EngineBuildError(BrainReconError):
     """TensorRT could not parse the ONNX or build an engine from it."""
-
-
-def engine_relpath(model: str, precision: str, key: EngineKey) -> str:
-    return f"{ENGINE_DIR}/{model}.{precision}.{key.digest()[:12]}.plan"
 
 
 def timing_cache_path(model_dir: Path, machine: MachineInfo) -> Path:
@@ -85,7 +81,8 @@ def build_engine(
 
 
 def _reusable(model_dir: Path, rel: str, key: EngineKey) -> Artifact | None:
-    """The existing manifest entry for this engine if its key matches and its bytes are intact."""
+    """The existing manifest entry for this engine if its key matches and its bytes are intact; else None (then
+    the engine is built again: a missing or stale cache entry is not an error)."""
     try:
         entry = load_manifest(model_dir).get(rel)
         if entry is None or entry.engine_key is None or EngineKey.from_dict(entry.engine_key) != key:
@@ -97,37 +94,42 @@ def _reusable(model_dir: Path, rel: str, key: EngineKey) -> Artifact | None:
 
 
 def build_engines_for(
-    model_dir: Path, onnx_artifacts: list[Artifact]
+    root: Path, model_dir: Path, onnx_artifacts: list[Artifact]
 ) -> tuple[list[Artifact], dict[str, Any]]:
-    """Build (or reuse) one engine per exported ONNX file. Without TensorRT or a GPU, build nothing and say why."""
+    """One engine per exported ONNX file (`onnx_artifacts`, paths relative to `root`, the export's staging folder):
+    an engine of `model_dir` with the same key is reused in place, others are built into `root`. Without TensorRT
+    or a GPU, build nothing and say why. The summary lists `built` (paths staged under `root`) and `reused`."""
     ok, reason = tensorrt_status()
     if not ok:
         return [], {
             "built": [],
+            "reused": [],
             "skipped": (
                 f"TensorRT engines skipped: {reason}. The ONNX files are complete; run "
                 f"`recon-export --model-dir {model_dir} --stage all` on a machine with TensorRT and a GPU"
             ),
         }
     machine = current_machine()
-    artifacts, built = [], []
+    artifacts, built, reused = [], [], []
     for onnx_artifact in onnx_artifacts:
         assert onnx_artifact.io is not None and onnx_artifact.precision is not None and onnx_artifact.model
         key = EngineKey.for_machine(
             onnx_artifact.sha256, onnx_artifact.precision, onnx_artifact.io["profile"], machine
         )
-        rel = engine_relpath(onnx_artifact.model, onnx_artifact.precision, key)
+        rel = engine_file(onnx_artifact.model, onnx_artifact.precision, key.digest())
         entry = _reusable(model_dir, rel, key)
-        if entry is None:
+        if entry is not None:
+            reused.append(rel)
+        else:
             build_engine(
-                model_dir / onnx_artifact.path,
+                root / onnx_artifact.path,
                 onnx_artifact.io["profile"],
-                model_dir / rel,
+                root / rel,
                 timing_cache_path(model_dir, machine),
                 precision=onnx_artifact.precision,
             )
             entry = describe_file(
-                model_dir,
+                root,
                 rel,
                 "engine",
                 model=onnx_artifact.model,
@@ -136,6 +138,6 @@ def build_engines_for(
                 engine_key=key.to_dict(),
                 source=onnx_artifact.path,
             )
+            built.append(rel)
         artifacts.append(entry)
-        built.append(rel)
-    return artifacts, {"built": built, "skipped": None, "machine": reason}
+    return artifacts, {"built": built, "reused": reused, "skipped": None, "machine": reason}

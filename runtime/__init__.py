@@ -31,12 +31,11 @@ _EXPORTS = {
     "EngineMismatchError": "engine_key",
     "Stage1Pipeline": "stage1",
     "Stage1Result": "stage1",
-    "renormalize_latents": "stage1",
     "DDIMConfig": "ddim",
     "DDIMScheduler": "ddim",
     "Stage2Pipeline": "stage2",
     "Stage2Result": "stage2",
-    "SamplingConfig": "stage2",
+    "SamplingConfig": "brainrecon.sampling",
     "load_betas": "inputs",
     "run_inference": "infer",
 }

@@ -22,6 +22,7 @@ import numpy as np
 from brainrecon.errors import InputError
 from brainrecon.io import load_npy, read_json
 from brainrecon.manifest import load_manifest, verify_manifest
+from brainrecon.normalize import renormalize_predictions
 from brainrecon.runtime.artifacts import check_engine, load_model
 from brainrecon.runtime.backends.base import Backend, ModelIO
 
@@ -30,21 +31,6 @@ STAGE1_DATA = ("stage1/stage1.json", "stage1/latent_mean.npy", "stage1/latent_st
 DECODER = "vdvae_decoder"
 
 Progress = Callable[[str, int, int], None]  # (step, done, total)
-
-
-def renormalize_latents(pred: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray) -> np.ndarray:
-    """Brain-Diffuser's transductive re-normalisation, the formula of `train/stage1/ridge.py renormalize_predictions`
-    (re-implemented here: the runtime does not import train): standardise each dimension over the prediction set
-    (ddof=0, float64), then scale to the training latents' mean/std. Constant dimensions get the target mean."""
-    if pred.ndim != 2 or pred.shape[0] < 2:
-        raise InputError(
-            "latents", "(N >= 2, D) predictions (statistics are taken over the set)", f"shape {pred.shape}"
-        )
-    pred64 = pred.astype(np.float64)
-    mean = pred64.mean(axis=0)  # (D,)
-    std = pred64.std(axis=0)  # (D,)
-    z = np.divide(pred64 - mean, std, out=np.zeros_like(pred64), where=std > 0)
-    return (z * np.asarray(target_std, np.float64) + np.asarray(target_mean, np.float64)).astype(np.float32)
 
 
 def check_betas(betas: Any, n_voxels: int, source: str = "betas") -> np.ndarray:
@@ -197,7 +183,7 @@ class Stage1Pipeline:
 
         t0 = time.perf_counter()
         if renorm:
-            latents = renormalize_latents(latents, self.latent_mean, self.latent_std)
+            latents = renormalize_predictions(latents, self.latent_mean, self.latent_std)
         timings["renormalize_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -40,6 +40,7 @@ from brainrecon.images import resize
 from brainrecon.io import load_npy, read_json
 from brainrecon.manifest import MANIFEST_FILE, load_manifest, verify_manifest
 from brainrecon.noise import img2img_noise
+from brainrecon.normalize import renormalize_predictions
 from brainrecon.runtime.artifacts import check_engine, load_model
 from brainrecon.runtime.backends.base import Backend, ModelIO
 from brainrecon.runtime.backends.ort import OrtBackend
@@ -49,8 +50,8 @@ from brainrecon.runtime.stage1 import (
     Stage1Pipeline,
     Stage1Result,
     check_betas,
-    renormalize_latents,
 )
+from brainrecon.sampling import SamplingConfig
 
 CLIP_TARGETS = ("text", "vision")
 MODELS = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")
@@ -68,44 +69,6 @@ SCHEDULER_FORMAT = ("brainrecon.ddim_tables", 1)
 SCHEDULER_FIXED = {"clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"}
 # numpy's float32 table path lands within 6e-8 of diffusers' (runtime/ddim.py docstring)
 ALPHA_ATOL = 1e-6
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Stage-2 sampling, as fitted (`stage2.json` "sampling"): the runtime twin of `train/stage2/img2img.py Img2ImgConfig`
-    (the runtime does not import train). `mix_ratio` and `vae_scale_factor` are baked into the exported graphs."""
-
-    num_inference_steps: int = 50
-    strength: float = 0.75  # 50 steps x 0.75 -> 37 denoising steps
-    guidance_scale: float = 7.5
-    eta: float = 0.0  # deterministic DDIM, the only value supported (as the reference)
-    seed: int = 0
-    vae_scale_factor: float = 0.18215
-    mix_ratio: float = 0.6  # vision weight of the dual cross-attention
-
-    def __post_init__(self) -> None:
-        def is_int(v: Any) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        if not is_int(self.num_inference_steps) or self.num_inference_steps < 1:
-            raise ConfigError(
-                f"sampling: expected num_inference_steps >= 1, found {self.num_inference_steps!r}"
-            )
-        if not 0.0 <= self.strength <= 1.0:
-            raise ConfigError(f"sampling: expected strength in [0, 1], found {self.strength!r}")
-        if not math.isfinite(self.guidance_scale):
-            raise ConfigError(f"sampling: expected a finite guidance_scale, found {self.guidance_scale!r}")
-        if self.eta != 0.0:
-            raise ConfigError(f"sampling: expected eta 0.0 (deterministic DDIM), found {self.eta!r}")
-        if not is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"sampling: expected a seed >= 0, found {self.seed!r}")
-        if not self.vae_scale_factor > 0:
-            raise ConfigError(f"sampling: expected vae_scale_factor > 0, found {self.vae_scale_factor!r}")
-        if not 0.0 <= self.mix_ratio <= 1.0:
-            raise ConfigError(f"sampling: expected mix_ratio in [0, 1], found {self.mix_ratio!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -455,7 +418,7 @@ class Stage2Pipeline:
         """(N, V) → (N, T, D) float32, re-normalised over the set like `train/stage2/clip_ridge.py ClipRidge.predict`."""
         pred = self._run_batched(f"clip_{name}", betas, batch, progress)  # (N, T, D)
         if renorm:
-            flat = renormalize_latents(pred.reshape(len(pred), -1), *self.target_stats[name])  # (N, T·D)
+            flat = renormalize_predictions(pred.reshape(len(pred), -1), *self.target_stats[name])  # (N, T·D)
             pred = flat.reshape(pred.shape)
         return np.ascontiguousarray(pred, dtype=np.float32)
 

@@ -21,7 +21,8 @@ from diffusers import DDIMScheduler as TorchDDIM
 
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
-from brainrecon.train.stage2.img2img import VD_SCHEDULER_KWARGS, Img2ImgConfig, denoise, denoising_timesteps
+from brainrecon.sampling import SamplingConfig
+from brainrecon.train.stage2.img2img import VD_SCHEDULER_KWARGS, denoise, denoising_timesteps
 
 SHAPE = (2, 4, 8, 8)  # (B, C, h, w)
 
@@ -115,7 +116,7 @@ def test_guided_loop_matches_stage2_denoise():
     noise = rng.standard_normal(SHAPE).astype(np.float32)
     cond = (0.3 * rng.standard_normal((2, 5, 3))).astype(np.float32)  # (B, N, D)
     uncond = (0.3 * rng.standard_normal((1, 5, 3))).astype(np.float32)  # (1, N, D)
-    config = Img2ImgConfig()  # 50 steps, strength 0.75, guidance 7.5
+    config = SamplingConfig()  # 50 steps, strength 0.75, guidance 7.5
     with torch.no_grad():
         ref = denoise(
             FakeUNet(), torch_ddim(), torch.from_numpy(init), torch.from_numpy(cond), torch.from_numpy(uncond),

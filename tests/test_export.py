@@ -18,9 +18,11 @@ import onnx
 import pytest
 import torch
 
-from brainrecon.errors import BrainReconError, ConfigError, InputError
+from brainrecon.errors import ConfigError, InputError
 from brainrecon.export.contracts import Tolerance, gru_contract, ridge_contract, vdvae_decoder_contract
-from brainrecon.export.onnx_export import build_ridge_onnx, check_onnx, export_model_dir
+from brainrecon.export.onnx_export import check_onnx
+from brainrecon.export.stage1 import build_ridge_onnx
+from brainrecon.export.subject import export_model_dir
 from brainrecon.export.validate import (
     GraphCheckError,
     ParityError,
@@ -324,7 +326,74 @@ def test_failed_validation_leaves_previous_files_and_no_partial_file(tiny, tmp_p
     monkeypatch.setattr(fp16, "convert_to_fp16", killed)
     with pytest.raises(KeyboardInterrupt):
         export_model_dir(fresh, stage="gru", precision="both")
-    assert list((fresh / "onnx").iterdir()) == [] and not (fresh / MANIFEST_FILE).exists()
+    assert not (fresh / "onnx").exists() and not (fresh / MANIFEST_FILE).exists()
+    assert not list(fresh.glob(".export-*"))  # the staging folder is gone too
+
+
+def test_failed_engine_build_leaves_the_previous_export_loadable(tiny, tmp_path, monkeypatch):
+    """A failure after the ONNX files and scheduler are staged (here: the TensorRT build) publishes nothing."""
+    import brainrecon.export.tensorrt as tensorrt
+    from brainrecon.export.tensorrt import EngineBuildError
+    from brainrecon.runtime.stage1 import Stage1Pipeline
+
+    model_dir = copy_model_dir(tiny["gru"], tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (model_dir / "onnx").iterdir()}
+    manifest_before = (model_dir / MANIFEST_FILE).read_bytes()
+
+    def failing_build(root, model_dir_, onnx_artifacts):
+        assert (root / onnx_artifacts[0].path).is_file()  # the new ONNX files exist, staged
+        raise EngineBuildError("TensorRT could not parse the ONNX model (test)")
+
+    monkeypatch.setattr(tensorrt, "build_engines_for", failing_build)
+    with pytest.raises(EngineBuildError):
+        export_model_dir(model_dir, stage="gru", precision="both", validate=False)
+    assert {p.name: p.read_bytes() for p in (model_dir / "onnx").iterdir()} == before
+    assert (model_dir / MANIFEST_FILE).read_bytes() == manifest_before
+    assert not list(model_dir.glob(".export-*"))
+    Stage1Pipeline.from_model_dir(model_dir)  # verifies every hash: the old export still loads
+
+
+def test_crash_while_publishing_leaves_no_manifest_not_a_mixed_export(tiny, tmp_path, monkeypatch):
+    import brainrecon.export.subject as subject
+    from brainrecon.errors import MissingFileError
+    from brainrecon.runtime.stage1 import Stage1Pipeline
+
+    model_dir = copy_model_dir(tiny["gru"], tmp_path / "m")
+    real_replace, moved = subject.os.replace, []
+
+    def crash_after_first_move(src, dst):
+        if Path(dst).parent == model_dir / "onnx":  # a staged ONNX file being published
+            if moved:
+                raise KeyboardInterrupt  # killed in the middle of publishing
+            moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(subject.os, "replace", crash_after_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        export_model_dir(model_dir, stage="gru", precision="both", validate=False)
+    assert moved and not (model_dir / MANIFEST_FILE).exists()
+    with pytest.raises(MissingFileError, match="recon-export"):
+        Stage1Pipeline.from_model_dir(model_dir)
+
+
+def test_reexport_drops_entries_of_files_that_are_gone_and_keeps_the_others(tiny, tmp_path):
+    model_dir = copy_model_dir(tiny["gru"], tmp_path / "m")
+    (model_dir / "onnx" / "vdvae_decoder.fp16.onnx").unlink()
+    export_model_dir(model_dir, stage="gru", precision="fp32", validate=False)
+    paths = {a.path for a in load_manifest(model_dir).artifacts}
+    assert "onnx/vdvae_decoder.fp16.onnx" not in paths  # its file is gone
+    assert {"onnx/vdvae_decoder.fp32.onnx", "onnx/gru.fp16.onnx", "onnx/gru.fp32.onnx"} <= paths  # kept
+    verify_manifest(model_dir)
+
+
+def test_an_unreadable_old_manifest_is_replaced_with_a_warning(tiny, tmp_path):
+    from brainrecon.manifest import ManifestWarning
+
+    model_dir = copy_model_dir(tiny["gru"], tmp_path / "m")
+    (model_dir / MANIFEST_FILE).write_text('{"manifest_version": 0, "artifacts": []}')
+    with pytest.warns(ManifestWarning, match="manifest_version"):
+        export_model_dir(model_dir, stage="gru", precision="fp32", validate=False)
+    assert {a.model for a in load_manifest(model_dir).artifacts if a.kind == "onnx"} == {"gru"}
 
 
 def test_export_refuses_bad_stage_and_precision(tiny):
@@ -436,9 +505,5 @@ def test_tensorrt_engines_build_and_match_onnx_runtime(tiny, tmp_path):
         trt = Stage1Pipeline.from_model_dir(model_dir, "trt", precision).run(betas)
         assert np.abs(ort.images.astype(int) - trt.images.astype(int)).mean() <= mean_tol
     again = export_model_dir(model_dir, stage="all", precision="both")  # reused: same key, intact bytes
-    assert again["engines"]["built"] == summary["engines"]["built"]
+    assert again["engines"]["reused"] == summary["engines"]["built"] and again["engines"]["built"] == []
 
-
-def test_errors_are_brainrecon_errors():
-    for cls in (ParityError, GraphCheckError, EngineMismatchError):
-        assert issubclass(cls, BrainReconError)

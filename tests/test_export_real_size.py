@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 @pytest.mark.parametrize("num_layers", [31])
 def test_imagenet64_decoder_exports_with_parity(tmp_path, num_layers):
     from brainrecon.export.contracts import vdvae_decoder_contract
-    from brainrecon.export.onnx_export import _torch_reference, check_onnx, export_torchscript
+    from brainrecon.export.onnx_export import check_onnx, export_torchscript, torch_reference
     from brainrecon.export.validate import validate_onnx
     from brainrecon.train.foundations.vdvae import VDVAE, VDVAEDecoder, latent_dims, vdvae_config
 
@@ -24,7 +24,7 @@ def test_imagenet64_decoder_exports_with_parity(tmp_path, num_layers):
     export_torchscript(decoder, contract, path, external_threshold=2**31 - 2**27)
     check_onnx(path)
     report = validate_onnx(
-        contract, path, _torch_reference(decoder, "vdvae_latents", "images"), "fp32", batches=(1, 2)
+        contract, path, torch_reference(decoder, "vdvae_latents", "images"), "fp32", batches=(1, 2)
     )
     assert report  # validate_onnx raises ParityError beyond the contract's fp32 tolerance
 
@@ -33,7 +33,7 @@ def test_imagenet64_decoder_exports_with_parity(tmp_path, num_layers):
 def test_real_size_gru_exports_with_parity(tmp_path):
     """The seed paper's mapper at NSD size: 15,724 voxels -> 13,344 latents, 12,400,344 parameters."""
     from brainrecon.export.contracts import gru_contract
-    from brainrecon.export.onnx_export import _torch_reference, check_onnx, export_torchscript
+    from brainrecon.export.onnx_export import check_onnx, export_torchscript, torch_reference
     from brainrecon.export.validate import check_gru_linear_before_reset, validate_onnx
     from brainrecon.train.stage1.gru import GRUMapper, GRUMapperConfig, count_parameters
 
@@ -48,5 +48,5 @@ def test_real_size_gru_exports_with_parity(tmp_path):
 
     check_gru_linear_before_reset(onnx.load(str(path)), "gru")
     assert validate_onnx(
-        contract, path, _torch_reference(model, "betas", "vdvae_latents"), "fp32", batches=(1, 3)
+        contract, path, torch_reference(model, "betas", "vdvae_latents"), "fp32", batches=(1, 3)
     )

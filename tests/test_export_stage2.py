@@ -18,10 +18,12 @@ import torch
 
 from brainrecon.errors import InputError, MissingFileError
 from brainrecon.export.contracts import TRAIN_TIMESTEPS, unet_contract, vae_encoder_contract
-from brainrecon.export.onnx_export import STAGE2_DATA_FILES, STAGE2_MODELS, export_model_dir
-from brainrecon.export.stage2 import SCHEDULER_FILE, context_pool
+from brainrecon.export.stage2 import context_pool
+from brainrecon.export.subject import STAGE2_DATA_FILES, export_model_dir
 from brainrecon.export.validate import ort_session
 from brainrecon.manifest import MANIFEST_FILE, verify_manifest
+from brainrecon.model_dir import SCHEDULER as SCHEDULER_FILE
+from brainrecon.model_dir import STAGE2_MODELS
 from brainrecon.train.foundations.dual_unet import set_mix_ratio
 from brainrecon.train.stage1.ridge import renormalize_predictions
 from brainrecon.train.stage2.fit import Stage2Model

@@ -51,7 +51,7 @@ def tiny2(tmp_path_factory) -> dict[str, Path]:
     if not exported:
         import torch
 
-        from brainrecon.export.onnx_export import export_model_dir
+        from brainrecon.export.subject import export_model_dir
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from brainrecon.errors import ConfigError, InputError
+from brainrecon.sampling import SamplingConfig
 from brainrecon.train.stage2.img2img import (
-    Img2ImgConfig,
     decode_latents,
     denoise,
     denoising_timesteps,
@@ -22,7 +22,7 @@ from brainrecon.train.stage2.img2img import (
 )
 
 ATOL_LATENT = 1e-5  # guidance 1 vs the conditional branch alone: same ops, (u + (c - u)) rounding only
-FAST = Img2ImgConfig(num_inference_steps=8)  # strength 0.75 -> 6 UNet calls; keeps the file at a few seconds
+FAST = SamplingConfig(num_inference_steps=8)  # strength 0.75 -> 6 UNet calls; keeps the file at a few seconds
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def parts():
     return {"unet": unet, "vae": vae, "scheduler": scheduler, "dual": dual, "images": images, "ctx": ctx}
 
 
-def _run(parts, config: Img2ImgConfig = FAST, **overrides) -> np.ndarray:
+def _run(parts, config: SamplingConfig = FAST, **overrides) -> np.ndarray:
     kw = {"init_images": parts["images"], **parts["ctx"], **overrides}
     return img2img(
         parts["unet"], parts["vae"], parts["scheduler"], config=config, dual_config=parts["dual"], **kw
@@ -135,5 +135,5 @@ def test_bad_inputs_raise_one_line(parts, override, match) -> None:
 )
 def test_bad_config_raises(kwargs) -> None:
     with pytest.raises(ConfigError) as info:
-        Img2ImgConfig(**kwargs)
+        SamplingConfig(**kwargs)
     assert "\n" not in str(info.value)

@@ -14,8 +14,9 @@ import pytest
 
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.images import resize
+from brainrecon.sampling import SamplingConfig
 from brainrecon.train.stage2.fit import Stage2Config, Stage2Model, fit_stage2
-from brainrecon.train.stage2.img2img import Img2ImgConfig, decode_latents, encode_images
+from brainrecon.train.stage2.img2img import decode_latents, encode_images
 from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, save_tiny_unet, tiny_unet_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -32,7 +33,7 @@ def model(tiny) -> Stage2Model:
 
 
 @pytest.fixture(scope="module")
-def fast(model) -> Img2ImgConfig:
+def fast(model) -> SamplingConfig:
     """The fitted sampling settings (the VAE's own latent scale) on a short schedule."""
     return dataclasses.replace(model.sampling, num_inference_steps=FAST_STEPS)
 
@@ -50,7 +51,7 @@ def test_fit_writes_reduced_rank_regressors_and_contexts(tiny, model):
     assert model.uncond["text"].shape == (1, 77, 128) and model.uncond["vision"].shape == (1, 65, 128)
     # Brain-Diffuser's settings, with the latent scale of the VAE the UNet was trained on
     scale = model.vae.config.scaling_factor
-    assert info["sampling"] == dataclasses.asdict(Img2ImgConfig(vae_scale_factor=scale))
+    assert info["sampling"] == dataclasses.asdict(SamplingConfig(vae_scale_factor=scale))
 
 
 def test_predicted_contexts_track_the_targets(tiny, model):

@@ -402,8 +402,8 @@ def reconstruct(
         import dataclasses
 
         from brainrecon.io import read_json
+        from brainrecon.sampling import SamplingConfig
         from brainrecon.train.stage2.fit import reconstruct_test_set as reconstruct_two_stage
-        from brainrecon.train.stage2.img2img import Img2ImgConfig
 
         info = read_json(model_dir / "stage2" / "stage2.json", "stage-2 summary (recon-train subject)")
         changes = {
@@ -414,7 +414,7 @@ def reconstruct(
             "mix_ratio": mix,
         }
         sampling = dataclasses.replace(
-            Img2ImgConfig(**info["sampling"]), **{k: v for k, v in changes.items() if v is not None}
+            SamplingConfig(**info["sampling"]), **{k: v for k, v in changes.items() if v is not None}
         )
         metrics = reconstruct_two_stage(model_dir, data, out, overwrite=overwrite, sampling=sampling)
         summary = {

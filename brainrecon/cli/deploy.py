@@ -1,6 +1,6 @@
 """Deployment commands: `recon-export` (torch → ONNX → engines) and `recon-infer` (the lean runtime, torch-free).
 
-Thin wiring; the logic lives in `brainrecon.export.onnx_export.export_model_dir` and
+Thin wiring; the logic lives in `brainrecon.export.subject.export_model_dir` and
 `brainrecon.runtime.infer.run_inference`. Heavy imports happen inside the commands, so `recon-infer` never loads
 torch (tests/test_runtime.py checks `sys.modules`). Exit codes: 0 ok, 1 failure (one-line error), 2 usage.
 """
@@ -50,7 +50,7 @@ def export(
             {"manifest_version": manifest.manifest_version, "artifacts verified": len(manifest.artifacts)},
         )
         return
-    from brainrecon.export.onnx_export import PRECISION_CHOICES, STAGES, export_model_dir
+    from brainrecon.export.subject import PRECISION_CHOICES, STAGES, export_model_dir
 
     if stage not in STAGES:
         raise typer.BadParameter(

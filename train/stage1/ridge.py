@@ -23,6 +23,7 @@ import scipy.linalg
 from brainrecon.config import load_config, save_config
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.io import atomic_path
+from brainrecon.normalize import renormalize_predictions  # noqa: F401 (re-exported)
 
 OUTPUT_CHUNK = (
     8192  # output columns solved at a time: bounds float64 temporaries to n × 8192 (≈ 0.6 GB at n=8859)
@@ -287,35 +288,3 @@ def target_stats(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(Y, np.ndarray) or Y.ndim != 2 or len(Y) < 2:
         raise InputError("Y", "an array of shape (n_samples >= 2, n_targets)", _describe(Y))
     return Y.mean(axis=0, dtype=np.float64), Y.std(axis=0, dtype=np.float64)
-
-
-def renormalize_predictions(pred: np.ndarray, target_mean: np.ndarray, target_std: np.ndarray) -> np.ndarray:
-    """Brain-Diffuser's re-normalisation of regressor outputs (every regression script there, and the GRU repo's
-    `normalize_pred`): standardise each output dimension over the given prediction set (ddof=0), then scale to the
-    training targets' mean and std (`target_stats`).
-
-    Transductive: the statistics come from the whole set being predicted (the test set in the papers), so one
-    prediction depends on the others and a set of one is meaningless. Kept for parity with the published numbers.
-    A dimension whose predictions are constant has no spread to rescale; it is set to the target mean (the
-    original divides by zero and produces NaN there). Returns float32, shape of `pred`.
-    """
-    if not isinstance(pred, np.ndarray) or pred.ndim != 2:
-        raise InputError("pred", "an array of shape (n_samples, n_targets)", _describe(pred))
-    if pred.shape[0] < 2:
-        raise InputError(
-            "pred", "at least 2 predictions (statistics are taken over the set)", f"{pred.shape[0]}"
-        )
-    d = pred.shape[1]
-    target_mean = np.asarray(target_mean, dtype=np.float64)
-    target_std = np.asarray(target_std, dtype=np.float64)
-    if target_mean.shape != (d,) or target_std.shape != (d,):
-        raise InputError(
-            "target stats", f"mean and std of shape ({d},)", f"{target_mean.shape} and {target_std.shape}"
-        )
-    if not np.all(np.isfinite(pred)):
-        raise InputError("pred", "finite values", f"{int(np.sum(~np.isfinite(pred)))} NaN/Inf values")
-    pred64 = pred.astype(np.float64)
-    mean = pred64.mean(axis=0)  # (D,)
-    std = pred64.std(axis=0)  # (D,) ddof=0
-    z = np.divide(pred64 - mean, std, out=np.zeros_like(pred64), where=std > 0)
-    return (z * target_std + target_mean).astype(np.float32)

@@ -31,11 +31,12 @@ from brainrecon.errors import ConfigError, InputError
 from brainrecon.images import resize
 from brainrecon.io import atomic_dir, load_npy, read_json, save_npy, write_json
 from brainrecon.noise import img2img_noise
+from brainrecon.sampling import SamplingConfig
 from brainrecon.train.foundations.dual_unet import DualUNetConfig
 from brainrecon.train.foundations.loaders import DEFAULTS, load_clip, load_unet, load_vae
 from brainrecon.train.stage1.fit import Stage1Model, copy_preprocessing, load_prepared
 from brainrecon.train.stage2.clip_ridge import ClipRidge, fit_clip_ridge
-from brainrecon.train.stage2.img2img import Img2ImgConfig, img2img, vd_scheduler
+from brainrecon.train.stage2.img2img import img2img, vd_scheduler
 
 STAGE_DIR = "stage2"
 SHEET_ROWS = {  # compare_stage2 runs shown in its contact sheet, with their row labels
@@ -131,7 +132,7 @@ def fit_stage2(data_dir: str | Path, model_dir: str | Path, config: Stage2Config
             "config": config_to_dict(config),
             # the latent scale the UNet was trained with: the VAE's own (0.18215 for Versatile Diffusion's)
             "sampling": config_to_dict(
-                Img2ImgConfig(seed=config.seed, vae_scale_factor=float(vae.config.scaling_factor))
+                SamplingConfig(seed=config.seed, vae_scale_factor=float(vae.config.scaling_factor))
             ),
             "foundation": {"clip": clip_info, "vae": vae_info, "unet": unet_info},
             "dual_unet": config_to_dict(dual_config),
@@ -164,7 +165,7 @@ class Stage2Model:
     unet: UNet2DConditionModel
     dual_config: DualUNetConfig
     uncond: dict[str, np.ndarray]  # "text" (1, Nt, D), "vision" (1, Nv, D)
-    sampling: Img2ImgConfig
+    sampling: SamplingConfig
     info: dict
 
     @classmethod
@@ -189,7 +190,7 @@ class Stage2Model:
             unet=unet,
             dual_config=dual_config,
             uncond={name: load_npy(stage_dir / f"uncond_{name}.npy") for name in CLIP_TARGETS},
-            sampling=config_from_dict(Img2ImgConfig, info["sampling"], str(stage_dir / "stage2.json")),
+            sampling=config_from_dict(SamplingConfig, info["sampling"], str(stage_dir / "stage2.json")),
             info=info,
         )
 
@@ -204,7 +205,7 @@ class Stage2Model:
     def reconstruct(
         self,
         betas: np.ndarray,
-        sampling: Img2ImgConfig | None = None,
+        sampling: SamplingConfig | None = None,
         contexts: dict[str, np.ndarray] | None = None,
         batch_size: int = 50,
         progress: bool = True,
@@ -265,7 +266,7 @@ def reconstruct_test_set(
     data_dir: str | Path,
     out: str | Path,
     overwrite: bool = False,
-    sampling: Img2ImgConfig | None = None,
+    sampling: SamplingConfig | None = None,
 ) -> dict:
     """Two-stage reconstructions of a recon-prepare test set: PNGs, contact sheet, metrics.json, atomically."""
     from brainrecon.images import contact_sheet, save_png

@@ -16,14 +16,13 @@ checked against this file step by step. Two deliberate differences from diffuser
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.noise import img2img_noise
+from brainrecon.sampling import SamplingConfig
 from brainrecon.train.foundations.dual_unet import (
     DualUNetConfig,
     build_dual_unet,
@@ -42,38 +41,6 @@ VD_SCHEDULER_KWARGS = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
-
-
-@dataclass(frozen=True)
-class Img2ImgConfig:
-    """Brain-Diffuser's stage-2 sampling settings (facts.md section 1)."""
-
-    num_inference_steps: int = 50
-    strength: float = 0.75  # fraction of the schedule re-noised: 50 * 0.75 -> 37 denoising steps
-    guidance_scale: float = 7.5
-    eta: float = (
-        0.0  # deterministic DDIM; the only value supported, so a runtime can match bit-for-bit noise use
-    )
-    seed: int = 0
-    vae_scale_factor: float = 0.18215
-    mix_ratio: float = 0.6  # vision weight of the dual cross-attention (text weight 0.4)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
-            raise ConfigError(
-                f"Img2ImgConfig: expected num_inference_steps >= 1, found {self.num_inference_steps}"
-            )
-        if not 0.0 <= self.strength <= 1.0:
-            raise ConfigError(f"Img2ImgConfig: expected strength in [0, 1], found {self.strength}")
-        if self.eta != 0.0:
-            # eta > 0 draws fresh noise inside every step from a global RNG the runtime cannot reproduce.
-            raise ConfigError(f"Img2ImgConfig: expected eta 0.0 (deterministic DDIM), found {self.eta}")
-        if not np.isfinite(self.guidance_scale):
-            raise ConfigError(f"Img2ImgConfig: expected a finite guidance_scale, found {self.guidance_scale}")
-        if not self.vae_scale_factor > 0:
-            raise ConfigError(f"Img2ImgConfig: expected vae_scale_factor > 0, found {self.vae_scale_factor}")
-        if not 0.0 <= self.mix_ratio <= 1.0:
-            raise ConfigError(f"Img2ImgConfig: expected mix_ratio in [0, 1], found {self.mix_ratio}")
 
 
 def vd_scheduler() -> DDIMScheduler:
@@ -103,12 +70,12 @@ def check_inputs(
     text_ctx: torch.Tensor,
     uncond_vision: torch.Tensor,
     uncond_text: torch.Tensor,
-    config: Img2ImgConfig,
+    config: SamplingConfig,
     noise: torch.Tensor | None = None,
 ) -> None:
     """One-line InputError/ConfigError before any network runs. Token shapes are checked by `dual_context`."""
-    if not isinstance(config, Img2ImgConfig):
-        raise ConfigError(f"img2img: expected an Img2ImgConfig, found {type(config).__name__}")
+    if not isinstance(config, SamplingConfig):
+        raise ConfigError(f"img2img: expected an SamplingConfig, found {type(config).__name__}")
     images = np.asarray(init_images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise InputError("init_images", "uint8 (B, H, W, 3)", f"{images.dtype} {images.shape}")
@@ -168,7 +135,7 @@ def denoise(
     init_latents: torch.Tensor,  # (B, 4, h, w), scaled
     cond_ctx: torch.Tensor,  # (B, Nv + Nt, D)
     uncond_ctx: torch.Tensor,  # (1, Nv + Nt, D)
-    config: Img2ImgConfig,
+    config: SamplingConfig,
     noise: torch.Tensor | None = None,  # (B, 4, h, w)
 ) -> torch.Tensor:
     """Noise the init latents to the start of the truncated schedule, then DDIM-denoise with guidance.
@@ -207,7 +174,7 @@ def img2img(
     text_ctx: torch.Tensor,  # (B, Nt, D) predicted CLIP-text tokens
     uncond_vision: torch.Tensor,  # (1, Nv, D) CLIP-vision of a black image
     uncond_text: torch.Tensor,  # (1, Nt, D) CLIP-text of ""
-    config: Img2ImgConfig,
+    config: SamplingConfig,
     *,
     dual_config: DualUNetConfig,
     noise: torch.Tensor | None = None,  # (B, 4, H/f, W/f); default: seeded_noise(shape, config.seed)

@@ -1,0 +1,240 @@
+"""Export one subject model folder: every model of a stage → validated ONNX (+ engines) + manifest, all or nothing.
+
+    export_model_dir(model_dir, stage="all", precision="both")
+      sources         stage1.py (regressor, VDVAE decoder), stage2.py (CLIP ridges, VAE, UNet)
+      stage           onnx_export.stage_contract per contract (export, fp16, check, validate)  → staging/onnx/
+      scheduler       stage 2 only: diffusers' DDIM tables (stage2.py)                        → staging/stage2/
+      engines         TensorRT when present (tensorrt.py), else skipped with the reason       → staging/trt/
+      manifest        every file hashed, merged with the old manifest's still-valid entries   → staging/
+      publish         old manifest removed, staged files moved into place, new manifest moved last
+
+A failure before `publish` (a parity error, a TensorRT build error, a crash) leaves the previous export whole and
+loadable, and removes the staging folder. `publish` is a handful of renames on one filesystem; the manifest goes
+first and comes back last, so even a crash inside it leaves either the old export or no manifest (the runtime then
+says to re-export), never new files under an old manifest.
+
+Stages: "stage1" = the stage-1 regressor + vdvae_decoder; "gru", "ridge", "vdvae" = one of them; "stage2" = clip_text,
+clip_vision, vae_encoder, vae_decoder, unet (needs model_dir/stage2/ from recon-train subject --stage clip);
+"all" = stage 1, plus stage 2 when model_dir/stage2/stage2.json exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from brainrecon import model_dir as layout
+from brainrecon.errors import ConfigError, InputError, MissingFileError
+from brainrecon.export.contracts import PRECISIONS
+from brainrecon.export.onnx_export import EXTERNAL_DATA_THRESHOLD, ExportSource, StagedFile, stage_contract
+from brainrecon.io import read_json
+from brainrecon.manifest import Artifact, describe_file, write_manifest
+
+STAGES = ("stage1", "gru", "ridge", "vdvae", "stage2", "all")
+PRECISION_CHOICES = ("fp32", "fp16", "both")
+# Files the runtime reads beside the models; hashed into the manifest like them (scheduler.json is written here).
+STAGE1_DATA_FILES = layout.PREPROCESS_FILES + layout.STAGE1_FILES
+STAGE2_DATA_FILES = layout.STAGE2_FILES
+
+
+def stage1_summary(model_dir: Path) -> dict[str, Any]:
+    return read_json(model_dir / layout.STAGE1_SUMMARY, "stage-1 summary (run recon-train subject first)")
+
+
+def contract_names(model_dir: Path, stage: str) -> list[str]:
+    """Contracts exported for `stage` given what the model directory holds."""
+    if stage not in STAGES:
+        raise ConfigError(f"export stage: expected one of {STAGES}, found {stage!r}")
+    has_stage2 = (model_dir / layout.STAGE2_SUMMARY).is_file()
+    if stage == "stage2":
+        if not has_stage2:
+            raise MissingFileError(
+                model_dir / layout.STAGE2_SUMMARY,
+                "stage-2 summary",
+                "run recon-train subject --stage clip first",
+            )
+        return list(layout.STAGE2_MODELS)
+    regressor = stage1_summary(model_dir)["config"]["regressor"]
+    if stage in layout.REGRESSORS and stage != regressor:
+        raise InputError(
+            model_dir / layout.STAGE1_SUMMARY,
+            f"a {stage} stage-1 regressor (recon-train subject --regressor {stage})",
+            f"a {regressor} regressor (export --stage {regressor} or stage1)",
+        )
+    if stage in layout.REGRESSORS:
+        return [stage]
+    if stage == "vdvae":
+        return [layout.VDVAE_DECODER]
+    stage1 = [regressor, layout.VDVAE_DECODER]
+    return stage1 + list(layout.STAGE2_MODELS) if stage == "all" and has_stage2 else stage1
+
+
+def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
+    """Each contract's source from the torch references: stage 1 from `Stage1Model.load` (checks the VDVAE hash),
+    stage 2 from `Stage2Model.load` (checks the VAE and UNet hashes), each loaded only when needed."""
+    from brainrecon.export.stage1 import load_stage1_sources
+
+    stage2 = [n for n in names if n in layout.STAGE2_MODELS]
+    stage1 = [n for n in names if n not in layout.STAGE2_MODELS]
+    sources: list[ExportSource] = []
+    model1 = None
+    if stage2:
+        from brainrecon.export.stage2 import stage2_sources
+        from brainrecon.train.stage2.fit import Stage2Model
+
+        model2 = Stage2Model.load(model_dir)
+        model1 = model2.stage1
+        sources += stage2_sources(model2, stage2)
+    if stage1:
+        sources = load_stage1_sources(model_dir, stage1, model1) + sources
+    return sources
+
+
+def _precisions(precision: str) -> tuple[str, ...]:
+    if precision not in PRECISION_CHOICES:
+        raise ConfigError(f"export precision: expected one of {PRECISION_CHOICES}, found {precision!r}")
+    return PRECISIONS if precision == "both" else (precision,)
+
+
+@contextlib.contextmanager
+def staging_root(model_dir: Path) -> Iterator[Path]:
+    """A scratch folder inside the model folder (same filesystem: os.replace is atomic), always removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", suffix=".tmp", dir=model_dir))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _onnx_artifact(root: Path, f: StagedFile, rel_dir: str) -> tuple[list[Artifact], dict[str, Any]]:
+    """The manifest entries of one staged ONNX file (and its external data), hashed where they are staged."""
+    rel = f"{rel_dir}/{f.path.name}"
+    data_rels = [f"{rel_dir}/{p.name}" for p in f.external_data]
+    entries = [
+        describe_file(root, r, "onnx_data", model=f.contract.name, precision=f.precision) for r in data_rels
+    ]
+    entries.append(
+        describe_file(
+            root,
+            rel,
+            "onnx",
+            model=f.contract.name,
+            precision=f.precision,
+            opset=f.contract.opset,
+            exporter=f.contract.exporter,
+            io=f.contract.io_spec(),
+            validation=f.validation,
+            external_data=tuple(data_rels),
+        )
+    )
+    summary = {
+        "model": f.contract.name,
+        "precision": f.precision,
+        "path": rel,
+        "bytes": sum(e.size for e in entries),
+        "external_data": data_rels,
+        "export_seconds": round(f.seconds, 2),
+    }
+    return entries, summary
+
+
+def publish(root: Path, model_dir: Path, staged: list[str]) -> None:
+    """Move the staged files (relative paths under `root`) into `model_dir`, the manifest out first and in last.
+
+    The ONNX file that an external-data file belongs to moves after it; a stale `.data` file next to a re-exported
+    ONNX that no longer has external data is removed."""
+    manifest = model_dir / layout.MANIFEST
+    manifest.unlink(missing_ok=True)
+    for rel in sorted(staged, key=lambda r: not r.endswith(".data")):  # data files first
+        target = model_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(root / rel, target)
+        if rel.endswith(".onnx") and f"{rel}.data" not in staged:
+            target.with_name(target.name + ".data").unlink(missing_ok=True)
+    os.replace(root / layout.MANIFEST, manifest)
+
+
+def export_model_dir(
+    model_dir: str | Path,
+    stage: str = "all",
+    precision: str = "both",
+    validate: bool = True,
+    engines: bool = True,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> dict[str, Any]:
+    """Export the models of `stage` from `model_dir` to `model_dir/onnx/<name>.<precision>.onnx`, validate them
+    (unless `validate=False`), build TensorRT engines when TensorRT and a GPU are present (else say why not), and
+    record everything in `model_dir/manifest.json`; nothing is published unless all of it succeeded. Returns a
+    JSON-able summary. `external_data_threshold` (bytes of weights) decides when weights go to `<file>.data`; lower
+    it to exercise that path on a small model.
+    """
+    model_dir = Path(model_dir)
+    t_start = time.perf_counter()
+    precisions = _precisions(precision)
+    if not model_dir.is_dir():
+        raise MissingFileError(model_dir, "model directory", "run recon-train subject first")
+    names = contract_names(model_dir, stage)
+    with_stage2 = any(n in layout.STAGE2_MODELS for n in names)
+    data_files = STAGE1_DATA_FILES + (STAGE2_DATA_FILES if with_stage2 else ())
+    for rel in data_files:
+        if not (model_dir / rel).is_file():
+            hint = (
+                "run recon-train subject --stage clip"
+                if rel.startswith("stage2/")
+                else "run recon-train subject"
+            )
+            raise MissingFileError(model_dir / rel, "model directory file", f"{hint} first")
+    sources = load_sources(model_dir, names)
+
+    with staging_root(model_dir) as root:
+        onnx_staging = root / layout.ONNX_DIR
+        onnx_staging.mkdir()
+        staged_files = [
+            f
+            for s in sources
+            for f in stage_contract(s, onnx_staging, precisions, validate, external_data_threshold)
+        ]
+        artifacts: list[Artifact] = [describe_file(model_dir, rel, "data") for rel in data_files]
+        staged: list[str] = []
+        exported = []
+        for f in staged_files:
+            entries, summary = _onnx_artifact(root, f, layout.ONNX_DIR)
+            artifacts += entries
+            staged += [e.path for e in entries]
+            exported.append(
+                {**summary, "validation": f.validation if validate else "skipped (validate=False)"}
+            )
+        if with_stage2:
+            from brainrecon.export.stage2 import write_scheduler_json
+
+            rel = write_scheduler_json(model_dir, root)
+            artifacts.append(describe_file(root, rel, "data"))
+            staged.append(rel)
+        engine_summary: dict[str, Any] = {
+            "built": [],
+            "reused": [],
+            "skipped": "not requested (engines=False)",
+        }
+        if engines:
+            from brainrecon.export.tensorrt import build_engines_for
+
+            onnx_artifacts = [a for a in artifacts if a.kind == "onnx"]
+            engine_artifacts, engine_summary = build_engines_for(root, model_dir, onnx_artifacts)
+            artifacts += engine_artifacts
+            staged += engine_summary["built"]
+        write_manifest(model_dir, artifacts, out=root / layout.MANIFEST)
+        publish(root, model_dir, staged)
+    return {
+        "model_dir": str(model_dir),
+        "stage": stage,
+        "exported": exported,
+        "engines": engine_summary,
+        "manifest": str(model_dir / layout.MANIFEST),
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
