@@ -16,6 +16,17 @@ Input convention: images are uint8 RGB in [0, 255] and go through the CLIP image
 passed float tensors in [-1, 1] to the processor; transformers 4.19 turned floats into uint8 by ×255 (wrapping
 negatives), while ≥ 4.2x rescales floats by 1/255: this is one way its CLIP-vision features changed between 4.19.2
 and 4.33 (facts §1). uint8 input means the same thing to every transformers version.
+
+Two folder layouts load (`CLIPFeatureExtractor.from_pretrained`):
+
+    a CLIPModel folder (openai/clip-vit-large-patch14, or the shipped small CLIP):
+        config.json (text_config + vision_config), model.safetensors | pytorch_model.bin, tokenizer files,
+        [preprocessor_config.json]
+    a diffusers Versatile Diffusion folder (shi-labs/versatile-diffusion layout), CLIP kept apart:
+        text_encoder/            CLIPTextModelWithProjection  (config.json + weights)
+        image_encoder/           CLIPVisionModelWithProjection
+        tokenizer/               CLIPTokenizer: vocab.json + merges.txt (slow BPE files; a tokenizer.json also works)
+        image_feature_extractor/ CLIPImageProcessor (preprocessor_config.json)
 """
 
 from __future__ import annotations
@@ -31,8 +42,10 @@ import torch
 from PIL import Image
 from transformers import (
     CLIPImageProcessor,
+    CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -51,6 +64,13 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "[PAD]", "<eos>", "</s>")
+# Where a diffusers Versatile Diffusion folder keeps each CLIP part (VersatileDiffusionPipeline's component names).
+VD_CLIP_PARTS = {
+    "text": "text_encoder",
+    "vision": "image_encoder",
+    "tokenizer": "tokenizer",
+    "processor": "image_feature_extractor",
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,90 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(old)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def is_versatile_diffusion_folder(folder: str | Path) -> bool:
+    """A diffusers Versatile Diffusion folder: CLIP split into text_encoder/ and image_encoder/ (module doc)."""
+    folder = Path(folder)
+    return (folder / VD_CLIP_PARTS["text"]).is_dir() and (folder / VD_CLIP_PARTS["vision"]).is_dir()
+
+
+def clip_shapes(text_config: CLIPTextConfig, vision_config: CLIPVisionConfig) -> ClipFeatureShapes:
+    """Token counts and width of the features, from the two towers' configs (what the UNet must be built for)."""
+    return ClipFeatureShapes(
+        text_tokens=text_config.max_position_embeddings,
+        vision_tokens=1 + (vision_config.image_size // vision_config.patch_size) ** 2,
+        dim=text_config.projection_dim,
+    )
+
+
+def versatile_diffusion_clip_shapes(folder: str | Path) -> ClipFeatureShapes:
+    """The CLIP feature shapes of a Versatile Diffusion folder, from its encoders' config.json only (no weights)."""
+    folder = Path(folder)
+    configs = []
+    for part, config_cls in (("text", CLIPTextConfig), ("vision", CLIPVisionConfig)):
+        path = folder / VD_CLIP_PARTS[part] / "config.json"
+        if not path.is_file():
+            raise MissingFileError(path, f"Versatile Diffusion {VD_CLIP_PARTS[part]} config")
+        with _quiet_transformers():
+            configs.append(config_cls.from_pretrained(path.parent))
+    return clip_shapes(*configs)
+
+
+def versatile_diffusion_clip_files(folder: str | Path) -> list[Path]:
+    """Every file the CLIP features of a Versatile Diffusion folder depend on: both encoders' weights (all shards),
+    the tokenizer's vocabulary files and the image processor's config. Raises MissingFileError for a missing part."""
+    folder = Path(folder)
+    parts = {key: folder / name for key, name in VD_CLIP_PARTS.items()}
+    for key, path in parts.items():
+        if not path.is_dir():
+            raise MissingFileError(
+                path,
+                f"Versatile Diffusion {VD_CLIP_PARTS[key]}/ folder",
+                f"expected {', '.join(v + '/' for v in VD_CLIP_PARTS.values())}",
+            )
+    files = weight_files(parts["text"]) + weight_files(parts["vision"])
+    tokenizer = [parts["tokenizer"] / n for n in ("vocab.json", "merges.txt")]
+    if not all(f.is_file() for f in tokenizer):
+        tokenizer = [parts["tokenizer"] / "tokenizer.json"]
+    processor = parts["processor"] / "preprocessor_config.json"
+    for f in [*tokenizer, processor]:
+        if not f.is_file():
+            raise MissingFileError(f, f"Versatile Diffusion {f.parent.name} file")
+    return files + tokenizer + [processor]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The transformers weight file(s) of a model folder, in WEIGHT_FILES' order of preference; a sharded
+    checkpoint gives its index and every shard it names."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise InputError(
+                path, "a sharded-checkpoint index with a weight_map", type(exc).__name__
+            ) from exc
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise MissingFileError(folder / missing[0], f"weight shard named in {name}")
+        return [path, *(folder / s for s in shards)]
+    raise MissingFileError(folder, "CLIP weights", f"expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _load_tower(model_cls: type, folder: Path):
+    """One CLIP tower in fp32; a missing or mis-shaped key (a randomly initialised layer) is refused."""
+    weight_files(folder)  # a one-line MissingFileError before transformers' own message
+    with _quiet_transformers():
+        model, info = model_cls.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        bad = sorted(info["missing_keys"]) + sorted(str(k[0]) for k in info["mismatched_keys"])
+        raise MissingFileError(folder, f"{model_cls.__name__} weights", f"absent or mis-shaped: {bad[:5]}")
+    return model
 
 
 def _read_config(folder: Path) -> dict:
@@ -175,21 +279,18 @@ class CLIPFeatureExtractor:
         self.preprocess = preprocess
         self.source = source
         self.batch_size = batch_size
-        vcfg = vision_model.config
-        self.shapes = ClipFeatureShapes(
-            text_tokens=text_model.config.max_position_embeddings,
-            vision_tokens=1 + (vcfg.image_size // vcfg.patch_size) ** 2,
-            dim=text_dim,
-        )
+        self.shapes = clip_shapes(text_model.config, vision_model.config)
 
     @classmethod
     def from_pretrained(
         cls, folder: str | Path, batch_size: int = 32, device: str | torch.device = "cpu"
     ) -> CLIPFeatureExtractor:
-        """Load a local Hugging Face CLIPModel folder (config.json + weights + tokenizer [+ preprocessor_config.json])."""
+        """Load a local CLIPModel folder or a Versatile Diffusion folder (module doc), detected by its layout."""
         folder = Path(folder)
         if not folder.is_dir():
             raise MissingFileError(folder, "CLIP model folder")
+        if is_versatile_diffusion_folder(folder):
+            return cls.from_versatile_diffusion(folder, batch_size, device)
         cfg = _read_config(folder)
         if not any((folder / name).is_file() for name in WEIGHT_FILES):
             raise MissingFileError(folder, "CLIP weights", f"expected one of {', '.join(WEIGHT_FILES)}")
@@ -200,22 +301,28 @@ class CLIPFeatureExtractor:
                 f"{folder / 'config.json'}: text_config and vision_config projection_dim must match, "
                 f"found {text_proj} and {vision_proj}"
             )
-        models = []
-        for model_cls in (CLIPTextModelWithProjection, CLIPVisionModelWithProjection):
-            # A missing key means a randomly initialised layer: refuse it rather than produce silent noise features.
-            with _quiet_transformers():
-                model, info = model_cls.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
-            if info["missing_keys"] or info["mismatched_keys"]:
-                bad = sorted(info["missing_keys"]) + sorted(str(k[0]) for k in info["mismatched_keys"])
-                raise MissingFileError(
-                    folder, f"{model_cls.__name__} weights", f"absent or mis-shaped: {bad[:5]}"
-                )
-            models.append(model)
-        text_model, vision_model = models
+        # Each tower reads its half of the CLIPModel checkpoint (the other half is reported unexpected: quiet).
+        text_model = _load_tower(CLIPTextModelWithProjection, folder)
+        vision_model = _load_tower(CLIPVisionModelWithProjection, folder)
         preprocess = CLIPPreprocess(folder, vision_model.config.image_size)
         return cls(
             text_model, vision_model, load_tokenizer(folder), preprocess, str(folder), batch_size, device
         )
+
+    @classmethod
+    def from_versatile_diffusion(
+        cls, folder: str | Path, batch_size: int = 32, device: str | torch.device = "cpu"
+    ) -> CLIPFeatureExtractor:
+        """The CLIP of a diffusers Versatile Diffusion folder: text_encoder/, image_encoder/, tokenizer/,
+        image_feature_extractor/ (what diffusers' VersatileDiffusionDualGuidedPipeline encodes prompts with)."""
+        folder = Path(folder)
+        versatile_diffusion_clip_files(folder)  # every part present, before loading any
+        parts = {key: folder / name for key, name in VD_CLIP_PARTS.items()}
+        text_model = _load_tower(CLIPTextModelWithProjection, parts["text"])
+        vision_model = _load_tower(CLIPVisionModelWithProjection, parts["vision"])
+        preprocess = CLIPPreprocess(parts["processor"], vision_model.config.image_size)
+        tokenizer = load_tokenizer(parts["tokenizer"])
+        return cls(text_model, vision_model, tokenizer, preprocess, str(folder), batch_size, device)
 
     # ---------------------------------------------------------------- text
     def _check_captions(self, captions: list[list[str]]) -> None:
@@ -294,15 +401,22 @@ class CLIPFeatureExtractor:
 
     # ---------------------------------------------------------------- guidance
     def unconditional_contexts(self) -> tuple[np.ndarray, np.ndarray]:
-        """Classifier-free-guidance contexts: text of "" (1, L, D) and vision of an all-black image (1, 1+P, D).
+        """Classifier-free-guidance contexts: text of "" (1, L, D) and vision of `unconditional_image` (1, 1+P, D).
 
-        Why black: Brain-Diffuser (`versatilediffusion_reconstruct_images.py`) encodes `torch.zeros((1, 3, 224,
-        224))` with VD's `FrozenCLIP.encode_vision`, which hands it to the CLIP processor. Under transformers 4.19
-        the float zeros became uint8 0 (×255); under current versions they are rescaled by 1/255, still 0. Either
-        way the model saw pixel value 0 normalised by CLIP's mean/std, i.e. a black image, not "zeros after
-        normalisation". diffusers' VD pipeline passes `np.zeros((512, 512, 3)) + 0.5` (meant as mid-grey), which
-        current transformers rescale to ≈0.002, nearly black as well; we follow Brain-Diffuser exactly.
+        The image is Brain-Diffuser's black image, not diffusers' grey one. Brain-Diffuser
+        (`scripts/versatilediffusion_reconstruct_images.py`) encodes `torch.zeros((1, 3, 224, 224))` with VD's
+        `FrozenCLIP.encode_vision` (`versatile_diffusion/lib/model_zoo/clip.py`), which hands it to the CLIP
+        processor as is. Under transformers 4.19 the float zeros became uint8 0 (x255); under current versions
+        they are rescaled by 1/255, still 0. Either way the model saw pixel value 0 normalised by CLIP's mean/std,
+        i.e. a black image, not "zeros after normalisation". diffusers' `VersatileDiffusionDualGuidedPipeline.
+        _encode_image_prompt` passes the float image `np.zeros((512, 512, 3)) + 0.5`, meant as mid-grey; current
+        transformers rescale it by 1/255 to 0.002, so it too ends up nearly black (its pixel values differ from
+        black's by 0.007 after normalisation; tests/test_vd_folder.py). We follow Brain-Diffuser exactly.
         """
-        s = self.preprocess.image_size
-        black = np.zeros((1, s, s, 3), np.uint8)
+        black = unconditional_image(self.preprocess.image_size)  # (1, S, S, 3) uint8
         return self.text_embeddings([[""]]), self.vision_embeddings(black)
+
+
+def unconditional_image(size: int) -> np.ndarray:
+    """The image whose CLIP-vision tokens are the unconditional context: all black, uint8 (1, size, size, 3)."""
+    return np.zeros((1, size, size, 3), np.uint8)

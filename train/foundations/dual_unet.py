@@ -264,45 +264,59 @@ def build_dual_unet(
     )
 
 
-def _load_state_file(subfolder: Path) -> dict[str, torch.Tensor]:
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        path = subfolder / name
-        if not path.is_file():
-            continue
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+# diffusers' order of preference for a model subfolder's weights
+UNET_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+
+def unet_weights_file(subfolder: Path) -> Path:
+    """The weight file diffusers reads from a UNet subfolder: safetensors first, else the pickled .bin."""
+    for name in UNET_WEIGHT_NAMES:
+        if (subfolder / name).is_file():
+            return subfolder / name
     raise MissingFileError(
         subfolder,
-        "diffusion_pytorch_model.safetensors or .bin",
-        "expected a diffusers Versatile Diffusion folder with a text_unet/ subfolder",
+        " or ".join(UNET_WEIGHT_NAMES),
+        "expected a diffusers Versatile Diffusion folder with image_unet/ and text_unet/ weights",
     )
 
 
-def load_versatile_diffusion_unet(
-    folder: str | Path, *, mix_ratio: float = 0.6, vision_tokens: int = 257, text_tokens: int = 77
-) -> UNet2DConditionModel:
-    """Dual-guided UNet from a local diffusers Versatile Diffusion folder (`image_unet/` + `text_unet/`).
-
-    The text UNet is a `UNetFlatConditionModel` (diffusers' deprecated VD package); only its `Transformer2DModel`
-    weights are needed, and they sit at the same module paths as in `image_unet`, so its state dict is read
-    directly rather than through the deprecated class.
-    """
+def versatile_diffusion_unet_files(folder: str | Path) -> dict[str, Path]:
+    """{"image_unet": file, "text_unet": file}: every weight file `load_versatile_diffusion_unet` reads."""
     folder = Path(folder)
     for sub in ("image_unet", "text_unet"):
         if not (folder / sub).is_dir():
             raise MissingFileError(
                 folder / sub, "Versatile Diffusion UNet subfolder", "expected image_unet/ and text_unet/"
             )
-    unet = UNet2DConditionModel.from_pretrained(folder / "image_unet")
-    text_state = _load_state_file(folder / "text_unet")
+    return {sub: unet_weights_file(folder / sub) for sub in ("image_unet", "text_unet")}
+
+
+def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)  # a foreign pickle: tensors only
+
+
+def load_versatile_diffusion_unet(
+    folder: str | Path, *, mix_ratio: float = 0.6, vision_tokens: int = 257, text_tokens: int = 77
+) -> UNet2DConditionModel:
+    """Dual-guided UNet from a local diffusers Versatile Diffusion folder (`image_unet/` + `text_unet/`), in fp32.
+
+    The text UNet is a `UNetFlatConditionModel` (diffusers' deprecated VD package); only its `Transformer2DModel`
+    weights are needed, and they sit at the same module paths as in `image_unet`, so its state dict is read
+    directly rather than through the deprecated class. The files read are `versatile_diffusion_unet_files(folder)`.
+    """
+    folder = Path(folder)
+    files = versatile_diffusion_unet_files(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "image_unet", torch_dtype=torch.float32)
+    text_state = _load_state_file(files["text_unet"])
     return convert_to_dual_attention(
         unet,
         text_state,
         vision_tokens=vision_tokens,
         text_tokens=text_tokens,
         mix_ratio=mix_ratio,
-        source=str(folder / "text_unet"),
+        source=str(files["text_unet"]),
     )
