@@ -1,0 +1,155 @@
+"""Serving commands: `recon-serve` (Triton through PyTriton) and `recon-batch` (Ray Data). Thin wiring; the logic
+lives in `brainrecon.serve`. Both need the serving environment (`make serve-env`, `.venv-serve/bin/...`): PyTriton
+pins numpy < 2. Exit codes: 0 ok, 1 failure (one-line error), 2 usage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from brainrecon.cli import print_summary, run_app
+from brainrecon.errors import BrainReconError
+
+
+def _require(module: str, command: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise BrainReconError(
+            f"{command}: expected the serving environment (module {module}), found none: run `make serve-env` "
+            f"and use .venv-serve/bin/{command}"
+        )
+
+
+serve_app = typer.Typer(add_completion=False, help="Serve an exported model folder with Triton (PyTriton).")
+
+
+@serve_app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Option(help="Exported model folder (recon-export).")],
+    host: Annotated[str, typer.Option(help="Address to bind HTTP, gRPC and metrics to.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="HTTP/REST port (KServe v2 protocol).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    instances: Annotated[int, typer.Option(help="Model instances (threads sharing the loaded runtime).")] = 1,
+    max_batch_size: Annotated[int, typer.Option(help="Rows per runtime call (dynamic batching limit).")] = 8,
+    dynamic_batching: Annotated[
+        bool, typer.Option("--dynamic-batching/--no-dynamic-batching", help="Batch concurrent requests.")
+    ] = True,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(help="Longest wait for a batch to fill, microseconds.")
+    ] = 5000,
+    engine: Annotated[str, typer.Option(help="ort or trt.")] = "ort",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
+    device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Stage 2: DDIM schedule length (default: the fitted one).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Log every runtime call.")] = False,
+) -> None:
+    """Serve model `brainrecon` (betas (V,) FP32 [+ seed (1,) INT64] → final_image, stage1_image) until
+    SIGINT/SIGTERM.
+
+    Example: .venv-serve/bin/recon-serve --model-dir engines/subj01 --http-port 8000 --grpc-port 8001
+    """
+    _require("pytriton", "recon-serve")
+    from brainrecon.serve.triton_server import ServeOptions, check_model_dir
+    from brainrecon.serve.triton_server import serve as run_server
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
+    for noisy in ("pytriton", "tritonclient"):  # their INFO lines are per-request chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    check_model_dir(model_dir)
+    options = ServeOptions(
+        model_dir=model_dir,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        instances=instances,
+        max_batch_size=max_batch_size,
+        dynamic_batching=dynamic_batching,
+        max_queue_delay_us=max_queue_delay_us,
+        engine=engine,
+        precision=precision,
+        device=device,
+        threads=threads,
+        num_inference_steps=steps,
+    )
+    run_server(options)
+
+
+batch_app = typer.Typer(add_completion=False, help="Reconstruct many betas files on a Ray cluster.")
+
+
+@batch_app.command()
+def batch(
+    betas: Annotated[list[Path], typer.Argument(help="Betas files (.npy z-scored rows, NIfTI, NSD HDF5).")],
+    model_dir: Annotated[Path, typer.Option(help="Exported model folder (recon-export).")],
+    out: Annotated[Path, typer.Option(help="Output root: one folder per input file.")],
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (ray://host:10001 or auto); default: a local Ray.")
+    ] = None,
+    shard_size: Annotated[
+        int, typer.Option(help="Trials per shard (the unit of work and of resuming).")
+    ] = 16,
+    actors: Annotated[int, typer.Option(help="Actors in the pool, each with one loaded runtime.")] = 2,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs reserved per actor.")] = 1.0,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (0: CPU only).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Trial i of a file gets img2img seed SEED + i.")] = 0,
+    engine: Annotated[str, typer.Option(help="ort or trt.")] = "ort",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
+    device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per actor.")] = 1,
+    retries: Annotated[int, typer.Option(help="Times a failed shard (a dead actor) is retried.")] = 3,
+    steps: Annotated[
+        int | None, typer.Option(help="Stage 2: DDIM schedule length (default: the fitted one).")
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")] = None,
+) -> None:
+    """Reconstruct every trial of every file: shards through a Ray Data actor pool, PNGs and summaries written
+    atomically; a rerun skips finished shards. Exit 1 when trials are missing (listed in the summary).
+
+    Examples:
+      .venv-serve/bin/recon-batch data/subj01/test_betas.npy --model-dir engines/subj01 --out out/batch
+      .venv-serve/bin/recon-batch s1.npy s2.npy --model-dir engines/subj01 --out out/ --address auto --gpus-per-actor 1
+    """
+    _require("ray", "recon-batch")
+    from brainrecon.serve.ray_batch import BatchOptions, run_batch
+
+    options = BatchOptions(
+        shard_size=shard_size,
+        actors=actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        seed=seed,
+        engine=engine,
+        precision=precision,
+        device=device,
+        threads=threads,
+        retries=retries,
+        num_inference_steps=steps,
+        num_cpus=num_cpus,
+    )
+    report = run_batch(betas, model_dir, out, options, address=address)
+    print_summary(
+        f"recon-batch -> {out}",
+        {
+            "files": len(report["files"]),
+            "trials written": report["written"],
+            "shards skipped (done before)": report["skipped_shards"],
+            "missing trials": report["missing"] or "none",
+            "stopped by": report["error"] or "-",
+            "seconds": report["seconds"],
+        },
+    )
+    if report["missing"]:
+        raise BrainReconError(f"recon-batch: {report['missing_count']} trials missing: {report['missing']}")
+
+
+serve_main = run_app(serve_app)
+batch_main = run_app(batch_app)

@@ -1,0 +1,260 @@
+"""`recon-export --format triton`: a Triton Inference Server model repository from an exported model folder.
+
+Torch-free (numpy and the manifest only): it copies what `recon-export` already wrote and verified. Layout, as the
+Triton docs describe a model repository (triton-inference-server/server `docs/user_guide/model_repository.md`,
+`model_configuration.md`):
+
+    REPO/
+      <model>/config.pbtxt          one per exported ONNX file (or TensorRT engine): ridge|gru, vdvae_decoder,
+      <model>/1/model.onnx|.plan    clip_text, clip_vision, vae_encoder, vae_decoder, unet
+      brainrecon/config.pbtxt       the Python (BLS) model: betas (V,) [+ seed] → final_image, stage1_image
+      brainrecon/1/model.py         the two-stage loop (brainrecon.runtime's numpy DDIM) calling the models above
+      brainrecon/1/model_dir/       the manifest and the data files the loop reads (statistics, sampling, tables)
+      repository.json               what was written, from which files (sha256)
+
+Variants. "gpu": each model has `platform: "onnxruntime_onnx"` (or `"tensorrt_plan"` with `--engine trt`) and
+`KIND_GPU` instances. "cpu": the same models as Python-backend wrappers that run the same ONNX file with ONNX
+Runtime on the CPU (`serve/triton_models/onnx_model.py`), for a server that has only the Python backend (the
+`tritonserver` bundled with PyTriton); every config differs from the GPU variant only in platform/backend and
+instance kind. A loop cannot be an ensemble (ensembles are DAGs), hence the BLS model (python_backend README,
+"Business Logic Scripting").
+
+Configs follow Triton's schema (`model_config.proto`; tests parse them with `tritonclient.grpc.model_config_pb2`):
+the batch axis is dropped from `dims` (`max_batch_size` = the contract's profile max), an input that is only the
+batch axis (the UNet's `timestep`) is `dims: [1]` with `reshape: { shape: [] }`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from brainrecon import model_dir as layout
+from brainrecon.errors import ConfigError, InputError
+from brainrecon.io import atomic_dir, read_json, write_json
+from brainrecon.manifest import Artifact, Manifest, verify_manifest
+
+VARIANTS = ("gpu", "cpu")
+ENGINES = ("onnx", "trt")
+BLS_MODEL = "brainrecon"
+TEMPLATES = importlib.resources.files("brainrecon.serve") / "triton_models"
+TRITON_DTYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+    "uint8": "TYPE_UINT8",
+}
+# The BLS model's default queue delay: a 2-request batch is worth waiting 5 ms for when one request takes
+# hundreds of milliseconds (the sub-models use a shorter one: their callers already send whole batches).
+BLS_QUEUE_DELAY_US = 5000
+MODEL_QUEUE_DELAY_US = 500
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    variant: str = "gpu"  # VARIANTS
+    precision: str = "fp32"
+    engine: str = "onnx"  # "trt": TensorRT plans from the manifest (built for the server's GPU and TensorRT)
+    instances: int = 1  # instances per model
+    bls_instances: int = 1
+    max_queue_delay_us: int = BLS_QUEUE_DELAY_US  # the BLS model's dynamic batcher
+    bls_max_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise InputError("--variant", f"one of {VARIANTS}", repr(self.variant))
+        if self.engine not in ENGINES:
+            raise InputError("--engine", f"one of {ENGINES}", repr(self.engine))
+        if self.precision not in ("fp32", "fp16"):
+            raise InputError("--precision", "fp32 or fp16", repr(self.precision))
+        if self.variant == "cpu" and self.engine == "trt":
+            raise InputError("--engine", "onnx for the cpu variant (TensorRT plans need a GPU)", "trt")
+        for name in ("instances", "bls_instances", "bls_max_batch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')}", "an integer >= 1", str(getattr(self, name)))
+        if self.max_queue_delay_us < 0:
+            raise InputError("--max-queue-delay-us", "microseconds >= 0", str(self.max_queue_delay_us))
+
+
+def _dims(shape: list[int | str]) -> tuple[list[int], bool]:
+    """Contract shape ["batch", d1, ...] → Triton dims without the batch axis; True when only the batch was left."""
+    if not shape or shape[0] != "batch" or any(isinstance(d, str) for d in shape[1:]):
+        raise ConfigError(f"expected a shape with a leading 'batch' axis and fixed dims, found {shape}")
+    dims = [int(d) for d in shape[1:]]
+    return (dims or [1]), not dims
+
+
+def _tensor_block(spec: dict[str, Any]) -> str:
+    dtype = TRITON_DTYPES.get(spec["dtype"])
+    if dtype is None:
+        raise ConfigError(
+            f"tensor {spec['name']}: dtype {spec['dtype']} has no Triton type in {TRITON_DTYPES}"
+        )
+    dims, scalar = _dims(spec["shape"])
+    lines = [f'    name: "{spec["name"]}"', f"    data_type: {dtype}", f"    dims: {dims}"]
+    if scalar:  # (batch,) tensors: Triton wants a non-empty dims, the model gets the batch axis only
+        lines.append("    reshape: { shape: [ ] }")
+    return "  {\n" + "\n".join(lines) + "\n  }"
+
+
+def config_text(
+    name: str,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    max_batch_size: int,
+    kind: str,
+    count: int,
+    max_queue_delay_us: int,
+    platform: str | None = None,
+    backend: str | None = None,
+    optional: tuple[str, ...] = (),
+    parameters: dict[str, str] | None = None,
+) -> str:
+    """One `config.pbtxt` in protobuf text format (Triton's ModelConfig message)."""
+    if (platform is None) == (backend is None):
+        raise ConfigError(f"model {name}: expected exactly one of platform and backend")
+    head = [f'name: "{name}"', f'platform: "{platform}"' if platform else f'backend: "{backend}"']
+    head.append(f"max_batch_size: {max_batch_size}")
+    blocks = []
+    for spec in inputs:
+        block = _tensor_block(spec)
+        if spec["name"] in optional:
+            block = block[:-4] + "\n    optional: true\n  }"
+        blocks.append(block)
+    text = "\n".join(head)
+    text += "\ninput [\n" + ",\n".join(blocks) + "\n]"
+    text += "\noutput [\n" + ",\n".join(_tensor_block(s) for s in outputs) + "\n]"
+    text += f"\ndynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}"
+    text += f"\ninstance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]"
+    for key, value in (parameters or {}).items():
+        text += f'\nparameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}'
+    return text + "\n"
+
+
+def repository_models(manifest: Manifest, model_dir: Path, options: RepoOptions) -> dict[str, Artifact]:
+    """{Triton model name: the artifact it serves}: the stage-1 regressor and decoder, and stage 2 if exported."""
+    summary = read_json(model_dir / layout.STAGE1_SUMMARY, "stage-1 summary")
+    names = [summary["config"]["regressor"], layout.VDVAE_DECODER]
+    if manifest.find("onnx", "unet", options.precision) is not None:
+        names += list(layout.STAGE2_MODELS)
+    kind = "engine" if options.engine == "trt" else "onnx"
+    chosen = {}
+    for name in names:
+        artifact = manifest.find(kind, name, options.precision)
+        if artifact is None:
+            raise InputError(
+                model_dir / layout.MANIFEST,
+                f"a {options.precision} {kind} entry for {name}",
+                "none (export it with recon-export --stage all"
+                + (", on the GPU server, to build engines)" if kind == "engine" else ")"),
+            )
+        chosen[name] = artifact
+    return chosen
+
+
+def _io(artifact: Artifact, manifest: Manifest) -> dict[str, Any]:
+    io = artifact.io
+    if not io and artifact.source:  # an engine records its ONNX source, whose entry has the contract
+        io = (manifest.get(artifact.source) or artifact).io
+    if not io:
+        raise ConfigError(f"manifest entry {artifact.path}: expected the contract's I/O spec, found none")
+    return io
+
+
+def bls_io(models: dict[str, Artifact], manifest: Manifest, model_dir: Path) -> tuple[list, list, int]:
+    """The BLS model's inputs and outputs (per request, with the batch axis) from the exported contracts."""
+    regressor = next(n for n in models if n in layout.REGRESSORS)
+    n_voxels = _io(models[regressor], manifest)["inputs"][0]["shape"][1]
+    stage1_shape = _io(models[layout.VDVAE_DECODER], manifest)["outputs"][0]["shape"][1:]  # (s, s, 3)
+    if "vae_decoder" in models:
+        _, c, h, w = _io(models["vae_decoder"], manifest)["outputs"][0]["shape"]  # (batch, 3, S, S)
+        final_shape = [h, w, c]
+    else:
+        final_shape = list(stage1_shape)
+    inputs = [
+        {"name": "betas", "shape": ["batch", n_voxels], "dtype": "float32"},
+        {"name": "seed", "shape": ["batch", 1], "dtype": "int64"},
+    ]
+    outputs = [
+        {"name": "final_image", "shape": ["batch", *final_shape], "dtype": "uint8"},
+        {"name": "stage1_image", "shape": ["batch", *stage1_shape], "dtype": "uint8"},
+    ]
+    return inputs, outputs, int(n_voxels)
+
+
+def write_triton_repository(
+    model_dir: str | Path, out: str | Path, options: RepoOptions | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write the repository (atomically: complete or absent) and return a JSON-able summary."""
+    options = options or RepoOptions()
+    model_dir = Path(model_dir)
+    manifest = verify_manifest(model_dir)  # every file it copies is the one the manifest vouches for
+    models = repository_models(manifest, model_dir, options)
+    kind = "KIND_GPU" if options.variant == "gpu" else "KIND_CPU"
+    written: dict[str, Any] = {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for name, artifact in models.items():
+            io = _io(artifact, manifest)
+            version = tmp / name / "1"
+            version.mkdir(parents=True)
+            if artifact.kind == "engine":
+                shutil.copyfile(model_dir / artifact.path, version / "model.plan")
+                where = {"platform": "tensorrt_plan"}
+            else:
+                shutil.copyfile(model_dir / artifact.path, version / "model.onnx")
+                for extra in artifact.external_data:  # ONNX names its weights file relative to itself
+                    shutil.copyfile(model_dir / extra, version / Path(extra).name)
+                where = {"platform": "onnxruntime_onnx"}
+            if options.variant == "cpu":
+                shutil.copyfile(TEMPLATES / "onnx_model.py", version / "model.py")
+                where = {"backend": "python"}
+            text = config_text(
+                name,
+                io["inputs"],
+                io["outputs"],
+                int(io["max_batch"]),
+                kind,
+                options.instances,
+                MODEL_QUEUE_DELAY_US,
+                **where,
+            )
+            (tmp / name / "config.pbtxt").write_text(text)
+            written[name] = {"source": artifact.path, "sha256": artifact.sha256, **where}
+        inputs, outputs, n_voxels = bls_io(models, manifest, model_dir)
+        version = tmp / BLS_MODEL / "1"
+        (version / "model_dir").mkdir(parents=True)
+        shutil.copyfile(TEMPLATES / "bls_model.py", version / "model.py")
+        shutil.copyfile(model_dir / layout.MANIFEST, version / "model_dir" / layout.MANIFEST)
+        for artifact in manifest.artifacts:  # statistics, sampling, DDIM tables; the models are served above
+            if artifact.kind == "data":
+                target = version / "model_dir" / artifact.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(model_dir / artifact.path, target)
+        text = config_text(
+            BLS_MODEL,
+            inputs,
+            outputs,
+            options.bls_max_batch,
+            "KIND_CPU",  # the loop is numpy; the models it calls run where their own instances are
+            options.bls_instances,
+            options.max_queue_delay_us,
+            backend="python",
+            optional=("seed",),
+            parameters={"precision": options.precision, "models": ",".join(models)},
+        )
+        (tmp / BLS_MODEL / "config.pbtxt").write_text(text)
+        written[BLS_MODEL] = {"backend": "python", "calls": list(models)}
+        summary = {
+            "format": "brainrecon.triton_repository",
+            "version": 1,
+            "model_dir": str(model_dir),
+            "options": vars(options) | {},
+            "n_voxels": n_voxels,
+            "models": written,
+        }
+        write_json(tmp / "repository.json", summary)
+    return summary
