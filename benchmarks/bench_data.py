@@ -9,7 +9,6 @@ its peak RSS is its own. Results: benchmarks/results/data.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 import scipy.io
 
 from brainrecon.data import layout
+from brainrecon.io import write_json
 
 RESULTS = Path(__file__).parent / "results" / "data.json"
 REAL_GRID = (81, 104, 83)
@@ -134,7 +134,7 @@ def main() -> None:
             }
             print(f"prepare one real-size session: reader {reader}, naive {naive}")
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS, results)
     print(f"wrote {RESULTS}")
     if not args.skip_real and not results["prepare_real_session"]["meets_target"]:
         raise SystemExit(f"peak memory {reader['peak_rss_gb']} GB is over the {TARGET_PEAK_GB} GB target")

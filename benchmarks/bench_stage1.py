@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainrecon.io import write_json
+
 RESULTS = Path(__file__).parent / "results" / "stage1_bench.json"
 REAL = {"n": 8859, "v": 15724}
 REAL_OUTPUTS = (13344, 91168)
@@ -134,7 +136,7 @@ def main() -> None:
             print(f"real size -> {d_real}: ~{a_t:.0f} s, peak ~{a_m:.1f} GB (analytic {analytic_gb:.1f} GB)")
         results["ridge_real_size_scaling"] = scaling
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS, results)
     print(f"wrote {RESULTS}")
 
 

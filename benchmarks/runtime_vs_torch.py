@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from brainrecon.io import read_json
 from brainrecon.manifest import producer_versions
+from brainrecon.model_dir import STAGE2_SUMMARY
 
 STAGES = ("stage1_s", "clip_s", "vae_encode_s", "unet_s", "vae_decode_s", "total_s")
 
@@ -78,16 +80,19 @@ def median_timings(runs: list[dict[str, float]]) -> dict[str, float]:
 def bench(model_dir: Path, betas: np.ndarray, repeats: int, threads: int) -> dict[str, Any]:
     import torch
 
-    from brainrecon.runtime.stage2 import Stage2Pipeline
+    from brainrecon.runtime.api import Reconstructor, RuntimeOptions
 
     torch.set_num_threads(threads)
     reference = TorchReference(model_dir)
-    pipes = {p: Stage2Pipeline.from_model_dir(model_dir, "ort", p, threads=threads) for p in ("fp32", "fp16")}
+    pipes = {
+        p: Reconstructor.open(model_dir, RuntimeOptions(precision=p, threads=threads), stage=2)
+        for p in ("fp32", "fp16")
+    }
     runs: dict[str, list[dict[str, float]]] = {"torch": [], "ort_fp32": [], "ort_fp16": []}
     images: dict[str, np.ndarray] = {}
     last: dict[str, Any] = {}
     for i in range(repeats + 1):  # the first round warms up (sessions, caches) and is not counted
-        results = {p: pipe.run(betas) for p, pipe in pipes.items()}
+        results = {p: pipe.reconstruct(betas) for p, pipe in pipes.items()}
         batch = results["fp32"].batch_sizes[
             "unet"
         ]  # images per UNet call in the runtime: torch gets the same
@@ -99,6 +104,8 @@ def bench(model_dir: Path, betas: np.ndarray, repeats: int, threads: int) -> dic
         runs["torch"].append(ref_t)
         for p, r in results.items():
             runs[f"ort_{p}"].append({k: r.timings[k] for k in STAGES})
+    for pipe in pipes.values():
+        pipe.close()
     medians = {name: median_timings(r) for name, r in runs.items()}
     out: dict[str, Any] = {"median_s": medians}
     for name in ("ort_fp32", "ort_fp16"):
@@ -135,7 +142,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """The whole results record: machine, versions, sampling, medians, speedups, pixel differences."""
     inference = bench(model_dir, betas, repeats, threads)
-    stage2 = json.loads((model_dir / "stage2" / "stage2.json").read_text())
+    stage2 = read_json(model_dir / STAGE2_SUMMARY, "stage-2 summary")
     return {
         "machine": {
             "platform": platform.platform(),

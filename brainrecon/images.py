@@ -36,6 +36,12 @@ def resize(
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), resample)) for im in images])
 
 
+def png_name(kind: str, row: int) -> str:
+    """`stage1_00003.png`, `final_00003.png`: one image per row of the input set, in recon-infer's output and in the
+    torch reference's (recon-reconstruct), so the two folders compare file by file."""
+    return f"{kind}_{int(row):05d}.png"
+
+
 def save_png(path: str | Path, image: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(check_images(image[None])[0]).save(tmp, format="PNG")

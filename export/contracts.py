@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from brainrecon.errors import ConfigError
+
 PRECISIONS = ("fp32", "fp16")
 BATCH = "batch"  # the symbolic name of every dynamic batch axis
 # Input distributions for validation. "random": uniform(-1, 1), small and featureless. "realistic": the scale of
@@ -82,7 +84,7 @@ class ShapeProfile:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"ShapeProfile: expected 1 <= min <= opt <= max, found {self}")
+            raise ConfigError(f"ShapeProfile: expected 1 <= min <= opt <= max, found {self}")
 
     def shapes(self, spec: TensorSpec) -> dict[str, list[int]]:
         return {
@@ -162,20 +164,20 @@ class ExportContract:
 
     def __post_init__(self) -> None:
         if self.exporter not in ("torchscript", "onnx_helper"):
-            raise ValueError(f"contract {self.name}: unknown exporter {self.exporter!r}")
+            raise ConfigError(f"contract {self.name}: unknown exporter {self.exporter!r}")
         if not set(self.input_kinds) <= set(INPUT_KINDS):
-            raise ValueError(
+            raise ConfigError(
                 f"contract {self.name}: input kinds must be in {INPUT_KINDS}, found {self.input_kinds}"
             )
         names = set(self.input_names)
         for name, draw in self.draws:
             if name not in names or draw not in INPUT_DRAWS:
-                raise ValueError(
+                raise ConfigError(
                     f"contract {self.name}: draws must pair an input of {sorted(names)} with one of "
                     f"{INPUT_DRAWS}, found ({name!r}, {draw!r})"
                 )
         if not set(self.fp32_inputs) <= names:
-            raise ValueError(
+            raise ConfigError(
                 f"contract {self.name}: fp32_inputs must be inputs {sorted(names)}, found {self.fp32_inputs}"
             )
 
@@ -192,7 +194,7 @@ class ExportContract:
 
     def tolerance(self, precision: str) -> Tolerance:
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, found {precision!r}")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, found {precision!r}")
         return self.fp32 if precision == "fp32" else self.fp16
 
     def trt_profile(self) -> dict[str, dict[str, list[int]]]:
@@ -214,7 +216,7 @@ class ExportContract:
         `stats` gives a (mean, std) per input name for "realistic" draws (the decoder's training-latent
         statistics); `pools` gives (N, ...) arrays that "contexts" inputs draw rows from."""
         if kind not in INPUT_KINDS:
-            raise ValueError(f"input kind must be one of {INPUT_KINDS}, found {kind!r}")
+            raise ConfigError(f"input kind must be one of {INPUT_KINDS}, found {kind!r}")
         rng = np.random.default_rng(seed)
         out = {}
         for spec in self.inputs:
@@ -224,12 +226,12 @@ class ExportContract:
                 x = rng.integers(1, TRAIN_TIMESTEPS, size=shape)
             elif draw == "contexts":
                 if not pools or spec.name not in pools:
-                    raise ValueError(
+                    raise ConfigError(
                         f"contract {self.name}: input {spec.name} draws from pools[{spec.name!r}]"
                     )
                 pool = pools[spec.name]
                 if pool.shape[1:] != shape[1:]:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{self.name} pool {spec.name}: expected rows {shape[1:]}, found {pool.shape}"
                     )
                 x = pool[rng.integers(0, len(pool), size=batch)]
@@ -379,7 +381,7 @@ def clip_ridge_contract(target: str, n_voxels: int, n_tokens: int, dim: int) -> 
     clip_<target> (B, T, D) = ((betas @ A) @ B + intercept).reshape(B, T, D). The runtime re-normalises over the
     whole input set in numpy (clip_<target>_target_{mean,std}.npy), as it does for the stage-1 latents."""
     if target not in ("text", "vision"):
-        raise ValueError(f"clip_ridge_contract: target must be text or vision, found {target!r}")
+        raise ConfigError(f"clip_ridge_contract: target must be text or vision, found {target!r}")
     return ExportContract(
         name=f"clip_{target}",
         inputs=(TensorSpec("betas", (BATCH, n_voxels)),),

@@ -10,12 +10,13 @@ not a cache hit (TensorRT demo/Diffusion's weakness); only a manifest entry with
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
-from brainrecon.errors import BrainReconError
+from brainrecon.errors import BrainReconError, InputError, MissingFileError
 from brainrecon.io import atomic_path
-from brainrecon.manifest import Artifact, describe_file, load_manifest, verify_artifact
+from brainrecon.manifest import MANIFEST_FILE, Artifact, describe_file, load_manifest, verify_artifact
 from brainrecon.model_dir import ENGINE_DIR, engine_file
 from brainrecon.runtime.backends.tensorrt import EngineKey, MachineInfo, current_machine, tensorrt_status
 
@@ -81,16 +82,23 @@ def build_engine(
 
 
 def _reusable(model_dir: Path, rel: str, key: EngineKey) -> Artifact | None:
-    """The existing manifest entry for this engine if its key matches and its bytes are intact; else None (then
-    the engine is built again: a missing or stale cache entry is not an error)."""
+    """The existing manifest entry for this engine if its key matches and its bytes are intact, else None: then
+    the engine is built again. An engine file that its manifest entry no longer vouches for is rebuilt with a
+    warning; an unreadable manifest is reported when the new one replaces it (`write_manifest`)."""
+    if not (model_dir / MANIFEST_FILE).is_file():
+        return None
     try:
         entry = load_manifest(model_dir).get(rel)
-        if entry is None or entry.engine_key is None or EngineKey.from_dict(entry.engine_key) != key:
-            return None
-        verify_artifact(model_dir, entry)
-        return entry
     except BrainReconError:
         return None
+    if entry is None or entry.engine_key is None or EngineKey.from_dict(entry.engine_key) != key:
+        return None
+    try:
+        verify_artifact(model_dir, entry)
+    except (InputError, MissingFileError) as e:
+        warnings.warn(f"rebuilding a TensorRT engine: {e}", RuntimeWarning, stacklevel=2)
+        return None
+    return entry
 
 
 def build_engines_for(

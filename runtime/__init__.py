@@ -1,19 +1,16 @@
 """brainrecon.runtime: the lean runtime (numpy + onnxruntime, optional TensorRT + cuda-python).
 
-Never imports torch, diffusers or transformers (tests/test_runtime.py enforces it). Imports are lazy so that
-`import brainrecon.runtime` costs only what is used:
+Never imports torch, diffusers or transformers (tests/test_runtime.py enforces it). The public API:
 
-    from brainrecon.runtime import Stage1Pipeline
-    pipe = Stage1Pipeline.from_model_dir("engines/subj01", engine="ort", precision="fp32")
-    result = pipe.run(betas)  # result.images (N, 64, 64, 3) uint8, result.timings, result.providers
+    from brainrecon.runtime import Reconstructor, RuntimeOptions
 
-    from brainrecon.runtime import Stage2Pipeline
-    pipe = Stage2Pipeline.from_model_dir("engines/subj01", engine="ort", precision="fp32")
-    result = pipe.run(betas, seed=0)  # result.stage1.images, result.images (final), result.timings per stage
+    with Reconstructor.open("engines/subj01", RuntimeOptions(engine="ort", precision="fp32")) as rec:
+        out = rec.reconstruct(betas)  # out.images (N, S, S, 3) uint8, out.stage1_images, out.timings
 
-Modules: backends (Backend, OrtBackend, ModelIO), trt_backend (TrtBackend), engine_key (EngineKey, checks),
-stage1 (Stage1Pipeline), ddim (DDIMScheduler, numpy), stage2 (Stage2Pipeline: stage 1 + img2img refinement),
-inputs (betas readers and recorded preprocessing), infer (run_inference = recon-infer).
+Modules: api (Reconstructor, RuntimeOptions, Reconstruction), stage1 (Stage1Pipeline), stage2 (Stage2Pipeline:
+stage 1 + img2img refinement), ddim (DDIMScheduler, numpy), inputs (betas readers and recorded preprocessing),
+artifacts (manifest entries → verified backends), backends/ (base: Backend, ModelIO; ort: OrtBackend;
+tensorrt: EngineKey, TrtBackend), infer (recon-infer's output folder). Imports are lazy.
 """
 
 from __future__ import annotations
@@ -22,27 +19,19 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Backend": "backends",
-    "ModelIO": "backends",
-    "OrtBackend": "backends",
-    "ProviderError": "backends",
-    "TrtBackend": "trt_backend",
-    "EngineKey": "engine_key",
-    "EngineMismatchError": "engine_key",
-    "Stage1Pipeline": "stage1",
-    "Stage1Result": "stage1",
-    "DDIMConfig": "ddim",
-    "DDIMScheduler": "ddim",
-    "Stage2Pipeline": "stage2",
-    "Stage2Result": "stage2",
+    "Reconstructor": "brainrecon.runtime.api",
+    "RuntimeOptions": "brainrecon.runtime.api",
+    "Reconstruction": "brainrecon.runtime.api",
     "SamplingConfig": "brainrecon.sampling",
-    "load_betas": "inputs",
-    "run_inference": "infer",
+    "Stage1Pipeline": "brainrecon.runtime.stage1",
+    "Stage2Pipeline": "brainrecon.runtime.stage2",
+    "DDIMScheduler": "brainrecon.runtime.ddim",
+    "load_betas": "brainrecon.runtime.inputs",
 }
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"brainrecon.runtime.{_EXPORTS[name]}"), name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'brainrecon.runtime' has no attribute {name!r}")

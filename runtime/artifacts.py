@@ -5,11 +5,19 @@ No torch import (the runtime never loads it).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from brainrecon.errors import InputError, MissingFileError
-from brainrecon.manifest import Artifact, Manifest, regenerate_hint, verify_manifest
+from brainrecon.manifest import (
+    MANIFEST_FILE,
+    Artifact,
+    Manifest,
+    ManifestError,
+    regenerate_hint,
+    verify_artifact,
+)
 from brainrecon.runtime.backends.base import Backend, ModelIO
 from brainrecon.runtime.backends.ort import OrtBackend
 
@@ -56,8 +64,25 @@ def engine_for(manifest: Manifest, model_dir: Path, model: str, precision: str, 
     ok, reason = tensorrt_status()
     if not ok:
         raise TrtError(f"{model_dir / candidates[0].path}: cannot run a TensorRT engine here: {reason}")
-    expected = EngineKey.for_machine(onnx.sha256, precision, (onnx.io or {})["profile"], current_machine())
+    if not onnx.io or "profile" not in onnx.io:
+        raise ManifestError(
+            f"{model_dir / MANIFEST_FILE}: expected the I/O spec and shape profile of {onnx.path}, found none "
+            f"({regenerate_hint(model_dir)})"
+        )
+    expected = EngineKey.for_machine(onnx.sha256, precision, onnx.io["profile"], current_machine())
     return select_engine(candidates, expected, model_dir)
+
+
+def verify_files(manifest: Manifest, model_dir: Path, paths: Iterable[str]) -> None:
+    """Re-hash the listed files against the already-parsed manifest (each must have an entry)."""
+    for path in paths:
+        artifact = manifest.get(path)
+        if artifact is None:
+            raise ManifestError(
+                f"{Path(model_dir) / MANIFEST_FILE}: expected an entry for {path}, found none "
+                f"({regenerate_hint(model_dir)})"
+            )
+        verify_artifact(model_dir, artifact)
 
 
 def load_model(
@@ -74,7 +99,9 @@ def load_model(
     the model dir, the contract's baked-in constants)."""
     onnx = model_artifact(manifest, model_dir, "onnx", name, precision)
     chosen = engine_for(manifest, model_dir, name, precision, onnx) if engine == "trt" else onnx
-    verify_manifest(model_dir, [chosen.path, *onnx.external_data] if engine == "ort" else [chosen.path])
+    verify_files(
+        manifest, model_dir, [chosen.path, *onnx.external_data] if engine == "ort" else [chosen.path]
+    )
     spec = chosen.io or onnx.io or {}
     io = ModelIO.from_spec(name, spec)
     constants = dict(spec.get("constants") or {})

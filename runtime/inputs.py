@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from brainrecon.errors import InputError, MissingFileError
+from brainrecon import __version__
+from brainrecon import model_dir as layout
+from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.io import load_npy, read_json
-from brainrecon.manifest import verify_manifest
+from brainrecon.manifest import Manifest, load_manifest
+from brainrecon.runtime.artifacts import verify_files
 
-PREPROCESS_FILES = ("preprocess.json", "mask_indices.npy", "voxel_mean.npy", "voxel_std.npy")
-CHUNK_TRIALS = 50  # trials read at a time: a real session slice stays < 100 MB (facts §4)
+CHUNK_TRIALS = 50  # trials read at a time: a real session slice stays < 100 MB (brainrecon/data/nsd.py)
 
 
 def parse_trials(spec: str | None, n: int) -> np.ndarray:
@@ -57,16 +59,30 @@ def parse_trials(spec: str | None, n: int) -> np.ndarray:
 class Preprocessing:
     """The recorded preprocessing of one model directory (files verified against the manifest on load)."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, manifest: Manifest | None = None):
         model_dir = Path(model_dir)
-        verify_manifest(model_dir, PREPROCESS_FILES)
-        self.info: dict[str, Any] = read_json(model_dir / "preprocess.json", "recon-prepare preprocess.json")
-        self.mask_indices = load_npy(model_dir / "mask_indices.npy", "mask indices")  # (V,) int64
-        self.voxel_mean = load_npy(model_dir / "voxel_mean.npy", "voxel mean")  # (V,)
-        self.voxel_std = load_npy(model_dir / "voxel_std.npy", "voxel std")  # (V,)
-        self.grid = tuple(int(d) for d in self.info["mask"]["shape"])  # (X, Y, Z)
-        self.scale = float(self.info.get("betas_scale", 300.0))
-        self.session_zscore = bool(self.info.get("config", {}).get("session_zscore", False))
+        verify_files(manifest or load_manifest(model_dir), model_dir, layout.PREPROCESS_FILES)
+        path = model_dir / layout.PREPROCESS
+        self.info: dict[str, Any] = read_json(path, "recon-prepare preprocess.json")
+        from brainrecon.data.nsd import PREPROCESS_VERSION  # the reader that wrote it (torch-free)
+
+        found = self.info.get("format_version")
+        if found != PREPROCESS_VERSION:
+            raise ConfigError(
+                f"{path}: expected format_version {PREPROCESS_VERSION} (recon-prepare {__version__}), found "
+                f"{found!r}: its preprocessing steps cannot be applied to raw betas; pass z-scored .npy rows"
+            )
+        try:  # every step as recon-prepare recorded it; nothing defaulted
+            self.grid = tuple(int(d) for d in self.info["mask"]["shape"])  # (X, Y, Z)
+            self.scale = float(self.info["betas_scale"])
+            self.session_zscore = bool(self.info["config"]["session_zscore"])
+        except (KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{path}: expected mask.shape, betas_scale and config.session_zscore, missing {e}"
+            ) from None
+        self.mask_indices = load_npy(model_dir / layout.MASK_INDICES, "mask indices")  # (V,) int64
+        self.voxel_mean = load_npy(model_dir / layout.VOXEL_MEAN, "voxel mean")  # (V,)
+        self.voxel_std = load_npy(model_dir / layout.VOXEL_STD, "voxel std")  # (V,)
 
     def mask(self) -> np.ndarray:
         """Boolean (X, Y, Z) mask; `grid[mask]` lists voxels in `mask_indices` order (C order, sorted)."""
@@ -143,7 +159,9 @@ def _load_hdf5(path: Path, prep: Preprocessing) -> tuple[np.ndarray, bool]:
         return out, ds.dtype == np.int16
 
 
-def load_betas(path: str | Path, model_dir: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+def load_betas(
+    path: str | Path, model_dir: str | Path, manifest: Manifest | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Betas (N, V) float32 z-scored as the model expects, and a description of what was done.
 
     `.npy`: rows already z-scored (recon-prepare's `test_betas.npy`); pickled arrays are refused; the dtype must be
@@ -155,7 +173,7 @@ def load_betas(path: str | Path, model_dir: str | Path) -> tuple[np.ndarray, dic
     name = path.name.lower()
     if name.endswith(".npy"):
         return load_npy(path, "z-scored betas"), {"format": "npy", "preprocessing": ["none (z-scored rows)"]}
-    prep = Preprocessing(model_dir)
+    prep = Preprocessing(model_dir, manifest)
     if name.endswith((".nii", ".nii.gz")):
         psc, int16 = _load_nifti(path, prep)
         fmt = "nifti"

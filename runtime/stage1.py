@@ -19,16 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from brainrecon import model_dir as layout
 from brainrecon.errors import InputError
 from brainrecon.io import load_npy, read_json
-from brainrecon.manifest import load_manifest, verify_manifest
+from brainrecon.manifest import Manifest, load_manifest
 from brainrecon.normalize import renormalize_predictions
-from brainrecon.runtime.artifacts import check_engine, load_model
+from brainrecon.runtime.artifacts import check_engine, load_model, verify_files
 from brainrecon.runtime.backends.base import Backend, ModelIO
 
-# What the pipeline reads besides the models (all hash-verified through the manifest first).
-STAGE1_DATA = ("stage1/stage1.json", "stage1/latent_mean.npy", "stage1/latent_std.npy")
-DECODER = "vdvae_decoder"
+DECODER = layout.VDVAE_DECODER
 
 Progress = Callable[[str, int, int], None]  # (step, done, total)
 
@@ -101,13 +100,15 @@ class Stage1Pipeline:
         device: str = "cpu",
         allow_cpu_fallback: bool = False,
         threads: int | None = None,
+        manifest: Manifest | None = None,
     ) -> Stage1Pipeline:
-        """Load the regressor and decoder of `model_dir` after verifying the hashes of every file read."""
+        """Load the regressor and decoder of `model_dir` after verifying the hashes of every file read (against
+        `manifest` when the caller has parsed it already)."""
         model_dir = Path(model_dir)
         check_engine(engine, precision)
-        manifest = load_manifest(model_dir)
-        verify_manifest(model_dir, STAGE1_DATA)
-        summary = read_json(model_dir / "stage1" / "stage1.json", "stage-1 summary")
+        manifest = manifest or load_manifest(model_dir)
+        verify_files(manifest, model_dir, layout.STAGE1_FILES)
+        summary = read_json(model_dir / layout.STAGE1_SUMMARY, "stage-1 summary")
         regressor_name = summary["config"]["regressor"]
         backends: dict[str, Backend] = {}
         ios: dict[str, ModelIO] = {}
@@ -121,8 +122,8 @@ class Stage1Pipeline:
             backends[DECODER],
             ios[regressor_name],
             ios[DECODER],
-            load_npy(model_dir / "stage1" / "latent_mean.npy", "training-latent mean"),
-            load_npy(model_dir / "stage1" / "latent_std.npy", "training-latent std"),
+            load_npy(model_dir / layout.LATENT_MEAN, "training-latent mean"),
+            load_npy(model_dir / layout.LATENT_STD, "training-latent std"),
             renormalize=bool(summary["config"].get("renormalize", True)),
             info={
                 "model_dir": str(model_dir),
@@ -167,7 +168,12 @@ class Stage1Pipeline:
         renormalize: bool | None = None,
         progress: Progress | None = None,
     ) -> Stage1Result:
-        betas, batch, renorm = self.check_inputs(betas, batch_size, renormalize)
+        return self.run_checked(*self.check_inputs(betas, batch_size, renormalize), progress)
+
+    def run_checked(
+        self, betas: np.ndarray, batch: int, renorm: bool, progress: Progress | None = None
+    ) -> Stage1Result:
+        """`run` on what `check_inputs` returned (the inputs are not scanned again)."""
         n = len(betas)
         timings: dict[str, float] = {}
         t_all = time.perf_counter()

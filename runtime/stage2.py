@@ -34,14 +34,15 @@ from typing import Any
 
 import numpy as np
 
+from brainrecon import model_dir as layout
 from brainrecon.config import config_from_dict
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.images import resize
 from brainrecon.io import load_npy, read_json
-from brainrecon.manifest import MANIFEST_FILE, load_manifest, verify_manifest
-from brainrecon.noise import img2img_noise
+from brainrecon.manifest import MANIFEST_FILE, Manifest, load_manifest
+from brainrecon.noise import img2img_noise, img2img_noise_per_row
 from brainrecon.normalize import renormalize_predictions
-from brainrecon.runtime.artifacts import check_engine, load_model
+from brainrecon.runtime.artifacts import check_engine, load_model, verify_files
 from brainrecon.runtime.backends.base import Backend, ModelIO
 from brainrecon.runtime.backends.ort import OrtBackend
 from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
@@ -53,18 +54,16 @@ from brainrecon.runtime.stage1 import (
 )
 from brainrecon.sampling import SamplingConfig
 
-CLIP_TARGETS = ("text", "vision")
-MODELS = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")
-SUMMARY = "stage2/stage2.json"
-# What the pipeline reads besides the models (all hash-verified through the manifest first).
-STAGE2_DATA = (
-    SUMMARY,
-    *(f"stage2/clip_{name}_target_{stat}.npy" for name in CLIP_TARGETS for stat in ("mean", "std")),
-    *(f"stage2/uncond_{name}.npy" for name in CLIP_TARGETS),
-    "stage2/scheduler.json",  # written by recon-export: diffusers' DDIM tables for the fitted sampling
-)
-SCHEDULER = "stage2/scheduler.json"
+CLIP_TARGETS = layout.CLIP_TARGETS
+MODELS = layout.STAGE2_MODELS
+SUMMARY = layout.STAGE2_SUMMARY
+SCHEDULER = layout.SCHEDULER
 SCHEDULER_FORMAT = ("brainrecon.ddim_tables", 1)
+# What the pipeline reads besides the models (all hash-verified through the manifest first); scheduler.json is
+# written by recon-export: diffusers' DDIM tables for the fitted sampling.
+STAGE2_DATA = (*layout.STAGE2_FILES, SCHEDULER)
+# A CPU UNet session holds its weights plus ONNX Runtime's pre-packed copies of them: budget twice the file size.
+SESSION_MEMORY_FACTOR = 2
 # diffusers DDIMScheduler settings that runtime/ddim.py implements and does not take as parameters
 SCHEDULER_FIXED = {"clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"}
 # numpy's float32 table path lands within 6e-8 of diffusers' (runtime/ddim.py docstring)
@@ -83,6 +82,28 @@ class Stage2Result:
     renormalized: dict[str, bool]  # "stage1", "clip": whether the transductive re-normalisation ran
     batch_sizes: dict[str, int]  # images per call; the UNet gets twice its value
     fallback: dict[str, str]  # model -> GPU provider fallback, when allowed and it happened
+
+
+def default_memory_budget() -> int:
+    """Half of this machine's physical memory, in bytes: what the CPU UNet sessions may hold by default."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def model_bytes(manifest: Manifest, model: str, precision: str) -> int:
+    """Bytes of an exported model's ONNX file and its external data, as recorded in the manifest."""
+    onnx = manifest.find("onnx", model, precision)
+    if onnx is None:
+        return 0
+    return onnx.size + sum(a.size for path in onnx.external_data if (a := manifest.get(path)) is not None)
+
+
+def unet_session_count(cores: int, weight_bytes: int, budget_bytes: int) -> int:
+    """How many 1-thread CPU UNet sessions to run side by side: one per core, each denoising its own chunk of
+    images (on 2 cores 1.25x faster than one 2-thread session: small per-op work scales poorly across threads),
+    but no more than the memory budget holds, since every session keeps its own copy of the weights (a Versatile
+    Diffusion UNet is 3.4 GB in fp32). At least one."""
+    per_session = max(1, SESSION_MEMORY_FACTOR * weight_bytes)
+    return max(1, min(cores, budget_bytes // per_session))
 
 
 def _not_exported(model_dir: Path, what: str) -> MissingFileError:
@@ -177,8 +198,12 @@ class Stage2Pipeline:
         device: str = "cpu",
         allow_cpu_fallback: bool = False,
         threads: int | None = None,
+        manifest: Manifest | None = None,
+        memory_budget_bytes: int | None = None,
     ) -> Stage2Pipeline:
-        """Load stage 1 and the five stage-2 models of `model_dir` after verifying the hash of every file read."""
+        """Load stage 1 and the five stage-2 models of `model_dir` after verifying the hash of every file read
+        (against `manifest` when the caller has parsed it already). On the CPU the UNet runs as several sessions
+        (`unet_session_count`), as many as `memory_budget_bytes` allows (default: half the machine's memory)."""
         model_dir = Path(model_dir)
         check_engine(engine, precision)
         if not (model_dir / SUMMARY).is_file():
@@ -188,22 +213,23 @@ class Stage2Pipeline:
                 f"fit it with: recon-train subject --stage clip, then export with: "
                 f"recon-export --model-dir {model_dir} --stage all",
             )
-        manifest = load_manifest(model_dir)
+        manifest = manifest or load_manifest(model_dir)
         if manifest.get(SUMMARY) is None or manifest.find("onnx", "unet") is None:
             raise _not_exported(model_dir, "stage-2 entries (stage2/stage2.json, unet, vae, clip models)")
-        verify_manifest(model_dir, STAGE2_DATA)
+        verify_files(manifest, model_dir, STAGE2_DATA)
         summary = read_json(model_dir / SUMMARY, "stage-2 summary")
         sampling = config_from_dict(SamplingConfig, summary["sampling"], str(model_dir / SUMMARY))
         scheduler = load_scheduler(model_dir, sampling)
         stage1 = Stage1Pipeline.from_model_dir(
-            model_dir, engine, precision, device, allow_cpu_fallback, threads
+            model_dir, engine, precision, device, allow_cpu_fallback, threads, manifest
         )
-        # On the CPU the UNet loop runs as one 1-thread ONNX Runtime session per core, each denoising its own
-        # chunk of images: on 2 cores that was 1.25x faster than one 2-thread session (small per-op work scales
-        # poorly across threads). Images are independent, so the result does not depend on the split.
         unet_sessions = 1
         if engine == "ort" and device == "cpu":
-            unet_sessions = threads or len(os.sched_getaffinity(0))
+            unet_sessions = unet_session_count(
+                threads or len(os.sched_getaffinity(0)),
+                model_bytes(manifest, "unet", precision),
+                memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(),
+            )
         backends, ios, files = {}, {}, {}
         for name in MODELS:
             model_threads = 1 if name == "unet" and unet_sessions > 1 else threads
@@ -224,20 +250,19 @@ class Stage2Pipeline:
             OrtBackend(model_dir / files["unet"], ios["unet"], device, allow_cpu_fallback, 1)
             for _ in range(unet_sessions - 1)
         ]
-        stage_dir = model_dir / "stage2"
         return cls(
             stage1,
             backends,
             ios,
             target_stats={
-                name: (
-                    load_npy(stage_dir / f"clip_{name}_target_mean.npy", f"CLIP-{name} target mean"),
-                    load_npy(stage_dir / f"clip_{name}_target_std.npy", f"CLIP-{name} target std"),
+                name: tuple(
+                    load_npy(model_dir / layout.clip_target_stat(name, stat), f"CLIP-{name} target {stat}")
+                    for stat in ("mean", "std")
                 )
                 for name in CLIP_TARGETS
             },
             uncond={
-                name: load_npy(stage_dir / f"uncond_{name}.npy", f"unconditional CLIP-{name} context")
+                name: load_npy(model_dir / layout.uncond_context(name), f"unconditional CLIP-{name} context")
                 for name in CLIP_TARGETS
             },
             sampling=sampling,
@@ -354,14 +379,29 @@ class Stage2Pipeline:
         `progress(step, done, total)` is called for the steps regressor, decoder (stage 1), clip_text,
         clip_vision, vae_encoder, unet (one tick per UNet call), vae_decoder."""
         sampling = self.sampling_for(seed, num_inference_steps, strength, guidance_scale, mix_ratio)
-        betas, batches, renorm = self.check_inputs(betas, batch_size, renormalize)
+        return self.run_checked(
+            *self.check_inputs(betas, batch_size, renormalize), sampling, progress=progress
+        )
+
+    def run_checked(
+        self,
+        betas: np.ndarray,
+        batches: dict[str, int],
+        renorm: dict[str, bool],
+        sampling: SamplingConfig,
+        seeds: np.ndarray | None = None,
+        progress: Progress | None = None,
+    ) -> Stage2Result:
+        """`run` on what `check_inputs` and `sampling_for` returned (nothing is checked again). The img2img noise
+        is drawn once for the whole set from `sampling.seed`, or, with `seeds` (N,), per row from its own seed
+        (`brainrecon.noise`): then a row's image does not depend on the other rows or on batching."""
         n = len(betas)
         timesteps = self.scheduler.timesteps(sampling.num_inference_steps, sampling.strength)  # (T,) int64
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
 
         t0 = time.perf_counter()
-        stage1 = self.stage1.run(betas, batches["stage1"], renorm["stage1"], progress)
+        stage1 = self.stage1.run_checked(betas, batches["stage1"], renorm["stage1"], progress)
         timings["stage1_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -378,7 +418,14 @@ class Stage2Pipeline:
         timings["vae_encode_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        latents = self._denoise(init_latents, cond_context, sampling, timesteps, batches["unet"], progress)
+        noise = (
+            img2img_noise(init_latents.shape, sampling.seed)  # the whole set at once: batch-independent
+            if seeds is None
+            else img2img_noise_per_row(init_latents.shape, seeds)
+        )
+        latents = self._denoise(
+            init_latents, noise, cond_context, sampling, timesteps, batches["unet"], progress
+        )
         timings["unet_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -436,6 +483,7 @@ class Stage2Pipeline:
     def _denoise(
         self,
         init_latents: np.ndarray,  # (N, 4, h, w)
+        noise: np.ndarray,  # (N, 4, h, w)
         cond_context: np.ndarray,  # (N, Nv + Nt, D)
         sampling: SamplingConfig,
         timesteps: np.ndarray,  # (T,) int64
@@ -448,7 +496,6 @@ class Stage2Pipeline:
         if len(timesteps) == 0:  # strength 0: nothing is re-noised, the VAE round trip comes back
             return init_latents
         n = len(init_latents)
-        noise = img2img_noise(init_latents.shape, sampling.seed)  # the whole set at once: batch-independent
         latents = self.scheduler.add_noise(init_latents, noise, int(timesteps[0]))  # (N, 4, h, w)
         chunk = min(batch, math.ceil(n / len(self.unet_workers)))  # every worker gets work when n allows
         parts = [slice(i, i + chunk) for i in range(0, n, chunk)]

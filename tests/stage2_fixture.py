@@ -61,3 +61,28 @@ def build_tiny_stage2(root: Path) -> dict[str, Path]:
         torch.set_num_threads(threads)
     (root / "done").write_text("ok\n")
     return paths
+
+
+def export_tiny_stage2(root: Path) -> Path:
+    """A copy of the tiny stage-2 model dir exported with --stage all --precision both (once per folder), so the
+    fitted model dir that other fixtures copy is never changed; `summary.json` beside it is the export summary."""
+    import json
+
+    from brainrecon.export.subject import export_model_dir
+
+    paths = build_tiny_stage2(root)
+    model_dir = root / "model-2-exported"
+    if (root / "exported").is_file():
+        return model_dir
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(paths["model"], model_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = export_model_dir(model_dir, stage="all", precision="both")
+    finally:
+        torch.set_num_threads(threads)
+    (model_dir / "summary.json").write_text(json.dumps(summary, default=str))
+    (root / "exported").write_text("ok\n")
+    return model_dir

@@ -506,4 +506,3 @@ def test_tensorrt_engines_build_and_match_onnx_runtime(tiny, tmp_path):
         assert np.abs(ort.images.astype(int) - trt.images.astype(int)).mean() <= mean_tol
     again = export_model_dir(model_dir, stage="all", precision="both")  # reused: same key, intact bytes
     assert again["engines"]["reused"] == summary["engines"]["built"] and again["engines"]["built"] == []
-

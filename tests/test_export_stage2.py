@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from brainrecon.errors import InputError, MissingFileError
+from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.export.contracts import TRAIN_TIMESTEPS, unet_contract, vae_encoder_contract
 from brainrecon.export.stage2 import context_pool
 from brainrecon.export.subject import STAGE2_DATA_FILES, export_model_dir
@@ -28,7 +28,7 @@ from brainrecon.train.foundations.dual_unet import set_mix_ratio
 from brainrecon.train.stage1.ridge import renormalize_predictions
 from brainrecon.train.stage2.fit import Stage2Model
 from brainrecon.train.stage2.img2img import decode_latents, denoising_timesteps, encode_images, vd_scheduler
-from tests.stage2_fixture import build_tiny_stage2
+from tests.stage2_fixture import build_tiny_stage2, export_tiny_stage2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -38,13 +38,9 @@ TIMESTEPS = (1, 21, 481, 721, 981)  # both ends of the 50-step schedule, and the
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory) -> dict:
     """The tiny subject's model dir exported with --stage all --precision both (stage 1 + the five stage-2 models)."""
-    paths = build_tiny_stage2(tmp_path_factory.getbasetemp() / "tiny-stage2")
-    model_dir = tmp_path_factory.getbasetemp() / "tiny-stage2-exported"
-    if not (model_dir / MANIFEST_FILE).is_file():
-        shutil.copytree(paths["model"], model_dir, dirs_exist_ok=True)
-        torch.set_num_threads(1)
-        summary = export_model_dir(model_dir, stage="all", precision="both")
-        (model_dir / "summary.json").write_text(json.dumps(summary, default=str))
+    root = tmp_path_factory.getbasetemp() / "tiny-stage2"
+    paths = build_tiny_stage2(root)
+    model_dir = export_tiny_stage2(root)
     model = Stage2Model.load(model_dir)
     set_mix_ratio(model.unet, model.sampling.mix_ratio)
     return {"dir": model_dir, "model": model, "paths": paths}
@@ -89,7 +85,7 @@ def test_unet_contract_layout_profile_and_draws():
     images = vae.sample_input(3, "realistic")["images"]
     assert images.shape == (3, 3, 64, 64) and images.min() >= -1.0 and images.max() <= 1.0
     assert np.abs(np.diff(images, axis=-1)).mean() < 0.1  # smooth, unlike uniform noise (mean |diff| ~ 0.67)
-    with pytest.raises(ValueError, match="pools"):
+    with pytest.raises(ConfigError, match="pools"):
         c.sample_input(2, "realistic")
 
 

@@ -95,7 +95,12 @@ def test_recon_infer_npy_with_stimuli_and_trial_selection(tiny, test_betas, tmp_
     assert run_cli(monkeypatch, *args) == 0
     assert "recon-infer stage 1" in capsys.readouterr().out
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["contact_sheet.png", "summary.json", *[f"trial_{t:05d}.png" for t in (0, 2, 3, 4)]]
+    assert names == [
+        "contact_sheet.png",
+        *[f"stage1_{t:05d}.png" for t in (0, 2, 3, 4)],
+        "stage1_images.npy",
+        "summary.json",
+    ]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == [0, 2, 3, 4] and summary["batch_size"] == 3
     assert summary["providers"] == {
@@ -106,7 +111,7 @@ def test_recon_infer_npy_with_stimuli_and_trial_selection(tiny, test_betas, tmp_
     expected = Stage1Pipeline.from_model_dir(tiny["gru"]).run(test_betas[[0, 2, 3, 4]]).images
     from PIL import Image
 
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "trial_00003.png")), expected[2])
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "stage1_00003.png")), expected[2])
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[1] > 2 * 90  # two rows: ground truth and reconstruction
 
@@ -143,7 +148,7 @@ def test_recon_infer_nifti_and_hdf5_apply_the_recorded_preprocessing(tiny, tmp_p
         )
         from PIL import Image
 
-        got = np.stack([np.asarray(Image.open(out / f"trial_{t:05d}.png")) for t in trials])
+        got = np.stack([np.asarray(Image.open(out / f"stage1_{t:05d}.png")) for t in trials])
         np.testing.assert_array_equal(got, expected, err_msg=name)
 
 
@@ -376,4 +381,3 @@ print(json.dumps({{"code": code, "heavy": heavy}}))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"code": 0, "heavy": []}, proc.stderr
     assert (out / "contact_sheet.png").is_file()
-

@@ -31,9 +31,10 @@ import pytest
 
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.manifest import load_manifest, write_manifest
-from brainrecon.runtime.infer import default_stage, run_inference
+from brainrecon.runtime.api import default_stage
+from brainrecon.runtime.infer import run_inference
 from brainrecon.runtime.stage2 import Stage2Pipeline, load_scheduler
-from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2
+from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, export_tiny_stage2
 
 FINAL_TOLERANCE = {"fp32": {"mean": 0.01, "max": 1}, "fp16": {"mean": 0.5, "within_2": 0.98}}
 LATENT_ATOL_FP32 = 1e-4
@@ -42,24 +43,9 @@ SAME_ATOL = 1e-5  # re-runs, batch splits: same kernels, possibly another blocki
 
 @pytest.fixture(scope="session")
 def tiny2(tmp_path_factory) -> dict[str, Path]:
-    """The tiny two-stage subject, exported (both precisions) unless an earlier test already did."""
-    paths = build_tiny_stage2(tmp_path_factory.getbasetemp() / "tiny-stage2")
-    manifest = paths["model"] / "manifest.json"
-    exported = manifest.is_file() and all(
-        load_manifest(paths["model"]).find("onnx", "unet", p) for p in ("fp32", "fp16")
-    )
-    if not exported:
-        import torch
-
-        from brainrecon.export.subject import export_model_dir
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            export_model_dir(paths["model"], stage="all", precision="both")
-        finally:
-            torch.set_num_threads(threads)
-    return paths
+    """The tiny two-stage subject; "model" is its exported copy (both precisions)."""
+    root = tmp_path_factory.getbasetemp() / "tiny-stage2"
+    return {**build_tiny_stage2(root), "model": export_tiny_stage2(root)}
 
 
 @pytest.fixture(scope="module")
@@ -314,14 +300,15 @@ def test_recon_infer_stage2_with_stimuli(tiny2, fast, tmp_path, monkeypatch, cap
         "timings.json",
         "metrics.json",
         "final_images.npy",
-        *(f"trial_{t:05d}.png" for t in range(n)),
+        "stage1_images.npy",
+        *(f"stage1_{t:05d}.png" for t in range(n)),
         *(f"final_{t:05d}.png" for t in range(n)),
     }
     np.testing.assert_array_equal(np.load(out / "final_images.npy"), fast.images)
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(out / "final_00003.png")), fast.images[3])
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "trial_00003.png")), fast.stage1.images[3])
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "stage1_00003.png")), fast.stage1.images[3])
     assert Image.open(out / "contact_sheet.png").size[1] > 3 * 90  # ground truth, stage 1, final
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == n and set(metrics) == {"n", "stage1", "final"}
@@ -344,9 +331,15 @@ def test_recon_infer_stage1_still_runs_on_a_stage2_model(tiny2, fast, tmp_path):
     out = tmp_path / "out1"
     summary = run_inference(tiny2["prep"] / "test_betas.npy", tiny2["model"], out, stage=1, trials="0-3")
     assert summary["stage"] == 1 and not (out / "final_images.npy").exists()
-    assert sorted(p.name for p in out.glob("*.png"))[-1] == "trial_00003.png"
+    assert sorted(p.name for p in out.glob("stage1_*.png"))[-1] == "stage1_00003.png"
     with pytest.raises(InputError, match="--steps"):
-        run_inference(tiny2["prep"] / "test_betas.npy", tiny2["model"], tmp_path / "x", stage=1, steps=4)
+        run_inference(
+            tiny2["prep"] / "test_betas.npy",
+            tiny2["model"],
+            tmp_path / "x",
+            stage=1,
+            sampling={"num_inference_steps": 4},
+        )
     assert not (tmp_path / "x").exists()
 
 

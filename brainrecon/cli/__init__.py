@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -15,6 +15,12 @@ from rich.table import Table
 from brainrecon.errors import BrainReconError
 
 console = Console(stderr=True)
+
+# Option value types shared by the commands: typer checks a Literal's values before the command runs (a bad one
+# exits 2 with the usage line).
+Engine = Literal["ort", "trt"]
+Precision = Literal["fp32", "fp16"]
+Device = Literal["cpu", "cuda", "tensorrt"]
 
 
 def run_app(app: typer.Typer) -> Callable[[], None]:

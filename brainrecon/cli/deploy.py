@@ -8,11 +8,11 @@ torch (tests/test_runtime.py checks `sys.modules`). Exit codes: 0 ok, 1 failure 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from brainrecon.cli import console, print_summary, run_app
+from brainrecon.cli import Device, Engine, Precision, console, print_summary, run_app
 
 export_app = typer.Typer(
     add_completion=False, help="Export a subject model directory to ONNX (and TensorRT engines)."
@@ -90,20 +90,20 @@ def infer(
     out: Annotated[
         Path,
         typer.Option(
-            help="Output folder: trial_*.png (stage 1), final_*.png and final_images.npy (stage 2), "
-            "contact_sheet.png, summary.json, timings.json, metrics.json (with --stimuli)."
+            help="Output folder: stage1_NNNNN.png (NNNNN: the input row), final_NNNNN.png and "
+            "final_images.npy (stage 2), contact_sheet.png, summary.json, timings.json, metrics.json (with --stimuli)."
         ),
     ],
-    engine: Annotated[str, typer.Option(help="ort (ONNX Runtime) or trt (TensorRT engines).")] = "ort",
+    engine: Annotated[Engine, typer.Option(help="ort (ONNX Runtime) or trt (TensorRT engines).")] = "ort",
     stage: Annotated[
-        int | None,
+        Literal[1, 2] | None,
         typer.Option(
             help="1: VDVAE only; 2: VDVAE then Versatile Diffusion img2img "
-            "(default: 2 when the model has a fitted stage 2, else 1)."
+            "(default: 2 when the model has a fitted stage 2, else 1).",
         ),
     ] = None,
-    precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
-    device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt (EP).")] = "cpu",
+    precision: Annotated[Precision, typer.Option(help="Model precision.")] = "fp32",
+    device: Annotated[Device, typer.Option(help="ONNX Runtime device (execution provider).")] = "cpu",
     trials: Annotated[
         str | None, typer.Option(help="Rows/trials to reconstruct, e.g. 0,5,10-20 (inclusive); default all.")
     ] = None,
@@ -159,36 +159,24 @@ def infer(
       recon-infer betas_session01.nii.gz --model-dir engines/subj01 --out out/ --trials 0,5,10-20 --engine trt
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stage 1
     """
-    from brainrecon.runtime.infer import STAGES, run_inference
+    from brainrecon.runtime.api import RuntimeOptions
+    from brainrecon.runtime.infer import run_inference
 
-    if engine not in ("ort", "trt"):
-        raise typer.BadParameter(f"expected ort or trt, found {engine!r}", param_hint="--engine")
-    if stage is not None and stage not in STAGES:
-        raise typer.BadParameter(f"expected 1 or 2, found {stage}", param_hint="--stage")
-    if precision not in ("fp32", "fp16"):
-        raise typer.BadParameter(f"expected fp32 or fp16, found {precision!r}", param_hint="--precision")
-    if device not in ("cpu", "cuda", "tensorrt"):
-        raise typer.BadParameter(f"expected cpu, cuda or tensorrt, found {device!r}", param_hint="--device")
+    options = RuntimeOptions(engine, precision, device, threads, allow_cpu_fallback)
+    sampling = {"seed": seed, "num_inference_steps": steps, "strength": strength, "guidance_scale": guidance}
     summary = run_inference(
         betas,
         model_dir,
         out,
-        engine=engine,
+        options,
         stage=stage,
-        precision=precision,
-        device=device,
+        sampling=sampling,
         trials=trials,
         batch_size=batch_size,
-        seed=seed,
-        steps=steps,
-        strength=strength,
-        guidance=guidance,
         stimuli=stimuli,
         renormalize=renormalize,
-        allow_cpu_fallback=allow_cpu_fallback,
         overwrite=overwrite,
         progress=True,
-        threads=threads,
     )
     timings = summary["timings"]
     rows = {

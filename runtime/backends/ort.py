@@ -90,7 +90,13 @@ class OrtBackend:
             log.warning("%s", self.fallback)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    def close(self) -> None:
+        """Drop the session (ONNX Runtime frees its memory with the last reference); later runs fail clearly."""
+        self.session = None
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise ProviderError(f"{self.path}: the session was closed (Reconstructor.close)")
         if self.io is not None:
             self.io.check(inputs)
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))

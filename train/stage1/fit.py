@@ -27,7 +27,7 @@ import brainrecon
 from brainrecon.config import config_from_dict
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.images import resize
-from brainrecon.io import atomic_dir, load_npy, read_json, save_npy, sha256_file, write_json
+from brainrecon.io import atomic_dir, load_npy, read_json, save_npy, sha256_file, write_json, write_text
 from brainrecon.train.foundations.vdvae import (
     VDVAE,
     VDVAE_CONFIGS,
@@ -269,7 +269,7 @@ def reconstruct_test_set(
     model_dir: str | Path, data_dir: str | Path, out: str | Path, overwrite: bool = False
 ) -> dict:
     """Stage-1 reconstructions of a recon-prepare test set: PNGs, a contact sheet and metrics, atomically."""
-    from brainrecon.images import contact_sheet, save_png
+    from brainrecon.images import contact_sheet, png_name, save_png
     from brainrecon.metrics import pixcorr, ssim
 
     model = Stage1Model.load(model_dir)
@@ -286,9 +286,10 @@ def reconstruct_test_set(
         "seconds": round(seconds, 2),
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        for stim, img in zip(ids, recon, strict=True):
-            save_png(tmp / f"stage1_{int(stim):05d}.png", img)
+        for row, img in enumerate(recon):
+            save_png(tmp / png_name("stage1", row), img)
         save_npy(tmp / "stage1_images.npy", recon)
+        save_npy(tmp / "stim_ids.npy", ids)  # row -> 0-based stimulus id
         contact_sheet([("ground truth", gt), ("stage 1", recon)], tmp / "contact_sheet.png")
         write_json(tmp / "metrics.json", metrics)
     return metrics
@@ -360,5 +361,5 @@ def compare_stage1(
         f"| {r['model']} | {r.get('latent_dims', '')} | {r.get('parameters', '')} | {r['pixcorr']:.3f} | {r['ssim']:.3f} |"
         for r in rows
     ]
-    (out / "stage1.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "stage1.md", "\n".join(lines) + "\n")
     return rows

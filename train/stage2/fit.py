@@ -29,7 +29,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from brainrecon.config import config_from_dict, config_to_dict
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.images import resize
-from brainrecon.io import atomic_dir, load_npy, read_json, save_npy, write_json
+from brainrecon.io import atomic_dir, load_npy, read_json, save_npy, write_json, write_text
 from brainrecon.noise import img2img_noise
 from brainrecon.sampling import SamplingConfig
 from brainrecon.train.foundations.dual_unet import DualUNetConfig
@@ -269,7 +269,7 @@ def reconstruct_test_set(
     sampling: SamplingConfig | None = None,
 ) -> dict:
     """Two-stage reconstructions of a recon-prepare test set: PNGs, contact sheet, metrics.json, atomically."""
-    from brainrecon.images import contact_sheet, save_png
+    from brainrecon.images import contact_sheet, png_name, save_png
     from brainrecon.metrics import pixcorr, ssim
 
     model = Stage2Model.load(model_dir)
@@ -289,10 +289,11 @@ def reconstruct_test_set(
             "clip_2way": clip_identification(extractor, gt_embeddings, recon[name]),
         }
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        for stim, s1, final in zip(ids, recon["stage1"], recon["final"], strict=True):
-            save_png(tmp / f"stage1_{int(stim):05d}.png", s1)
-            save_png(tmp / f"final_{int(stim):05d}.png", final)
+        for row, (s1, final) in enumerate(zip(recon["stage1"], recon["final"], strict=True)):
+            save_png(tmp / png_name("stage1", row), s1)
+            save_png(tmp / png_name("final", row), final)
         save_npy(tmp / "stage1_images.npy", recon["stage1"])
+        save_npy(tmp / "stim_ids.npy", ids)  # row -> 0-based stimulus id
         save_npy(tmp / "final_images.npy", recon["final"])
         contact_sheet(
             [("ground truth", gt), ("stage 1", recon["stage1"]), ("stage 1+2", recon["final"])],
@@ -423,5 +424,5 @@ def compare_stage2(
     ]
     lines += ["", "| model | parameters | full-rank parameters |", "|---|---|---|"]
     lines += [f"| {r['model']} | {r['parameters']:,} | {r.get('full_rank_parameters', '')} |" for r in sizes]
-    (out / "stage2.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "stage2.md", "\n".join(lines) + "\n")
     return result
