@@ -1,0 +1,123 @@
+"""Run the `tritonserver` binary bundled in the PyTriton wheel on a model repository of our own.
+
+The wheel ships Triton 2.51 with the Python backend only (no onnxruntime or TensorRT backend), so it can load the
+CPU variant of `recon-export --format triton` (Python-backend wrappers around the ONNX files plus the BLS model).
+What PyTriton itself does before starting the binary (`pytriton/triton.py _prepare_triton_inference_server`,
+`pytriton/server/triton_server.py _get_env`) is done here in a private folder: the backends are copied and the
+Python-backend stub for this interpreter's version is put beside `libtriton_python.so`; LD_LIBRARY_PATH gets the
+wheel's libraries and this interpreter's LIBDIR (the stub links libpython3.X.so, and another copy of it on the
+system fails model loading); PATH starts with this environment's bin, whose python has numpy and onnxruntime.
+
+    with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002) as server:
+        server.wait_ready(["brainrecon"], timeout_s=120)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def pytriton_dist() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+class TritonServer:
+    def __init__(
+        self,
+        repository: str | Path,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        host: str = "127.0.0.1",
+        log: str | Path | None = None,
+    ):
+        self.repository = Path(repository).resolve()
+        self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
+        self.log = Path(log) if log else None
+        self.process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
+
+    def start(self) -> TritonServer:
+        dist = pytriton_dist()
+        self._workdir = Path(tempfile.mkdtemp(prefix="brainrecon-tritonserver-"))
+        backends = self._workdir / "backends"
+        shutil.copytree(dist / "backends", backends)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+        shutil.copy(stub, backends / "python" / "triton_python_backend_stub")
+        libs = [sysconfig.get_config_var("LIBDIR") or "", str(dist.parent.parent / "nvidia_pytriton.libs")]
+        env = os.environ.copy()
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in [*libs, env.get("LD_LIBRARY_PATH", "")] if p)
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        command = [
+            str(dist / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--exit-timeout-secs=1",
+        ]
+        out = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.http_port}{path}"
+
+    def wait_ready(self, models: list[str], timeout_s: float = 120.0) -> None:
+        """Until every model answers ready; RuntimeError with the log's tail if the server dies or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(models)
+        while pending:
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited ({self.tail()})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"models {pending} not ready after {timeout_s} s ({self.tail()})")
+            try:
+                with urllib.request.urlopen(self.url(f"/v2/models/{pending[0]}/ready"), timeout=2) as r:
+                    if r.status == 200:
+                        pending.pop(0)
+                        continue
+            except OSError:
+                pass
+            time.sleep(0.5)
+
+    def tail(self, lines: int = 15) -> str:
+        if self.log and self.log.is_file():
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return "no log"
+
+    def stop(self, timeout_s: float = 20.0) -> float:
+        """SIGTERM, wait; returns the seconds it took (SIGKILL after `timeout_s`)."""
+        t0 = time.monotonic()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        return time.monotonic() - t0
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
