@@ -26,6 +26,7 @@ batch axis (the UNet's `timestep`) is `dims: [1]` with `reshape: { shape: [] }`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import shutil
 from dataclasses import dataclass
@@ -252,9 +253,99 @@ def write_triton_repository(
             "format": "brainrecon.triton_repository",
             "version": 1,
             "model_dir": str(model_dir),
-            "options": vars(options) | {},
+            "options": dataclasses.asdict(options),
             "n_voxels": n_voxels,
             "models": written,
         }
         write_json(tmp / "repository.json", summary)
     return summary
+
+
+def check_repository(repo: str | Path, model_dir: str | Path) -> dict[str, Any]:
+    """Parse every `config.pbtxt` with Triton's own schema (`tritonclient.grpc.model_config_pb2`, needs the serving
+    environment) and check it against the model folder: names, dims, dtypes and max_batch_size from the export
+    contracts, dynamic batching, instance kind, platform/backend per variant, and each model file's sha256.
+    Returns {model: parsed config as a dict}; a mismatch is a ConfigError naming the file, expected and found."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from brainrecon.io import sha256_file
+
+    repo, model_dir = Path(repo), Path(model_dir)
+    summary = read_json(repo / "repository.json", "Triton repository summary")
+    options = RepoOptions(**summary["options"])
+    manifest = verify_manifest(model_dir)
+    models = repository_models(manifest, model_dir, options)
+    found_models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
+    if found_models != sorted([*models, BLS_MODEL]):
+        raise ConfigError(f"{repo}: expected models {sorted([*models, BLS_MODEL])}, found {found_models}")
+    kind = "KIND_GPU" if options.variant == "gpu" else "KIND_CPU"
+    parsed: dict[str, Any] = {}
+
+    def expect(path: Path, what: str, want: Any, got: Any) -> None:
+        if want != got:
+            raise ConfigError(f"{path}: expected {what} {want!r}, found {got!r}")
+
+    def check_tensors(path: Path, what: str, specs: list[dict[str, Any]], tensors: Any) -> None:
+        expect(path, f"{what} names", [s["name"] for s in specs], [t.name for t in tensors])
+        for spec, tensor in zip(specs, tensors, strict=True):
+            dims, scalar = _dims(spec["shape"])
+            expect(path, f"{spec['name']} dims", dims, list(tensor.dims))
+            expect(
+                path,
+                f"{spec['name']} data_type",
+                TRITON_DTYPES[spec["dtype"]],
+                model_config_pb2.DataType.Name(tensor.data_type),
+            )
+            expect(
+                path,
+                f"{spec['name']} reshape",
+                [] if scalar else None,
+                list(tensor.reshape.shape) if tensor.HasField("reshape") else None,
+            )
+
+    for name in found_models:
+        path = repo / name / "config.pbtxt"
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        expect(path, "name", name, config.name)
+        expect(path, "a dynamic_batching block", True, config.HasField("dynamic_batching"))
+        if name == BLS_MODEL:
+            inputs, outputs, _ = bls_io(models, manifest, model_dir)
+            expect(path, "backend", "python", config.backend)
+            expect(path, "max_batch_size", options.bls_max_batch, config.max_batch_size)
+            expect(
+                path,
+                "instance kind",
+                ["KIND_CPU"],
+                [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group],
+            )
+            expect(path, "optional inputs", ["seed"], [t.name for t in config.input if t.optional])
+            expect(path, "model.py", True, (repo / name / "1" / "model.py").is_file())
+        else:
+            artifact = models[name]
+            io = _io(artifact, manifest)
+            inputs, outputs = io["inputs"], io["outputs"]
+            expect(path, "max_batch_size", int(io["max_batch"]), config.max_batch_size)
+            expect(
+                path,
+                "instance kind",
+                [kind],
+                [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group],
+            )
+            filename = "model.plan" if artifact.kind == "engine" else "model.onnx"
+            if options.variant == "cpu":
+                expect(path, "backend", "python", config.backend)
+                expect(path, "model.py", True, (repo / name / "1" / "model.py").is_file())
+            else:
+                platform = "tensorrt_plan" if artifact.kind == "engine" else "onnxruntime_onnx"
+                expect(path, "platform", platform, config.platform)
+            expect(
+                path,
+                f"sha256 of 1/{filename} (manifest: {artifact.path})",
+                artifact.sha256,
+                sha256_file(repo / name / "1" / filename),
+            )
+        check_tensors(path, "input", inputs, config.input)
+        check_tensors(path, "output", outputs, config.output)
+        parsed[name] = json_format.MessageToDict(config)
+    return parsed

@@ -43,7 +43,12 @@ class TritonServer:
         log: str | Path | None = None,
     ):
         self.repository = Path(repository).resolve()
-        self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
+        self.host, self.http_port, self.grpc_port, self.metrics_port = (
+            host,
+            http_port,
+            grpc_port,
+            metrics_port,
+        )
         self.log = Path(log) if log else None
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None

@@ -34,13 +34,53 @@ def export(
     verify: Annotated[
         bool, typer.Option("--verify", help="Only re-hash the files of manifest.json; export nothing.")
     ] = False,
+    format: Annotated[
+        Literal["onnx", "triton"],
+        typer.Option(
+            help="onnx: export the models; triton: write a Triton model repository (--out) from an "
+            "exported folder (precision 'both' means fp32 there)."
+        ),
+    ] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="--format triton: the model repository folder.")] = None,
+    variant: Annotated[
+        Literal["gpu", "cpu"],
+        typer.Option(
+            help="--format triton: gpu (onnxruntime_onnx / tensorrt_plan platforms) or cpu (Python-backend "
+            "ONNX Runtime wrappers, for a server with the Python backend only)."
+        ),
+    ] = "gpu",
+    plans: Annotated[
+        bool, typer.Option(help="--format triton: serve the manifest's TensorRT plans, not the ONNX files.")
+    ] = False,
+    instances: Annotated[int, typer.Option(help="--format triton: instances per model.")] = 1,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(help="--format triton: the brainrecon model's dynamic-batching queue delay.")
+    ] = 5000,
+    overwrite: Annotated[bool, typer.Option(help="--format triton: replace an existing --out.")] = False,
 ) -> None:
     """Export, validate and record the models of a subject model directory.
 
     Examples:
       recon-export --model-dir engines/subj01 --stage all --precision both
       recon-export --model-dir engines/subj01 --verify
+      recon-export --model-dir engines/subj01 --format triton --out triton-repo --precision fp16
     """
+    if format == "triton":
+        from brainrecon.export.triton import RepoOptions, write_triton_repository
+
+        if out is None:
+            raise typer.BadParameter("expected a repository folder, found none", param_hint="--out")
+        options = RepoOptions(
+            variant=variant,
+            precision="fp32" if precision == "both" else precision,
+            engine="trt" if plans else "onnx",
+            instances=instances,
+            max_queue_delay_us=max_queue_delay_us,
+        )
+        repo = write_triton_repository(model_dir, out, options, overwrite=overwrite)
+        rows = {name: m.get("platform") or m.get("backend") for name, m in repo["models"].items()}
+        print_summary(f"recon-export --format triton ({variant}, {options.precision}) -> {out}", rows)
+        return
     if verify:
         from brainrecon.manifest import verify_manifest
 

@@ -43,7 +43,9 @@ class BlsBackend:
         self.outputs = [name for name, _, _ in io.outputs]
 
     def run(self, inputs):
-        self.io.check(inputs)  # the contract's names, shapes, dtypes and batch range, as ONNX Runtime's backend
+        self.io.check(
+            inputs
+        )  # the contract's names, shapes, dtypes and batch range, as ONNX Runtime's backend
         tensors = []
         for name, shape, _ in self.io.inputs:
             x = np.ascontiguousarray(inputs[name])
@@ -92,10 +94,14 @@ def open_reconstructor(model_dir: Path, models: list, precision: str) -> Reconst
         {name: backends[name] for name in layout.STAGE2_MODELS},
         {name: ios[name] for name in layout.STAGE2_MODELS},
         target_stats={
-            t: tuple(load_npy(model_dir / layout.clip_target_stat(t, s), f"CLIP-{t} {s}") for s in ("mean", "std"))
+            t: tuple(
+                load_npy(model_dir / layout.clip_target_stat(t, s), f"CLIP-{t} {s}") for s in ("mean", "std")
+            )
             for t in layout.CLIP_TARGETS
         },
-        uncond={t: load_npy(model_dir / layout.uncond_context(t), f"uncond CLIP-{t}") for t in layout.CLIP_TARGETS},
+        uncond={
+            t: load_npy(model_dir / layout.uncond_context(t), f"uncond CLIP-{t}") for t in layout.CLIP_TARGETS
+        },
         sampling=sampling,
         scheduler=load_scheduler(model_dir, sampling),
         renormalize=False,

@@ -53,7 +53,7 @@ class TritonPythonModel:
         for size in sizes:
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(values[start : start + size]))
-                for name, values in zip(self.outputs, results)
+                for name, values in zip(self.outputs, results, strict=True)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
