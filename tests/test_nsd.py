@@ -137,6 +137,21 @@ BAD_INPUTS = {
         InputError,
         "masterordering in 1..10",
     ),
+    "shared image in a train trial": (
+        lambda fx: scipy.io.savemat(
+            layout.expdesign_path(fx.root),
+            {
+                "masterordering": fx.masterordering[None],
+                # the subject's first train image is the first shared image
+                "subjectim": np.where(
+                    np.arange(fx.subjectim.shape[1]) == len(fx.sharedix), fx.sharedix[0], fx.subjectim
+                ),
+                "sharedix": fx.sharedix[None],
+            },
+        ),
+        InputError,
+        "a shared image in a train trial",
+    ),
     "stimulus id out of range": (
         lambda fx: scipy.io.savemat(
             layout.expdesign_path(fx.root),

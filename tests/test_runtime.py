@@ -381,3 +381,27 @@ print(json.dumps({{"code": code, "heavy": heavy}}))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"code": 0, "heavy": []}, proc.stderr
     assert (out / "contact_sheet.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda info: info.update(format_version=99), "format_version 1"),
+        (lambda info: info["config"].pop("session_zscore"), "session_zscore"),
+    ],
+)
+def test_raw_betas_take_every_step_from_the_recorded_preprocessing(tiny, tmp_path, change, match):
+    """recon-prepare z-scores sessions by default; the runtime must never assume a step the record lacks."""
+    from brainrecon.errors import ConfigError
+    from brainrecon.manifest import describe_file, write_manifest
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny["ridge"], model_dir)
+    info = json.loads((model_dir / "preprocess.json").read_text())
+    change(info)
+    (model_dir / "preprocess.json").write_text(json.dumps(info))
+    kept = [a for a in load_manifest(model_dir).artifacts if a.path != "preprocess.json"]
+    write_manifest(model_dir, [*kept, describe_file(model_dir, "preprocess.json", "data")], merge=False)
+    with pytest.raises(ConfigError, match=match):
+        run_inference(_session_file(tiny), model_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
