@@ -531,6 +531,32 @@ def _is_zero(tensor: onnx.TensorProto | None | bool) -> bool | None:
     return not numpy_helper.to_array(tensor).any()
 
 
+NARROW_FLOATS = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+def cast_round_trips(model: str | Path | onnx.ModelProto) -> list[str]:
+    """Cast chains that narrow a wider float and widen it straight back (x -> Cast fp16 -> Cast fp32): supported by
+    TensorRT (strongly typed networks keep both casts), but the value is rounded to the narrow type on the way, so
+    whatever computed x in fp32 was kept in fp32 for nothing. A report, not a failure."""
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=False)
+    graph = shape_inference.infer_shapes(model).graph
+    types = _tensor_types(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    found = []
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if first is None or first.op_type != "Cast" or not first.input:
+            continue
+        source, middle, target = types.get(first.input[0]), _attr(first, "to"), _attr(node, "to")
+        if middle in NARROW_FLOATS and source == target and source not in NARROW_FLOATS | {None}:
+            name = TensorProto.DataType.Name
+            found.append(
+                f"{first.name} -> {node.name}: {first.input[0]!r} {name(source)} -> {name(middle)} -> {name(target)}"
+            )
+    return found
+
+
 def operator_inventory(model: str | Path | onnx.ModelProto) -> dict[str, int]:
     """{op_type: count} of a graph's top-level nodes (what a report of the exported graphs lists)."""
     if isinstance(model, (str, Path)):
