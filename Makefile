@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data
 SEED ?= 0
 
-.PHONY: install demo test test-all lint bench bench-check clean
+.PHONY: install serve-env demo test test-all lint bench bench-check bench-serve clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +18,21 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 install: $(STAMP)
+
+# The serving environment (recon-serve, recon-batch, the Triton repository tests): its own venv, because PyTriton
+# pins numpy < 2 while the main one has numpy 2. The package is installed editable with its core dependencies and
+# the `serve` extra (PyTriton with its bundled tritonserver, tritonclient, Ray Data, onnxruntime, matplotlib).
+SERVE_VENV ?= .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+SERVE_STAMP := $(SERVE_VENV)/.installed
+
+$(SERVE_STAMP): pyproject.toml Makefile
+	test -x $(SERVE_PY) || python3 -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(SERVE_PY) -m pip install -q --disable-pip-version-check -e ".[serve]"
+	touch $@
+
+serve-env: $(SERVE_STAMP)
 
 MODEL_DIR ?= engines/subj01
 REGRESSOR ?= gru
@@ -37,15 +52,17 @@ demo: install
 		--stimuli $(DATA)/subj01/test_images.npy --out $(DATA)/recon --overwrite
 	@echo "contact sheet: $(DATA)/recon/contact_sheet.png"
 
-test: install
-	$(PY) -m pytest -q -m "not slow"
+# The serving tests (tests/test_serve_*.py, test_triton_repo.py, test_ray_batch.py) run from the main venv and start
+# recon-serve, tritonserver and Ray in the serving environment.
+test: install serve-env
+	BRAINRECON_SERVE_VENV=$(SERVE_VENV) $(PY) -m pytest -q -m "not slow"
 
-test-all: install
-	$(PY) -m pytest -q
+test-all: install serve-env
+	BRAINRECON_SERVE_VENV=$(SERVE_VENV) $(PY) -m pytest -q
 
 lint: install
-	$(BIN)/ruff check brainrecon train export runtime benchmarks tests
-	$(BIN)/ruff format --check brainrecon train export runtime benchmarks tests
+	$(BIN)/ruff check brainrecon train export runtime serve benchmarks tests
+	$(BIN)/ruff format --check brainrecon train export runtime serve benchmarks tests
 
 bench: install
 	$(PY) benchmarks/bench_data.py
@@ -65,5 +82,12 @@ bench-check: install
 	$(PY) benchmarks/bench_stage2_runtime.py --model-dir $(BENCH_TMP)/model --betas $(BENCH_TMP)/prep/test_betas.npy \
 		--repeats 3 --out $(BENCH_TMP)/stage2_runtime.json --check benchmarks/targets.json
 
+# Load and fault benchmark of recon-serve on loopback (bounded: N clients x M requests per setting); results and the
+# latency plot in benchmarks/results/serve/. Uses the tiny bench-check model (built by `make bench-check`).
+bench-serve: serve-env
+	test -f $(BENCH_TMP)/model/manifest.json || $(MAKE) bench-check
+	$(SERVE_PY) benchmarks/bench_serve.py --model-dir $(BENCH_TMP)/model --betas $(BENCH_TMP)/prep/test_betas.npy \
+		--out benchmarks/results/serve
+
 clean:
-	rm -rf $(VENV) $(DATA) engines/*/ .pytest_cache $(BENCH_TMP)
+	rm -rf $(VENV) $(SERVE_VENV) $(DATA) engines/*/ .pytest_cache $(BENCH_TMP)

@@ -36,7 +36,7 @@ mode, root, out = sys.argv[1:4]
 if mode == "reader":
     from brainrecon.data.nsd import PrepareConfig, prepare_subject
     prepare_subject(root, out, PrepareConfig(), progress=False)
-else:  # naive: the whole session through the data proxy, then mask (facts.md: ~2 GB)
+else:  # naive: the whole session through the data proxy, then mask (~2 GB for a real-size session, measured here)
     from brainrecon.data import layout
     mask = np.asarray(nib.load(layout.mask_path(root, 1)).dataobj) > 0
     betas = np.asarray(nib.load(layout.session_path(root, 1, 1)).dataobj)[mask].T / 300.0

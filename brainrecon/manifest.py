@@ -1,7 +1,7 @@
 """`model_dir/manifest.json`: every deployable artifact of a subject model directory, with its hash.
 
 Torch-free: written by `brainrecon.export`, read and verified by `brainrecon.runtime` before anything is loaded.
-Engine files are executable code in all but name (facts §5): the runtime loads only what this file vouches for.
+Engine files are executable code in all but name (TensorRT developer guide: a plan file is deserialised into executable kernels): the runtime loads only what this file vouches for.
 
 Layout (version 1):
 

@@ -7,7 +7,7 @@ one routine that exports, converts, checks and validates them all.
 
 Exporter and opset (pinned per model, the reasons in `ExportContract.why`):
 - "torchscript" = `torch.onnx.export(..., dynamo=False)`. The dynamo exporter is the default in recent torch but
-  needs onnxscript (not a dependency here), and facts §5 records a GRU export bug (wrong `linear_before_reset`)
+  needs onnxscript (not a dependency here), and pytorch/pytorch issues record a dynamo GRU export bug (wrong `linear_before_reset`)
   that gave silently wrong results. The TorchScript exporter at opset 17 is known-good for both models: it emits
   `GRU(linear_before_reset=1)` (PyTorch's GRU semantics; checked structurally and numerically at every export),
   `LayerNormalization` as one op (opset ≥ 17), and a batch-dynamic graph.
@@ -280,7 +280,7 @@ def smooth_images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
 
 _TORCHSCRIPT_WHY = (
     "torch.onnx.export(dynamo=False), opset 17: the dynamo exporter needs onnxscript and a dynamo GRU export once "
-    "produced wrong linear_before_reset silently (facts §5); TorchScript at opset 17 emits GRU(linear_before_reset=1) "
+    "produced wrong linear_before_reset silently (pytorch/pytorch issue tracker); TorchScript at opset 17 emits GRU(linear_before_reset=1) "
     "and fused LayerNormalization, verified by the structural and parity checks at every export"
 )
 # Betas → latents regressors: batches are cheap; a whole test set (982 images) goes in four calls at most.
@@ -354,7 +354,7 @@ def vdvae_decoder_contract(latent_dims: int, image_size: int) -> ExportContract:
 
 _STAGE2_TORCHSCRIPT_WHY = (
     "torch.onnx.export(dynamo=False), opset 17: the dynamo exporter needs onnxscript; the TorchScript exporter "
-    "traces diffusers' AutoencoderKL and the dual-attention UNet2DConditionModel with a dynamic batch (facts §5: "
+    "traces diffusers' AutoencoderKL and the dual-attention UNet2DConditionModel with a dynamic batch ("
     "max diff 1.5e-6 on a tiny dual UNet), emits LayerNormalization as one op, and GroupNorm as "
     "InstanceNormalization (kept fp32 by fp16.py); parity against torch is checked at every export"
 )

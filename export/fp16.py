@@ -1,6 +1,6 @@
 """fp32 ONNX → fp16 ONNX with ONNX Runtime's float16 tool, fp32 inputs/outputs and fp32 normalisations.
 
-facts §5: onnxconverter-common 1.16 produced a model ORT could not load; `onnxruntime.transformers.float16`
+Seen here: onnxconverter-common 1.16 produced a model ORT could not load; `onnxruntime.transformers.float16`
 works. TensorRT ≥ 10.12 takes precision from the graph (strongly typed networks), so this file *is* the fp16
 engine's precision plan: whatever stays fp32 here stays fp32 on the GPU.
 """

@@ -3,7 +3,7 @@
 Like huggingface/optimum's `validate_model_outputs`: run ONNX Runtime (CPU, all graph optimisations: what the
 runtime runs) and the reference on the same seeded inputs at several batch sizes, compare every output with the
 contract's per-precision tolerance, raise a typed error that reports the differences. Three more checks, because a
-silently wrong graph is the failure that matters (facts §5, GRU `linear_before_reset`):
+silently wrong graph is the failure that matters (GRU `linear_before_reset`, ONNX operator spec):
 - both input distributions the contract names ("random" and "realistic" scale);
 - the outputs must differ across different inputs: a graph that ignores its input would pass a lazy test on a
   model whose outputs barely move;

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from brainrecon.errors import InputError
+from brainrecon.images import png_name, save_png
 from brainrecon.io import atomic_path, read_json, write_json
 
 SHARDS_DIR = ".shards"
@@ -70,10 +71,6 @@ class BatchOptions:
             )
         if self.seed < 0 or self.retries < 0:
             raise InputError("--seed/--retries", "integers >= 0", f"{self.seed}, {self.retries}")
-
-
-def png_name(kind: str, trial: int) -> str:
-    return f"{kind}_{trial:05d}.png"
 
 
 def marker(out_dir: Path, start: int, stop: int) -> Path:
@@ -157,13 +154,10 @@ class ShardWorker:
             betas = self.rows(path, start, stop)[todo - start]
             seeds = self.options.seed + todo if self.rec.stage == 2 else None
             out = self.rec.reconstruct(betas, sampling=self.sampling, seeds=seeds, renormalize=False)
-            from PIL import Image
-
             for i, trial in enumerate(todo):
-                # stage 1 first: a trial counts as written when its final PNG exists
-                for kind, images in (("stage1", out.stage1_images), ("final", out.images)):
-                    with atomic_path(out_dir / png_name(kind, trial)) as tmp:
-                        Image.fromarray(images[i]).save(tmp, format="PNG")
+                # stage 1 first: a trial counts as written when its final PNG exists (recon-infer's names)
+                save_png(out_dir / png_name("stage1", trial), out.stage1_images[i])
+                save_png(out_dir / png_name("final", trial), out.images[i])
                 journal(out_dir, f"wrote {trial}")
         with atomic_path(marker(out_dir, start, stop)) as tmp:
             tmp.write_text(

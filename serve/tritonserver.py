@@ -126,3 +126,33 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m brainrecon.serve.tritonserver REPO --http-port N ...`: serve until SIGTERM/SIGINT."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("repository", type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--log", type=Path, default=None, help="tritonserver's output (default: discarded)")
+    args = parser.parse_args(argv)
+    server = TritonServer(
+        args.repository, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log
+    ).start()
+
+    def stop(_signum: int, _frame: object) -> None:
+        server.stop()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    assert server.process is not None
+    return server.process.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

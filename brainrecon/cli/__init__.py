@@ -303,7 +303,7 @@ def train_subject(
         str, typer.Option(help="builtin:small64, a recon-train foundation folder, or an openai .th.")
     ] = "builtin:small64",
     layers: Annotated[
-        int | None, typer.Option(help="Latent layers K (default 15 for imagenet64, 14 for small64).")
+        int | None, typer.Option(help="Latent layers K (default 15 for imagenet64, 13 for small64).")
     ] = None,
     alpha: Annotated[
         float | None, typer.Option(help="Stage-1 ridge alpha; 0 picks one on a validation split.")
@@ -463,9 +463,8 @@ def eval_stage1(
     from brainrecon.train.stage1.fit import compare_stage1
 
     ks = tuple(int(k) for k in layers.split(","))
-    table = compare_stage1(data, out, ks, vdvae=vdvae, max_epochs=max_epochs, seed=seed)
+    compare_stage1(data, out, ks, vdvae=vdvae, max_epochs=max_epochs, seed=seed)
     Console().print((out / "stage1.md").read_text())
-    del table
 
 
 @eval_app.command("stage2")

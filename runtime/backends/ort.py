@@ -44,7 +44,7 @@ def ort_providers(device: str, trt_cache_dir: str | Path | None = None) -> list[
 
 class OrtBackend:
     """One ONNX Runtime session. After creation, the active providers are checked: ORT falls back from a GPU
-    provider to the CPU with only a log line (facts §5); here that is an error unless `allow_cpu_fallback`, in
+    provider to the CPU with only a log line (onnxruntime's `InferenceSession` logs a provider it could not load and continues); here that is an error unless `allow_cpu_fallback`, in
     which case it warns once per provider and records it in `fallback`."""
 
     def __init__(

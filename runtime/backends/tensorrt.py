@@ -137,12 +137,12 @@ def select_engine(candidates: list[Any], expected: EngineKey, model_dir: str | P
         if candidate.engine_key and EngineKey.from_dict(candidate.engine_key) == expected:
             return candidate
     first = candidates[0]
-    check_engine_key(
-        EngineKey.from_dict(first.engine_key or {}), expected, Path(model_dir) / first.path, model_dir
-    )
+    problems = key_mismatches(EngineKey.from_dict(first.engine_key), expected) if first.engine_key else []
     raise EngineMismatchError(
-        f"{Path(model_dir) / first.path}: engine key differs from this machine's"
-    )  # unreachable
+        f"{Path(model_dir) / first.path}: engine built for another target "
+        f"({'; '.join(problems) or 'no engine key recorded'}); rebuild it on this machine with: "
+        f"recon-export --model-dir {model_dir} --stage all"
+    )
 
 
 class TrtError(BrainReconError):

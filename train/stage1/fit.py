@@ -27,7 +27,17 @@ import brainrecon
 from brainrecon.config import config_from_dict
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.images import resize
-from brainrecon.io import atomic_dir, load_npy, read_json, save_npy, sha256_file, write_json, write_text
+from brainrecon.io import (
+    atomic_dir,
+    atomic_path,
+    load_npy,
+    read_json,
+    save_npy,
+    sha256_file,
+    write_json,
+    write_text,
+)
+from brainrecon.model_dir import PREPROCESS_FILES
 from brainrecon.train.foundations.vdvae import (
     VDVAE,
     VDVAE_CONFIGS,
@@ -46,7 +56,6 @@ from brainrecon.train.stage1.ridge import (
 )
 
 BUILTIN_WEIGHTS = Path(brainrecon.__file__).resolve().parent / "weights"  # shipped in the core package
-PREPROCESS_FILES = ("preprocess.json", "voxel_mean.npy", "voxel_std.npy", "mask_indices.npy")
 # Latent layers used by default: the seed paper's 15 of 75 for imagenet64; for small64 the layers up to 8x8
 # plus the first 16x16 one, a similar share of the hierarchy.
 DEFAULT_LAYERS = {"imagenet64": 15, "small64": 13}
@@ -140,7 +149,8 @@ def copy_preprocessing(data_dir: Path, model_dir: Path) -> None:
                 dst, f"the same {name} as {data_dir}", "a different file (use a new --model-dir)"
             )
         if not dst.is_file():
-            shutil.copyfile(src, dst)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
 
 
 def fit_stage1(
@@ -177,7 +187,6 @@ def fit_stage1(
             n_params = int(reg.coef.size + reg.intercept.size)
             extra = {"alpha": alpha, "alpha_search": dataclasses.asdict(search) if search else None}
         else:
-            torch.manual_seed(config.seed)
             train_cfg = gru_mod.GRUTrainConfig(max_epochs=config.max_epochs)
             model, history = gru_mod.train_gru(
                 train_betas, latents, train_cfg, seed=config.seed, progress=progress

@@ -1,0 +1,148 @@
+"""Shared by the serving tests (test_serve_triton.py, test_triton_repo.py, test_ray_batch.py).
+
+The tests run in the main venv (torch, to build and export the tiny model of tests/stage2_fixture.py once per
+session, shared with test_runtime_stage2.py) and start recon-serve, tritonserver and Ray in the serving environment
+(`make serve-env`, found through BRAINRECON_SERVE_VENV, default `.venv-serve`). They talk to the servers with real
+HTTP requests on 127.0.0.1 in the KServe v2 JSON protocol (standard library only), and compare images with the
+runtime API or recon-infer in this venv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, export_tiny_stage2
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = FAST_STEPS  # every server and batch run here shortens the fitted schedule to this (6 UNet calls)
+
+
+def serve_venv() -> Path:
+    """The serving environment; skipped when absent outside CI (`make test` creates it; CI must have it)."""
+    venv = Path(os.environ.get("BRAINRECON_SERVE_VENV", ROOT / ".venv-serve"))
+    if not venv.is_absolute():
+        venv = ROOT / venv
+    if not (venv / "bin" / "python").is_file() or not (venv / "bin" / "recon-serve").is_file():
+        message = f"serving environment {venv} missing: run `make serve-env`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return venv
+
+
+def exported_tiny_model(tmp_path_factory) -> Path:
+    """The tiny two-stage model, exported (fp32 + fp16) once per test session (tests/stage2_fixture.py)."""
+    return export_tiny_stage2(tmp_path_factory.getbasetemp() / "tiny-stage2")
+
+
+def tiny_betas_file(tmp_path_factory) -> Path:
+    """The tiny subject's test betas (10, V) float32, z-scored (recon-prepare's test_betas.npy)."""
+    return build_tiny_stage2(tmp_path_factory.getbasetemp() / "tiny-stage2")["prep"] / "test_betas.npy"
+
+
+def free_ports(n: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def http(port: int, path: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, dict]:
+    """GET (or POST `body` as JSON) on 127.0.0.1:port; returns (status, parsed JSON body)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, json.loads(raw) if raw else {}
+
+
+def infer(
+    port: int,
+    betas: np.ndarray,
+    seed: int | list[int] | None = None,
+    datatype: str = "FP32",
+    model: str = "brainrecon",
+) -> tuple[int, dict]:
+    """One KServe v2 JSON inference request: betas (b, V) (or any shape, to test refusals), optional seeds."""
+    betas = np.asarray(betas)
+    inputs = [
+        {"name": "betas", "shape": list(betas.shape), "datatype": datatype, "data": betas.ravel().tolist()}
+    ]
+    if seed is not None:
+        seeds = np.asarray(seed, np.int64).reshape(-1, 1)
+        inputs.append(
+            {"name": "seed", "shape": list(seeds.shape), "datatype": "INT64", "data": seeds.ravel().tolist()}
+        )
+    return http(port, f"/v2/models/{model}/infer", {"inputs": inputs})
+
+
+def images(body: dict) -> dict[str, np.ndarray]:
+    """{output name: uint8 array} of a successful JSON response."""
+    return {o["name"]: np.asarray(o["data"], np.uint8).reshape(o["shape"]) for o in body["outputs"]}
+
+
+def wait_ready(port: int, model: str, process: subprocess.Popen, timeout_s: float = 180.0) -> float:
+    """Seconds until `model` answers ready; fails with the process's state if it dies or time runs out."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode} before {model} was ready")
+        try:
+            if http(port, f"/v2/models/{model}/ready", timeout=2)[0] == 200:
+                return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"{model} not ready after {timeout_s} s")
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (a server started with start_new_session: it and everything it spawned)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid and (entry / "stat").read_text().split()[2] != "Z":
+                    pids.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+    return pids
+
+
+def stop_session(process: subprocess.Popen, timeout_s: float = 30.0) -> float:
+    """SIGTERM the server, wait; seconds taken. Anything left in its session is killed (by its process ids)."""
+    t0 = time.monotonic()
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    seconds = time.monotonic() - t0
+    for pid in session_pids(process.pid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+    return seconds
