@@ -15,7 +15,8 @@ magnitudes it was trained with.
 Input convention: images are uint8 RGB in [0, 255] and go through the CLIP image processor as such. Brain-Diffuser
 passed float tensors in [-1, 1] to the processor; transformers 4.19 turned floats into uint8 by ×255 (wrapping
 negatives), while ≥ 4.2x rescales floats by 1/255: this is one way its CLIP-vision features changed between 4.19.2
-and 4.33 (Brain-Diffuser's reproduction notes, ozcelikfu/brain-diffuser README). uint8 input means the same thing to every transformers version.
+and 4.33 (Brain-Diffuser's reproduction notes, ozcelikfu/brain-diffuser README). uint8 input means the same thing
+to every transformers version.
 
 Two folder layouts load (`CLIPFeatureExtractor.from_pretrained`):
 
