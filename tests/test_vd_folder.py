@@ -235,6 +235,26 @@ def test_tokenizer_json_only_folder_gives_the_same_features(saved, clip, tmp_pat
     )
 
 
+@pytest.mark.parametrize(
+    "remove, named",
+    [
+        ("image_feature_extractor", "image_feature_extractor"),
+        ("text_encoder/model.safetensors", "text_encoder"),
+        ("tokenizer/merges.txt", "tokenizer.json"),  # neither the slow pair nor a tokenizer.json left
+    ],
+)
+def test_a_missing_clip_part_is_a_one_line_missing_file_error(vd, tmp_path, remove, named):
+    broken = shutil.copytree(vd, tmp_path / "vd", ignore=shutil.ignore_patterns("*unet*", "vae"))
+    target = broken / remove
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    with pytest.raises(MissingFileError) as err:
+        load_clip(str(broken))
+    assert "\n" not in str(err.value) and named in str(err.value)
+
+
 def test_unconditional_vision_context_is_brain_diffusers_black_image(clip, reference, vd):
     """Brain-Diffuser's unconditional image (a black one), checked against the transformers classes directly;
     diffusers' float 0.5 "grey" is rescaled by 1/255 by current transformers, so it lands next to black."""
