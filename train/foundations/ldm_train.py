@@ -500,3 +500,48 @@ def small_unet_config(
         vision_tokens=vision_tokens,
         text_tokens=text_tokens,
     )
+
+
+def prepared_train_images(data: Path, size: int) -> np.ndarray:
+    """A recon-prepare folder's training stimuli resized to `size` (what every foundation model trains on)."""
+    from brainrecon.images import resize
+    from brainrecon.io import load_npy
+
+    return resize(load_npy(Path(data) / "train_images.npy", "train images from recon-prepare"), size)
+
+
+def train_unet_on_prepared(
+    data: str | Path,
+    out: str | Path,
+    clip: str = "builtin:small",
+    vae: str = "builtin:small",
+    log=print,
+    **train_kwargs: Any,
+) -> dict[str, Any]:
+    """`recon-train foundation unet`: encode a recon-prepare folder's training images with the VAE and their
+    captions and images with the CLIP, then train the small dual-guided UNet on them (`train_dual_unet`, whose
+    keyword arguments `train_kwargs` are: steps, batch_size, lr, seed, cond_drop, resume)."""
+    from brainrecon.io import read_json
+    from brainrecon.train.foundations.loaders import load_clip, load_vae
+
+    data = Path(data)
+    vae_model, _ = load_vae(vae)
+    extractor, _ = load_clip(clip)
+    images = prepared_train_images(data, vae_model.config.sample_size)
+    captions = read_json(data / "train_captions.json", "train captions from recon-prepare")
+    log(f"encoding {len(images)} training images and their captions ...")
+    tensors = unet_training_data(images, captions, vae_model, extractor)
+    shapes = extractor.shapes
+    config = small_unet_config(
+        shapes.dim, shapes.vision_tokens, shapes.text_tokens, tensors["latents"].shape[-1]
+    )
+    return train_dual_unet(
+        tensors["latents"],
+        tensors["vision_ctx"],
+        tensors["text_ctx"],
+        config,
+        out,
+        uncond_vision=tensors["uncond_vision"],
+        uncond_text=tensors["uncond_text"],
+        **train_kwargs,
+    )

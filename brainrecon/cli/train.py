@@ -1,0 +1,383 @@
+"""`recon-train` (foundation models, a subject's regressors), `recon-reconstruct` (the torch reference) and
+`recon-eval` (results tables). Thin: the logic lives in `brainrecon.train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from brainrecon.cli import print_summary, run_app
+
+
+def prepared_train_images(data: Path, size: int):
+    """A recon-prepare folder's training stimuli resized to `size` (what every foundation model trains on)."""
+    from brainrecon.train.foundations.ldm_train import prepared_train_images as load
+
+    return load(data, size)
+
+
+train_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train foundation models (on stimuli) and subject models (on betas).",
+)
+foundation_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Foundation models trained on stimuli."
+)
+train_app.add_typer(foundation_app, name="foundation")
+
+
+@foundation_app.command("vdvae")
+def train_foundation_vdvae(
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder; its train images (resized to 64) are used.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder: checkpoints, then model.safetensors + config.json.")
+    ],
+    config: Annotated[str, typer.Option(help="VDVAE config name (small64, imagenet64).")] = "small64",
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+    fp16: Annotated[bool, typer.Option(help="Store the final weights in fp16 (half the size).")] = False,
+) -> None:
+    """Train a VDVAE on the stimuli with EMA weights and resumable checkpoints.
+
+    Example: recon-train foundation vdvae --data data/subj01 --out data/vdvae-small64 --steps 1500
+    """
+    from brainrecon.train.foundations.vdvae import vdvae_config
+    from brainrecon.train.foundations.vdvae_train import train_vdvae
+
+    cfg = vdvae_config(config)
+    images = prepared_train_images(data, cfg.image_size)
+    result = train_vdvae(
+        images, cfg, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume
+    )
+    if fp16:  # smaller shipped weights: re-save the EMA model with fp16 storage
+        from brainrecon.train.foundations.vdvae import save_vdvae
+
+        save_vdvae(result.ema_model, cfg, out, fp16=True)
+    last = result.history[-1] if result.history else {}
+    summary = {
+        "step": result.step,
+        "skipped": result.skipped,
+        **{k: round(float(v), 4) for k, v in last.items()},
+    }
+    print_summary(f"recon-train foundation vdvae -> {out}", summary)
+
+
+@foundation_app.command("clip")
+def train_foundation_clip(
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder with train images and train_captions.json.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder: a local Hugging Face CLIP folder + tokenizer.json.")
+    ],
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Image-caption pairs per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, cosine).")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Train a small CLIP contrastively on the stimuli and their captions (word-level tokenizer).
+
+    Example: recon-train foundation clip --data data/subj01 --out data/clip-small --steps 2000
+    """
+    from brainrecon.io import read_json
+    from brainrecon.train.foundations.clip_small import SmallCLIPConfig, train_small_clip
+
+    config = SmallCLIPConfig()
+    images = prepared_train_images(data, config.image_size)
+    captions = read_json(data / "train_captions.json", "train captions from recon-prepare")
+    summary = train_small_clip(
+        images,
+        captions,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        config=config,
+        overwrite=overwrite,
+    )
+    print_summary(
+        f"recon-train foundation clip -> {out}",
+        {k: v for k, v in summary.items() if not isinstance(v, (list, dict))},
+    )
+
+
+@foundation_app.command("vae")
+def train_foundation_vae(
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder; its train images (resized to 64) are used.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder: checkpoint/, then vae/ (diffusers AutoencoderKL).")
+    ],
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+) -> None:
+    """Train the small latent-diffusion VAE (64x64 images -> 8x8x4 latents) on the stimuli.
+
+    Example: recon-train foundation vae --data data/subj01 --out data/vae-small --steps 1000
+    """
+    from brainrecon.train.foundations.ldm_train import small_vae_config, train_vae
+
+    config = small_vae_config()
+    images = prepared_train_images(data, config["sample_size"])
+    result = train_vae(
+        images, config, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume
+    )
+    print_summary(
+        f"recon-train foundation vae -> {out}/vae",
+        {"step": result["step"], "final_loss": result["final_loss"]},
+    )
+
+
+@foundation_app.command("unet")
+def train_foundation_unet(
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder with train images and train_captions.json.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder: checkpoint/, then unet/ (dual-guided UNet).")],
+    clip: Annotated[
+        str, typer.Option(help="CLIP for the contexts: builtin:small or a folder.")
+    ] = "builtin:small",
+    vae: Annotated[
+        str, typer.Option(help="VAE for the latents: builtin:small or a folder.")
+    ] = "builtin:small",
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 5000,
+    batch_size: Annotated[int, typer.Option(help="Latents per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 2e-4,
+    cond_drop: Annotated[float, typer.Option(help="Probability of the unconditional context (CFG).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+) -> None:
+    """Train the small dual-guided latent UNet on the stimuli's VAE latents, conditioned on CLIP tokens.
+
+    Example: recon-train foundation unet --data data/subj01 --out data/unet-small --steps 5000
+    """
+    from brainrecon.train.foundations.ldm_train import train_unet_on_prepared
+
+    result = train_unet_on_prepared(
+        data,
+        out,
+        clip,
+        vae,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        cond_drop=cond_drop,
+        seed=seed,
+        resume=resume,
+    )
+    print_summary(
+        f"recon-train foundation unet -> {out}/unet",
+        {"step": result["step"], "final_loss": result["final_loss"]},
+    )
+
+
+@train_app.command("subject")
+def train_subject(
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder (created; stages add subfolders).")],
+    stage: Annotated[
+        str, typer.Option(help="vdvae (stage 1), clip (stage 2's CLIP regressors) or all (both).")
+    ] = "all",
+    regressor: Annotated[str, typer.Option(help="gru (the seed paper) or ridge (Brain-Diffuser).")] = "gru",
+    vdvae: Annotated[
+        str, typer.Option(help="builtin:small64, a recon-train foundation folder, or an openai .th.")
+    ] = "builtin:small64",
+    layers: Annotated[
+        int | None, typer.Option(help="Latent layers K (default 15 for imagenet64, 13 for small64).")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Stage-1 ridge alpha; 0 picks one on a validation split.")
+    ] = 5e4,
+    max_epochs: Annotated[
+        int, typer.Option(help="GRU epoch cap (early stopping usually ends sooner).")
+    ] = 200,
+    clip: Annotated[str, typer.Option(help="CLIP: builtin:small or a local Hugging Face folder.")] = (
+        "builtin:small"
+    ),
+    vae: Annotated[str, typer.Option(help="VAE: builtin:small, an AutoencoderKL or VD folder.")] = (
+        "builtin:small"
+    ),
+    unet: Annotated[
+        str, typer.Option(help="UNet: builtin:small, a foundation unet folder or a VD folder.")
+    ] = "builtin:small",
+    text_alpha: Annotated[float, typer.Option(help="CLIP-text ridge alpha.")] = 1e5,
+    vision_alpha: Annotated[float, typer.Option(help="CLIP-vision ridge alpha.")] = 6e4,
+    clip_rank: Annotated[
+        int | None, typer.Option(help="CLIP ridge rank (default: within 1% of full rank on validation).")
+    ] = None,
+    renormalize: Annotated[
+        bool, typer.Option(help="Re-normalise predictions to training-target statistics.")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Fit the subject's regressors: betas -> VDVAE latents (stage 1) and betas -> CLIP tokens (stage 2).
+
+    Example: recon-train subject --data data/subj01 --model-dir engines/subj01 --stage all --regressor gru
+    """
+    if stage not in ("vdvae", "clip", "all"):
+        raise typer.BadParameter(f"expected vdvae, clip or all, found {stage!r}", param_hint="--stage")
+    if stage in ("vdvae", "all"):
+        from brainrecon.train.stage1.fit import Stage1Config, fit_stage1
+
+        config = Stage1Config(
+            regressor=regressor,
+            num_layers=layers,
+            alpha=alpha or None,
+            renormalize=renormalize,
+            seed=seed,
+            max_epochs=max_epochs,
+            vdvae=vdvae,
+        )
+        summary = fit_stage1(data, model_dir, config)
+        print_summary(
+            f"recon-train subject {regressor} -> {model_dir}/stage1",
+            {k: v for k, v in summary.items() if k not in ("config", "foundation", "alpha_search")},
+        )
+    if stage in ("clip", "all"):
+        from brainrecon.train.stage2.fit import Stage2Config, fit_stage2
+
+        config2 = Stage2Config(
+            clip=clip,
+            vae=vae,
+            unet=unet,
+            text_alpha=text_alpha,
+            vision_alpha=vision_alpha,
+            rank=clip_rank,
+            renormalize=renormalize,
+            seed=seed,
+        )
+        summary2 = fit_stage2(data, model_dir, config2)
+        ridge = summary2["clip_ridge"]
+        print_summary(
+            f"recon-train subject clip -> {model_dir}/stage2",
+            {
+                **{f"{k} rank": v["rank"] for k, v in ridge.items()},
+                **{f"{k} parameters": v["parameters"] for k, v in ridge.items()},
+                "fit_seconds": summary2["fit_seconds"],
+            },
+        )
+
+
+reconstruct_app = typer.Typer(
+    add_completion=False, help="Torch reference reconstruction (what the runtime must match)."
+)
+
+
+@reconstruct_app.command()
+def reconstruct(
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder from recon-train subject.")],
+    data: Annotated[Path, typer.Option(help="recon-prepare folder; its test betas (and images) are used.")],
+    out: Annotated[Path, typer.Option(help="Output folder: PNGs, contact_sheet.png, metrics.json.")],
+    stage: Annotated[int, typer.Option(help="1: VDVAE stage only; 2: both stages.")] = 2,
+    seed: Annotated[int | None, typer.Option(help="Noise seed (default: the one fitted with).")] = None,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps of the full schedule (50).")] = None,
+    strength: Annotated[float | None, typer.Option(help="Fraction of the schedule re-noised (0.75).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (7.5).")] = None,
+    mix: Annotated[float | None, typer.Option(help="Vision weight of the dual guidance (0.6).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Reconstruct the test set with the torch models (the reference the runtime must match).
+
+    Example: recon-reconstruct --model-dir engines/subj01 --data data/subj01 --out data/recon-torch --stage 2
+    """
+    if stage == 1:
+        from brainrecon.train.stage1.fit import reconstruct_test_set
+
+        summary = reconstruct_test_set(model_dir, data, out, overwrite=overwrite)
+    elif stage == 2:
+        import dataclasses
+
+        from brainrecon.io import read_json
+        from brainrecon.sampling import SamplingConfig
+        from brainrecon.train.stage2.fit import reconstruct_test_set as reconstruct_two_stage
+
+        info = read_json(model_dir / "stage2" / "stage2.json", "stage-2 summary (recon-train subject)")
+        changes = {
+            "seed": seed,
+            "num_inference_steps": steps,
+            "strength": strength,
+            "guidance_scale": guidance,
+            "mix_ratio": mix,
+        }
+        sampling = dataclasses.replace(
+            SamplingConfig(**info["sampling"]), **{k: v for k, v in changes.items() if v is not None}
+        )
+        metrics = reconstruct_two_stage(model_dir, data, out, overwrite=overwrite, sampling=sampling)
+        summary = {
+            "n": metrics["n"],
+            "seconds": metrics["seconds"],
+            **{f"{s} {m}": round(v, 4) for s in ("stage1", "final") for m, v in metrics[s].items()},
+        }
+    else:
+        raise typer.BadParameter(f"expected 1 or 2, found {stage}", param_hint="--stage")
+    print_summary(f"recon-reconstruct stage {stage} -> {out}", summary)
+
+
+eval_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Evaluate and compare reconstructions."
+)
+
+
+@eval_app.callback()
+def eval_group() -> None:
+    """Evaluate and compare reconstructions (subcommands keep their names even while there is one)."""
+
+
+@eval_app.command("stage1")
+def eval_stage1(
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
+    out: Annotated[
+        Path, typer.Option(help="Results folder: stage1.json, stage1.md, stage1_sheet.png, models/.")
+    ],
+    layers: Annotated[str, typer.Option(help="Comma-separated latent-layer counts K to compare.")] = "13,19",
+    vdvae: Annotated[
+        str, typer.Option(help="Foundation VDVAE (as recon-train subject).")
+    ] = "builtin:small64",
+    max_epochs: Annotated[int, typer.Option(help="GRU epoch cap.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Stage-1 PixCorr/SSIM of ridge vs GRU at several K, beside mean-image and shuffled-betas controls.
+
+    Example: recon-eval stage1 --data data/subj01 --out benchmarks/results/stage1
+    """
+    from brainrecon.train.stage1.fit import compare_stage1
+
+    ks = tuple(int(k) for k in layers.split(","))
+    compare_stage1(data, out, ks, vdvae=vdvae, max_epochs=max_epochs, seed=seed)
+    Console().print((out / "stage1.md").read_text())
+
+
+@eval_app.command("stage2")
+def eval_stage2(
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder with both stages fitted.")],
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
+    out: Annotated[Path, typer.Option(help="Results folder: stage2.json, stage2.md, stage2_sheet.png.")],
+) -> None:
+    """Stage 1 vs stage 1+2 (PixCorr, SSIM, CLIP 2-way identification) with guidance, oracle and shuffle controls.
+
+    Example: recon-eval stage2 --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/stage2
+    """
+    from brainrecon.train.stage2.fit import compare_stage2
+
+    compare_stage2(model_dir, data, out)
+    Console().print((out / "stage2.md").read_text())
+
+
+train_main = run_app(train_app)
+reconstruct_main = run_app(reconstruct_app)
+eval_main = run_app(eval_app)
