@@ -9,7 +9,8 @@ from diffusers import AutoencoderKL
 
 from brainrecon.errors import InputError
 from brainrecon.train.foundations.dual_unet import DualUNetConfig
-from brainrecon.train.foundations.ldm_train import load_dual_unet, tiny_vae_config, train_dual_unet, train_vae
+from brainrecon.train.foundations.ldm_train import load_dual_unet, train_dual_unet, train_vae
+from tests.tiny_models import tiny_vae_config
 
 ATOL_RELOAD = 0.0  # same weights, same ops, same thread count: bit-identical
 

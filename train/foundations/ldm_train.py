@@ -67,21 +67,6 @@ def small_vae_config() -> dict[str, Any]:
     }
 
 
-def tiny_vae_config() -> dict[str, Any]:
-    """Tests: 16x16 images -> 8x8x4 latents (one downsampling), as train/stage2/img2img.py `tiny_components`."""
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2,
-        "block_out_channels": (16, 32),
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 8,
-        "sample_size": 16,
-    }
-
-
 @dataclass(frozen=True)
 class LDMTrainConfig:
     """Optimisation settings, saved in the checkpoint; a resume must use the same ones (except `steps`)."""

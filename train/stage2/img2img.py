@@ -25,7 +25,6 @@ from brainrecon.noise import img2img_noise
 from brainrecon.sampling import SamplingConfig
 from brainrecon.train.foundations.dual_unet import (
     DualUNetConfig,
-    build_dual_unet,
     dual_context,
     set_mix_ratio,
 )
@@ -194,33 +193,3 @@ def img2img(
     init_latents = encode_images(vae, init_images, config.vae_scale_factor)  # (B, 4, h, w)
     latents = denoise(unet, scheduler, init_latents, cond_ctx, uncond_ctx, config, noise)
     return decode_latents(vae, latents, config.vae_scale_factor)
-
-
-def tiny_components(
-    seed: int = 0,
-) -> tuple[UNet2DConditionModel, AutoencoderKL, DDIMScheduler, DualUNetConfig]:
-    """Tiny seeded random UNet/VAE/scheduler for CPU tests: 16x16 images -> 8x8x4 latents (VAE downsampling 2)."""
-    dual_config = DualUNetConfig.tiny()
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=2 * dual_config.sample_size,
-    ).eval()
-    unet = build_dual_unet(dual_config).eval()
-    if vae.config.latent_channels != unet.config.in_channels:
-        raise ConfigError(
-            f"tiny_components: expected VAE latent channels {unet.config.in_channels}, "
-            f"found {vae.config.latent_channels}"
-        )
-    if vae.config.sample_size // vae_downsampling(vae) != dual_config.sample_size:
-        raise ConfigError(
-            f"tiny_components: expected latent side {dual_config.sample_size}, "
-            f"found {vae.config.sample_size // vae_downsampling(vae)}"
-        )
-    return unet, vae, vd_scheduler(), dual_config
