@@ -21,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -144,14 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         args.repository, args.http_port, args.grpc_port, args.metrics_port, args.host, args.log
     ).start()
 
-    def stop(_signum: int, _frame: object) -> None:
-        server.stop()
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = threading.Event()  # the handler only flags: Popen.wait from a handler would wait for itself
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
     assert server.process is not None
-    return server.process.wait()
+    while not stopping.wait(0.2) and server.process.poll() is None:
+        pass
+    code = server.process.poll()
+    server.stop()
+    return 0 if code is None else code
 
 
 if __name__ == "__main__":
