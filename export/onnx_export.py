@@ -3,7 +3,7 @@
     stage_contract(source, staging, precisions, validate, external_threshold)
       fp32 ONNX     torch.onnx.export(dynamo=False) for a torch module | the source's own graph builder
       fp16 ONNX     ORT float16 tool (fp16.py)                         | the same builder at fp16
-      check         onnx.checker.check_model(path, full_check=True)
+      check         onnx.checker.check_model(path, full_check=True); TensorRT 10 operator table (trt_support.py)
       validate      ORT vs the torch/numpy reference (validate.py), on by default
 
 Sources per model family: `stage1.py` (regressors, VDVAE decoder) and `stage2.py` (CLIP ridges, VAE, UNet).
@@ -23,6 +23,7 @@ import numpy as np
 
 from brainrecon.errors import InputError
 from brainrecon.export.contracts import ExportContract
+from brainrecon.export.trt_support import require_trt_support
 from brainrecon.export.validate import Reference, validate_onnx
 
 # A protobuf cannot exceed 2 GiB; keep headroom for the graph itself.
@@ -184,6 +185,7 @@ def stage_contract(
                 data = [path.with_name(path.name + ".data")] if external else []
             staged_file = StagedFile(contract, "fp16", path, data, time.perf_counter() - t0 + fp32_seconds)
         check_onnx(staged_file.path)
+        require_trt_support(staged_file.path)  # what TensorRT's ONNX parser would refuse fails here, by node
         if validate:
             staged_file.validation = validate_onnx(
                 contract,
