@@ -30,3 +30,29 @@ def test_all_modules_import_outside_the_repo(tmp_path):
         env={"PYTHONPATH": "", "OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)},
     )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-1500:]
+
+
+def test_gpu_extras_bring_onnxruntime_gpu_and_never_both_wheels():
+    """onnxruntime and onnxruntime-gpu install the same module; an extra that pulled both would break either."""
+    import re
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+
+    def resolve(name: str) -> set[str]:
+        out: set[str] = set()
+        for req in extras[name]:
+            nested = re.fullmatch(r"brainrecon\[(.+)\]", req)
+            if nested:
+                for sub in nested.group(1).split(","):
+                    out |= resolve(sub.strip())
+            else:
+                out.add(re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower())
+        return out
+
+    for name in extras:
+        deps = resolve(name)
+        assert not {"onnxruntime", "onnxruntime-gpu"} <= deps, name
+    assert "onnxruntime-gpu" in resolve("all-gpu") and "onnxruntime" in resolve("all")
