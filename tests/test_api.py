@@ -161,3 +161,29 @@ def test_a_baked_in_constant_that_disagrees_with_stage2_json_is_refused(tiny2, t
     )
     with pytest.raises(ConfigError, match=f"expected {key}"):
         Reconstructor.open(copy, RuntimeOptions(threads=1))
+
+
+def test_the_readme_python_example_runs(tiny2):
+    """The README's API example, on the tiny model (its paths swapped for the fixture's)."""
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace('"data/subj01/test_betas.npy"', repr(str(tiny2["prep"] / "test_betas.npy")))
+    code = code.replace('"engines/subj01"', repr(str(tiny2["model"])))
+    code = code.replace(
+        'RuntimeOptions(engine="ort", precision="fp32")', 'RuntimeOptions(engine="ort", threads=1)'
+    )
+    fast = f"num_inference_steps={FAST_STEPS}"  # the full schedule takes a minute on the tiny model
+    code = code.replace(
+        "rec.reconstruct(betas)", f"rec.reconstruct(betas, rec.sampling.with_overrides({fast}))"
+    )
+    code = code.replace(
+        "with_overrides(guidance_scale=3.0, seed=1)", f"with_overrides(guidance_scale=3.0, seed=1, {fast})"
+    )
+    code = code.replace("seeds=[7, 8, 9, 10],", f"rec.sampling.with_overrides({fast}), seeds=[7, 8, 9, 10],")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].images.shape[0] == len(scope["betas"]) and scope["rows"].images.shape[0] == 4
+    assert scope["guided3"].sampling.guidance_scale == 3.0 and scope["guided3"].sampling.seed == 1
