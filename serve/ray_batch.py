@@ -106,7 +106,11 @@ def plan(files: list[Path], model_dir: Path, out: Path, shard_size: int) -> dict
         rows = count_rows(path, model_dir)
         shards = [(s, min(s + shard_size, rows)) for s in range(0, rows, shard_size)]
         done = [s for s in shards if marker(out / name, *s).is_file()]
-        jobs[name] = {"input": str(path), "rows": rows, "shards": shards, "done": done}
+        # temporary files of a worker killed while writing (brainrecon.io.atomic_path names): never a final name
+        stale = [p for folder in (out / name, out / name / SHARDS_DIR) for p in folder.glob(".*.tmp")]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        jobs[name] = {"input": str(path), "rows": rows, "shards": shards, "done": done, "stale": len(stale)}
     return jobs
 
 
@@ -188,6 +192,7 @@ def summarize(
         "missing": missing,
         "shards": len(job["shards"]),
         "shards_done_before": len(job["done"]),
+        "stale_temporary_files_removed": job["stale"],
         "seed_rule": f"trial i gets img2img seed {options.seed} + i; no re-normalisation over the set",
         "options": asdict(options),
         "seconds": round(seconds, 3),
@@ -247,9 +252,14 @@ def _execute(
     started = not ray.is_initialized()
     if started:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address is None and options.num_cpus is not None:
-            kwargs["num_cpus"] = options.num_cpus
-        ray.init(address=address, **kwargs)
+        if address is None:
+            if options.num_cpus is not None:
+                kwargs["num_cpus"] = options.num_cpus
+            # A private single-node instance on loopback: Ray otherwise binds the node's network address
+            # (`ray._private.services.get_node_ip_address`; this switch makes it use 127.0.0.1).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # "local": always a new instance; without it ray.init joins a cluster that `ray start` left on the machine
+        ray.init(address=address or "local", **kwargs)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))  # one shard per block
