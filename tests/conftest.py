@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -31,3 +33,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "trt" in item.keywords and not trt:
             item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def tiny2(tmp_path_factory) -> dict[str, Path]:
+    """The tiny two-stage subject (tests/stage2_fixture.py): "prep", "unet", and "model", its exported copy (both
+    precisions), built once per test session and shared; tests that change a model folder copy it first."""
+    from tests.stage2_fixture import build_tiny_stage2, export_tiny_stage2
+
+    root = tmp_path_factory.getbasetemp() / "tiny-stage2"
+    return {**build_tiny_stage2(root), "model": export_tiny_stage2(root)}
+
+
+@pytest.fixture(scope="module")
+def betas(tiny2) -> np.ndarray:
+    return np.load(tiny2["prep"] / "test_betas.npy")  # (10, V) z-scored test betas of the tiny subject

@@ -14,18 +14,7 @@ from brainrecon.errors import ConfigError, InputError
 from brainrecon.manifest import MANIFEST_FILE, describe_file, load_manifest, write_manifest
 from brainrecon.runtime import Reconstructor, RuntimeOptions
 from brainrecon.runtime.stage2 import Stage2Pipeline, unet_session_count
-from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, export_tiny_stage2
-
-
-@pytest.fixture(scope="module")
-def tiny2(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.getbasetemp() / "tiny-stage2"
-    return {**build_tiny_stage2(root), "model": export_tiny_stage2(root)}
-
-
-@pytest.fixture(scope="module")
-def betas(tiny2) -> np.ndarray:
-    return np.load(tiny2["prep"] / "test_betas.npy")  # (10, V)
+from tests.stage2_fixture import FAST_STEPS
 
 
 @pytest.fixture(scope="module")

@@ -34,23 +34,11 @@ from brainrecon.manifest import load_manifest, write_manifest
 from brainrecon.runtime.api import default_stage
 from brainrecon.runtime.infer import run_inference
 from brainrecon.runtime.stage2 import Stage2Pipeline, load_scheduler
-from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, export_tiny_stage2
+from tests.stage2_fixture import FAST_STEPS
 
 FINAL_TOLERANCE = {"fp32": {"mean": 0.01, "max": 1}, "fp16": {"mean": 0.5, "within_2": 0.98}}
 LATENT_ATOL_FP32 = 1e-4
 SAME_ATOL = 1e-5  # re-runs, batch splits: same kernels, possibly another blocking
-
-
-@pytest.fixture(scope="session")
-def tiny2(tmp_path_factory) -> dict[str, Path]:
-    """The tiny two-stage subject; "model" is its exported copy (both precisions)."""
-    root = tmp_path_factory.getbasetemp() / "tiny-stage2"
-    return {**build_tiny_stage2(root), "model": export_tiny_stage2(root)}
-
-
-@pytest.fixture(scope="module")
-def betas(tiny2) -> np.ndarray:
-    return np.load(tiny2["prep"] / "test_betas.npy")  # (10, V)
 
 
 @pytest.fixture(scope="module")
