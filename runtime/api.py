@@ -24,7 +24,7 @@ import numpy as np
 
 from brainrecon import model_dir as layout
 from brainrecon.errors import ConfigError, InputError
-from brainrecon.manifest import load_manifest
+from brainrecon.manifest import Manifest, load_manifest
 from brainrecon.runtime.artifacts import ENGINES, PRECISIONS
 from brainrecon.runtime.backends.ort import DEVICES
 from brainrecon.runtime.inputs import load_betas
@@ -95,13 +95,19 @@ class Reconstructor:
     """An exported subject model folder, loaded once. Build with `Reconstructor.open`; use as a context manager
     (or call `close`) to release the sessions and engines."""
 
-    def __init__(self, pipeline: Stage1Pipeline | Stage2Pipeline, model_dir: Path, options: RuntimeOptions):
+    def __init__(
+        self,
+        pipeline: Stage1Pipeline | Stage2Pipeline,
+        model_dir: Path,
+        options: RuntimeOptions,
+        manifest: Manifest | None = None,
+    ):
         self.pipeline = pipeline
         self.model_dir = model_dir
         self.options = options
         self.stage = 2 if isinstance(pipeline, Stage2Pipeline) else 1
         self._stage1 = pipeline.stage1 if isinstance(pipeline, Stage2Pipeline) else pipeline
-        self._manifest = None  # kept for reading raw betas (NIfTI/HDF5) against the same verified manifest
+        self._manifest = manifest  # raw betas (NIfTI/HDF5) are preprocessed against the same parsed manifest
 
     @classmethod
     def open(
@@ -128,9 +134,7 @@ class Reconstructor:
             pipeline = Stage2Pipeline.from_model_dir(
                 model_dir, *common, manifest=manifest, memory_budget_bytes=options.memory_budget_bytes
             )
-        rec = cls(pipeline, model_dir, options)
-        rec._manifest = manifest
-        return rec
+        return cls(pipeline, model_dir, options, manifest)
 
     # ----------------------------------------------------------------------------------------- facts
 
