@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import brainrecon
 
 
@@ -35,7 +37,8 @@ def test_all_modules_import_outside_the_repo(tmp_path):
 def test_gpu_extras_bring_onnxruntime_gpu_and_never_both_wheels():
     """onnxruntime and onnxruntime-gpu install the same module; an extra that pulled both would break either."""
     import re
-    import tomllib
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
