@@ -235,7 +235,7 @@ def test_readme_client_example(server, model, betas_file, tmp_path):
 
 
 def test_shutdown_is_clean_and_quick(model, tmp_path):
-    """A second server (dynamic batching off): SIGTERM ends it and every process it started within 10 s; the
+    """A second server (dynamic batching off, two instances): SIGTERM ends it and every process it started within 10 s; the
     ports are free again."""
     venv = serve_venv()
     ports = free_ports(3)
@@ -247,6 +247,7 @@ def test_shutdown_is_clean_and_quick(model, tmp_path):
         f"--metrics-port={ports[2]}",
         f"--steps={STEPS}",
         "--no-dynamic-batching",
+        "--instances=2",
         "--threads=1",
     ]
     with open(tmp_path / "serve.log", "wb") as out:
@@ -255,6 +256,8 @@ def test_shutdown_is_clean_and_quick(model, tmp_path):
         wait_ready(ports[0], "brainrecon", process)
         status, config = http(ports[0], "/v2/models/brainrecon/config")
         assert status == 200 and "dynamic_batching" not in config
+        assert [g["count"] for g in config["instance_group"]] == [2]
+        assert http(ports[0], "/v2/models/brainrecon/infer", {"inputs": []})[0] == 400  # answers, then stops
         assert len(session_pids(process.pid)) >= 3  # recon-serve, tritonserver, the python-backend stub
         t0 = time.monotonic()
         process.terminate()
