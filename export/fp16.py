@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 # Kept in fp32: normalisations and reductions (their sums of squares overflow or lose the mean in fp16), soft-
 # maxes, plus ORT's default list (ops without fp16 kernels). `BatchNormalization` is cheap in eval mode and its
 # running variance can sit below fp16's normal range.
@@ -30,6 +32,101 @@ NORMALISATION_AND_REDUCTION_OPS = (
     "ReduceMin",
     "ReduceProd",
 )
+
+
+# The fp16 fallbacks: when the plain conversion overflows (inf/NaN) or misses the contract's fp16 tolerance, the export
+# retries with these node-name prefixes (TorchScript exporter names: module path) kept fp32, mildest first, and
+# records which one it used. Stable Diffusion-family VAE decoders are known to overflow in fp16 with real weights
+# (huggingface/diffusers `upcast_vae` / `force_upcast`; madebyollin/sdxl-vae-fp16-fix: activations in the up blocks
+# exceed fp16's 65504), so the VAE decoder keeps its two highest-resolution up blocks and output layers, then all of
+# itself, in fp32; the VAE encoder and the imagenet64 VDVAE decoder go to fp32 whole. Prefixes are TorchScript
+# scope names (a module called as a submodule: `/decoder/up_blocks.3/resnets.0/conv1/Conv`).
+FP16_FALLBACKS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "vae_decoder": (
+        (
+            "/decoder/up_blocks.2/",
+            "/decoder/up_blocks.3/",
+            "/decoder/conv_norm_out",
+            "/decoder/conv_act",
+            "/decoder/conv_out",
+        ),
+        ("/",),
+    ),
+    "vae_encoder": (("/",),),
+    "vdvae_decoder": (("/",),),
+}
+FP16_MAX = 65504.0  # the largest finite fp16
+# A node is kept fp32 when a float tensor it reads or writes reached FP16_MAX / FP16_OVERFLOW_MARGIN on the
+# validation inputs: other inputs (and a GPU's other summation order) can go further than the ones seen.
+FP16_OVERFLOW_MARGIN = 4.0
+
+
+def activation_peaks(fp32_path: str | Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """max |value| of every float tensor a node writes, over `feeds`, from the fp32 graph on ORT CPU.
+
+    Why from the fp32 graph: ONNX Runtime's CPU provider runs many fp16 nodes by casting to fp32 and drops the
+    cast pairs between them, so an fp16 graph that would overflow on a GPU (TensorRT, CUDA) passes on the CPU;
+    where fp16 overflows is where the fp32 graph's values leave fp16's range. Every float node output gets an
+    Abs → ReduceMax (scalar) graph output; the probe file sits beside `fp32_path` (same external data) and is
+    removed afterwards."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    fp32_path = Path(fp32_path)
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.output)}
+    graph = model.graph
+    probes: dict[str, str] = {}
+    for node in list(graph.node):
+        for out in node.output:
+            if out and dtypes.get(out) == TensorProto.FLOAT and out not in probes:
+                peak = f"peak__{len(probes)}"
+                graph.node.extend(
+                    [
+                        helper.make_node("Abs", [out], [f"{peak}_abs"], name=f"{peak}_Abs"),
+                        helper.make_node(
+                            "ReduceMax", [f"{peak}_abs"], [peak], keepdims=0, name=f"{peak}_Max"
+                        ),
+                    ]
+                )
+                graph.output.append(helper.make_tensor_value_info(peak, TensorProto.FLOAT, []))
+                probes[out] = peak
+    probe_path = fp32_path.with_name(f".{fp32_path.stem}.peaks.onnx")
+    probe_path.write_bytes(model.SerializeToString())  # external initializers keep their relative location
+    del model, inferred
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
+        names = list(probes.values())
+        peaks = dict.fromkeys(probes, 0.0)
+        for feed in feeds:
+            values = session.run(names, feed)
+            for tensor, value in zip(probes, values, strict=True):
+                peaks[tensor] = max(peaks[tensor], float(value))  # inf/NaN stay visible
+        return peaks
+    finally:
+        probe_path.unlink(missing_ok=True)
+
+
+def overflow_nodes(
+    fp32_path: str | Path, peaks: dict[str, float], limit: float = FP16_MAX / FP16_OVERFLOW_MARGIN
+) -> list[str]:
+    """Nodes that read or write a float tensor whose peak is beyond `limit` (or not finite): kept fp32, so the
+    value is produced and consumed in fp32 (a consumer that brings it back into range, e.g. a GroupNorm or the
+    next residual scale, then feeds fp16 nodes again)."""
+    import onnx
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+
+    def big(name: str) -> bool:
+        value = peaks.get(name)
+        return value is not None and not value <= limit  # NaN counts as big
+
+    return [n.name for n in graph.node if any(big(t) for t in (*n.input, *n.output))]
 
 
 def fp16_op_block_list() -> list[str]:
@@ -140,7 +237,21 @@ def drop_fp16_round_trips(model, blocked_ops: set[str], blocked_nodes: set[str])
     return removed
 
 
-def convert_to_fp16(fp32_path: str | Path, output_nodes_fp32: bool = True, fp32_inputs: tuple[str, ...] = ()):
+def nodes_with_prefix(fp32_path: str | Path, prefixes: tuple[str, ...]) -> list[str]:
+    """Names of the nodes whose name starts with one of `prefixes` (structure only; weights are not read)."""
+    import onnx
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.name and n.name.startswith(prefixes)]
+
+
+def convert_to_fp16(
+    fp32_path: str | Path,
+    output_nodes_fp32: bool = True,
+    fp32_inputs: tuple[str, ...] = (),
+    fp32_prefixes: tuple[str, ...] = (),
+    fp32_nodes: tuple[str, ...] = (),
+):
     """fp32 ONNX file → fp16 ModelProto (keep_io_types: the graph still takes and returns float32).
 
     `output_nodes_fp32` keeps the node(s) writing each graph output in fp32 (for the GRU: the last Linear with its
@@ -148,7 +259,9 @@ def convert_to_fp16(fp32_path: str | Path, output_nodes_fp32: bool = True, fp32_
     transductive re-normalisation divides by that part's spread across trials; rounding the sum to fp16 would be
     amplified many-fold. The cost is one small layer. `fp32_inputs` keeps the subgraph of those inputs in fp32
     (`input_subgraph_nodes`; the UNet's timestep embedding). The path form runs shape inference with
-    `infer_shapes_path` (works over 2 GB) and resolves external data relative to the file.
+    `infer_shapes_path` (works over 2 GB) and resolves external data relative to the file. `fp32_prefixes` keeps
+    the nodes named under those module paths in fp32 (`FP16_FALLBACKS`), `fp32_nodes` the nodes named (those
+    `overflow_nodes` finds).
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -157,13 +270,16 @@ def convert_to_fp16(fp32_path: str | Path, output_nodes_fp32: bool = True, fp32_
     blocked_nodes = output_node_names(fp32_path) if output_nodes_fp32 else []
     if fp32_inputs:
         blocked_nodes += input_subgraph_nodes(fp32_path, fp32_inputs)
+    if fp32_prefixes:
+        blocked_nodes += nodes_with_prefix(fp32_path, fp32_prefixes)
+    blocked_nodes += list(fp32_nodes)
     model = convert_float_to_float16(
         str(fp32_path),
         keep_io_types=True,
         op_block_list=blocked_ops,
         node_block_list=blocked_nodes or None,
     )
-    if fp32_inputs:
+    if fp32_inputs or fp32_prefixes or fp32_nodes:
         drop_fp16_round_trips(model, set(blocked_ops), set(blocked_nodes))
     # The tool appends its input/output Casts at the end of the node list; ORT does not mind, but the ONNX
     # checker (and TensorRT's parser) require topological order.

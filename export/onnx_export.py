@@ -115,7 +115,9 @@ def export_torchscript(
     import torch
 
     sample = {k: torch.from_numpy(v) for k, v in contract.sample_input(2, pools=pools).items()}
-    with warnings.catch_warnings():
+    # Without no_grad the trace runs with autograd on and keeps every activation for a backward pass that never
+    # comes: the SD-size VAE decoder (335 MB of weights) peaked at 12.6 GB traced at 512 px, 2.6 GB without.
+    with warnings.catch_warnings(), torch.no_grad():
         # the legacy-exporter deprecation notice and tracer warnings about the shape asserts in forward()
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -131,6 +133,59 @@ def export_torchscript(
         )
     model = onnx.load(str(path))
     return save_onnx(model, path, _initializer_bytes(model) > external_threshold)
+
+
+def export_fp16(
+    contract: ExportContract,
+    fp32_path: Path,
+    path: Path,
+    external: bool,
+    check: Callable[[Path], dict[str, Any] | None] | None = None,
+    feeds: list[dict[str, np.ndarray]] | None = None,
+) -> tuple[list[Path], dict[str, Any]]:
+    """fp32 ONNX → fp16 ONNX at `path` (ORT's float16 tool, fp16.py), checked by `check` (which raises ParityError
+    on inf/NaN or errors beyond the contract's fp16 tolerance).
+
+    Overflow is found first from the fp32 graph (`fp16.activation_peaks` on `feeds`, validation inputs): the nodes
+    reading or writing values beyond fp16's range (with a margin) stay fp32. ONNX Runtime's CPU provider would not
+    show that overflow itself (it computes many fp16 nodes in fp32), a GPU would. Then, on a ParityError, the
+    conversion is retried with the contract's `FP16_FALLBACKS` kept fp32, mildest first; the last error is raised
+    when none passes. Returns the data files and {"activation_peak": the largest |value| in the fp32 graph,
+    "fp32_overflow_nodes": the nodes kept fp32 for range, "fp32_prefixes": the fallback kept fp32 ([] = none),
+    "check": check's result, "fallbacks_tried": [{"fp32_prefixes", "error"}]}."""
+    from brainrecon.export.fp16 import FP16_FALLBACKS, activation_peaks, convert_to_fp16, overflow_nodes
+    from brainrecon.export.validate import ParityError
+
+    range_nodes: list[str] = []
+    range_info: dict[str, Any] = {"activation_peak": None}
+    if feeds:
+        peaks = activation_peaks(fp32_path, feeds)
+        range_nodes = overflow_nodes(fp32_path, peaks)
+        range_info = {"activation_peak": float(f"{max(peaks.values(), default=0.0):.4g}")}
+    tried: list[dict[str, Any]] = []
+    levels: tuple[tuple[str, ...], ...] = ((), *FP16_FALLBACKS.get(contract.name, ()))
+    for n, prefixes in enumerate(levels):
+        model = convert_to_fp16(
+            fp32_path, fp32_inputs=contract.fp32_inputs, fp32_prefixes=prefixes, fp32_nodes=tuple(range_nodes)
+        )
+        data = save_onnx(model, path, external)
+        del model
+        try:
+            report = check(path) if check is not None else None
+        except ParityError as e:
+            tried.append({"fp32_prefixes": list(prefixes), "error": str(e)})
+            if n == len(levels) - 1:
+                raise
+            warnings.warn(f"{contract.name} fp16: {e}; retrying with more layers kept fp32", stacklevel=2)
+            continue
+        return data, {
+            **range_info,
+            "fp32_overflow_nodes": range_nodes,
+            "fp32_prefixes": list(prefixes),
+            "check": report,
+            "fallbacks_tried": tried,
+        }
+    raise AssertionError("unreachable: the last level re-raises")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------- staging
@@ -175,25 +230,48 @@ def stage_contract(
             path = staging / f"{contract.name}.fp16.onnx"
             external = source.weight_bytes // 2 > external_threshold
             if contract.exporter == "torchscript":
-                from brainrecon.export.fp16 import convert_to_fp16
-
-                model = convert_to_fp16(fp32_path, fp32_inputs=contract.fp32_inputs)
-                data = save_onnx(model, path, external)
-            else:
-                assert source.build is not None
-                source.build(path, "fp16", external)
-                data = [path.with_name(path.name + ".data")] if external else []
+                # checked and validated inside, so that an overflowing conversion is retried with fp32 layers
+                feeds = [
+                    contract.sample_input(2, kind, seed=k, stats=source.stats, pools=source.pools)
+                    for k, kind in enumerate(contract.input_kinds)
+                ]
+                data, info = export_fp16(
+                    contract,
+                    fp32_path,
+                    path,
+                    external,
+                    lambda p: _check_and_validate(source, p, "fp16", validate),
+                    feeds,
+                )
+                staged_file = StagedFile(
+                    contract, "fp16", path, data, time.perf_counter() - t0 + fp32_seconds
+                )
+                if validate:
+                    staged_file.validation = {
+                        **info["check"],
+                        "fp16_activation_peak": info["activation_peak"],
+                        "fp16_fp32_overflow_nodes": len(info["fp32_overflow_nodes"]),
+                        "fp16_fp32_prefixes": info["fp32_prefixes"],
+                    }
+                staged.append(staged_file)
+                continue
+            assert source.build is not None
+            source.build(path, "fp16", external)
+            data = [path.with_name(path.name + ".data")] if external else []
             staged_file = StagedFile(contract, "fp16", path, data, time.perf_counter() - t0 + fp32_seconds)
-        check_onnx(staged_file.path)
-        require_trt_support(staged_file.path)  # what TensorRT's ONNX parser would refuse fails here, by node
-        if validate:
-            staged_file.validation = validate_onnx(
-                contract,
-                staged_file.path,
-                source.reference,
-                precision,
-                stats=source.stats,
-                pools=source.pools,
-            )
+        staged_file.validation = _check_and_validate(source, staged_file.path, precision, validate)
         staged.append(staged_file)
     return staged
+
+
+def _check_and_validate(
+    source: ExportSource, path: Path, precision: str, validate: bool
+) -> dict[str, Any] | None:
+    """ONNX checker, TensorRT operator table, and (when `validate`) parity against the source's reference."""
+    check_onnx(path)
+    require_trt_support(path)  # what TensorRT's ONNX parser would refuse fails here, by node
+    if not validate:
+        return None
+    return validate_onnx(
+        source.contract, path, source.reference, precision, stats=source.stats, pools=source.pools
+    )
