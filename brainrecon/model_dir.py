@@ -53,6 +53,9 @@ STAGE2_FILES = (
 REGRESSORS = ("gru", "ridge")
 VDVAE_DECODER = "vdvae_decoder"
 STAGE2_MODELS = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")
+# The K/V-once pair (export/contracts.py): the cross-attention K/V of a context, and the UNet step taking them.
+# Exported beside `unet` (which the Triton repository still serves); the runtime prefers them when present.
+STAGE2_KV_MODELS = ("unet_context", "unet_kv")
 
 ONNX_DIR = "onnx"
 ENGINE_DIR = "trt"

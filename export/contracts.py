@@ -507,3 +507,100 @@ def unet_contract(
             ("guidance_layout", "[uncond x B; cond x B]"),
         ),
     )
+
+
+# ----------------------------------------------------------------------------------------- K/V once
+#
+# The UNet's contexts are the same at every denoising step, so are the keys and values of its cross-attention
+# layers. `unet_context` computes them once per context (per batch of predicted contexts, and once per run for the
+# unconditional one); `unet_kv` is the UNet step that takes them instead of the context. Per image and step that
+# removes the K/V projections of all Nv + Nt tokens (14% of the demo UNet's FLOPs). Layer j of the layout
+# (train/foundations/dual_unet.py `kv_layout`) has heads h_j, head dim d_j and N_j tokens (Nv or Nt):
+#     key_j    (B, h_j, d_j, N_j)  to_k(tokens)ᵀ · d_j^-0.5 (transposed and pre-scaled for the Q·K MatMul)
+#     value_j  (B, h_j, N_j, d_j)  to_v(tokens)
+
+KVShape = tuple[int, int, int]  # (heads, head_dim, tokens) of one cross-attention layer
+
+
+def kv_names(n_layers: int) -> tuple[str, ...]:
+    """key_0, value_0, key_1, value_1, ...: the K/V tensors of `unet_context` (outputs) and `unet_kv` (inputs)."""
+    return tuple(f"{kind}_{j}" for j in range(n_layers) for kind in ("key", "value"))
+
+
+def _kv_specs(layers: tuple[KVShape, ...]) -> tuple[TensorSpec, ...]:
+    specs = []
+    for j, (heads, head_dim, tokens) in enumerate(layers):
+        specs.append(TensorSpec(f"key_{j}", (BATCH, heads, head_dim, tokens)))
+        specs.append(TensorSpec(f"value_{j}", (BATCH, heads, tokens, head_dim)))
+    return tuple(specs)
+
+
+def unet_context_contract(
+    layers: tuple[KVShape, ...], vision_tokens: int, text_tokens: int, dim: int, image_size: int
+) -> ExportContract:
+    """The K/V of every cross-attention layer of the dual UNet for a context (see the section note):
+
+        encoder_hidden_states (B, Nv + Nt, D)  vision tokens first, as `unet`'s input
+        → key_j (B, h_j, d_j, N_j), value_j (B, h_j, N_j, d_j)  for j in the UNet's kv_layout order
+
+    The runtime runs it once on the unconditional context and once per batch of predicted contexts."""
+    return ExportContract(
+        name="unet_context",
+        inputs=(TensorSpec("encoder_hidden_states", (BATCH, vision_tokens + text_tokens, dim)),),
+        outputs=_kv_specs(layers),
+        profile=stage2_profiles(image_size)[1],
+        exporter="torchscript",
+        opset=17,
+        # Linear projections only (no reduction beyond one dot product of D terms): fp32 as the UNet's bound; fp16
+        # rounds weights and products to 11 bits: 2e-2·scale max, 1e-3·scale median as the UNet's.
+        fp32=Tolerance(atol=1e-5, rtol=1e-4),
+        fp16=Tolerance(atol=1e-3, rtol=2e-2, median_rtol=1e-3),
+        why=_STAGE2_TORCHSCRIPT_WHY,
+        input_kinds=("realistic",),
+        validate_batches=(1, 2, 5),
+        draws=(("encoder_hidden_states", "contexts"),),
+        constants=(
+            ("vision_tokens", vision_tokens),
+            ("text_tokens", text_tokens),
+            ("kv_layers", len(layers)),
+        ),
+    )
+
+
+def unet_kv_contract(
+    latent_channels: int,
+    latent_size: int,
+    layers: tuple[KVShape, ...],
+    mix_ratio: float,
+    image_size: int,
+) -> ExportContract:
+    """`unet` with the context's K/V given (`unet_context`'s outputs) instead of the context:
+
+        sample (B, C, h, w), timestep (B,), key_j, value_j (B, ...) for every layer j → noise_pred (B, C, h, w)
+
+    Same guidance layout as `unet` ([uncond × B; cond × B] rows, the unconditional K/V repeated B times), same
+    weights, the mix ratio baked in; the feed-forward's GEGLU runs as two MatMuls and each dual block adds its
+    residual once after mixing."""
+    shape = (BATCH, latent_channels, latent_size, latent_size)
+    kv = _kv_specs(layers)
+    return ExportContract(
+        name="unet_kv",
+        inputs=(TensorSpec("sample", shape), TensorSpec("timestep", (BATCH,)), *kv),
+        outputs=(TensorSpec("noise_pred", shape),),
+        profile=stage2_profiles(image_size)[1],
+        exporter="torchscript",
+        opset=17,
+        # as `unet` (same function up to summation order): fp32 measured max 2e-6·scale against the plain UNet
+        fp32=Tolerance(atol=1e-5, rtol=1e-4),
+        fp16=Tolerance(atol=1e-3, rtol=2e-2, median_rtol=1e-3),
+        why=_STAGE2_TORCHSCRIPT_WHY,
+        input_kinds=("realistic",),
+        validate_batches=(1, 2, 5),
+        draws=(("sample", "latents"), ("timestep", "timesteps"), *((s.name, "contexts") for s in kv)),
+        fp32_inputs=("timestep",),
+        constants=(
+            ("mix_ratio", mix_ratio),
+            ("kv_layers", len(layers)),
+            ("guidance_layout", "[uncond x B; cond x B]"),
+        ),
+    )

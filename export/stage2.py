@@ -26,7 +26,10 @@ from brainrecon.export.contracts import (
     TRAIN_TIMESTEPS,
     ExportContract,
     clip_ridge_contract,
+    kv_names,
+    unet_context_contract,
     unet_contract,
+    unet_kv_contract,
     vae_decoder_contract,
     vae_encoder_contract,
 )
@@ -34,7 +37,12 @@ from brainrecon.export.onnx_export import ExportSource, save_onnx, set_ir_versio
 from brainrecon.io import read_json, write_json
 from brainrecon.model_dir import SCHEDULER, STAGE2_SUMMARY
 from brainrecon.sampling import SamplingConfig
-from brainrecon.train.foundations.dual_unet import set_mix_ratio
+from brainrecon.train.foundations.dual_unet import (
+    context_kv,
+    kv_cross_attention_kwargs,
+    kv_layout,
+    set_mix_ratio,
+)
 from brainrecon.train.stage2.clip_ridge import ClipRidge
 from brainrecon.train.stage2.fit import Stage2Model
 from brainrecon.train.stage2.img2img import (
@@ -83,6 +91,52 @@ class UNetGraph(torch.nn.Module):
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class UNetContextGraph(torch.nn.Module):
+    """context (B, Nv + Nt, D) → (key_0, value_0, ...): the cross-attention K/V of every dual block
+    (dual_unet.context_kv), computed once per context instead of at every step."""
+
+    def __init__(self, unet: Any):
+        super().__init__()
+        self.unet = unet
+        kv_layout(unet)
+
+    def forward(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(context_kv(self.unet, encoder_hidden_states))
+
+
+class UNetKVGraph(torch.nn.Module):
+    """(sample (B, C, h, w), timestep (B,), key_0, value_0, ...) → noise_pred (B, C, h, w): `UNetGraph` with the
+    context's K/V precomputed by `UNetContextGraph`."""
+
+    def __init__(self, unet: Any):
+        super().__init__()
+        self.unet = unet
+        self.n_kv = 2 * len(kv_layout(unet))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        if len(kv) != self.n_kv:
+            raise InputError("UNetKVGraph", f"{self.n_kv} K/V tensors (kv_layout)", f"{len(kv)}")
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=None,
+            cross_attention_kwargs=kv_cross_attention_kwargs(list(kv)),
+            return_dict=False,
+        )[0]
+
+
+def unet_kv_shapes(unet: Any) -> tuple[tuple[int, int, int], ...]:
+    """(heads, head_dim, tokens) per cross-attention layer, in the K/V order of the contracts."""
+    return tuple((layer.heads, layer.head_dim, layer.tokens) for layer in kv_layout(unet))
+
+
+def kv_pool(unet: Any, contexts: np.ndarray) -> dict[str, np.ndarray]:
+    """{key_j / value_j: (N, ...)} float32: the K/V of the context pool's rows, what `unet_kv` is validated on."""
+    with torch.no_grad():
+        kv = context_kv(unet, torch.from_numpy(contexts))
+    return {name: t.numpy().astype(np.float32) for name, t in zip(kv_names(len(kv) // 2), kv, strict=True)}
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -176,7 +230,21 @@ def stage2_sources(model: Stage2Model, names: list[str]) -> list[ExportSource]:
             )
             pools = {"encoder_hidden_states": context_pool(model)}
             sources.append(_torch_source(UNetGraph(unet), contract, pools))
-        else:  # pragma: no cover - contract_names only yields STAGE2_MODELS
+        elif name in ("unet_context", "unet_kv"):
+            set_mix_ratio(unet, sampling.mix_ratio)
+            layers = unet_kv_shapes(unet)
+            pool = context_pool(model)
+            if name == "unet_context":
+                contract = unet_context_contract(
+                    layers, dual.vision_tokens, dual.text_tokens, dual.cross_attention_dim, image_size
+                )
+                sources.append(
+                    _torch_source(UNetContextGraph(unet), contract, {"encoder_hidden_states": pool})
+                )
+            else:
+                contract = unet_kv_contract(channels, latent_size, layers, sampling.mix_ratio, image_size)
+                sources.append(_torch_source(UNetKVGraph(unet), contract, kv_pool(unet, pool)))
+        else:  # pragma: no cover - contract_names only yields STAGE2_MODELS and STAGE2_KV_MODELS
             raise ConfigError(f"no stage-2 export source for {name!r}")
     return sources
 

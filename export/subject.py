@@ -59,7 +59,7 @@ def contract_names(model_dir: Path, stage: str) -> list[str]:
                 "stage-2 summary",
                 "run recon-train subject --stage clip first",
             )
-        return list(layout.STAGE2_MODELS)
+        return [*layout.STAGE2_MODELS, *layout.STAGE2_KV_MODELS]
     regressor = stage1_summary(model_dir)["config"]["regressor"]
     if stage in layout.REGRESSORS and stage != regressor:
         raise InputError(
@@ -72,7 +72,8 @@ def contract_names(model_dir: Path, stage: str) -> list[str]:
     if stage == "vdvae":
         return [layout.VDVAE_DECODER]
     stage1 = [regressor, layout.VDVAE_DECODER]
-    return stage1 + list(layout.STAGE2_MODELS) if stage == "all" and has_stage2 else stage1
+    stage2 = [*layout.STAGE2_MODELS, *layout.STAGE2_KV_MODELS]
+    return stage1 + stage2 if stage == "all" and has_stage2 else stage1
 
 
 def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
@@ -80,8 +81,9 @@ def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
     stage 2 from `Stage2Model.load` (checks the VAE and UNet hashes), each loaded only when needed."""
     from brainrecon.export.stage1 import load_stage1_sources
 
-    stage2 = [n for n in names if n in layout.STAGE2_MODELS]
-    stage1 = [n for n in names if n not in layout.STAGE2_MODELS]
+    stage2_names = (*layout.STAGE2_MODELS, *layout.STAGE2_KV_MODELS)
+    stage2 = [n for n in names if n in stage2_names]
+    stage1 = [n for n in names if n not in stage2_names]
     sources: list[ExportSource] = []
     model1 = None
     if stage2:

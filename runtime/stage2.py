@@ -56,6 +56,10 @@ from brainrecon.sampling import SamplingConfig
 
 CLIP_TARGETS = layout.CLIP_TARGETS
 MODELS = layout.STAGE2_MODELS
+KV_MODELS = layout.STAGE2_KV_MODELS  # unet_context + unet_kv: the K/V-once UNet (export/contracts.py)
+# "kv": the cross-attention K/V of the contexts computed once (unet_context), the step on them (unet_kv);
+# "plain": the context-taking `unet` at every step; "auto": kv when the model folder has it, else plain.
+UNET_GRAPHS = ("auto", "kv", "plain")
 SUMMARY = layout.STAGE2_SUMMARY
 SCHEDULER = layout.SCHEDULER
 SCHEDULER_FORMAT = ("brainrecon.ddim_tables", 1)
@@ -137,6 +141,9 @@ class Stage2Pipeline:
         self.stage1 = stage1
         self.backends, self.ios = backends, ios
         # UNet sessions that denoise image chunks in parallel (see `from_model_dir`); one by default
+        # backends["unet"] is the UNet step: the exported `unet_kv` when "unet_context" is loaded too (K/V once:
+        # the contexts' cross-attention K/V computed once, see export/contracts.py), else the plain `unet`
+        self.kv_once = "unet_context" in backends
         self.unet_workers = unet_workers or [backends["unet"]]
         self.sampling = sampling
         self.scheduler = scheduler
@@ -149,12 +156,14 @@ class Stage2Pipeline:
         self.image_size = int(_shape(ios["vae_encoder"], "in")[2])  # S
         self.latent_shape = tuple(int(d) for d in _shape(ios["vae_encoder"], "out")[1:])  # (4, h, w)
         context = (self.tokens["vision"] + self.tokens["text"], self.clip_dim)
+        # where the context enters: unet_context's only input, or the plain unet's third
+        context_input = (ios["unet_context"], "in", 0) if self.kv_once else (ios["unet"], "in", 2)
         found = {
             "clip_vision dim": int(_shape(ios["clip_vision"], "out")[2]),
             "vae_decoder latents": tuple(int(d) for d in _shape(ios["vae_decoder"], "in")[1:]),
             "vae_decoder images": tuple(int(d) for d in _shape(ios["vae_decoder"], "out")[1:]),
             "unet sample": tuple(int(d) for d in _shape(ios["unet"], "in", 0)[1:]),
-            "unet context": tuple(int(d) for d in _shape(ios["unet"], "in", 2)[1:]),
+            "unet context": tuple(int(d) for d in _shape(*context_input)[1:]),
         }
         expected = {
             "clip_vision dim": self.clip_dim,
@@ -188,6 +197,16 @@ class Stage2Pipeline:
         }
         # (1, Nv + Nt, D), vision tokens first as the UNet's dual blocks split them
         self.uncond_context = np.concatenate([uncond["vision"], uncond["text"]], axis=1, dtype=np.float32)
+        if self.kv_once:
+            context_outputs = [name for name, _, _ in ios["unet_context"].outputs]
+            step_inputs = [name for name, _, _ in ios["unet"].inputs][2:]
+            if context_outputs != step_inputs:
+                raise ConfigError(
+                    f"{source}: exported stage-2 models disagree: expected unet_kv K/V inputs {context_outputs} "
+                    f"(unet_context outputs), found {step_inputs}"
+                )
+            # the unconditional context's K/V, (1, ...) each: computed once, repeated per chunk
+            self.uncond_kv = backends["unet_context"].run({"encoder_hidden_states": self.uncond_context})
 
     @classmethod
     def from_model_dir(
@@ -200,12 +219,16 @@ class Stage2Pipeline:
         threads: int | None = None,
         manifest: Manifest | None = None,
         memory_budget_bytes: int | None = None,
+        unet_graph: str = "auto",
     ) -> Stage2Pipeline:
         """Load stage 1 and the five stage-2 models of `model_dir` after verifying the hash of every file read
         (against `manifest` when the caller has parsed it already). On the CPU the UNet runs as several sessions
-        (`unet_session_count`), as many as `memory_budget_bytes` allows (default: half the machine's memory)."""
+        (`unet_session_count`), as many as `memory_budget_bytes` allows (default: half the machine's memory).
+        `unet_graph` (UNET_GRAPHS) picks the K/V-once UNet pair or the plain UNet."""
         model_dir = Path(model_dir)
         check_engine(engine, precision)
+        if unet_graph not in UNET_GRAPHS:
+            raise InputError("unet_graph", f"one of {UNET_GRAPHS}", repr(unet_graph))
         if not (model_dir / SUMMARY).is_file():
             raise MissingFileError(
                 model_dir / SUMMARY,
@@ -216,6 +239,17 @@ class Stage2Pipeline:
         manifest = manifest or load_manifest(model_dir)
         if manifest.get(SUMMARY) is None or manifest.find("onnx", "unet") is None:
             raise _not_exported(model_dir, "stage-2 entries (stage2/stage2.json, unet, vae, clip models)")
+        has_kv = all(manifest.find("onnx", name, precision) is not None for name in KV_MODELS)
+        if unet_graph == "kv" and not has_kv:
+            raise _not_exported(
+                model_dir, f"unet_context and unet_kv {precision} entries (the K/V-once UNet)"
+            )
+        use_kv = has_kv and unet_graph != "plain"
+        unet = "unet_kv" if use_kv else "unet"  # the UNet step's file; its role is "unet" either way
+        roles = {
+            **{m: m for m in MODELS},
+            **({"unet_context": "unet_context", "unet": unet} if use_kv else {}),
+        }
         verify_files(manifest, model_dir, STAGE2_DATA)
         summary = read_json(model_dir / SUMMARY, "stage-2 summary")
         sampling = config_from_dict(SamplingConfig, summary["sampling"], str(model_dir / SUMMARY))
@@ -227,14 +261,14 @@ class Stage2Pipeline:
         if engine == "ort" and device == "cpu":
             unet_sessions = unet_session_count(
                 threads or len(os.sched_getaffinity(0)),
-                model_bytes(manifest, "unet", precision),
+                model_bytes(manifest, unet, precision),
                 memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(),
             )
         backends, ios, files = {}, {}, {}
-        for name in MODELS:
+        for name, artifact in roles.items():
             model_threads = 1 if name == "unet" and unet_sessions > 1 else threads
             backends[name], ios[name], files[name], constants = load_model(
-                manifest, model_dir, name, engine, precision, device, allow_cpu_fallback, model_threads
+                manifest, model_dir, artifact, engine, precision, device, allow_cpu_fallback, model_threads
             )
             # what a graph has baked in must be what stage2.json says the model samples with
             for key, value in constants.items():
@@ -535,12 +569,24 @@ class Stage2Pipeline:
     ) -> np.ndarray:
         b = len(x)
         guidance = np.float32(sampling.guidance_scale)
-        context = np.concatenate([np.repeat(self.uncond_context, b, axis=0), cond_context])  # (2b, ...)
+        if self.kv_once:
+            # K/V once: the chunk's contexts → K/V here, the unconditional K/V were computed at load
+            cond_kv = self.backends["unet_context"].run({"encoder_hidden_states": cond_context})
+            conditioning = {
+                name: np.concatenate([np.repeat(self.uncond_kv[name], b, axis=0), kv])  # (2b, ...)
+                for name, kv in cond_kv.items()
+            }
+        else:
+            conditioning = {
+                "encoder_hidden_states": np.concatenate(
+                    [np.repeat(self.uncond_context, b, axis=0), cond_context]
+                )  # (2b, Nv + Nt, D)
+            }
         for t in timesteps:
             inputs = {
                 "sample": np.concatenate([x, x]),  # (2b, 4, h, w), [uncond; cond]
                 "timestep": np.full((2 * b,), t, dtype=np.float32),  # (2b,)
-                "encoder_hidden_states": context,
+                **conditioning,
             }
             eps = backend.run(inputs)["noise_pred"]  # (2b, 4, h, w)
             eps_uncond, eps_cond = eps[:b], eps[b:]

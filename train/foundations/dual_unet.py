@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.dual_transformer_2d import DualTransformer2DModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -56,6 +57,10 @@ class DualAttentionTransformer(DualTransformer2DModel):
         # no padding), so there is nothing to mask, and the parent (like VD itself) never masks its conditions.
         # `ignored` swallows any other keyword future blocks may pass (e.g. `added_cond_kwargs`), for the same
         # reason: the dual block has no use for them.
+        if cross_attention_kwargs and KV_KWARG in cross_attention_kwargs:
+            # K/V once: the context's keys and values come precomputed (`context_kv`), the context is unused
+            out = _dual_forward_kv(self, hidden_states, cross_attention_kwargs[KV_KWARG])
+            return (out,) if not return_dict else Transformer2DModelOutput(sample=out)
         if encoder_hidden_states is None:
             raise InputError("DualAttentionTransformer", "encoder_hidden_states (dual context)", "None")
         return super().forward(
@@ -320,3 +325,186 @@ def load_versatile_diffusion_unet(
         mix_ratio=mix_ratio,
         source=str(files["text_unet"]),
     )
+
+
+# ----------------------------------------------------------------------------------------- K/V once
+#
+# The contexts are constant over the denoising loop, so the cross-attention keys and values of every dual block
+# are too: `context_kv` computes them once per context (the exported `unet_context` graph) and the UNet step takes
+# them (`unet_kv`, through `kv_cross_attention_kwargs`) instead of the context. Same weights and state dict as the
+# plain UNet; the K/V path is a second forward of the dual blocks, chosen per call.
+#
+#   context_kv(unet, context (B, Nv + Nt, D)) → [key_0, value_0, key_1, value_1, ...], per cross-attention layer
+#     key_j   (B, heads, head_dim, N_j)  = to_k(tokens)ᵀ · head_dim^-0.5   (transposed and pre-scaled for Q·K)
+#     value_j (B, heads, N_j, head_dim)  = to_v(tokens)
+#   layers in module order of the dual blocks; within a block, condition 0 (vision) then 1 (text), then the
+#   transformer's BasicTransformerBlocks in order.
+
+KV_KWARG = "brainrecon_kv"  # the cross_attention_kwargs key that carries the K/V list down to the dual blocks
+
+
+@dataclass(frozen=True)
+class KVLayer:
+    """One cross-attention layer of the K/V layout: which dual block and condition, and its tensor shapes."""
+
+    block: str  # module path of the dual block
+    condition: int  # 0 vision, 1 text
+    heads: int
+    head_dim: int
+    tokens: int
+
+    @property
+    def key_shape(self) -> tuple[int, int, int]:
+        return (self.heads, self.head_dim, self.tokens)
+
+    @property
+    def value_shape(self) -> tuple[int, int, int]:
+        return (self.heads, self.tokens, self.head_dim)
+
+
+def _check_kv_block(path: str, block: Any) -> None:
+    """The K/V forward re-implements diffusers' BasicTransformerBlock for its plain layer-norm form only."""
+    found = {
+        "norm_type": block.norm_type,
+        "only_cross_attention": block.only_cross_attention,
+        "pos_embed": block.pos_embed is not None,
+        "chunked feed-forward": block._chunk_size is not None,
+        "attn2.residual_connection": block.attn2.residual_connection,
+        "attn2.rescale_output_factor": block.attn2.rescale_output_factor,
+        "attn2.norm_cross": block.attn2.norm_cross is not None,
+    }
+    expected = {
+        "norm_type": "layer_norm",
+        "only_cross_attention": False,
+        "pos_embed": False,
+        "chunked feed-forward": False,
+        "attn2.residual_connection": False,
+        "attn2.rescale_output_factor": 1.0,
+        "attn2.norm_cross": False,
+    }
+    if found != expected:
+        diff = {k: v for k, v in found.items() if expected[k] != v}
+        raise ConfigError(f"{path}: the K/V-once forward expects {expected}, found {diff}")
+
+
+def kv_layout(unet: torch.nn.Module) -> list[KVLayer]:
+    """The cross-attention layers of a dual UNet in K/V order; numbers each dual block's first layer (`kv_offset`)."""
+    layers: list[KVLayer] = []
+    for path, module in unet.named_modules():
+        if not isinstance(module, DualTransformer2DModel):
+            continue
+        if not isinstance(module, DualAttentionTransformer):
+            raise ConfigError(f"{path}: expected a DualAttentionTransformer, found {type(module).__name__}")
+        module.kv_offset = 2 * len(layers)
+        for condition in range(2):
+            transformer = module.transformers[module.transformer_index_for_condition[condition]]
+            if not transformer.is_input_continuous:
+                raise ConfigError(f"{path}: the K/V-once forward expects continuous (latent image) inputs")
+            for i, block in enumerate(transformer.transformer_blocks):
+                _check_kv_block(f"{path}.transformers.{condition}.transformer_blocks.{i}", block)
+                attn = block.attn2
+                layers.append(
+                    KVLayer(
+                        path,
+                        condition,
+                        attn.heads,
+                        attn.to_q.out_features // attn.heads,
+                        module.condition_lengths[condition],
+                    )
+                )
+    if not layers:
+        raise ConfigError("kv_layout: expected a UNet converted to dual attention, found no dual blocks")
+    return layers
+
+
+def context_kv(unet: torch.nn.Module, encoder_hidden_states: torch.Tensor) -> list[torch.Tensor]:
+    """context (B, Nv + Nt, D), vision first → [key_0, value_0, ...] in `kv_layout` order (see the section note)."""
+    kv: list[torch.Tensor] = []
+    batch = encoder_hidden_states.shape[0]
+    kv_layout(unet)  # checks the blocks
+    for module in unet.modules():
+        if not isinstance(module, DualAttentionTransformer):
+            continue
+        start = 0
+        for condition in range(2):
+            n = module.condition_lengths[condition]
+            tokens = encoder_hidden_states[:, start : start + n]  # (B, N, D)
+            start += n
+            transformer = module.transformers[module.transformer_index_for_condition[condition]]
+            for block in transformer.transformer_blocks:
+                attn = block.attn2
+                heads = attn.heads
+                key = attn.to_k(tokens).view(batch, n, heads, -1)  # (B, N, h, d)
+                value = attn.to_v(tokens).view(batch, n, heads, -1)  # (B, N, h, d)
+                kv.append(key.permute(0, 2, 3, 1) * attn.scale)  # (B, h, d, N)
+                kv.append(value.transpose(1, 2))  # (B, h, N, d)
+    return kv
+
+
+def kv_cross_attention_kwargs(kv: list[torch.Tensor]) -> dict[str, Any]:
+    """What to pass as the UNet's `cross_attention_kwargs` to run the dual blocks on precomputed K/V."""
+    return {KV_KWARG: list(kv)}
+
+
+def _cross_attention_kv(attn: Any, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """diffusers `Attention` (attn2, no mask) with K/V given: x (B, L, C) → (B, L, C)."""
+    batch, length, _ = x.shape
+    query = attn.to_q(x).view(batch, length, attn.heads, -1).transpose(1, 2)  # (B, h, L, d)
+    probs = torch.softmax(query @ key, dim=-1)  # (B, h, L, N); key is pre-scaled
+    out = (probs @ value).transpose(1, 2).reshape(batch, length, -1)  # (B, L, h·d)
+    return attn.to_out[1](attn.to_out[0](out))  # linear, dropout
+
+
+def _feed_forward(ff: Any, x: torch.Tensor) -> torch.Tensor:
+    """diffusers `FeedForward`; a GEGLU projection runs as two MatMuls (value, gate), not one MatMul and a split."""
+    from diffusers.models.activations import GEGLU
+
+    first, rest = ff.net[0], ff.net[1:]
+    if isinstance(first, GEGLU):
+        w, b = first.proj.weight, first.proj.bias
+        inner = w.shape[0] // 2
+        hidden = torch.nn.functional.linear(x, w[:inner], None if b is None else b[:inner])
+        gate = torch.nn.functional.linear(x, w[inner:], None if b is None else b[inner:])
+        x = hidden * first.gelu(gate)
+    else:
+        x = first(x)
+    for module in rest:
+        x = module(x)
+    return x
+
+
+def _transformer_kv(transformer: Any, x: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
+    """`Transformer2DModel` (continuous input) on precomputed K/V: x (B, C, h, w) → proj_out(...) (B, C, h, w),
+    without the residual (the dual block adds it once after mixing)."""
+    batch, _, height, width = x.shape
+    h = transformer.norm(x)
+    if not transformer.use_linear_projection:
+        h = transformer.proj_in(h)
+    inner = h.shape[1]
+    h = h.permute(0, 2, 3, 1).reshape(batch, height * width, inner)  # (B, L, C)
+    if transformer.use_linear_projection:
+        h = transformer.proj_in(h)
+    for i, block in enumerate(transformer.transformer_blocks):
+        h = block.attn1(block.norm1(h)) + h  # self-attention (diffusers' processor)
+        h = _cross_attention_kv(block.attn2, block.norm2(h), kv[2 * i], kv[2 * i + 1]) + h
+        h = _feed_forward(block.ff, block.norm3(h)) + h
+    if transformer.use_linear_projection:
+        h = transformer.proj_out(h)
+    h = h.reshape(batch, height, width, inner).permute(0, 3, 1, 2)  # (B, C, h, w)
+    if not transformer.use_linear_projection:
+        h = transformer.proj_out(h)
+    return h
+
+
+def _dual_forward_kv(dual: DualAttentionTransformer, x: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
+    """The dual block on precomputed K/V: x + mix · vision(x) + (1 − mix) · text(x), the residual added once."""
+    offset = getattr(dual, "kv_offset", None)
+    if offset is None:
+        raise ConfigError("dual block without a K/V slot: call kv_layout(unet) before a K/V forward")
+    outs = []
+    for condition in range(2):
+        transformer = dual.transformers[dual.transformer_index_for_condition[condition]]
+        n = 2 * len(transformer.transformer_blocks)
+        outs.append(_transformer_kv(transformer, x, kv[offset : offset + n]))
+        offset += n
+    return outs[0] * dual.mix_ratio + outs[1] * (1 - dual.mix_ratio) + x
