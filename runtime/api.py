@@ -25,11 +25,11 @@ import numpy as np
 from brainrecon import model_dir as layout
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.manifest import Manifest, load_manifest
-from brainrecon.runtime.artifacts import ENGINES, PRECISIONS
+from brainrecon.runtime.artifacts import ENGINES, PRECISIONS, check_engine
 from brainrecon.runtime.backends.ort import DEVICES
 from brainrecon.runtime.inputs import load_betas
 from brainrecon.runtime.stage1 import Progress, Stage1Pipeline
-from brainrecon.runtime.stage2 import Stage2Pipeline
+from brainrecon.runtime.stage2 import UNET_GRAPHS, Stage2Pipeline
 from brainrecon.sampling import SamplingConfig
 
 STAGES = (1, 2)
@@ -39,11 +39,13 @@ STAGES = (1, 2)
 class RuntimeOptions:
     """How to run the exported models; validated when made.
 
-    engine: "ort" (ONNX Runtime) or "trt" (TensorRT engines built by recon-export on this machine).
-    precision: "fp32" or "fp16" files. device: ONNX Runtime's "cpu", "cuda" or "tensorrt" execution provider.
+    engine: "ort" (ONNX Runtime), "openvino" (OpenVINO on the CPU, the same ONNX files) or "trt" (TensorRT engines
+    built by recon-export on this machine).
+    precision: "fp32" or "fp16" files; "bf16" is OpenVINO's bf16 inference on the fp32 files (AMX CPUs). device: ONNX Runtime's "cpu", "cuda" or "tensorrt" execution provider.
     threads: intra-op threads per session (default: ONNX Runtime's choice; on the CPU the UNet runs one 1-thread
     session per core instead, at most as many as `memory_budget_bytes` holds, default half the machine's memory).
     allow_cpu_fallback: run on the CPU, with a warning, when the GPU provider asked for is not active.
+    unet_graph: "auto" (the K/V-once UNet pair when exported, else the plain UNet), "kv" (require it) or "plain".
     """
 
     engine: str = "ort"
@@ -52,9 +54,10 @@ class RuntimeOptions:
     threads: int | None = None
     allow_cpu_fallback: bool = False
     memory_budget_bytes: int | None = None
+    unet_graph: str = "auto"
 
     def __post_init__(self) -> None:
-        choices = {"engine": ENGINES, "precision": PRECISIONS, "device": DEVICES}
+        choices = {"engine": ENGINES, "precision": PRECISIONS, "device": DEVICES, "unet_graph": UNET_GRAPHS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(name, f"one of {allowed}", repr(getattr(self, name)))
@@ -62,6 +65,9 @@ class RuntimeOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise InputError(name, "a positive integer or None", repr(value))
+        check_engine(self.engine, self.precision)
+        if self.engine == "openvino" and self.device != "cpu":
+            raise InputError("device", "'cpu' for engine 'openvino' (its CPU plugin)", repr(self.device))
         if self.engine == "trt" and self.device != "cpu":
             raise InputError(
                 "device", "the default for engine 'trt' (engines run on their GPU)", repr(self.device)
@@ -132,7 +138,11 @@ class Reconstructor:
             pipeline = Stage1Pipeline.from_model_dir(model_dir, *common, manifest=manifest)
         else:
             pipeline = Stage2Pipeline.from_model_dir(
-                model_dir, *common, manifest=manifest, memory_budget_bytes=options.memory_budget_bytes
+                model_dir,
+                *common,
+                manifest=manifest,
+                memory_budget_bytes=options.memory_budget_bytes,
+                unet_graph=options.unet_graph,
             )
         return cls(pipeline, model_dir, options, manifest)
 

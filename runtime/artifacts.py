@@ -21,16 +21,27 @@ from brainrecon.manifest import (
 from brainrecon.runtime.backends.base import Backend, ModelIO
 from brainrecon.runtime.backends.ort import OrtBackend
 
-ENGINES = ("ort", "trt")
-PRECISIONS = ("fp32", "fp16")
+ENGINES = ("ort", "trt", "openvino")
+PRECISIONS = ("fp32", "fp16", "bf16")
+# What each engine runs: bf16 is OpenVINO's inference precision on the fp32 files (AMX CPUs), not a file of its own.
+ENGINE_PRECISIONS = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16"), "openvino": ("fp32", "bf16")}
 
 
 def check_engine(engine: str, precision: str) -> None:
-    """One-line InputError for an unknown engine or precision, before anything is read."""
+    """One-line InputError for an unknown engine or precision, or a pair that does not run, before anything is read."""
     if engine not in ENGINES:
         raise InputError("engine", f"one of {ENGINES}", repr(engine))
     if precision not in PRECISIONS:
         raise InputError("precision", f"one of {PRECISIONS}", repr(precision))
+    if precision not in ENGINE_PRECISIONS[engine]:
+        raise InputError(
+            "precision", f"one of {ENGINE_PRECISIONS[engine]} for engine {engine!r}", repr(precision)
+        )
+
+
+def file_precision(precision: str) -> str:
+    """The precision of the exported files a run reads: OpenVINO's bf16 compiles the fp32 ONNX."""
+    return "fp32" if precision == "bf16" else precision
 
 
 def model_artifact(manifest: Manifest, model_dir: Path, kind: str, model: str, precision: str) -> Artifact:
@@ -95,18 +106,22 @@ def load_model(
     allow_cpu_fallback: bool,
     threads: int | None,
 ) -> tuple[Backend, ModelIO, str, dict[str, Any]]:
-    """One hash-verified backend (ONNX Runtime or TensorRT) for `name`; returns (backend, io, the file's path in
+    """One hash-verified backend (ONNX Runtime, OpenVINO or TensorRT) for `name`; returns (backend, io, the file's path in
     the model dir, the contract's baked-in constants)."""
-    onnx = model_artifact(manifest, model_dir, "onnx", name, precision)
+    onnx = model_artifact(manifest, model_dir, "onnx", name, file_precision(precision))
     chosen = engine_for(manifest, model_dir, name, precision, onnx) if engine == "trt" else onnx
     verify_files(
-        manifest, model_dir, [chosen.path, *onnx.external_data] if engine == "ort" else [chosen.path]
+        manifest, model_dir, [chosen.path] if engine == "trt" else [chosen.path, *onnx.external_data]
     )
     spec = chosen.io or onnx.io or {}
     io = ModelIO.from_spec(name, spec)
     constants = dict(spec.get("constants") or {})
     if engine == "ort":
         backend: Backend = OrtBackend(model_dir / chosen.path, io, device, allow_cpu_fallback, threads)
+    elif engine == "openvino":
+        from brainrecon.runtime.backends.openvino import OpenVinoBackend
+
+        backend = OpenVinoBackend(model_dir / chosen.path, io, precision, threads)
     else:
         from brainrecon.runtime.backends.tensorrt import TrtBackend
 

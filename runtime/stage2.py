@@ -42,7 +42,7 @@ from brainrecon.io import load_npy, read_json
 from brainrecon.manifest import MANIFEST_FILE, Manifest, load_manifest
 from brainrecon.noise import img2img_noise, img2img_noise_per_row
 from brainrecon.normalize import renormalize_predictions
-from brainrecon.runtime.artifacts import check_engine, load_model, verify_files
+from brainrecon.runtime.artifacts import check_engine, file_precision, load_model, verify_files
 from brainrecon.runtime.backends.base import Backend, ModelIO
 from brainrecon.runtime.backends.ort import OrtBackend
 from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
@@ -239,7 +239,7 @@ class Stage2Pipeline:
         manifest = manifest or load_manifest(model_dir)
         if manifest.get(SUMMARY) is None or manifest.find("onnx", "unet") is None:
             raise _not_exported(model_dir, "stage-2 entries (stage2/stage2.json, unet, vae, clip models)")
-        has_kv = all(manifest.find("onnx", name, precision) is not None for name in KV_MODELS)
+        has_kv = all(manifest.find("onnx", name, file_precision(precision)) is not None for name in KV_MODELS)
         if unet_graph == "kv" and not has_kv:
             raise _not_exported(
                 model_dir, f"unet_context and unet_kv {precision} entries (the K/V-once UNet)"
@@ -258,10 +258,10 @@ class Stage2Pipeline:
             model_dir, engine, precision, device, allow_cpu_fallback, threads, manifest
         )
         unet_sessions = 1
-        if engine == "ort" and device == "cpu":
+        if engine in ("ort", "openvino") and device == "cpu":
             unet_sessions = unet_session_count(
                 threads or len(os.sched_getaffinity(0)),
-                model_bytes(manifest, unet, precision),
+                model_bytes(manifest, unet, file_precision(precision)),
                 memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(),
             )
         backends, ios, files = {}, {}, {}
@@ -279,11 +279,16 @@ class Stage2Pipeline:
                         f"{model_dir / files[name]}: expected {key} {getattr(sampling, key)} (stage2/stage2.json), "
                         f"found {value} baked in (re-export with: recon-export --model-dir {model_dir} --stage all)"
                     )
+
         # the file is verified once (load_model above); the further sessions open the same verified file
-        workers = [backends["unet"]] + [
-            OrtBackend(model_dir / files["unet"], ios["unet"], device, allow_cpu_fallback, 1)
-            for _ in range(unet_sessions - 1)
-        ]
+        def unet_worker() -> Backend:
+            if engine == "openvino":
+                from brainrecon.runtime.backends.openvino import OpenVinoBackend
+
+                return OpenVinoBackend(model_dir / files["unet"], ios["unet"], precision, 1)
+            return OrtBackend(model_dir / files["unet"], ios["unet"], device, allow_cpu_fallback, 1)
+
+        workers = [backends["unet"]] + [unet_worker() for _ in range(unet_sessions - 1)]
         return cls(
             stage1,
             backends,
