@@ -126,6 +126,7 @@ def load_level(port: int, betas: np.ndarray, clients: int, requests: int, cap_s:
         finally:
             client.close()
 
+    before = model_counts(port)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     for t in threads:
@@ -133,6 +134,8 @@ def load_level(port: int, betas: np.ndarray, clients: int, requests: int, cap_s:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    after = model_counts(port)
+    runs = after[1] - before[1]  # runtime calls (Triton executions) for this level
     ms = np.asarray(latencies) * 1000
     return {
         "clients": clients,
@@ -142,8 +145,17 @@ def load_level(port: int, betas: np.ndarray, clients: int, requests: int, cap_s:
         "error_samples": errors[:3],
         "seconds": round(wall, 3),
         "requests_per_s": round(len(latencies) / wall, 3),
+        "runtime_calls": runs,
+        "mean_rows_per_call": round((after[0] - before[0]) / runs, 2) if runs else None,
         **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) if len(ms) else None for q in (50, 95, 99)},
     }
+
+
+def model_counts(port: int) -> tuple[int, int]:
+    """(rows inferred, executions) of model brainrecon so far, from Triton's statistics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/brainrecon/stats", timeout=10) as r:
+        stats = json.loads(r.read())["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
 
 
 def post(port: int, body: bytes, timeout: float = 60.0) -> tuple[int, str]:
@@ -156,7 +168,7 @@ def post(port: int, body: bytes, timeout: float = 60.0) -> tuple[int, str]:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, r.read().decode()[:200]
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}").get("error", "")[:300]
+        return e.code, json.loads(e.read() or b"{}").get("error", "")
 
 
 def json_body(row: np.ndarray, seed: int | None = None, shape: list[int] | None = None) -> bytes:
@@ -337,7 +349,7 @@ def main() -> None:
     log.unlink(missing_ok=True)
     results: dict = {
         "setup": {
-            "title": f"{args.model_dir.name}: {betas.shape[1]} voxels, {os.cpu_count()} CPU cores, "
+            "title": f"recon-serve, tiny subject with the shipped foundations: {betas.shape[1]} voxels, {os.cpu_count()} CPU cores, "
             f"max batch {args.max_batch_size}, queue delay {args.max_queue_delay_us} us",
             "model_dir": str(args.model_dir),
             "cpu_cores": os.cpu_count(),
@@ -348,25 +360,32 @@ def main() -> None:
         },
         "load": {},
     }
-    for mode, batching in (("dynamic_batching", True), ("no_batching", False)):
-        server = Server(args.model_dir, batching, free_ports(3), log, extra)
-        ready = server.start()
-        try:
+    # Both servers are up for the whole run and the settings alternate at each level, so that a change of load
+    # on the (shared) machine hits both alike; only one is being sent requests at a time.
+    modes = {"dynamic_batching": True, "no_batching": False}
+    servers = {
+        mode: Server(args.model_dir, batching, free_ports(3), log, extra) for mode, batching in modes.items()
+    }
+    try:
+        for mode, server in servers.items():
+            results.setdefault("startup_s", {})[mode] = round(server.start(), 2)
             load_level(server.port, betas, 1, 2, args.cap_s)  # warm-up, not counted
-            results["load"][mode] = [
-                load_level(server.port, betas, n, args.requests, args.cap_s) for n in levels
-            ]
-            for r in results["load"][mode]:
-                print(mode, r, flush=True)
-            if batching:
-                results["startup_s"] = round(ready, 2)
-                results["faults"] = {
-                    "client_disconnects_mid_request": fault_disconnect(server.port, betas[0]),
-                    "malformed_requests": fault_malformed(server.port, betas[0]),
-                    "server_restarted_while_client_retries": fault_restart(server, betas[0]),
-                }
-                print(json.dumps(results["faults"], indent=1)[:3000], flush=True)
-        finally:
+        for n in levels:
+            for mode, server in servers.items():
+                level = load_level(server.port, betas, n, args.requests, args.cap_s)
+                level["load_average_1min"] = round(os.getloadavg()[0], 2)
+                results["load"].setdefault(mode, []).append(level)
+                print(mode, level, flush=True)
+        servers["no_batching"].stop()
+        batching = servers["dynamic_batching"]
+        results["faults"] = {
+            "client_disconnects_mid_request": fault_disconnect(batching.port, betas[0]),
+            "malformed_requests": fault_malformed(batching.port, betas[0]),
+            "server_restarted_while_client_retries": fault_restart(batching, betas[0]),
+        }
+        print(json.dumps(results["faults"], indent=1)[:3000], flush=True)
+    finally:
+        for mode, server in servers.items():
             results.setdefault("shutdown_s", {})[mode] = round(server.stop(), 2)
     results["setup"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     (args.out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")

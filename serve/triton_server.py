@@ -25,6 +25,7 @@ them get the error, which names the invalid request and tells the valid ones to 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -147,11 +148,24 @@ def python_backend_env() -> None:
 
 def serve(options: ServeOptions, ready: threading.Event | None = None) -> None:
     """Load the model folder, start Triton and serve until SIGINT/SIGTERM; returns after a clean shutdown."""
+    # a signal before serving began raises here; the context managers in _serve have already cleaned up
+    with contextlib.suppress(KeyboardInterrupt):
+        _serve(options, ready)
+    log.info("stopped")
+
+
+def _serve(options: ServeOptions, ready: threading.Event | None) -> None:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
     from brainrecon.runtime import Reconstructor, RuntimeOptions
 
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt  # Triton.serve() and the context managers below stop everything on it
+
+    signal.signal(
+        signal.SIGTERM, stop
+    )  # from the start: a SIGTERM while loading must not orphan tritonserver
     python_backend_env()
     runtime = RuntimeOptions(
         engine=options.engine, precision=options.precision, device=options.device, threads=options.threads
@@ -195,10 +209,6 @@ def serve(options: ServeOptions, ready: threading.Event | None = None) -> None:
                 strict=True,
             )
 
-            def stop(signum: int, _frame: Any) -> None:
-                raise KeyboardInterrupt  # Triton.serve() stops the server and its workspace on it
-
-            signal.signal(signal.SIGTERM, stop)
             log.info(
                 "serving %s (stage %d, %d voxels) at http://%s:%d, grpc %s:%d",
                 options.model_dir,
@@ -212,7 +222,6 @@ def serve(options: ServeOptions, ready: threading.Event | None = None) -> None:
             if ready is not None:
                 ready.set()
             triton.serve()
-    log.info("stopped")
 
 
 def check_model_dir(model_dir: Path) -> None:

@@ -195,7 +195,7 @@ def test_cpu_variant_reconstructs_through_bls_in_a_real_tritonserver(
             t.start()
         for t in threads:
             t.join(120)
-        assert replies["bad"][0] != 200 and "expected finite betas" in replies["bad"][1]["error"]
+        assert replies["bad"][0] == 400 and "expected finite betas" in replies["bad"][1]["error"]
         assert replies["good"][0] == 200
         assert np.array_equal(images(replies["good"][1])["final_image"][0], served["final_image"][0])
         status, stats = http(ports[0], "/v2/models/unet/stats")

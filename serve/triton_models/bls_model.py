@@ -110,6 +110,12 @@ def open_reconstructor(model_dir: Path, models: list, precision: str) -> Reconst
     return Reconstructor(pipeline, model_dir, options)
 
 
+def invalid_argument(message: str):
+    """A client error (HTTP 400): python_backend's TritonError takes a status code since Triton 23.xx."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -138,7 +144,7 @@ class TritonPythonModel:
             try:
                 valid.append((i, *self._checked(request)))
             except BrainReconError as e:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+                responses[i] = pb_utils.InferenceResponse(error=invalid_argument(str(e)))
         if valid:
             betas = np.concatenate([b for _, b, _ in valid])
             seeds = None if self.rec.stage == 1 else np.concatenate([s for _, _, s in valid])
