@@ -143,6 +143,47 @@ def train_foundation_vae(
     )
 
 
+@foundation_app.command("vae-refit")
+def train_foundation_vae_refit(
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder; its train images (at the VAE's size) are used.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder: checkpoint/, then vae/.")],
+    teacher: Annotated[str, typer.Option(help="VAE whose latent space to keep.")] = "builtin:small",
+    groups: Annotated[int, typer.Option(help="Normalisation groups of the new VAE.")] = 8,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 600,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+) -> None:
+    """Re-fit a VAE with other normalisation groups in the latent space of TEACHER (the UNet stays valid).
+
+    Example: recon-train foundation vae-refit --data data/subj01 --out data/vae-small-g8 --steps 600
+    """
+    from brainrecon.train.foundations.ldm_train import refit_vae
+    from brainrecon.train.foundations.loaders import load_vae
+
+    vae, _ = load_vae(teacher)
+    images = prepared_train_images(data, vae.config.sample_size)
+    result = refit_vae(
+        vae,
+        images,
+        out,
+        norm_num_groups=groups,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        resume=resume,
+        checkpoint_every=100,
+    )
+    print_summary(
+        f"recon-train foundation vae-refit -> {out}/vae",
+        {"step": result["step"], "final_loss": result["final_loss"]},
+    )
+
+
 @foundation_app.command("unet")
 def train_foundation_unet(
     data: Annotated[
@@ -376,6 +417,107 @@ def eval_stage2(
 
     compare_stage2(model_dir, data, out)
     Console().print((out / "stage2.md").read_text())
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers for {what}, found {text!r}") from None
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers for {what}, found {text!r}") from None
+
+
+@eval_app.command("noise")
+def eval_noise(
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder (stage 1, or both stages).")],
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
+    out: Annotated[
+        Path, typer.Option(help="Results folder: noise.json, noise.md, noise.png, noise_sheet.png.")
+    ],
+    levels: Annotated[
+        str, typer.Option(help="Noise std as multiples of the test betas' std, comma-separated.")
+    ] = "0,0.25,0.5,1,2,4",
+    seeds: Annotated[str, typer.Option(help="Noise seeds, comma-separated.")] = "0,1,2",
+    images: Annotated[int, typer.Option(help="Use the first N test images (0: all).")] = 0,
+    roles: Annotated[
+        bool, typer.Option(help="Also noise the stage-1 input alone and the CLIP input alone.")
+    ] = True,
+    steps: Annotated[int, typer.Option(help="DDIM steps (0: the fitted 50).")] = 0,
+) -> None:
+    """Noise sensitivity: Gaussian noise on the test betas; PixCorr, SSIM, CLIP 2-way per stage and input.
+
+    Example: recon-eval noise --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/noise
+    """
+    from brainrecon.train.experiments.noise import NoiseConfig, noise_sensitivity, noise_table
+
+    config = NoiseConfig(
+        levels=_floats(levels, "--levels"),
+        seeds=_ints(seeds, "--seeds"),
+        n_images=images or None,
+        roles=roles,
+        num_inference_steps=steps or None,
+    )
+    result = noise_sensitivity(model_dir, data, out, config, log=Console(stderr=True).print)
+    Console().print(noise_table(result))
+
+
+@eval_app.command("layers")
+def eval_layers(
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
+    out: Annotated[Path, typer.Option(help="Results folder: layers.json, layers.md, layers.png, models/.")],
+    layers: Annotated[str, typer.Option(help="Latent-layer counts K, comma-separated.")] = "1,4,8,13,17,21",
+    regressors: Annotated[str, typer.Option(help="Comma-separated: ridge, gru.")] = "ridge,gru",
+    max_epochs: Annotated[int, typer.Option(help="GRU epoch cap (the paper: 200, early stopping).")] = 200,
+    vdvae: Annotated[
+        str, typer.Option(help="Foundation VDVAE (as recon-train subject).")
+    ] = "builtin:small64",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Latent layers: ridge and GRU over K, with metrics, parameters, fit time and the true-latent ceiling.
+
+    Example: recon-eval layers --data data/subj01 --out benchmarks/results/layers
+    """
+    from brainrecon.train.experiments.layers import latent_layers, layers_table
+
+    result = latent_layers(
+        data,
+        out,
+        layers=_ints(layers, "--layers"),
+        regressors=tuple(r.strip() for r in regressors.split(",")),
+        max_epochs=max_epochs,
+        vdvae=vdvae,
+        seed=seed,
+        log=Console(stderr=True).print,
+    )
+    Console().print(layers_table(result))
+
+
+@eval_app.command("report")
+def eval_report(
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder (both stages fitted).")],
+    out: Annotated[Path, typer.Option(help="Report folder: index.html and its images.")],
+    results: Annotated[
+        Path, typer.Option(help="Committed results folder (stage1/, stage2/, noise/, layers/, *.json).")
+    ] = Path("benchmarks/results"),
+    recon: Annotated[
+        Path | None, typer.Option(help="A recon-infer or recon-reconstruct output folder (image grid).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = True,
+) -> None:
+    """One static HTML page (opens offline): model summary, metric tables, experiment plots, image grids, speed.
+
+    Example: recon-eval report --model-dir engines/subj01 --recon data/recon --out report/
+    """
+    from brainrecon.report import build_report
+
+    index = build_report(model_dir, out, results=results, recon=recon, overwrite=overwrite)
+    Console().print(f"report: {index}")
 
 
 train_main = run_app(train_app)

@@ -53,7 +53,16 @@ _SEED_STRIDE = 1_000_003
 
 
 def small_vae_config() -> dict[str, Any]:
-    """64x64 stimuli -> 8x8x4 latents: 4 blocks = 3 downsamplings (SD's VAE has the same 4-block layout)."""
+    """64x64 stimuli -> 8x8x4 latents: 4 blocks = 3 downsamplings (SD's VAE has the same 4-block layout).
+
+    8 normalisation groups, not SD's 32: with 32 groups the 32-channel layers at 64x64, the decoder's last
+    `conv_norm_out` included, are instance norms, which remove each channel's spatial mean. A flat background
+    colour then cannot reach the output except through spatial structure, and the decoder learns to make some:
+    a bright localised spike at a fixed position that shifts the statistics of the whole map (the "water
+    droplet" artifact of StyleGAN, Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN",
+    section 2). The first shipped VAE had it at the top right of nearly every round trip; stage 2 inherited it.
+    With 4 channels per group the relative levels inside each group carry a flat colour through.
+    """
     return {
         "in_channels": 3,
         "out_channels": 3,
@@ -62,7 +71,7 @@ def small_vae_config() -> dict[str, Any]:
         "block_out_channels": (32, 64, 128, 128),
         "layers_per_block": 1,
         "latent_channels": 4,
-        "norm_num_groups": 32,
+        "norm_num_groups": 8,
         "sample_size": 64,
     }
 
@@ -168,6 +177,72 @@ def latent_scaling_factor(vae: AutoencoderKL, images: np.ndarray, batch_size: in
         [encode_images(vae, images[i : i + batch_size], 1.0) for i in range(0, len(images), batch_size)]
     )
     return round(1.0 / float(latents.float().std()), 5)
+
+
+def refit_vae(
+    teacher: AutoencoderKL,
+    images: np.ndarray,
+    out_dir: str | Path,
+    norm_num_groups: int = 8,
+    steps: int = 600,
+    batch_size: int = 16,
+    lr: float = 1e-4,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """A VAE with `norm_num_groups` normalisation groups that keeps `teacher`'s latent space; save to out_dir/vae.
+
+    For a VAE whose decoder has a normalisation artifact (see `small_vae_config`) when a diffusion UNet has
+    already been trained on its latents: the student starts from the teacher's weights (same shapes; only the
+    group count differs), its encoder learns to reproduce the teacher's posterior (MSE on mean and log-variance)
+    and its decoder to reconstruct the images from the teacher's posterior samples (L1, as `train_vae`). The
+    teacher's latent scaling factor is kept, so the UNet trained on the teacher's latents works unchanged.
+    Decoder-only fine-tuning that keeps a latent space is how Stability AI made sd-vae-ft-mse for SD 1.x.
+    """
+    cfg = LDMTrainConfig(kind="vae", steps=steps, batch_size=batch_size, lr=lr, seed=seed, **settings)
+    size = int(teacher.config.sample_size)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise InputError("training images", f"uint8 (N, {size}, {size}, 3)", f"{images.dtype} {images.shape}")
+    _check_batch(images.shape[0], batch_size, "training images")
+    teacher = teacher.float().eval()
+    means, logvars = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + 64])).permute(0, 3, 1, 2).float()
+            posterior = teacher.encode(x / 127.5 - 1.0).latent_dist
+            means.append(posterior.mean)
+            logvars.append(posterior.logvar)
+    data = {
+        "images": torch.from_numpy(np.ascontiguousarray(images)),  # (N, S, S, 3) uint8
+        "mean": torch.cat(means),  # (N, 4, h, w) teacher posterior, unscaled
+        "logvar": torch.cat(logvars),
+    }
+    keys = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels")
+    keys += ("layers_per_block", "latent_channels", "sample_size", "act_fn", "scaling_factor")
+    vae_config = {k: teacher.config[k] for k in keys}
+    vae_config = {k: tuple(v) if isinstance(v, list) else v for k, v in vae_config.items()}
+    vae_config["norm_num_groups"] = norm_num_groups
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(teacher.state_dict(), strict=True)  # GroupNorm affine shapes do not depend on groups
+
+    def loss_fn(
+        batch: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["images"].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        posterior = vae.encode(x).latent_dist
+        enc = torch.nn.functional.mse_loss(posterior.mean, batch["mean"])
+        enc = enc + 0.1 * torch.nn.functional.mse_loss(posterior.logvar, batch["logvar"])
+        std = torch.exp(0.5 * batch["logvar"].clamp(-30.0, 20.0))
+        z = batch["mean"] + std * torch.randn(batch["mean"].shape, generator=gen)  # teacher sample
+        rec = (vae.decode(z).sample - x).abs().mean()
+        return rec + enc, {"rec": float(rec.detach()), "enc": float(enc.detach())}
+
+    def save_final(model: torch.nn.Module, tmp: Path) -> None:
+        model.save_pretrained(tmp)
+
+    return _train(vae, data, loss_fn, save_final, "vae", vae_config, cfg, Path(out_dir), resume, progress)
 
 
 # ------------------------------------------------------------------------------------------------- dual UNet
