@@ -1,9 +1,12 @@
-"""Two-stage end-to-end benchmark (issue 6): the torch-free runtime (ONNX Runtime fp32, fp16) vs the torch reference
-pipeline on the same exported model directory, with the per-stage split. Results: benchmarks/results/stage2_runtime.json.
-The same as `recon-bench`; the logic is brainrecon/benchmarks/runtime_vs_torch.py.
+"""Two-stage end-to-end benchmark (issues 6 and 13): the torch-free runtime (ONNX Runtime fp32 with and without the
+K/V-once UNet, OpenVINO f32 and bf16) vs the torch reference in eager fp32 and in torch's fastest CPU mode, on the
+same exported model directory, with the per-stage split; optionally the curves over batch sizes and their plot.
+Results: benchmarks/results/stage2_runtime.json (+ stage2_runtime_curves.png). The same as `recon-bench`; the logic
+is brainrecon/benchmarks/runtime_vs_torch.py.
 
-    python benchmarks/bench_stage2_runtime.py --model-dir engines/subj01 --betas data/subj01/test_betas.npy
-        [--repeats 3] [--threads 2] [--check benchmarks/targets.json]
+    python benchmarks/bench_stage2_runtime.py --model-dir engines/subj01 --betas data/subj01/test_betas.npy \\
+        --limit 32 [--repeats 3] [--threads 2] [--curves 1,4,16,64] [--check benchmarks/targets.json]
+        [--pipelines torch,ort_fp32_plain,ort_fp32]
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from brainrecon.benchmarks.runtime_vs_torch import bench_and_write
+from brainrecon.benchmarks.runtime_vs_torch import CI_PIPELINES, DEFAULT_PIPELINES, bench_and_write
 
 RESULTS = Path(__file__).parent / "results" / "stage2_runtime.json"
 
@@ -30,10 +33,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--check", type=Path, default=None, help="targets JSON; exit 1 below a floor")
     parser.add_argument("--note", default="", help="How the model dir was made (recorded with the results).")
+    parser.add_argument(
+        "--pipelines",
+        default=",".join(DEFAULT_PIPELINES),
+        help="comma-separated (runtime_vs_torch.PIPELINES)",
+    )
+    parser.add_argument(
+        "--curves", default="", help="batch sizes for the curves, e.g. 1,4,16,64 (none: skip)"
+    )
+    parser.add_argument("--curve-repeats", type=int, default=3)
     args = parser.parse_args()
+    pipelines = args.pipelines or ",".join(CI_PIPELINES if args.check is not None else DEFAULT_PIPELINES)
 
     line, misses = bench_and_write(
-        args.model_dir, args.betas, args.out, args.limit, args.repeats, args.threads, args.check, args.note
+        args.model_dir,
+        args.betas,
+        args.out,
+        args.limit,
+        args.repeats,
+        args.threads,
+        args.check,
+        args.note,
+        tuple(p for p in pipelines.split(",") if p),
+        tuple(int(b) for b in args.curves.split(",") if b),
+        args.curve_repeats,
     )
     print(line)
     for miss in misses:

@@ -1,11 +1,21 @@
-"""Two-stage benchmark: the torch-free runtime (ONNX Runtime fp32, fp16) vs the torch reference pipeline on the same
-exported model directory, the same betas and sampling settings, with the per-stage split (`recon-bench`,
-benchmarks/bench_stage2_runtime.py).
+"""Two-stage benchmark (`recon-bench`, benchmarks/bench_stage2_runtime.py): the torch-free runtime against the torch
+reference on the same exported model directory, betas and sampling, with the per-stage split, in one process.
 
-Each repeat runs ORT fp32, ORT fp16 and torch back to back, so the three share the machine's load; the medians
-and their ratios are what is reported (machines here are noisy: compare ratios, not seconds). Both frameworks get
-the same thread count and the same images per UNet call. `check` compares the speedups with the floors of a
-targets file (CI's regression check, `make bench-check`).
+Pipelines (PIPELINES; `bench` runs the chosen ones interleaved, so they share the machine's load):
+    torch            the torch reference (`Stage2Model.reconstruct`'s steps), eager fp32
+    torch_best       the same in torch's fastest CPU mode found by `torch_modes` (bf16 autocast, channels-last,
+                     torch.compile and combinations, measured on the UNet first; recorded with its pixel error)
+    ort_fp32_plain   ONNX Runtime fp32, the plain UNet at every step (the runtime before K/V once)
+    ort_fp32         ONNX Runtime fp32, the K/V-once UNet pair (the default runtime)
+    ort_fp16         ONNX Runtime fp16 files (slower than fp32 on CPUs without fp16 matmuls)
+    openvino_fp32    OpenVINO at f32 on the fp32 files, K/V once
+    openvino_bf16    OpenVINO at bf16 (AMX) on the fp32 files, K/V once
+
+Each repeat runs every pipeline once, back to back, and medians and their ratios are reported (compare ratios, not
+seconds: the machines here are shared). `curves` does the same per batch size (one reconstruction of B images per
+call, B per model call) with p50/p95 per stage, images/s and the peak resident memory added during a call; `plot`
+draws latency and throughput against B. `check` compares speedups with the floors of a targets file (CI's
+regression check, `make bench-check`). Both frameworks get the same thread count and images per UNet call.
 """
 
 from __future__ import annotations
@@ -14,7 +24,9 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +37,63 @@ from brainrecon.manifest import producer_versions
 from brainrecon.model_dir import STAGE2_SUMMARY
 
 STAGES = ("stage1_s", "clip_s", "vae_encode_s", "unet_s", "vae_decode_s", "total_s")
+# name -> RuntimeOptions keywords of the runtime pipelines
+RUNTIME_PIPELINES: dict[str, dict[str, str]] = {
+    "ort_fp32_plain": {"engine": "ort", "precision": "fp32", "unet_graph": "plain"},
+    "ort_fp32": {"engine": "ort", "precision": "fp32", "unet_graph": "auto"},
+    "ort_fp16": {"engine": "ort", "precision": "fp16", "unet_graph": "auto"},
+    "openvino_fp32": {"engine": "openvino", "precision": "fp32", "unet_graph": "auto"},
+    "openvino_bf16": {"engine": "openvino", "precision": "bf16", "unet_graph": "auto"},
+}
+PIPELINES = ("torch", "torch_best", *RUNTIME_PIPELINES)
+DEFAULT_PIPELINES = ("torch", "torch_best", "ort_fp32_plain", "ort_fp32", "openvino_fp32", "openvino_bf16")
+CI_PIPELINES = ("torch", "ort_fp32_plain", "ort_fp32")  # make bench-check: quick, and what the floors name
+TORCH_MODES = ("eager", "channels_last", "bf16", "compile", "compile_bf16")
+
+
+# ----------------------------------------------------------------------------------------- torch
+
+
+class _ModeUNet:
+    """The UNet in a torch CPU mode, called as `denoise` calls it: unet(x, t, encoder_hidden_states=c).sample."""
+
+    def __init__(self, unet: Any, mode: str):
+        import torch
+
+        if mode not in TORCH_MODES:
+            raise ValueError(f"torch mode: expected one of {TORCH_MODES}, found {mode!r}")
+        self.mode = mode
+        self.bf16 = mode.endswith("bf16")
+        self.channels_last = mode == "channels_last"
+        if self.channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+        self.unet = torch.compile(unet) if mode.startswith("compile") else unet
+        self.config = unet.config
+
+    def __call__(self, x: Any, t: Any, encoder_hidden_states: Any) -> Any:
+        from types import SimpleNamespace
+
+        import torch
+
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        return SimpleNamespace(sample=out.float().contiguous())
 
 
 class TorchReference:
-    """`Stage2Model.reconstruct`, stage by stage, so its time splits like the runtime's (same calls inside)."""
+    """`Stage2Model.reconstruct`, stage by stage, so its time splits like the runtime's (same calls inside), with
+    the UNet and the VAE in torch CPU mode `mode` (TORCH_MODES; "eager" is the reference itself)."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, mode: str = "eager", model: Any = None):
+        from brainrecon.train.foundations.dual_unet import set_mix_ratio
         from brainrecon.train.stage2.fit import Stage2Model
 
-        self.model = Stage2Model.load(model_dir)
+        self.model = model if model is not None else Stage2Model.load(model_dir)
+        self.mode = mode
+        set_mix_ratio(self.model.unet, self.model.sampling.mix_ratio)
+        self.unet = self.model.unet if mode == "eager" else _ModeUNet(self.model.unet, mode)
 
     def run(self, betas: np.ndarray, batch: int) -> tuple[np.ndarray, dict[str, float]]:
         """`batch` images per VAE/UNet call (the UNet sees 2 x batch rows), as the runtime splits them."""
@@ -41,74 +101,241 @@ class TorchReference:
 
         from brainrecon.images import resize
         from brainrecon.noise import img2img_noise
-        from brainrecon.train.foundations.dual_unet import dual_context, set_mix_ratio
+        from brainrecon.train.foundations.dual_unet import dual_context
         from brainrecon.train.stage2.img2img import decode_latents, denoise, encode_images, vd_scheduler
 
         m, s = self.model, self.model.sampling
+        bf16 = self.mode.endswith("bf16")
         parts = [slice(i, i + batch) for i in range(0, len(betas), batch)]
         t: dict[str, float] = {}
-        t_all = t0 = time.perf_counter()
-        stage1 = m.stage1.reconstruct(betas)
-        t["stage1_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-        contexts = m.predict_contexts(betas)
-        cond = dual_context(
-            torch.from_numpy(contexts["vision"]), torch.from_numpy(contexts["text"]), m.dual_config
-        )
-        t["clip_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-        init = resize(stage1, m.image_size)
-        latents = torch.cat([encode_images(m.vae, init[p], s.vae_scale_factor) for p in parts])
-        t["vae_encode_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-        uncond = dual_context(
-            torch.from_numpy(m.uncond["vision"]), torch.from_numpy(m.uncond["text"]), m.dual_config
-        )
-        set_mix_ratio(m.unet, s.mix_ratio)
-        noise = torch.from_numpy(img2img_noise(tuple(latents.shape), s.seed))
-        latents = torch.cat(
-            [denoise(m.unet, vd_scheduler(), latents[p], cond[p], uncond, s, noise[p]) for p in parts]
-        )
-        t["unet_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-        images = np.concatenate([decode_latents(m.vae, latents[p], s.vae_scale_factor) for p in parts])
-        t["vae_decode_s"] = time.perf_counter() - t0
-        t["total_s"] = time.perf_counter() - t_all
+        with torch.no_grad():
+            t_all = t0 = time.perf_counter()
+            stage1 = m.stage1.reconstruct(betas)
+            t["stage1_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+            contexts = m.predict_contexts(betas)
+            cond = dual_context(
+                torch.from_numpy(contexts["vision"]), torch.from_numpy(contexts["text"]), m.dual_config
+            )
+            t["clip_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+            init = resize(stage1, m.image_size)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                latents = torch.cat(
+                    [encode_images(m.vae, init[p], s.vae_scale_factor) for p in parts]
+                ).float()
+            t["vae_encode_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+            uncond = dual_context(
+                torch.from_numpy(m.uncond["vision"]), torch.from_numpy(m.uncond["text"]), m.dual_config
+            )
+            noise = torch.from_numpy(img2img_noise(tuple(latents.shape), s.seed))
+            latents = torch.cat(
+                [denoise(self.unet, vd_scheduler(), latents[p], cond[p], uncond, s, noise[p]) for p in parts]
+            )
+            t["unet_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                images = np.concatenate(
+                    [decode_latents(m.vae, latents[p], s.vae_scale_factor) for p in parts]
+                )
+            t["vae_decode_s"] = time.perf_counter() - t0
+            t["total_s"] = time.perf_counter() - t_all
         return images, t
+
+
+def torch_modes(
+    model_dir: Path, rows: int, threads: int, repeats: int = 5, modes: tuple[str, ...] = TORCH_MODES
+) -> dict[str, Any]:
+    """One UNet call of `rows` rows (a CFG batch) in each torch CPU mode, interleaved: median seconds, the max
+    |difference| from eager fp32 over its scale, and the first call's seconds (torch.compile's compile time)."""
+    import torch
+
+    from brainrecon.train.stage2.fit import Stage2Model
+
+    torch.set_num_threads(threads)
+    model = Stage2Model.load(model_dir)
+    unet = model.unet.eval()
+    cfg = model.dual_config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(
+        rows, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g
+    )
+    t = torch.full((rows,), 501.0)
+    ctx = torch.randn(rows, cfg.context_tokens, cfg.cross_attention_dim, generator=g) * 0.1
+    out: dict[str, Any] = {"rows": rows, "threads": threads, "modes": {}}
+    calls: dict[str, Callable[[], Any]] = {}
+    with torch.no_grad():
+        reference = unet(x, t, encoder_hidden_states=ctx).sample
+        scale = float(reference.abs().max())
+        for mode in modes:
+            try:
+                wrapped = _ModeUNet(unet, mode) if mode != "eager" else None
+                call = (
+                    (lambda w=wrapped: w(x, t, encoder_hidden_states=ctx).sample)
+                    if wrapped is not None
+                    else (lambda: unet(x, t, encoder_hidden_states=ctx).sample)
+                )
+                t0 = time.perf_counter()
+                first = call()
+                first_s = time.perf_counter() - t0
+                call()
+                err = float((first.float() - reference).abs().max()) / scale
+                out["modes"][mode] = {"first_call_s": round(first_s, 3), "max_rel_err": float(f"{err:.3g}")}
+                calls[mode] = call
+            except Exception as e:  # a mode this torch/CPU cannot run is reported, not fatal
+                out["modes"][mode] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            finally:
+                unet.to(memory_format=torch.contiguous_format)
+        times: dict[str, list[float]] = {m: [] for m in calls}
+        for _ in range(repeats):
+            for mode, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                times[mode].append(time.perf_counter() - t0)
+    for mode, ts in times.items():
+        out["modes"][mode]["median_s"] = round(statistics.median(ts), 5)
+        out["modes"][mode]["speedup_vs_eager"] = round(
+            statistics.median(times["eager"]) / statistics.median(ts), 3
+        )
+    out["best"] = min(times, key=lambda m: statistics.median(times[m]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- runtime
+
+
+class _PeakRSS:
+    """The peak resident memory a block adds over its start, sampled every 2 ms (native allocations included)."""
+
+    def __enter__(self) -> _PeakRSS:
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def added_mb(self) -> float:
+        return round((self.peak - self.base) / 2**20, 1)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _open_pipelines(
+    model_dir: Path, names: tuple[str, ...], threads: int, torch_best: str
+) -> dict[str, Callable[[np.ndarray, int | None], tuple[np.ndarray, dict[str, float]]]]:
+    """name -> run(betas, batch) → (final images, stage timings)."""
+    from brainrecon.runtime.api import Reconstructor, RuntimeOptions
+
+    runs: dict[str, Callable[[np.ndarray, int | None], tuple[np.ndarray, dict[str, float]]]] = {}
+    reference = None
+    for name in names:
+        if name in ("torch", "torch_best"):
+            mode = "eager" if name == "torch" else torch_best
+            ref = TorchReference(model_dir, mode, model=None if reference is None else reference.model)
+            reference = reference or ref
+            runs[name] = lambda b, n, ref=ref: ref.run(b, n or 16)
+        else:
+            rec = Reconstructor.open(
+                model_dir, RuntimeOptions(threads=threads, **RUNTIME_PIPELINES[name]), stage=2
+            )
+
+            def run(b: np.ndarray, n: int | None, rec: Any = rec) -> tuple[np.ndarray, dict[str, float]]:
+                r = rec.reconstruct(b, batch_size=n)
+                return r.images, {k: r.timings[k] for k in STAGES} | {"unet_batch": r.batch_sizes["unet"]}
+
+            runs[name] = run
+    return runs
+
+
+def unet_flops(model_dir: Path) -> dict[str, float]:
+    """FLOPs of one UNet row (one image of one CFG half, one step), torch's FlopCounterMode: the plain UNet and the
+    K/V-once step (the contexts' K/V projections excluded: they run once per image, not per step)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from brainrecon.train.foundations.dual_unet import context_kv, kv_cross_attention_kwargs
+    from brainrecon.train.stage2.fit import Stage2Model
+
+    model = Stage2Model.load(model_dir)
+    unet, cfg = model.unet.eval(), model.dual_config
+    x = torch.zeros(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    t, ctx = torch.full((1,), 501.0), torch.zeros(1, cfg.context_tokens, cfg.cross_attention_dim)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as plain:
+            unet(x, t, encoder_hidden_states=ctx)
+        kv = context_kv(unet, ctx)
+        with FlopCounterMode(display=False) as step:
+            unet(x, t, encoder_hidden_states=None, cross_attention_kwargs=kv_cross_attention_kwargs(kv))
+    return {"plain": float(plain.get_total_flops()), "kv_step": float(step.get_total_flops())}
+
+
+def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a large square matmul in torch on `threads` threads, fp32 and bf16 (AMX where present)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            ts.append(time.perf_counter() - t0)
+        out[name] = round(2 * n**3 / min(ts) / 1e9, 1)
+    return out
 
 
 def median_timings(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in runs), 4) for k in STAGES}
 
 
-def bench(model_dir: Path, betas: np.ndarray, repeats: int, threads: int) -> dict[str, Any]:
+def bench(
+    model_dir: Path,
+    betas: np.ndarray,
+    repeats: int,
+    threads: int,
+    pipelines: tuple[str, ...] = DEFAULT_PIPELINES,
+    torch_best: str = "eager",
+) -> dict[str, Any]:
+    """Every pipeline on `betas` once per repeat, interleaved, after one warm-up round: medians, speedups against
+    torch eager (and torch_best when run), pixel differences from torch eager, images/s."""
     import torch
 
-    from brainrecon.runtime.api import Reconstructor, RuntimeOptions
-
     torch.set_num_threads(threads)
-    reference = TorchReference(model_dir)
-    pipes = {
-        p: Reconstructor.open(model_dir, RuntimeOptions(precision=p, threads=threads), stage=2)
-        for p in ("fp32", "fp16")
-    }
-    runs: dict[str, list[dict[str, float]]] = {"torch": [], "ort_fp32": [], "ort_fp16": []}
+    runs = _open_pipelines(model_dir, pipelines, threads, torch_best)
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     images: dict[str, np.ndarray] = {}
-    last: dict[str, Any] = {}
-    for i in range(repeats + 1):  # the first round warms up (sessions, caches) and is not counted
-        results = {p: pipe.reconstruct(betas) for p, pipe in pipes.items()}
-        batch = results["fp32"].batch_sizes[
-            "unet"
-        ]  # images per UNet call in the runtime: torch gets the same
-        ref_images, ref_t = reference.run(betas, batch)
-        last = {f"ort_{p}": r for p, r in results.items()}
-        if i == 0:
-            images = {"torch": ref_images, **{f"ort_{p}": r.images for p, r in results.items()}}
-            continue
-        runs["torch"].append(ref_t)
-        for p, r in results.items():
-            runs[f"ort_{p}"].append({k: r.timings[k] for k in STAGES})
-    for pipe in pipes.values():
-        pipe.close()
-    medians = {name: median_timings(r) for name, r in runs.items()}
-    out: dict[str, Any] = {"median_s": medians}
-    for name in ("ort_fp32", "ort_fp16"):
+    batch = None
+    for i in range(
+        repeats + 1
+    ):  # the first round warms up (sessions, caches, compilation) and is not counted
+        for name, run in runs.items():
+            if name.startswith("torch"):
+                continue
+            images[name], t = run(betas, None)
+            batch = int(t.pop("unet_batch"))  # the runtime's images per UNet call: torch gets the same
+            if i:
+                times[name].append(t)
+        for name in ("torch", "torch_best"):
+            if name in runs:
+                images[name], t = runs[name](betas, batch)
+                if i:
+                    times[name].append(t)
+    medians = {name: median_timings(r) for name, r in times.items()}
+    out: dict[str, Any] = {"median_s": medians, "unet_images_per_call": batch, "torch_best_mode": torch_best}
+    for name in runs:
         diff = np.abs(images[name].astype(int) - images["torch"].astype(int))
         out[name] = {
             "speedup_vs_torch": {
@@ -117,12 +344,124 @@ def bench(model_dir: Path, betas: np.ndarray, repeats: int, threads: int) -> dic
             "pixel_diff_vs_torch": {
                 "mean": round(float(diff.mean()), 4),
                 "max": int(diff.max()),
+                "within_1": round(float((diff <= 1).mean()), 5),
                 "mean_over_255": round(float(diff.mean()) / 255, 6),
             },
-            "providers": sorted({p for ps in last[name].providers.values() for p in ps}),
         }
+        if "torch_best" in runs:
+            out[name]["speedup_vs_torch_best"] = {
+                k: round(medians["torch_best"][k] / max(medians[name][k], 1e-9), 2)
+                for k in ("unet_s", "total_s")
+            }
     out["images_per_second"] = {name: round(len(betas) / medians[name]["total_s"], 2) for name in runs}
     return out
+
+
+def unet_throughput(
+    inference: dict[str, Any], flops: dict[str, float], n_images: int, steps: int, ceilings: dict[str, float]
+) -> dict[str, Any]:
+    """GFLOP/s of each pipeline's UNet loop: useful work (the plain UNet's FLOPs for 2 rows per image and step,
+    whatever the graph does) and, for the K/V-once pipelines, the FLOPs their step graph executes; as fractions of
+    the fp32 and bf16 matmul ceilings measured in the same run."""
+    out = {}
+    for name, med in inference["median_s"].items():
+        rows = 2 * n_images * steps
+        useful = flops["plain"] * rows / med["unet_s"] / 1e9
+        executed = (
+            flops["plain"] if name in ("torch", "torch_best", "ort_fp32_plain") else flops["kv_step"]
+        ) * rows
+        executed_gflops = executed / med["unet_s"] / 1e9
+        out[name] = {
+            "useful_gflops": round(useful, 1),
+            "executed_gflops": round(executed_gflops, 1),
+            "executed_fraction_of_fp32_ceiling": round(executed_gflops / ceilings["fp32"], 3),
+            "executed_fraction_of_bf16_ceiling": round(executed_gflops / ceilings["bf16"], 3),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------- curves
+
+
+def curves(
+    model_dir: Path,
+    betas: np.ndarray,
+    batches: tuple[int, ...],
+    repeats: int,
+    threads: int,
+    pipelines: tuple[str, ...],
+    torch_best: str = "eager",
+) -> dict[str, Any]:
+    """Per batch size B: B images reconstructed in one call (B images per model call), every pipeline once per
+    repeat, interleaved, after a warm-up: p50/p95 per stage, images/s at p50, peak resident memory added per call."""
+    import torch
+
+    torch.set_num_threads(threads)
+    runs = _open_pipelines(model_dir, pipelines, threads, torch_best)
+    out: dict[str, Any] = {"batches": list(batches), "pipelines": {name: {} for name in runs}}
+    for b in batches:
+        if b > len(betas):
+            raise ValueError(f"curves: batch {b} needs {b} betas, found {len(betas)}")
+        x = betas[:b]
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+        peaks: dict[str, list[float]] = {name: [] for name in runs}
+        for i in range(repeats + 1):
+            for name, run in runs.items():
+                with _PeakRSS() as mem:
+                    _, t = run(x, b)
+                t.pop("unet_batch", None)
+                if i:
+                    samples[name].append(t)
+                    peaks[name].append(mem.added_mb)
+        for name in runs:
+            stages = {
+                k: {
+                    "p50": round(float(np.percentile([s[k] for s in samples[name]], 50)), 4),
+                    "p95": round(float(np.percentile([s[k] for s in samples[name]], 95)), 4),
+                }
+                for k in STAGES
+            }
+            out["pipelines"][name][str(b)] = {
+                "stages_s": stages,
+                "images_per_second": round(b / stages["total_s"]["p50"], 2),
+                "peak_added_rss_mb": max(peaks[name]),
+            }
+    return out
+
+
+def plot(curve: dict[str, Any], path: Path, title: str) -> None:
+    """Latency (p50 end to end, p95 as a band) and images/s against the batch size, one line per pipeline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = curve["batches"]
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, per_batch in curve["pipelines"].items():
+        p50 = [per_batch[str(b)]["stages_s"]["total_s"]["p50"] for b in batches]
+        p95 = [per_batch[str(b)]["stages_s"]["total_s"]["p95"] for b in batches]
+        (line,) = ax_lat.plot(batches, p50, marker="o", label=name)
+        ax_lat.fill_between(batches, p50, p95, color=line.get_color(), alpha=0.15)
+        ax_thr.plot(
+            batches, [per_batch[str(b)]["images_per_second"] for b in batches], marker="o", label=name
+        )
+    for ax, ylabel in ((ax_lat, "end-to-end latency, s (p50; band to p95)"), (ax_thr, "images / s (at p50)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size (images per call)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_lat.set_yscale("log")
+    ax_thr.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- records
 
 
 def check(results: dict[str, Any], targets_path: Path) -> list[str]:
@@ -130,6 +469,9 @@ def check(results: dict[str, Any], targets_path: Path) -> list[str]:
     targets = json.loads(targets_path.read_text())["stage2_speedup_floor"]
     misses = []
     for name, floors in targets.items():
+        if name not in results["inference"]:
+            misses.append(f"{name}: not benchmarked (run it with --pipelines including {name})")
+            continue
         for stage, floor in floors.items():
             found = results["inference"][name]["speedup_vs_torch"][stage]
             if found < floor:
@@ -138,36 +480,67 @@ def check(results: dict[str, Any], targets_path: Path) -> list[str]:
 
 
 def run_benchmark(
-    model_dir: Path, betas: np.ndarray, repeats: int, threads: int, note: str = ""
+    model_dir: Path,
+    betas: np.ndarray,
+    repeats: int,
+    threads: int,
+    note: str = "",
+    pipelines: tuple[str, ...] = DEFAULT_PIPELINES,
+    torch_best: str | None = None,
 ) -> dict[str, Any]:
-    """The whole results record: machine, versions, sampling, medians, speedups, pixel differences."""
-    inference = bench(model_dir, betas, repeats, threads)
+    """The whole results record: machine, versions, sampling, torch modes, medians, speedups, pixel differences,
+    UNet GFLOP/s against the matmul ceilings."""
     stage2 = read_json(model_dir / STAGE2_SUMMARY, "stage-2 summary")
-    return {
+    record: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
             "threads": threads,
         },
-        "versions": producer_versions(),
+        "versions": producer_versions() | _openvino_version(),
         "model_dir": str(model_dir),
         "note": note,
         "betas": {"shape": list(betas.shape)},
         "sampling": stage2["sampling"],
         "repeats": repeats,
-        "inference": inference,
     }
+    if "torch_best" in pipelines and torch_best is None:
+        record["torch_modes"] = torch_modes(model_dir, 32, threads)
+        torch_best = record["torch_modes"]["best"]
+    record["inference"] = bench(model_dir, betas, repeats, threads, pipelines, torch_best or "eager")
+    steps = _unet_steps(stage2["sampling"])
+    record["unet_flops_per_row"] = unet_flops(model_dir)
+    record["matmul_ceiling_gflops"] = matmul_ceilings(threads)
+    record["unet_loop_gflops"] = unet_throughput(
+        record["inference"], record["unet_flops_per_row"], len(betas), steps, record["matmul_ceiling_gflops"]
+    )
+    return record
+
+
+def _unet_steps(sampling: dict[str, Any]) -> int:
+    from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
+
+    return len(DDIMScheduler(DDIMConfig()).timesteps(sampling["num_inference_steps"], sampling["strength"]))
+
+
+def _openvino_version() -> dict[str, str | None]:
+    try:
+        import openvino
+
+        return {"openvino": openvino.__version__}
+    except ImportError:
+        return {"openvino": None}
 
 
 def summary_line(results: dict[str, Any]) -> str:
     inf = results["inference"]
     med = inf["median_s"]
-    return (
-        f"{results['betas']['shape'][0]} images: torch {med['torch']['total_s']:.2f} s | "
-        f"ORT fp32 {med['ort_fp32']['total_s']:.2f} s ({inf['ort_fp32']['speedup_vs_torch']['total_s']}x) | "
-        f"ORT fp16 {med['ort_fp16']['total_s']:.2f} s ({inf['ort_fp16']['speedup_vs_torch']['total_s']}x)"
-    )
+    parts = [f"{results['betas']['shape'][0]} images: torch {med['torch']['total_s']:.2f} s"]
+    for name in med:
+        if name != "torch":
+            parts.append(f"{name} {med[name]['total_s']:.2f} s ({inf[name]['speedup_vs_torch']['total_s']}x)")
+    return " | ".join(parts)
 
 
 def bench_and_write(
@@ -179,13 +552,39 @@ def bench_and_write(
     threads: int | None = None,
     targets: Path | None = None,
     note: str = "",
+    pipelines: tuple[str, ...] = DEFAULT_PIPELINES,
+    curve_batches: tuple[int, ...] = (),
+    curve_repeats: int = 3,
 ) -> tuple[str, list[str]]:
-    """What `recon-bench` and benchmarks/bench_stage2_runtime.py do: benchmark, write `out`, compare with the
-    floors of `targets` when given. Returns (summary line, floor misses)."""
+    """What `recon-bench` and benchmarks/bench_stage2_runtime.py do: benchmark, write `out` (and, with
+    `curve_batches`, the curves into it and a PNG beside it), compare with the floors of `targets` when given.
+    Returns (summary line, floor misses)."""
     from brainrecon.io import load_npy, write_json
 
-    betas = load_npy(betas_path, "z-scored betas")[:limit]
-    results = run_benchmark(model_dir, betas, repeats, threads or len(os.sched_getaffinity(0)), note)
+    unknown = sorted(set(pipelines) - set(PIPELINES))
+    if unknown:
+        raise ValueError(f"pipelines: expected names from {PIPELINES}, found {unknown}")
+    betas = load_npy(betas_path, "z-scored betas")
+    threads = threads or len(os.sched_getaffinity(0))
+    results = run_benchmark(model_dir, betas[:limit], repeats, threads, note, pipelines)
     results["betas"]["path"] = str(betas_path)
+    if curve_batches:
+        results["curves"] = curves(
+            model_dir,
+            betas,
+            curve_batches,
+            curve_repeats,
+            threads,
+            pipelines,
+            results["inference"]["torch_best_mode"],
+        )
+        png = out.with_name(out.stem + "_curves.png")
+        plot(
+            results["curves"],
+            png,
+            f"two-stage reconstruction, {threads} threads, {_unet_steps(results['sampling'])} guided UNet steps "
+            f"(torch_best = {results['inference']['torch_best_mode']})",
+        )
+        results["curves"]["plot"] = png.name
     write_json(out, results)
     return f"{summary_line(results)} -> {out}", check(results, targets) if targets is not None else []

@@ -263,15 +263,36 @@ def bench(
     check: Annotated[
         Path | None, typer.Option(help="Targets JSON (benchmarks/targets.json); exit 1 below a floor.")
     ] = None,
+    pipelines: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: torch, torch_best, ort_fp32_plain, ort_fp32, ort_fp16, openvino_fp32, "
+            "openvino_bf16."
+        ),
+    ] = "torch,torch_best,ort_fp32_plain,ort_fp32,openvino_fp32,openvino_bf16",
+    curves: Annotated[
+        str, typer.Option(help="Batch sizes for latency/throughput curves and their PNG, e.g. 1,4,16,64.")
+    ] = "",
 ) -> None:
-    """Two-stage reconstruction: ONNX Runtime fp32/fp16 vs the torch reference, same models, betas and settings.
+    """Two-stage reconstruction: the runtime (ONNX Runtime with and without the K/V-once UNet, OpenVINO f32/bf16)
+    vs the torch reference (eager and its fastest CPU mode), same models, betas and settings, interleaved.
 
-    Example: recon-bench data/subj01/test_betas.npy --model-dir engines/subj01 --out stage2_runtime.json
+    Example: recon-bench data/subj01/test_betas.npy --model-dir engines/subj01 --limit 32 --curves 1,4,16,64
     """
     from brainrecon.benchmarks.runtime_vs_torch import bench_and_write
     from brainrecon.errors import BrainReconError
 
-    line, misses = bench_and_write(model_dir, betas, out, limit, repeats, threads, check)
+    line, misses = bench_and_write(
+        model_dir,
+        betas,
+        out,
+        limit,
+        repeats,
+        threads,
+        check,
+        pipelines=tuple(p for p in pipelines.split(",") if p),
+        curve_batches=tuple(int(b) for b in curves.split(",") if b),
+    )
     console.print(line)
     if misses:
         raise BrainReconError(f"speed regression against {check}: " + "; ".join(misses))
