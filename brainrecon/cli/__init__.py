@@ -19,8 +19,8 @@ console = Console(stderr=True)
 
 # Option value types shared by the commands: typer checks a Literal's values before the command runs (a bad one
 # exits 2 with the usage line).
-Engine = Literal["ort", "trt"]
-Precision = Literal["fp32", "fp16"]
+Engine = Literal["ort", "trt", "openvino"]
+Precision = Literal["fp32", "fp16", "bf16"]  # bf16: OpenVINO on the fp32 files (runtime/artifacts.py)
 Device = Literal["cpu", "cuda", "tensorrt"]
 
 

@@ -134,7 +134,10 @@ def infer(
             "final_images.npy (stage 2), contact_sheet.png, summary.json, timings.json, metrics.json (with --stimuli)."
         ),
     ],
-    engine: Annotated[Engine, typer.Option(help="ort (ONNX Runtime) or trt (TensorRT engines).")] = "ort",
+    engine: Annotated[
+        Engine,
+        typer.Option(help="ort (ONNX Runtime), openvino (CPU, fp32 or bf16) or trt (TensorRT engines)."),
+    ] = "ort",
     stage: Annotated[
         Literal[1, 2] | None,
         typer.Option(
@@ -142,7 +145,10 @@ def infer(
             "(default: 2 when the model has a fitted stage 2, else 1).",
         ),
     ] = None,
-    precision: Annotated[Precision, typer.Option(help="Model precision.")] = "fp32",
+    precision: Annotated[
+        Precision,
+        typer.Option(help="Model precision: fp32, fp16 (ort, trt) or bf16 (openvino on the fp32 files)."),
+    ] = "fp32",
     device: Annotated[Device, typer.Option(help="ONNX Runtime device (execution provider).")] = "cpu",
     trials: Annotated[
         str | None, typer.Option(help="Rows/trials to reconstruct, e.g. 0,5,10-20 (inclusive); default all.")
