@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def make_inputs(httpclient, row: np.ndarray, seed: int) -> list:
     return [betas, seeds]
 
 
-def load_level(port: int, betas: np.ndarray, clients: int, requests: int, cap_s: float) -> dict:
+def load_level(server: Server, betas: np.ndarray, clients: int, requests: int, cap_s: float) -> dict:
     """`requests` one-trial requests from `clients` threads; latency percentiles, throughput, errors."""
     import tritonclient.http as httpclient
 
@@ -126,7 +127,8 @@ def load_level(port: int, betas: np.ndarray, clients: int, requests: int, cap_s:
         finally:
             client.close()
 
-    before = model_counts(port)
+    port = server.port
+    before = model_counts(server.log)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     for t in threads:
@@ -134,7 +136,8 @@ def load_level(port: int, betas: np.ndarray, clients: int, requests: int, cap_s:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    after = model_counts(port)
+    time.sleep(0.3)  # the log line of the last call
+    after = model_counts(server.log)
     runs = after[1] - before[1]  # runtime calls (Triton executions) for this level
     ms = np.asarray(latencies) * 1000
     return {
@@ -151,11 +154,11 @@ def load_level(port: int, betas: np.ndarray, clients: int, requests: int, cap_s:
     }
 
 
-def model_counts(port: int) -> tuple[int, int]:
-    """(rows inferred, executions) of model brainrecon so far, from Triton's statistics endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/brainrecon/stats", timeout=10) as r:
-        stats = json.loads(r.read())["model_stats"][0]
-    return int(stats["inference_count"]), int(stats["execution_count"])
+def model_counts(log: Path) -> tuple[int, int]:
+    """(rows run, runtime calls) so far, from recon-serve's --verbose log (PyTriton restricts Triton's
+    statistics endpoint to its access token)."""
+    calls = re.findall(r"runtime call \d+: \d+ requests, (\d+) rows", log.read_text(errors="replace"))
+    return sum(int(rows) for rows in calls), len(calls)
 
 
 def post(port: int, body: bytes, timeout: float = 60.0) -> tuple[int, str]:
@@ -342,11 +345,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     betas = np.load(args.betas).astype(np.float32)
     levels = [int(c) for c in args.clients.split(",")]
-    extra = [f"--max-batch-size={args.max_batch_size}", f"--max-queue-delay-us={args.max_queue_delay_us}"]
+    extra = [
+        f"--max-batch-size={args.max_batch_size}",
+        f"--max-queue-delay-us={args.max_queue_delay_us}",
+        "--verbose",
+    ]
     if args.steps:
         extra.append(f"--steps={args.steps}")
-    log = args.out / "recon-serve.log"
-    log.unlink(missing_ok=True)
+    for old_log in args.out.glob("recon-serve*.log"):
+        old_log.unlink()
     results: dict = {
         "setup": {
             "title": f"recon-serve, tiny subject with the shipped foundations: {betas.shape[1]} voxels, {os.cpu_count()} CPU cores, "
@@ -364,15 +371,16 @@ def main() -> None:
     # on the (shared) machine hits both alike; only one is being sent requests at a time.
     modes = {"dynamic_batching": True, "no_batching": False}
     servers = {
-        mode: Server(args.model_dir, batching, free_ports(3), log, extra) for mode, batching in modes.items()
+        mode: Server(args.model_dir, batching, free_ports(3), args.out / f"recon-serve-{mode}.log", extra)
+        for mode, batching in modes.items()
     }
     try:
         for mode, server in servers.items():
             results.setdefault("startup_s", {})[mode] = round(server.start(), 2)
-            load_level(server.port, betas, 1, 2, args.cap_s)  # warm-up, not counted
+            load_level(server, betas, 1, 2, args.cap_s)  # warm-up, not counted
         for n in levels:
             for mode, server in servers.items():
-                level = load_level(server.port, betas, n, args.requests, args.cap_s)
+                level = load_level(server, betas, n, args.requests, args.cap_s)
                 level["load_average_1min"] = round(os.getloadavg()[0], 2)
                 results["load"].setdefault(mode, []).append(level)
                 print(mode, level, flush=True)
