@@ -306,6 +306,7 @@ def fault_restart(server: Server, row: np.ndarray, requests: int = 6) -> dict:
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -323,6 +324,7 @@ def plot(results: dict, path: Path) -> None:
     axes[1].set(xlabel="concurrent clients", ylabel="requests / s", xscale="log", title="throughput")
     for ax in axes:
         ax.set_xticks(n, [str(c) for c in n])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(results["setup"]["title"], fontsize=9)
