@@ -12,6 +12,7 @@ is brainrecon/benchmarks/runtime_vs_torch.py.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,9 @@ def main() -> None:
         "--curves", default="", help="batch sizes for the curves, e.g. 1,4,16,64 (none: skip)"
     )
     parser.add_argument("--curve-repeats", type=int, default=3)
+    parser.add_argument(
+        "--torch-modes", type=Path, default=None, help="a torch_modes JSON measured earlier on this machine"
+    )
     args = parser.parse_args()
     pipelines = args.pipelines or ",".join(CI_PIPELINES if args.check is not None else DEFAULT_PIPELINES)
 
@@ -57,6 +61,7 @@ def main() -> None:
         tuple(p for p in pipelines.split(",") if p),
         tuple(int(b) for b in args.curves.split(",") if b),
         args.curve_repeats,
+        json.loads(args.torch_modes.read_text()) if args.torch_modes else None,
     )
     print(line)
     for miss in misses:

@@ -393,7 +393,8 @@ def curves(
     torch_best: str = "eager",
 ) -> dict[str, Any]:
     """Per batch size B: B images reconstructed in one call (B images per model call), every pipeline once per
-    repeat, interleaved, after a warm-up: p50/p95 per stage, images/s at p50, peak resident memory added per call."""
+    repeat, interleaved, after a warm-up round (at the first B; at every B for torch.compile): p50/p95 per stage,
+    images/s at p50, peak resident memory added per call."""
     import torch
 
     torch.set_num_threads(threads)
@@ -407,6 +408,13 @@ def curves(
         peaks: dict[str, list[float]] = {name: [] for name in runs}
         for i in range(repeats + 1):
             for name, run in runs.items():
+                # one warm-up round at the first batch size; torch.compile also re-specialises on a new batch
+                if (
+                    i == 0
+                    and b != batches[0]
+                    and not (name == "torch_best" and torch_best.startswith("compile"))
+                ):
+                    continue
                 with _PeakRSS() as mem:
                     _, t = run(x, b)
                 t.pop("unet_batch", None)
@@ -486,10 +494,11 @@ def run_benchmark(
     threads: int,
     note: str = "",
     pipelines: tuple[str, ...] = DEFAULT_PIPELINES,
-    torch_best: str | None = None,
+    modes_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole results record: machine, versions, sampling, torch modes, medians, speedups, pixel differences,
-    UNet GFLOP/s against the matmul ceilings."""
+    """The whole results record: machine, versions, sampling, torch modes (measured here, or `modes_record` from
+    an earlier `torch_modes` on this machine), medians, speedups, pixel differences, UNet GFLOP/s against the
+    matmul ceilings."""
     stage2 = read_json(model_dir / STAGE2_SUMMARY, "stage-2 summary")
     record: dict[str, Any] = {
         "machine": {
@@ -505,10 +514,13 @@ def run_benchmark(
         "sampling": stage2["sampling"],
         "repeats": repeats,
     }
-    if "torch_best" in pipelines and torch_best is None:
-        record["torch_modes"] = torch_modes(model_dir, 32, threads)
+    torch_best = "eager"
+    if "torch_best" in pipelines:
+        record["torch_modes"] = modes_record or torch_modes(model_dir, 32, threads)
         torch_best = record["torch_modes"]["best"]
-    record["inference"] = bench(model_dir, betas, repeats, threads, pipelines, torch_best or "eager")
+    record["loadavg_1m_before"] = round(os.getloadavg()[0], 2)
+    record["inference"] = bench(model_dir, betas, repeats, threads, pipelines, torch_best)
+    record["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     steps = _unet_steps(stage2["sampling"])
     record["unet_flops_per_row"] = unet_flops(model_dir)
     record["matmul_ceiling_gflops"] = matmul_ceilings(threads)
@@ -555,6 +567,7 @@ def bench_and_write(
     pipelines: tuple[str, ...] = DEFAULT_PIPELINES,
     curve_batches: tuple[int, ...] = (),
     curve_repeats: int = 3,
+    modes_record: dict[str, Any] | None = None,
 ) -> tuple[str, list[str]]:
     """What `recon-bench` and benchmarks/bench_stage2_runtime.py do: benchmark, write `out` (and, with
     `curve_batches`, the curves into it and a PNG beside it), compare with the floors of `targets` when given.
@@ -566,7 +579,7 @@ def bench_and_write(
         raise ValueError(f"pipelines: expected names from {PIPELINES}, found {unknown}")
     betas = load_npy(betas_path, "z-scored betas")
     threads = threads or len(os.sched_getaffinity(0))
-    results = run_benchmark(model_dir, betas[:limit], repeats, threads, note, pipelines)
+    results = run_benchmark(model_dir, betas[:limit], repeats, threads, note, pipelines, modes_record)
     results["betas"]["path"] = str(betas_path)
     if curve_batches:
         results["curves"] = curves(
