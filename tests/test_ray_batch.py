@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -163,6 +164,26 @@ def test_batch_writes_every_trial_and_a_rerun_skips(sessions, model, ray_address
     assert set(counts) == all_trials(sessions) and set(counts.values()) == {1}
     assert len({pid for pid, _ in journal(out)}) == 2  # two actors, one runtime each
     no_half_written(out)
+    # recon-infer itself, on one trial of the second file with the seed recon-batch gave it
+    sess02 = next(path for path in sessions if path.endswith("sess02.npy"))
+    infer = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "recon-infer"),
+            sess02,
+            f"--model-dir={model}",
+            f"--out={tmp_path / 'infer'}",
+            "--trials=2",
+            f"--seed={SEED + 2}",
+            f"--steps={STEPS}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert infer.returncode == 0, infer.stderr[-2000:]
+    for kind in ("final", "stage1"):
+        by_infer = np.asarray(Image.open(tmp_path / "infer" / f"{kind}_00002.png")).astype(int)
+        by_batch = np.asarray(Image.open(out / "sess02" / f"{kind}_00002.png")).astype(int)
+        assert np.abs(by_infer - by_batch).max() <= 1
 
     before = journal(out)
     t0 = time.monotonic()
@@ -236,8 +257,16 @@ def test_without_retries_the_missing_trials_are_reported_then_resumed(sessions, 
         with Image.open(png) as image:
             image.verify()
 
-    resumed = run_batch(sessions, model, out, ray_address, "--shard-size=3")
+    markers = len(list(out.glob("*/.shards/*.json")))  # shards finished before the failure
+    # resumed on a private local Ray instance this time (no --address): ray.init(address="local", num_cpus=2)
+    command = batch_command(sessions, model, out, "", "--shard-size=3", "--num-cpus=2")
+    command = [c for c in command if c != "--address="]
+    resumed = subprocess.run(
+        command, env={**os.environ, **LOOPBACK_RAY}, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in out.glob("*/summary.json")]
+    assert sum(summary["shards_done_before"] for summary in summaries) == markers
     counts = wrote_counts(out)
     assert set(counts) == all_trials(sessions) and set(counts.values()) == {1}  # over both runs
     no_half_written(out)
