@@ -44,6 +44,14 @@ def main() -> None:
     )
     parser.add_argument("--curve-repeats", type=int, default=3)
     parser.add_argument(
+        "--curve-pipelines", default=None, help="pipelines of the curves (default: --pipelines)"
+    )
+    parser.add_argument(
+        "--torch-candidates",
+        default="eager,channels_last,bf16,compile,compile_bf16",
+        help="torch CPU modes tried for torch_best (runtime_vs_torch.TORCH_MODES)",
+    )
+    parser.add_argument(
         "--torch-modes", type=Path, default=None, help="a torch_modes JSON measured earlier on this machine"
     )
     args = parser.parse_args()
@@ -62,6 +70,8 @@ def main() -> None:
         tuple(int(b) for b in args.curves.split(",") if b),
         args.curve_repeats,
         json.loads(args.torch_modes.read_text()) if args.torch_modes else None,
+        tuple(m for m in args.torch_candidates.split(",") if m),
+        tuple(p for p in args.curve_pipelines.split(",") if p) if args.curve_pipelines else None,
     )
     print(line)
     for miss in misses:

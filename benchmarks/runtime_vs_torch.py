@@ -495,6 +495,7 @@ def run_benchmark(
     note: str = "",
     pipelines: tuple[str, ...] = DEFAULT_PIPELINES,
     modes_record: dict[str, Any] | None = None,
+    torch_candidates: tuple[str, ...] = TORCH_MODES,
 ) -> dict[str, Any]:
     """The whole results record: machine, versions, sampling, torch modes (measured here, or `modes_record` from
     an earlier `torch_modes` on this machine), medians, speedups, pixel differences, UNet GFLOP/s against the
@@ -516,7 +517,7 @@ def run_benchmark(
     }
     torch_best = "eager"
     if "torch_best" in pipelines:
-        record["torch_modes"] = modes_record or torch_modes(model_dir, 32, threads)
+        record["torch_modes"] = modes_record or torch_modes(model_dir, 32, threads, modes=torch_candidates)
         torch_best = record["torch_modes"]["best"]
     record["loadavg_1m_before"] = round(os.getloadavg()[0], 2)
     record["inference"] = bench(model_dir, betas, repeats, threads, pipelines, torch_best)
@@ -568,6 +569,8 @@ def bench_and_write(
     curve_batches: tuple[int, ...] = (),
     curve_repeats: int = 3,
     modes_record: dict[str, Any] | None = None,
+    torch_candidates: tuple[str, ...] = TORCH_MODES,
+    curve_pipelines: tuple[str, ...] | None = None,
 ) -> tuple[str, list[str]]:
     """What `recon-bench` and benchmarks/bench_stage2_runtime.py do: benchmark, write `out` (and, with
     `curve_batches`, the curves into it and a PNG beside it), compare with the floors of `targets` when given.
@@ -579,7 +582,9 @@ def bench_and_write(
         raise ValueError(f"pipelines: expected names from {PIPELINES}, found {unknown}")
     betas = load_npy(betas_path, "z-scored betas")
     threads = threads or len(os.sched_getaffinity(0))
-    results = run_benchmark(model_dir, betas[:limit], repeats, threads, note, pipelines, modes_record)
+    results = run_benchmark(
+        model_dir, betas[:limit], repeats, threads, note, pipelines, modes_record, torch_candidates
+    )
     results["betas"]["path"] = str(betas_path)
     if curve_batches:
         results["curves"] = curves(
@@ -588,7 +593,7 @@ def bench_and_write(
             curve_batches,
             curve_repeats,
             threads,
-            pipelines,
+            curve_pipelines or pipelines,
             results["inference"]["torch_best_mode"],
         )
         png = out.with_name(out.stem + "_curves.png")
