@@ -23,7 +23,7 @@ from brainrecon.export.subject import STAGE2_DATA_FILES, export_model_dir
 from brainrecon.export.validate import ort_session
 from brainrecon.manifest import MANIFEST_FILE, verify_manifest
 from brainrecon.model_dir import SCHEDULER as SCHEDULER_FILE
-from brainrecon.model_dir import STAGE2_MODELS
+from brainrecon.model_dir import STAGE2_KV_MODELS, STAGE2_MODELS
 from brainrecon.train.foundations.dual_unet import set_mix_ratio
 from brainrecon.train.stage1.ridge import renormalize_predictions
 from brainrecon.train.stage2.fit import Stage2Model
@@ -96,7 +96,12 @@ def test_export_all_lists_stage2_models_data_and_io_specs(exported):
     model_dir = exported["dir"]
     manifest = verify_manifest(model_dir)  # every hash matches
     summary = json.loads((model_dir / "summary.json").read_text())
-    assert [e["model"] for e in summary["exported"]][::2] == ["ridge", "vdvae_decoder", *STAGE2_MODELS]
+    assert [e["model"] for e in summary["exported"]][::2] == [
+        "ridge",
+        "vdvae_decoder",
+        *STAGE2_MODELS,
+        *STAGE2_KV_MODELS,
+    ]
     model = exported["model"]
     nv, nt, d = (
         model.dual_config.vision_tokens,
@@ -294,9 +299,10 @@ def test_recon_export_stage2_cli(exported, tmp_path, monkeypatch, capsys):
         run_cli(monkeypatch, "--model-dir", str(model_dir), "--stage", "stage2", "--precision", "fp32") == 0
     )
     out = capsys.readouterr().out
-    assert all(f"{name} fp32" in out for name in STAGE2_MODELS)
+    assert all(f"{name} fp32" in out for name in (*STAGE2_MODELS, *STAGE2_KV_MODELS))
     manifest = verify_manifest(model_dir)
-    assert {a.model for a in manifest.artifacts if a.kind == "onnx"} == set(STAGE2_MODELS)  # no stage 1
+    onnx_models = {a.model for a in manifest.artifacts if a.kind == "onnx"}
+    assert onnx_models == {*STAGE2_MODELS, *STAGE2_KV_MODELS}  # no stage 1
     assert (model_dir / SCHEDULER_FILE).is_file()
 
 
