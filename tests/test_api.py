@@ -122,7 +122,7 @@ def test_unet_sessions_are_bounded_by_the_memory_budget(tiny2):
     assert unet_session_count(16, int(3.4 * gb), 64 * gb) == 9  # a VD UNet in fp32 on a 16-core, 128 GB box
     assert unet_session_count(16, int(3.4 * gb), 4 * gb) == 1  # never fewer than one
     assert unet_session_count(2, 1000, 64 * gb) == 2  # never more than the cores
-    unet = load_manifest(tiny2["model"]).find("onnx", "unet", "fp32")
+    unet = load_manifest(tiny2["model"]).find("onnx", "unet_kv", "fp32")  # the step the runtime loads
     opts = RuntimeOptions(threads=2, memory_budget_bytes=3 * unet.size)  # room for 1.5 sessions
     with Reconstructor.open(tiny2["model"], opts) as rec:
         assert len(rec.pipeline.unet_workers) == 1

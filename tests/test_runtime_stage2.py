@@ -108,7 +108,8 @@ def test_fp32_and_fp16_match_the_torch_reference(tiny2, reference, betas, fast):
     assert list(fast.timesteps) == [626, 501, 376, 251, 126, 1]  # 8 steps, strength 0.75, offset 1
     assert fast.renormalized == {"stage1": True, "clip": True}
     assert set(fast.timings) >= {"stage1_s", "clip_s", "vae_encode_s", "unet_s", "vae_decode_s", "total_s"}
-    assert all(p == ["CPUExecutionProvider"] for p in fast.providers.values()) and len(fast.providers) == 7
+    # stage 1's two models, the CLIP ridges, the VAE pair, the K/V-once UNet pair (unet_context, unet = unet_kv)
+    assert all(p == ["CPUExecutionProvider"] for p in fast.providers.values()) and len(fast.providers) == 8
 
     fp16 = Stage2Pipeline.from_model_dir(tiny2["model"], "ort", "fp16", threads=1).run(
         betas, num_inference_steps=FAST_STEPS
@@ -410,6 +411,7 @@ def test_recon_bench_reports_speedups_and_enforces_floors(tiny2, tmp_path, monke
 
     def bench(*extra: str) -> int:
         args = [str(tiny2["prep"] / "test_betas.npy"), "--model-dir", str(tiny2["model"]), "--limit", "4"]
+        args += ["--pipelines", "torch,ort_fp32_plain,ort_fp32"]
         monkeypatch.setattr(sys, "argv", ["recon-bench", *args, "--repeats", "1", "--threads", "1", *extra])
         with pytest.raises(SystemExit) as e:
             bench_main()
@@ -418,9 +420,10 @@ def test_recon_bench_reports_speedups_and_enforces_floors(tiny2, tmp_path, monke
     out = tmp_path / "bench.json"
     assert bench("--out", str(out)) == 0
     results = json.loads(out.read_text())["inference"]
-    assert set(results["median_s"]) == {"torch", "ort_fp32", "ort_fp16"}
+    assert set(results["median_s"]) == {"torch", "ort_fp32_plain", "ort_fp32"}
     assert results["median_s"]["torch"]["unet_s"] > 0
-    assert results["ort_fp32"]["pixel_diff_vs_torch"]["max"] <= 1  # same models, seed and noise
+    for name in ("ort_fp32_plain", "ort_fp32"):  # same models, seed and noise; K/V once or not
+        assert results[name]["pixel_diff_vs_torch"]["max"] <= 1
     unreachable = tmp_path / "targets.json"
     unreachable.write_text(json.dumps({"stage2_speedup_floor": {"ort_fp32": {"total_s": 1000.0}}}))
     assert bench("--out", str(out), "--check", str(unreachable)) == 1

@@ -1,0 +1,242 @@
+"""K/V once (issue 13): the contexts' cross-attention keys and values computed once (`unet_context`) and the UNet
+step that takes them (`unet_kv`), in torch (train/foundations/dual_unet.py), exported (export/stage2.py) and in the
+runtime (runtime/stage2.py), against the plain dual UNet and the torch reference.
+
+Tolerances (scale = max |noise_pred|):
+- torch K/V forward vs the plain forward: max ≤ 1e-5·scale (measured 1.6e-6·scale on the tiny UNet: another
+  summation order for the pre-scaled keys, the GEGLU halves and the once-added residual);
+- exported unet_context → unet_kv vs the plain torch UNet: fp32 max ≤ 1e-4·scale (the `unet` contract's bound);
+  fp16 max ≤ 2e-2·scale, median ≤ 1e-3·scale (the fp16 `unet` bounds);
+- the runtime on the K/V pair vs the plain UNet and vs the torch reference: the fp32 pixel tolerance of
+  tests/test_runtime_stage2.py (mean ≤ 0.01 grey level, max ≤ 1), latents within 1e-4.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from brainrecon.errors import ConfigError, InputError, MissingFileError
+from brainrecon.export.contracts import kv_names, unet_context_contract, unet_kv_contract
+from brainrecon.export.stage2 import context_pool, unet_kv_shapes
+from brainrecon.manifest import MANIFEST_FILE, load_manifest, write_manifest
+from brainrecon.runtime.stage2 import Stage2Pipeline
+from brainrecon.train.foundations.dual_unet import (
+    DualUNetConfig,
+    build_dual_unet,
+    context_kv,
+    kv_cross_attention_kwargs,
+    kv_layout,
+)
+from tests.stage2_fixture import FAST_STEPS
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TORCH_RTOL = 1e-5
+FP32_RTOL = 1e-4
+FP16 = {"max": 2e-2, "median": 1e-3}
+PIXELS_FP32 = {"mean": 0.01, "max": 1}
+
+
+def _inputs(cfg: DualUNetConfig, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    t = torch.randint(1, 1000, (batch,), generator=g).float()
+    context = torch.randn(batch, cfg.context_tokens, cfg.cross_attention_dim, generator=g)
+    return x, t, context
+
+
+def test_kv_forward_matches_the_plain_dual_unet():
+    torch.manual_seed(0)
+    cfg = DualUNetConfig.tiny()
+    unet = build_dual_unet(cfg).eval()
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    x, t, context = _inputs(cfg, 4)
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=context).sample
+        kv = context_kv(unet, context)
+        fast = unet(
+            x, t, encoder_hidden_states=None, cross_attention_kwargs=kv_cross_attention_kwargs(kv)
+        ).sample
+    scale = plain.abs().max().item()
+    assert (fast - plain).abs().max().item() <= TORCH_RTOL * scale
+    # same parameters and the diffusers state dict untouched (the K/V path is a second forward, not new weights)
+    assert unet.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+
+
+def test_kv_layout_shapes_and_order():
+    cfg = DualUNetConfig.tiny()
+    unet = build_dual_unet(cfg).eval()
+    layers = kv_layout(unet)
+    # every dual block: vision (condition 0) then text, one BasicTransformerBlock each in the tiny config
+    assert [layer.condition for layer in layers] == [0, 1] * (len(layers) // 2)
+    assert [layer.tokens for layer in layers] == [cfg.vision_tokens, cfg.text_tokens] * (len(layers) // 2)
+    x, _, context = _inputs(cfg, 3)
+    with torch.no_grad():
+        kv = context_kv(unet, context)
+    assert len(kv) == 2 * len(layers)
+    for j, layer in enumerate(layers):
+        assert tuple(kv[2 * j].shape) == (3, *layer.key_shape)
+        assert tuple(kv[2 * j + 1].shape) == (3, *layer.value_shape)
+    # the keys are per context: a row's K/V do not depend on the other rows
+    with torch.no_grad():
+        single = context_kv(unet, context[1:2])
+    for a, b in zip(kv, single, strict=True):
+        torch.testing.assert_close(a[1:2], b, rtol=0, atol=1e-6)
+
+
+def test_contracts_pair_context_outputs_with_step_inputs():
+    layers = ((4, 8, 7), (4, 8, 5), (8, 16, 7), (8, 16, 5))
+    ctx = unet_context_contract(layers, 7, 5, 32, image_size=64)
+    step = unet_kv_contract(4, 8, layers, 0.6, image_size=64)
+    assert ctx.output_names == step.input_names[2:] == list(kv_names(4))
+    assert [s.shape for s in ctx.outputs[:2]] == [("batch", 4, 8, 7), ("batch", 4, 7, 8)]
+    assert step.profile == ctx.profile and step.profile.max_batch == 128  # the UNet's (2 x images) profile
+    assert dict(step.constants)["mix_ratio"] == 0.6 and step.fp32_inputs == ("timestep",)
+
+
+def test_wrong_kv_count_is_a_one_line_error():
+    from brainrecon.export.stage2 import UNetKVGraph
+
+    cfg = DualUNetConfig.tiny()
+    graph = UNetKVGraph(build_dual_unet(cfg).eval())
+    x, t, _ = _inputs(cfg, 1)
+    with pytest.raises(InputError, match="K/V tensors"):
+        graph(x, t, torch.zeros(1))
+
+
+# ----------------------------------------------------------------------------------------- exported
+
+
+@pytest.fixture(scope="module")
+def model(tiny2):
+    from brainrecon.train.foundations.dual_unet import set_mix_ratio
+    from brainrecon.train.stage2.fit import Stage2Model
+
+    m = Stage2Model.load(tiny2["model"])
+    set_mix_ratio(m.unet, m.sampling.mix_ratio)
+    return m
+
+
+def _session(tiny2, name: str, precision: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(tiny2["model"] / f"onnx/{name}.{precision}.onnx"), options)
+
+
+def test_manifest_lists_the_kv_pair_with_matching_io(tiny2, model):
+    manifest = load_manifest(tiny2["model"])
+    layers = unet_kv_shapes(model.unet)
+    for precision in ("fp32", "fp16"):
+        ctx = manifest.find("onnx", "unet_context", precision)
+        step = manifest.find("onnx", "unet_kv", precision)
+        assert ctx is not None and step is not None
+        assert [s["name"] for s in ctx.io["outputs"]] == list(kv_names(len(layers)))
+        assert [s["name"] for s in step.io["inputs"]] == ["sample", "timestep", *kv_names(len(layers))]
+        assert step.io["constants"]["mix_ratio"] == model.sampling.mix_ratio
+        assert step.io["max_batch"] == manifest.find("onnx", "unet", precision).io["max_batch"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_exported_pair_matches_the_plain_torch_unet(tiny2, model, precision):
+    """unet_context on [uncond; predicted] contexts, then unet_kv at several timesteps, vs the torch plain UNet."""
+    pool = context_pool(model)  # (1 + 7, Nv + Nt, D): uncond first
+    context = pool[[0, 0, 3, 5]]  # a CFG batch of two images: [uncond x 2; cond x 2]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    ctx_session, step_session = (
+        _session(tiny2, "unet_context", precision),
+        _session(tiny2, "unet_kv", precision),
+    )
+    kv = dict(
+        zip(
+            [o.name for o in ctx_session.get_outputs()],
+            ctx_session.run(None, {"encoder_hidden_states": context}),
+            strict=True,
+        )
+    )
+    for t in (981.0, 501.0, 1.0):
+        timestep = np.full(4, t, np.float32)
+        with torch.no_grad():
+            ref = model.unet(
+                torch.from_numpy(x),
+                torch.from_numpy(timestep),
+                encoder_hidden_states=torch.from_numpy(context),
+            ).sample.numpy()
+        out = step_session.run(None, {"sample": x, "timestep": timestep, **kv})[0]
+        diff, scale = np.abs(out - ref), np.abs(ref).max()
+        if precision == "fp32":
+            assert diff.max() <= FP32_RTOL * scale, (t, diff.max(), scale)
+        else:
+            assert diff.max() <= FP16["max"] * scale and np.median(diff) <= FP16["median"] * scale, (
+                t,
+                diff.max(),
+            )
+
+
+# ----------------------------------------------------------------------------------------- runtime
+
+
+def _pixels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.int16) - b.astype(np.int16))
+
+
+def test_runtime_kv_matches_plain_and_the_torch_reference(tiny2, model, betas):
+    import dataclasses
+
+    kv_pipe = Stage2Pipeline.from_model_dir(tiny2["model"], threads=1, unet_graph="kv")
+    plain_pipe = Stage2Pipeline.from_model_dir(tiny2["model"], threads=1, unet_graph="plain")
+    assert kv_pipe.kv_once and not plain_pipe.kv_once
+    assert Stage2Pipeline.from_model_dir(tiny2["model"], threads=1).kv_once  # "auto" takes the pair
+
+    calls = []
+    context_backend = kv_pipe.backends["unet_context"]
+
+    class Counting:
+        providers = context_backend.providers
+
+        def run(self, inputs):
+            calls.append(len(inputs["encoder_hidden_states"]))
+            return context_backend.run(inputs)
+
+    kv_pipe.backends["unet_context"] = Counting()
+    fast = kv_pipe.run(betas, num_inference_steps=FAST_STEPS, batch_size=3)  # chunks 3 + 3 + 3 + 1
+    # K/V of the predicted contexts once per chunk, never per step; the unconditional ones were made at load
+    assert calls == [3, 3, 3, 1] and kv_pipe.uncond_kv["key_0"].shape[0] == 1
+    plain = plain_pipe.run(betas, num_inference_steps=FAST_STEPS, batch_size=3)
+    np.testing.assert_allclose(fast.latents, plain.latents, rtol=0, atol=1e-4)
+    d = _pixels(fast.images, plain.images)
+    assert d.mean() <= PIXELS_FP32["mean"] and d.max() <= PIXELS_FP32["max"]
+
+    sampling = dataclasses.replace(model.sampling, num_inference_steps=FAST_STEPS)
+    expected = model.reconstruct(betas, sampling, progress=False)["final"]
+    d = _pixels(fast.images, expected)
+    assert d.mean() <= PIXELS_FP32["mean"] and d.max() <= PIXELS_FP32["max"], (d.mean(), d.max())
+
+
+def test_kv_required_but_not_exported_and_bad_choice(tiny2, tmp_path):
+    with pytest.raises(InputError, match="unet_graph"):
+        Stage2Pipeline.from_model_dir(tiny2["model"], unet_graph="fast")
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny2["model"], model_dir)
+    kept = [a for a in load_manifest(model_dir).artifacts if a.model not in ("unet_context", "unet_kv")]
+    (model_dir / MANIFEST_FILE).unlink()
+    write_manifest(model_dir, kept, merge=False)
+    with pytest.raises(MissingFileError, match="unet_context and unet_kv"):
+        Stage2Pipeline.from_model_dir(model_dir, threads=1, unet_graph="kv")
+    # an export from before K/V once still runs, on the plain UNet
+    assert not Stage2Pipeline.from_model_dir(model_dir, threads=1).kv_once
+
+
+def test_kv_forward_refuses_an_unsupported_block():
+    cfg = DualUNetConfig.tiny()
+    unet = build_dual_unet(cfg).eval()
+    block = next(m for m in unet.modules() if hasattr(m, "norm_type") and hasattr(m, "attn2"))
+    block.norm_type = "ada_norm"
+    with pytest.raises(ConfigError, match="K/V-once forward expects"):
+        kv_layout(unet)
