@@ -520,6 +520,28 @@ def eval_report(
     Console().print(f"report: {index}")
 
 
+@eval_app.command("blob")
+def eval_blob(
+    model_dir: Annotated[Path, typer.Option(help="Subject model folder (both stages fitted).")],
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
+    out: Annotated[Path, typer.Option(help="Results folder: blob.json, blob.md and the image sheets.")],
+    before: Annotated[str, typer.Option(help="The VAE before the fix (a folder).")],
+    after: Annotated[str, typer.Option(help="The VAE after the fix, same latent space.")] = "builtin:small",
+    images: Annotated[int, typer.Option(help="Use the first N test images (0: all).")] = 0,
+) -> None:
+    """Before/after of a VAE swap: round trip, decoder peak, recurring error, stage 1+2 and oracle metrics.
+
+    Example: recon-eval blob --model-dir engines/subj01 --data data/subj01 --before data/vae-small-g32
+    --out benchmarks/results/blob
+    """
+    from brainrecon.train.experiments.blob import blob_comparison
+
+    blob_comparison(
+        model_dir, data, out, before, after, n_images=images or None, log=Console(stderr=True).print
+    )
+    Console().print((out / "blob.md").read_text())
+
+
 train_main = run_app(train_app)
 reconstruct_main = run_app(reconstruct_app)
 eval_main = run_app(eval_app)
