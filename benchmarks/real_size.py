@@ -29,6 +29,7 @@ Results are written atomically after every model, so an interrupted run keeps wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -318,7 +319,7 @@ def step_export(name: str, work: Path, precision: str) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     path = work / f"{name}.{precision}.onnx"
     for f in files_of(path):
-        f.unlink()
+        f.unlink(missing_ok=True)
     out: dict[str, Any] = {"build_s": round(build_s, 2)}
     if built.parameters:
         out["parameters"] = built.parameters
@@ -339,7 +340,9 @@ def step_export(name: str, work: Path, precision: str) -> dict[str, Any]:
             for k, kind in enumerate(c.input_kinds)
         ]
         external = fp32_path.with_name(fp32_path.name + ".data").exists()
-        _, info = export_fp16(c, fp32_path, path, external, lambda p: cached_validation(name, work, p), feeds)
+        _, info = export_fp16(
+            c, fp32_path, path, external, lambda p: checked_validation(name, work, p), feeds
+        )
         info["fp32_overflow_nodes"] = len(info["fp32_overflow_nodes"])
         out["fp16"] = info
     out["export_s"] = round(time.perf_counter() - t0, 2)
@@ -377,16 +380,19 @@ def cached_validation(name: str, work: Path, path: Path, precision: str = "fp16"
     )
 
 
-def step_validate(name: str, work: Path, precision: str) -> dict[str, Any]:
-    """ONNX checker + TensorRT operator table + parity against the cached reference."""
+def checked_validation(name: str, work: Path, path: Path, precision: str = "fp16") -> dict[str, Any]:
+    """ONNX checker + TensorRT operator table + parity against the cached reference (as stage_contract does)."""
     from brainrecon.export.onnx_export import check_onnx
     from brainrecon.export.trt_support import require_trt_support
 
-    path = work / f"{name}.{precision}.onnx"
-    t0 = time.perf_counter()
     check_onnx(path)
     require_trt_support(path)
-    report = cached_validation(name, work, path, precision)
+    return cached_validation(name, work, path, precision)
+
+
+def step_validate(name: str, work: Path, precision: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    report = checked_validation(name, work, work / f"{name}.{precision}.onnx", precision)
     return {
         "validation": report,
         "validate_s": round(time.perf_counter() - t0, 2),
@@ -447,9 +453,118 @@ def step_load(name: str, work: Path, precision: str, threads: int | None) -> dic
             times.append(time.perf_counter() - t0)
         latency[str(batch)] = {"median_s": round(float(np.median(times)), 4), "runs": len(times)}
     out["latency"] = latency
+    # a shared machine: the 1-minute load average beside the figures says how contended they were
+    out["loadavg_1m"] = round(os.getloadavg()[0], 2)
     out["run_peak_gb"] = peak_gb()
     out["providers"] = backend.providers
     return out
+
+
+# ----------------------------------------------------------------------------------------- model folder
+
+# The exported files a real-size model folder is assembled from: GRU stage 1 at K = 15 and the whole stage 2.
+FOLDER_MODELS = {
+    "gru": "gru",
+    "vdvae_decoder_k15": "vdvae_decoder",
+    "clip_text": "clip_text",
+    "clip_vision": "clip_vision",
+    "vae_encoder": "vae_encoder",
+    "vae_decoder": "vae_decoder",
+    "unet": "unet",
+}
+
+
+def assemble_model_dir(work: Path, out: Path, seed: int = 0) -> Path:
+    """A real-size subject model folder that `recon-infer` runs: the kept ONNX files (hard links into `out/onnx/`),
+    the data files the runtime reads (preprocessing, stage-1/2 summaries and statistics, DDIM tables) and a
+    manifest with every file's sha256, written as export/subject.py writes one. Statistics are neutral (zero
+    mean, unit std); the unconditional contexts are the UNet validation pool's first row."""
+    from brainrecon import model_dir as layout
+    from brainrecon.export.onnx_export import StagedFile
+    from brainrecon.export.stage2 import scheduler_tables
+    from brainrecon.export.subject import _onnx_artifact
+    from brainrecon.io import save_npy, write_json
+    from brainrecon.manifest import describe_file, write_manifest
+    from brainrecon.sampling import SamplingConfig
+    from brainrecon.train.foundations.vdvae import latent_dims, vdvae_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / layout.ONNX_DIR).mkdir(exist_ok=True)
+    dims = latent_dims(vdvae_config("imagenet64"), 15)
+    sampling = SamplingConfig(seed=seed)
+    write_json(
+        out / layout.PREPROCESS,
+        {
+            "format_version": 1,
+            "producer": "benchmarks/real_size.py (random weights, no recording)",
+            "subject": 1,
+            "config": {"subject": 1, "session_zscore": True, "image_size": IMAGE_SIZE},
+            "n_voxels": N_VOXELS,
+            "mask": {"file": "none", "sha256": "none", "shape": [81, 104, 83], "affine": None},
+            "betas_scale": 300.0,
+            "steps": ["real-size benchmark: inputs are z-scored betas (.npy)"],
+            "files": {},
+        },
+    )
+    save_npy(out / layout.MASK_INDICES, np.arange(N_VOXELS, dtype=np.int64))
+    save_npy(out / layout.VOXEL_MEAN, np.zeros(N_VOXELS, np.float32))
+    save_npy(out / layout.VOXEL_STD, np.ones(N_VOXELS, np.float32))
+    write_json(
+        out / layout.STAGE1_SUMMARY,
+        {"config": {"regressor": "gru", "num_layers": 15, "renormalize": True}, "n_voxels": N_VOXELS},
+    )
+    save_npy(out / layout.LATENT_MEAN, np.zeros(dims, np.float32))
+    save_npy(out / layout.LATENT_STD, np.ones(dims, np.float32))
+    write_json(
+        out / layout.STAGE2_SUMMARY,
+        {"sampling": dataclasses.asdict(sampling), "config": {"renormalize": True}},
+    )
+    pool = context_pool(seed)
+    for target, tokens in (("text", TEXT_TOKENS), ("vision", VISION_TOKENS)):
+        save_npy(out / layout.clip_target_stat(target, "mean"), np.zeros((tokens, CLIP_DIM), np.float32))
+        save_npy(
+            out / layout.clip_target_stat(target, "std"),
+            np.full((tokens, CLIP_DIM), 1 / np.sqrt(CLIP_DIM), np.float32),
+        )
+        row = pool[:1, :VISION_TOKENS] if target == "vision" else pool[:1, VISION_TOKENS:]
+        save_npy(out / layout.uncond_context(target), np.ascontiguousarray(row))
+    write_json(out / layout.SCHEDULER, scheduler_tables(sampling))
+
+    data_files = (*layout.PREPROCESS_FILES, *layout.STAGE1_FILES, *layout.STAGE2_FILES, layout.SCHEDULER)
+    artifacts = [describe_file(out, rel, "data") for rel in data_files]
+    for source, name in FOLDER_MODELS.items():
+        contract = build_contract_only(source).contract
+        for precision in ("fp32", "fp16"):
+            src = work / f"{source}.{precision}.onnx"
+            if not src.exists():
+                raise SystemExit(f"error: {src}: expected a kept export (run with --keep), found none")
+            staged = []
+            for f in files_of(src):
+                dst = out / layout.ONNX_DIR / f.name.replace(f"{source}.", f"{name}.", 1)
+                dst.unlink(missing_ok=True)
+                os.link(f, dst)
+                staged.append(dst)
+            if len(staged) > 1:  # the .onnx names its data file: the renamed copy must keep that name
+                rewrite_data_location(staged[0], staged[1].name)
+            entries, _ = _onnx_artifact(
+                out, StagedFile(contract, precision, staged[0], staged[1:]), layout.ONNX_DIR
+            )
+            artifacts += entries
+    write_manifest(out, artifacts, merge=False)
+    return out
+
+
+def rewrite_data_location(path: Path, data_name: str) -> None:
+    """Point every external tensor of `path` at `data_name` (the graph file is small; weights are not read)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    path.unlink()  # a hard link: write a new file rather than through the link into the kept export
+    path.write_bytes(model.SerializeToString())
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -489,6 +604,9 @@ def measure_model(name: str, work: Path, threads: int | None, log: Path) -> dict
     for precision in ("fp32", "fp16"):
         result: dict[str, Any] = {}
         for step in ("export", "validate", "load"):
+            if step == "validate" and "check" in result.get("fp16", {}):
+                result["validation"] = result["fp16"].pop("check")  # validated inside export_fp16 already
+                continue
             r = run_step(step, name, work, precision, threads, log)
             result.update(r)
             if "error" in r:
@@ -536,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--keep", action="store_true", help="keep the ONNX files (recon-infer's real-size folder)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        help="assemble a real-size model folder for recon-infer from the kept files in --work, then exit",
+    )
     p.add_argument("--step", choices=("export", "validate", "load"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help=argparse.SUPPRESS)
@@ -553,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from brainrecon.io import write_json
 
+    if args.model_dir:
+        print(f"model folder: {assemble_model_dir(args.work, args.model_dir)}")
+        return 0
     names = [n for n in args.only.split(",") if n] or list(MODELS)
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
@@ -576,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[real-size] {name}: {json.dumps(entry)[:600]}", flush=True)
         if not args.keep:
             for f in args.work.glob(f"{name}.*"):
-                f.unlink()
+                f.unlink(missing_ok=True)
     failed = [n for n in names if any("error" in results["models"][n].get(p, {}) for p in ("fp32", "fp16"))]
     if failed:
         print(f"error: real-size models failed: {', '.join(failed)} (details in {args.out}, log {log})")

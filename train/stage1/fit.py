@@ -120,9 +120,9 @@ def encode_images(
         task = bar.add_task("VDVAE encode", total=len(images))
         for i in range(0, len(images), batch):
             chunk = resize(np.asarray(images[i : i + batch]), size)
-            out[i : i + batch] = encode_latents(
-                model, torch.tensor(chunk, dtype=torch.float32), num_layers
-            ).numpy()
+            out[i : i + batch] = (
+                encode_latents(model, torch.tensor(chunk, dtype=torch.float32), num_layers).cpu().numpy()
+            )
             bar.advance(task, len(chunk))
     return out
 
@@ -133,7 +133,7 @@ def decode_images(model: VDVAE, latents: np.ndarray, num_layers: int, batch: int
     out = []
     for i in range(0, len(latents), batch):
         img = decode_latents(model, torch.from_numpy(latents[i : i + batch]), num_layers, deterministic=True)
-        out.append(np.clip(np.rint(img.numpy()), 0, 255).astype(np.uint8))
+        out.append(np.clip(np.rint(img.cpu().numpy()), 0, 255).astype(np.uint8))
     return np.concatenate(out)
 
 
@@ -159,17 +159,25 @@ def fit_stage1(
     config: Stage1Config = Stage1Config(),
     progress: bool = True,
     shuffle_pairs: bool = False,
+    device: str | torch.device = "cpu",
+    encode_batch: int = 64,
 ) -> dict:
     """Fit the stage-1 regressor of one subject and write `model_dir/stage1/` atomically.
 
-    `shuffle_pairs` permutes betas against images (a control that must score at chance).
+    `shuffle_pairs` permutes betas against images (a control that must score at chance). `device` runs the VDVAE
+    encoding and the GRU training (the ridge is a float64 numpy solve, on the CPU); `encode_batch` images per
+    VDVAE call (the imagenet64 encoder holds ~0.2 GB of activations per image at 64 px in fp32).
     """
+    from brainrecon.train.device import resolve_device
+
+    device = resolve_device(device)
     data_dir, model_dir = Path(data_dir), Path(model_dir)
     t0 = time.perf_counter()
     train_betas, train_images = load_prepared(data_dir, "train")
     vdvae, foundation = resolve_vdvae(config.vdvae)
     num_layers = config.num_layers or DEFAULT_LAYERS.get(vdvae.config.name, 15)
-    latents = encode_images(vdvae, train_images, num_layers, progress=progress)  # (N, D)
+    latents = encode_images(vdvae.to(device), train_images, num_layers, encode_batch, progress)  # (N, D)
+    vdvae.cpu()
     if shuffle_pairs:
         train_betas = train_betas[np.random.default_rng(config.seed).permutation(len(train_betas))]
     copy_preprocessing(data_dir, model_dir)
@@ -189,9 +197,9 @@ def fit_stage1(
         else:
             train_cfg = gru_mod.GRUTrainConfig(max_epochs=config.max_epochs)
             model, history = gru_mod.train_gru(
-                train_betas, latents, train_cfg, seed=config.seed, progress=progress
+                train_betas, latents, train_cfg, seed=config.seed, progress=progress, device=device
             )
-            gru_mod.save_gru(model, tmp, "gru", train_cfg, history)
+            gru_mod.save_gru(model.cpu(), tmp, "gru", train_cfg, history)
             n_params = gru_mod.count_parameters(model)
             extra = {
                 "epochs": len(history.lrs),
@@ -229,7 +237,11 @@ class Stage1Model:
     n_voxels: int
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> Stage1Model:
+    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> Stage1Model:
+        """The fitted stage 1; the VDVAE and a GRU on `device` (a ridge predicts in numpy)."""
+        from brainrecon.train.device import resolve_device
+
+        device = resolve_device(device)
         stage_dir = Path(model_dir) / "stage1"
         info = read_json(stage_dir / "stage1.json", "stage-1 summary (recon-train subject --stage vdvae)")
         cfg = dict(info["config"])
@@ -247,11 +259,11 @@ class Stage1Model:
         if config.regressor == "ridge":
             regressor = RidgeRegressor.load(stage_dir, "ridge")
         else:
-            regressor = gru_mod.load_gru(stage_dir, "gru")
+            regressor = gru_mod.load_gru(stage_dir, "gru", device=device)
         return cls(
             config,
             num_layers,
-            vdvae,
+            vdvae.to(device),
             regressor,
             load_npy(stage_dir / "latent_mean.npy"),
             load_npy(stage_dir / "latent_std.npy"),
@@ -275,13 +287,17 @@ class Stage1Model:
 
 
 def reconstruct_test_set(
-    model_dir: str | Path, data_dir: str | Path, out: str | Path, overwrite: bool = False
+    model_dir: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Stage-1 reconstructions of a recon-prepare test set: PNGs, a contact sheet and metrics, atomically."""
     from brainrecon.images import contact_sheet, png_name, save_png
     from brainrecon.metrics import pixcorr, ssim
 
-    model = Stage1Model.load(model_dir)
+    model = Stage1Model.load(model_dir, device)
     betas, images = load_prepared(Path(data_dir), "test")
     t0 = time.perf_counter()
     recon = model.reconstruct(betas)

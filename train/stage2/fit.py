@@ -80,12 +80,21 @@ def clip_targets(data_dir: Path, split: str, extractor, images: np.ndarray) -> d
     }
 
 
-def fit_stage2(data_dir: str | Path, model_dir: str | Path, config: Stage2Config = Stage2Config()) -> dict:
-    """Fit the subject's two CLIP regressors and write `model_dir/stage2/` atomically."""
+def fit_stage2(
+    data_dir: str | Path,
+    model_dir: str | Path,
+    config: Stage2Config = Stage2Config(),
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Fit the subject's two CLIP regressors and write `model_dir/stage2/` atomically. `device` runs the CLIP
+    feature extraction (the ridges are numpy solves on the CPU)."""
+    from brainrecon.train.device import resolve_device
+
+    device = resolve_device(device)
     data_dir, model_dir = Path(data_dir), Path(model_dir)
     t0 = time.perf_counter()
     train_betas, train_images = load_prepared(data_dir, "train")
-    extractor, clip_info = load_clip(config.clip)
+    extractor, clip_info = load_clip(config.clip, device=device)
     vae, vae_info = load_vae(config.vae)  # load once now: a broken foundation fails before the fit
     _, dual_config, unet_info = load_unet(config.unet)
     shapes = extractor.shapes
@@ -169,7 +178,11 @@ class Stage2Model:
     info: dict
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> Stage2Model:
+    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> Stage2Model:
+        """The fitted subject with its VDVAE, GRU, VAE and UNet on `device` (the CLIP ridges run in numpy)."""
+        from brainrecon.train.device import resolve_device
+
+        device = resolve_device(device)
         stage_dir = Path(model_dir) / STAGE_DIR
         info = read_json(stage_dir / "stage2.json", "stage-2 summary (recon-train subject --stage clip)")
         config = config_from_dict(Stage2Config, info["config"], str(stage_dir / "stage2.json"))
@@ -184,10 +197,10 @@ class Stage2Model:
                     f"sha256 {found['sha256'][:12]}… (re-run recon-train subject --stage clip)",
                 )
         return cls(
-            stage1=Stage1Model.load(model_dir),
+            stage1=Stage1Model.load(model_dir, device),
             clip={name: ClipRidge.load(stage_dir, f"clip_{name}") for name in CLIP_TARGETS},
-            vae=vae,
-            unet=unet,
+            vae=vae.to(device),
+            unet=unet.to(device),
             dual_config=dual_config,
             uncond={name: load_npy(stage_dir / f"uncond_{name}.npy") for name in CLIP_TARGETS},
             sampling=config_from_dict(SamplingConfig, info["sampling"], str(stage_dir / "stage2.json")),
@@ -267,19 +280,20 @@ def reconstruct_test_set(
     out: str | Path,
     overwrite: bool = False,
     sampling: SamplingConfig | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Two-stage reconstructions of a recon-prepare test set: PNGs, contact sheet, metrics.json, atomically."""
     from brainrecon.images import contact_sheet, png_name, save_png
     from brainrecon.metrics import pixcorr, ssim
 
-    model = Stage2Model.load(model_dir)
+    model = Stage2Model.load(model_dir, device)
     betas, images = load_prepared(Path(data_dir), "test")
     t0 = time.perf_counter()
     recon = model.reconstruct(betas, sampling)
     seconds = time.perf_counter() - t0
     ids = load_npy(Path(data_dir) / "test_stim_ids.npy")
     gt = np.asarray(images)
-    extractor, _ = load_clip(model.info["config"]["clip"])
+    extractor, _ = load_clip(model.info["config"]["clip"], device=device)
     metrics = {"n": len(gt), "seconds": round(seconds, 2)}
     gt_embeddings = clip_image_embeddings(extractor, gt)
     for name in ("stage1", "final"):
