@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 
 from brainrecon.cli import print_summary, run_app
+
+# torch devices of the training and reference commands (train/device.py checks that a GPU is there)
+TorchDevice = Literal["cpu", "cuda"]
+DEVICE_HELP = "Torch device: cpu or cuda (no GPU: a one-line error, never a silent CPU run)."
 
 
 def prepared_train_images(data: Path, size: int):
@@ -265,13 +269,20 @@ def train_subject(
         bool, typer.Option(help="Re-normalise predictions to training-target statistics.")
     ] = True,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    encode_batch: Annotated[int, typer.Option(help="Images per VDVAE encoder call.")] = 64,
 ) -> None:
     """Fit the subject's regressors: betas -> VDVAE latents (stage 1) and betas -> CLIP tokens (stage 2).
 
-    Example: recon-train subject --data data/subj01 --model-dir engines/subj01 --stage all --regressor gru
+    --device runs the VDVAE encoding, the GRU training and the CLIP features (ridges are CPU solves).
+
+    Example: recon-train subject --data data/subj01 --model-dir engines/subj01 --stage all --regressor gru --device cuda
     """
     if stage not in ("vdvae", "clip", "all"):
         raise typer.BadParameter(f"expected vdvae, clip or all, found {stage!r}", param_hint="--stage")
+    from brainrecon.train.device import resolve_device
+
+    resolve_device(device)  # before any data is read
     if stage in ("vdvae", "all"):
         from brainrecon.train.stage1.fit import Stage1Config, fit_stage1
 
@@ -284,7 +295,7 @@ def train_subject(
             max_epochs=max_epochs,
             vdvae=vdvae,
         )
-        summary = fit_stage1(data, model_dir, config)
+        summary = fit_stage1(data, model_dir, config, device=device, encode_batch=encode_batch)
         print_summary(
             f"recon-train subject {regressor} -> {model_dir}/stage1",
             {k: v for k, v in summary.items() if k not in ("config", "foundation", "alpha_search")},
@@ -302,7 +313,7 @@ def train_subject(
             renormalize=renormalize,
             seed=seed,
         )
-        summary2 = fit_stage2(data, model_dir, config2)
+        summary2 = fit_stage2(data, model_dir, config2, device=device)
         ridge = summary2["clip_ridge"]
         print_summary(
             f"recon-train subject clip -> {model_dir}/stage2",
@@ -331,15 +342,19 @@ def reconstruct(
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (7.5).")] = None,
     mix: Annotated[float | None, typer.Option(help="Vision weight of the dual guidance (0.6).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Reconstruct the test set with the torch models (the reference the runtime must match).
 
     Example: recon-reconstruct --model-dir engines/subj01 --data data/subj01 --out data/recon-torch --stage 2
     """
+    from brainrecon.train.device import resolve_device
+
+    resolve_device(device)
     if stage == 1:
         from brainrecon.train.stage1.fit import reconstruct_test_set
 
-        summary = reconstruct_test_set(model_dir, data, out, overwrite=overwrite)
+        summary = reconstruct_test_set(model_dir, data, out, overwrite=overwrite, device=device)
     elif stage == 2:
         import dataclasses
 
@@ -358,7 +373,9 @@ def reconstruct(
         sampling = dataclasses.replace(
             SamplingConfig(**info["sampling"]), **{k: v for k, v in changes.items() if v is not None}
         )
-        metrics = reconstruct_two_stage(model_dir, data, out, overwrite=overwrite, sampling=sampling)
+        metrics = reconstruct_two_stage(
+            model_dir, data, out, overwrite=overwrite, sampling=sampling, device=device
+        )
         summary = {
             "n": metrics["n"],
             "seconds": metrics["seconds"],
