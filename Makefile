@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data
 SEED ?= 0
 
-.PHONY: install serve-env demo test test-all lint bench bench-check bench-serve clean
+.PHONY: install serve-env demo test test-all lint bench bench-check bench-serve real-size clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -88,6 +88,13 @@ bench-serve: serve-env
 	test -f $(BENCH_TMP)/model/manifest.json || $(MAKE) bench-check
 	$(SERVE_PY) benchmarks/bench_serve.py --model-dir $(BENCH_TMP)/model --betas $(BENCH_TMP)/prep/test_betas.npy \
 		--out benchmarks/results/serve
+
+# The real-size model set (random weights at NSD + Versatile Diffusion sizes): every model exported fp32/fp16 with
+# parity, ORT CPU latency, peak memory and file sizes -> benchmarks/results/real_size.json (README "Real size").
+# Hours on 2 cores and up to ~13 GB of memory for one model at a time; the ONNX files go under engines/real-size.
+# ONLY=unet,vae_decoder measures a subset.
+real-size: install
+	nice $(PY) benchmarks/real_size.py --out benchmarks/results/real_size.json $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) $(DATA) engines/*/ .pytest_cache $(BENCH_TMP)
