@@ -44,6 +44,10 @@ log = logging.getLogger("brainrecon.serve")
 
 MODEL_NAME = "brainrecon"
 DEFAULT_QUEUE_DELAY_US = 5000
+# PyTriton's Python-backend stub waits 1 s for its proxy's handshake (`pytriton/proxy/communication.py
+# get_config_from_handshake_server`, not configurable); on a loaded machine a model load can miss it: retried.
+HANDSHAKE_TIMEOUT = "Timeout occurred while waiting for config file"
+LOAD_ATTEMPTS = 3
 # What a valid request batched with an invalid one reads in its error; serve/client.py resends on it.
 RESEND_MARKER = "not run: resend"
 
@@ -155,17 +159,13 @@ def serve(options: ServeOptions, ready: threading.Event | None = None) -> None:
 
 
 def _serve(options: ServeOptions, ready: threading.Event | None) -> None:
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
-
     from brainrecon.runtime import Reconstructor, RuntimeOptions
 
     def stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt  # Triton.serve() and the context managers below stop everything on it
 
-    signal.signal(
-        signal.SIGTERM, stop
-    )  # from the start: a SIGTERM while loading must not orphan tritonserver
+    # from the start: a SIGTERM while loading must not orphan tritonserver
+    signal.signal(signal.SIGTERM, stop)
     python_backend_env()
     runtime = RuntimeOptions(
         engine=options.engine, precision=options.precision, device=options.device, threads=options.threads
@@ -178,50 +178,73 @@ def _serve(options: ServeOptions, ready: threading.Event | None) -> None:
             seeds=None if rec.stage == 1 else [0],
             renormalize=False,
         )  # the first call pays ONNX Runtime's lazy allocations, not the first client
-        final_shape, stage1_shape = warm.images.shape[1:], warm.stage1_images.shape[1:]
-        config = TritonConfig(
-            http_address=options.host,
-            http_port=options.http_port,
-            grpc_address=options.host,
-            grpc_port=options.grpc_port,
-            metrics_address=options.host,
-            metrics_port=options.metrics_port,
-            exit_timeout_secs=1,  # the default waits 30 s for in-flight requests on shutdown
-        )
-        batcher = DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)
-        with Triton(config=config) as triton:
-            triton.bind(
-                model_name=MODEL_NAME,
-                infer_func=[infer] * options.instances,
-                inputs=[
-                    Tensor(name="betas", dtype=np.float32, shape=(rec.n_voxels,)),
-                    Tensor(name="seed", dtype=np.int64, shape=(1,), optional=True),
-                ],
-                outputs=[
-                    Tensor(name="final_image", dtype=np.uint8, shape=final_shape),
-                    Tensor(name="stage1_image", dtype=np.uint8, shape=stage1_shape),
-                ],
-                config=ModelConfig(
-                    batching=True,
-                    max_batch_size=options.max_batch_size,
-                    batcher=batcher if options.dynamic_batching else None,
-                ),
-                strict=True,
-            )
+        shapes = (warm.images.shape[1:], warm.stage1_images.shape[1:])
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            try:
+                _run_triton(options, rec, infer, shapes, ready)
+                return
+            except (
+                Exception
+            ) as e:  # PyTriton raises tritonclient's InferenceServerException for a failed load
+                if HANDSHAKE_TIMEOUT not in str(e) or attempt == LOAD_ATTEMPTS:
+                    raise BrainReconError(
+                        f"recon-serve: Triton could not load model {MODEL_NAME} "
+                        f"(attempt {attempt} of {LOAD_ATTEMPTS}): {str(e).splitlines()[0]}"
+                    ) from None
+                log.warning(
+                    "model load timed out in PyTriton's stub handshake (attempt %d); retrying", attempt
+                )
 
-            log.info(
-                "serving %s (stage %d, %d voxels) at http://%s:%d, grpc %s:%d",
-                options.model_dir,
-                rec.stage,
-                rec.n_voxels,
-                options.host,
-                options.http_port,
-                options.host,
-                options.grpc_port,
-            )
-            if ready is not None:
-                ready.set()
-            triton.serve()
+
+def _run_triton(
+    options: ServeOptions, rec: Any, infer: BatchInfer, shapes: tuple[tuple[int, ...], ...], ready: Any
+) -> None:
+    """One Triton server with model `brainrecon` bound to `infer`, serving until SIGINT/SIGTERM."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    config = TritonConfig(
+        http_address=options.host,
+        http_port=options.http_port,
+        grpc_address=options.host,
+        grpc_port=options.grpc_port,
+        metrics_address=options.host,
+        metrics_port=options.metrics_port,
+        exit_timeout_secs=1,  # the default waits 30 s for in-flight requests on shutdown
+    )
+    batcher = DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)
+    with Triton(config=config) as triton:
+        triton.bind(
+            model_name=MODEL_NAME,
+            infer_func=[infer] * options.instances,
+            inputs=[
+                Tensor(name="betas", dtype=np.float32, shape=(rec.n_voxels,)),
+                Tensor(name="seed", dtype=np.int64, shape=(1,), optional=True),
+            ],
+            outputs=[
+                Tensor(name="final_image", dtype=np.uint8, shape=shapes[0]),
+                Tensor(name="stage1_image", dtype=np.uint8, shape=shapes[1]),
+            ],
+            config=ModelConfig(
+                batching=True,
+                max_batch_size=options.max_batch_size,
+                batcher=batcher if options.dynamic_batching else None,
+            ),
+            strict=True,
+        )
+        log.info(
+            "serving %s (stage %d, %d voxels) at http://%s:%d, grpc %s:%d",
+            options.model_dir,
+            rec.stage,
+            rec.n_voxels,
+            options.host,
+            options.http_port,
+            options.host,
+            options.grpc_port,
+        )
+        if ready is not None:
+            ready.set()
+        triton.serve()
 
 
 def check_model_dir(model_dir: Path) -> None:
