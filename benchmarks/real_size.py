@@ -599,7 +599,11 @@ def run_step(
     return result
 
 
-def measure_model(name: str, work: Path, threads: int | None, log: Path) -> dict[str, Any]:
+def measure_model(
+    name: str, work: Path, threads: int | None, log: Path, save: Any = lambda entry: None
+) -> dict[str, Any]:
+    """Every step of `name` at both precisions; `save(entry)` after each step, so a run stopped midway keeps what
+    it measured."""
     entry: dict[str, Any] = {}
     for precision in ("fp32", "fp16"):
         result: dict[str, Any] = {}
@@ -609,6 +613,8 @@ def measure_model(name: str, work: Path, threads: int | None, log: Path) -> dict
                 continue
             r = run_step(step, name, work, precision, threads, log)
             result.update(r)
+            entry.setdefault("parameters", result.get("parameters"))
+            save({**entry, precision: result, "partial": True})
             if "error" in r:
                 break
         path = work / f"{name}.{precision}.onnx"
@@ -620,6 +626,56 @@ def measure_model(name: str, work: Path, threads: int | None, log: Path) -> dict
         if "error" in result and precision == "fp32":
             break
     return entry
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README table: one row per model and precision."""
+
+    def gb(x: Any) -> str:
+        return f"{x:.2f}" if isinstance(x, (int, float)) else "–"
+
+    rows = [
+        "| model | precision | parameters | file size | export s | export peak GB | parity max diff (scale) "
+        "| ORT CPU s, batch 1 | batch 2 (CFG pair) | load peak GB | fp16: kept fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in results["models"].items():
+        for precision in ("fp32", "fp16"):
+            r = entry.get(precision)
+            if r is None:
+                continue
+            if "error" in r:
+                rows.append(
+                    f"| {name} | {precision} | {entry.get('parameters') or '–'} | "
+                    + "| ".join(["–"] * 8)
+                    + f"| {r['error'][:80]} |"
+                )
+                continue
+            v = r.get("validation", {})
+            lat = r.get("latency", {})
+            size = (
+                f"{r['file_bytes'] / 1e9:.2f} GB"
+                if r.get("file_bytes", 0) >= 1e8
+                else f"{r.get('file_bytes', 0) / 1e6:.0f} MB"
+            )
+            size += " (external data)" if r.get("external_data") else ""
+            kept = "–"
+            if precision == "fp16" and "fp16" in r:
+                f = r["fp16"]
+                kept = f"{f['fp32_overflow_nodes']} nodes (peak {f['activation_peak']:.3g})" + (
+                    f", fallback {f['fp32_prefixes']}" if f["fp32_prefixes"] else ""
+                )
+            parity = (
+                f"{v['max_abs']:.2g} ({v['scale']:.2g})"
+                if "max_abs" in v and "scale" in v
+                else (f"{v['max_abs']:.2g}" if "max_abs" in v else "–")
+            )
+            rows.append(
+                f"| {name} | {precision} | {entry.get('parameters') or '–':,} | {size} | {r.get('export_s', '–')} | "
+                f"{gb(r.get('export_peak_gb'))} | {parity} | {lat.get('1', {}).get('median_s', '–')} | "
+                f"{lat.get('2', {}).get('median_s', '–')} | {gb(r.get('load_peak_gb'))} | {kept} |"
+            )
+    return "\n".join(rows)
 
 
 def environment() -> dict[str, Any]:
@@ -659,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="assemble a real-size model folder for recon-infer from the kept files in --work, then exit",
     )
+    p.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     p.add_argument("--step", choices=("export", "validate", "load"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help=argparse.SUPPRESS)
@@ -676,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from brainrecon.io import write_json
 
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return 0
     if args.model_dir:
         print(f"model folder: {assemble_model_dir(args.work, args.model_dir)}")
         return 0
@@ -694,7 +754,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"[real-size] {name} ...", flush=True)
         t0 = time.perf_counter()
-        entry = measure_model(name, args.work, args.threads, log)
+
+        def save(partial: dict[str, Any], name: str = name) -> None:
+            results["models"][name] = partial
+            write_json(args.out, results)
+
+        entry = measure_model(name, args.work, args.threads, log, save)
         entry["wall_s"] = round(time.perf_counter() - t0, 1)
         entry["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         results["models"][name] = entry
