@@ -68,7 +68,8 @@ def activation_peaks(fp32_path: str | Path, feeds: list[dict[str, np.ndarray]]) 
     cast pairs between them, so an fp16 graph that would overflow on a GPU (TensorRT, CUDA) passes on the CPU;
     where fp16 overflows is where the fp32 graph's values leave fp16's range. Every float node output gets an
     Abs → ReduceMax (scalar) graph output; the probe file sits beside `fp32_path` (same external data) and is
-    removed afterwards."""
+    removed afterwards. Memory: ONNX Runtime kept the probed tensors alive together (the imagenet64 VDVAE decoder at
+    batch 2 reached 20 GB and was OOM-killed), so this is for small graphs until it probes in bounded chunks."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
