@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data
 SEED ?= 0
 
-.PHONY: install serve-env demo test test-all lint bench bench-check bench-serve real-size clean
+.PHONY: install serve-env browser demo test test-all lint bench bench-check bench-serve real-size clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,14 +50,23 @@ demo: install
 	$(BIN)/recon-export --model-dir $(MODEL_DIR) --stage all --precision both
 	$(BIN)/recon-infer $(DATA)/subj01/test_betas.npy --model-dir $(MODEL_DIR) --engine ort \
 		--stimuli $(DATA)/subj01/test_images.npy --out $(DATA)/recon --overwrite
+	$(BIN)/recon-eval report --model-dir $(MODEL_DIR) --recon $(DATA)/recon --out $(DATA)/report
 	@echo "contact sheet: $(DATA)/recon/contact_sheet.png"
+	@echo "report (opens offline): $(DATA)/report/index.html"
+
+# Chromium for the report's headless-browser test (tests/test_report.py): the Debian/Ubuntu package, installed
+# with apt-get (through sudo when not root) when no Chromium is on PATH.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
 # The serving tests (tests/test_serve_*.py, test_triton_repo.py, test_ray_batch.py) run from the main venv and start
 # recon-serve, tritonserver and Ray in the serving environment.
-test: install serve-env
+test: install serve-env browser
 	BRAINRECON_SERVE_VENV=$(SERVE_VENV) $(PY) -m pytest -q -m "not slow"
 
-test-all: install serve-env
+test-all: install serve-env browser
 	BRAINRECON_SERVE_VENV=$(SERVE_VENV) $(PY) -m pytest -q
 
 lint: install
