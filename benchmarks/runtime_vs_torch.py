@@ -110,9 +110,15 @@ class TorchReference:
         t: dict[str, float] = {}
         with torch.no_grad():
             t_all = t0 = time.perf_counter()
-            stage1 = m.stage1.reconstruct(betas)
+            # a single trial has no set to re-normalise over: skipped, as the runtime does
+            renorm = None if len(betas) > 1 else False
+            stage1 = m.stage1.reconstruct(betas, renorm)
             t["stage1_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-            contexts = m.predict_contexts(betas)
+            contexts = (
+                m.predict_contexts(betas)
+                if renorm is None
+                else {k: ridge.predict(betas, renormalize=False) for k, ridge in m.clip.items()}
+            )
             cond = dual_context(
                 torch.from_numpy(contexts["vision"]), torch.from_numpy(contexts["text"]), m.dual_config
             )
@@ -586,6 +592,7 @@ def bench_and_write(
         model_dir, betas[:limit], repeats, threads, note, pipelines, modes_record, torch_candidates
     )
     results["betas"]["path"] = str(betas_path)
+    write_json(out, results)  # the main run is kept if the curves are interrupted
     if curve_batches:
         results["curves"] = curves(
             model_dir,
