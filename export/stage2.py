@@ -4,6 +4,8 @@
       clip["text"|"vision"]  ClipRidge            → clip_text, clip_vision   (onnx.helper graphs, two MatMuls)
       vae                    AutoencoderKL        → vae_encoder, vae_decoder (torch wrappers below, TorchScript)
       unet                   dual-attention UNet  → unet                     (mix ratio baked in)
+                                                  → unet_context, unet_kv   (K/V once: the contexts' cross-attention
+                                                                             K/V, and the step that takes them)
       sampling               SamplingConfig        → stage2/scheduler.json    (diffusers DDIMScheduler tables)
 
 The wrappers reproduce `train/stage2/img2img.py` exactly on the graph side of the numpy boundary: `encode_images` after its

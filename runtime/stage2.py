@@ -10,7 +10,8 @@ No torch, diffusers or transformers import, here or below (a test enforces it).
     betas ──clip_text / clip_vision──► (N, Nt, D), (N, Nv, D) ──renormalize over the set──► cond context
       (N, Nv + Nt, D), vision tokens first
     noise = img2img_noise((N, 4, h, w), seed), drawn once for the whole set ──add_noise(t0)──► x
-      for t in timesteps: unet([x; x], t, [uncond × b; cond]) → eps_u, eps_c;
+      K/V once (when exported): unet_context(uncond) once at load, unet_context(cond chunk) once per chunk
+      for t in timesteps: unet([x; x], t, K/V of [uncond × b; cond]) → eps_u, eps_c   (unet_kv; plain: the contexts)
                           eps = eps_u + guidance_scale (eps_c − eps_u); x = ddim.step(eps, t, x)
       ──vae_decoder──► (N, 3, S, S) ≈ [−1, 1] ──((x + 1) · 127.5).round().clip(0, 255)──► uint8 (N, S, S, 3)
 
