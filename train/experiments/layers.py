@@ -77,8 +77,19 @@ def latent_layers(
             "clip_2way": round(clip_identification(extractor, gt_embeddings, recon), 4),
         }
 
-    rows = []
+    rows: list[dict] = []
     t_start = time.perf_counter()
+    result = {
+        "data": str(data_dir),
+        "n_test": len(gt),
+        "vdvae": vdvae,
+        "vdvae_latent_layers": total,
+        "clip": clip,
+        "max_epochs": max_epochs,
+        "seed": seed,
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
     for k in sorted(layers):
         true = decode_images(model, encode_images(model, gt, k, progress=False), k)
         rows.append(
@@ -108,21 +119,14 @@ def latent_layers(
                     f"CLIP {row['clip_2way']:.3f} ({row['fit_seconds']} s fit, "
                     f"{time.perf_counter() - t_start:.0f} s total)"
                 )
-    result = {
-        "data": str(data_dir),
-        "n_test": len(gt),
-        "vdvae": vdvae,
-        "vdvae_latent_layers": total,
-        "clip": clip,
-        "max_epochs": max_epochs,
-        "seed": seed,
-        "rows": rows,
-    }
-    out.mkdir(parents=True, exist_ok=True)
+        _write(result, out)  # after every K: a long sweep leaves its finished rows behind
+    return result
+
+
+def _write(result: dict, out: Path) -> None:
     write_json(out / "layers.json", result)
     write_text(out / "layers.md", layers_table(result))
     plot_layers(result, out / "layers.png")
-    return result
 
 
 def layers_table(result: dict) -> str:

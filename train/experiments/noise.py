@@ -145,6 +145,32 @@ def noise_sensitivity(
 
     runs: list[dict] = []
     sheet = [("ground truth", gt[:SHEET_IMAGES])]
+    result: dict = {}
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(complete: bool) -> None:
+        result.clear()
+        result.update(
+            _result(
+                model_dir,
+                data_dir,
+                n,
+                beta_std,
+                config,
+                model,
+                roles,
+                sampling,
+                stage1,
+                t_start,
+                runs,
+                complete,
+            )
+        )
+        write_json(out / "noise.json", result)
+        write_text(out / "noise.md", noise_table(result))
+        plot_noise(result, out / "noise.png")
+        contact_sheet(sheet, out / "noise_sheet.png")
+
     jobs = [(lv, s) for lv in levels for s in (config.seeds[:1] if lv == 0 else config.seeds)]
     t_start = time.perf_counter()
     for i, (level, seed) in enumerate(jobs):
@@ -176,8 +202,14 @@ def noise_sensitivity(
         if progress:
             elapsed = time.perf_counter() - t_start
             log(f"noise: level {level:g} seed {seed} done ({i + 1}/{len(jobs)}, {elapsed:.0f} s)")
-    summary = summarize(runs)
-    result = {
+        write(i + 1 == len(jobs))  # after every (level, seed): a long run leaves its finished rows behind
+    return result
+
+
+def _result(
+    model_dir, data_dir, n, beta_std, config, model, roles, sampling, stage1, t_start, runs, complete
+) -> dict:
+    return {
         "model_dir": str(model_dir),
         "data": str(data_dir),
         "n_test": n,
@@ -189,15 +221,10 @@ def noise_sensitivity(
         "regressor": stage1.config.regressor,
         "num_layers": stage1.num_layers,
         "seconds": round(time.perf_counter() - t_start, 1),
-        "summary": summary,
+        "complete": complete,
+        "summary": summarize(runs),
         "runs": runs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "noise.json", result)
-    write_text(out / "noise.md", noise_table(result))
-    plot_noise(result, out / "noise.png")
-    contact_sheet(sheet, out / "noise_sheet.png")
-    return result
 
 
 def noise_table(result: dict) -> str:
@@ -206,6 +233,11 @@ def noise_table(result: dict) -> str:
         f"noise std = level x {result['betas_std']} (the test betas' std), "
         f"{len(result['config']['seeds'])} noise seeds (mean ± std).",
         "",
+        *(
+            []
+            if result.get("complete", True)
+            else ["**Partial**: the run stopped before every level and seed was done.", ""]
+        ),
         "| stage | noisy input | level | σ | PixCorr ↑ | SSIM ↑ | CLIP 2-way ↑ |",
         "|---|---|---|---|---|---|---|",
     ]
