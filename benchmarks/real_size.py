@@ -481,9 +481,7 @@ def assemble_model_dir(work: Path, out: Path, seed: int = 0) -> Path:
     manifest with every file's sha256, written as export/subject.py writes one. Statistics are neutral (zero
     mean, unit std); the unconditional contexts are the UNet validation pool's first row."""
     from brainrecon import model_dir as layout
-    from brainrecon.export.onnx_export import StagedFile
     from brainrecon.export.stage2 import scheduler_tables
-    from brainrecon.export.subject import _onnx_artifact
     from brainrecon.io import save_npy, write_json
     from brainrecon.manifest import describe_file, write_manifest
     from brainrecon.sampling import SamplingConfig
@@ -516,6 +514,10 @@ def assemble_model_dir(work: Path, out: Path, seed: int = 0) -> Path:
     )
     save_npy(out / layout.LATENT_MEAN, np.zeros(dims, np.float32))
     save_npy(out / layout.LATENT_STD, np.ones(dims, np.float32))
+    stage2 = all((work / f"{m}.fp32.onnx").exists() for m in STAGE2_SOURCES)
+    if not stage2:  # stage 1 only: what was kept of stage 2 is left out
+        write_manifest(out, stage1_artifacts(work, out, layout), merge=False)
+        return out
     write_json(
         out / layout.STAGE2_SUMMARY,
         {"sampling": dataclasses.asdict(sampling), "config": {"renormalize": True}},
@@ -531,13 +533,39 @@ def assemble_model_dir(work: Path, out: Path, seed: int = 0) -> Path:
         save_npy(out / layout.uncond_context(target), np.ascontiguousarray(row))
     write_json(out / layout.SCHEDULER, scheduler_tables(sampling))
 
-    data_files = (*layout.PREPROCESS_FILES, *layout.STAGE1_FILES, *layout.STAGE2_FILES, layout.SCHEDULER)
+    data_files = (*layout.STAGE2_FILES, layout.SCHEDULER)
+    artifacts = stage1_artifacts(work, out, layout) + [describe_file(out, rel, "data") for rel in data_files]
+    artifacts += onnx_artifacts(work, out, layout, STAGE2_SOURCES)
+    write_manifest(out, artifacts, merge=False)
+    return out
+
+
+STAGE2_SOURCES = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")
+
+
+def stage1_artifacts(work: Path, out: Path, layout: Any) -> list[Any]:
+    from brainrecon.manifest import describe_file
+
+    data_files = (*layout.PREPROCESS_FILES, *layout.STAGE1_FILES)
     artifacts = [describe_file(out, rel, "data") for rel in data_files]
-    for source, name in FOLDER_MODELS.items():
+    return artifacts + onnx_artifacts(work, out, layout, ("gru", "vdvae_decoder_k15"))
+
+
+def onnx_artifacts(work: Path, out: Path, layout: Any, sources: tuple[str, ...]) -> list[Any]:
+    """Hard links of the kept exports of `sources` under `out/onnx/` (renamed to the contract names) and their
+    manifest entries; fp32 must exist, fp16 is taken when it does."""
+    from brainrecon.export.onnx_export import StagedFile
+    from brainrecon.export.subject import _onnx_artifact
+
+    artifacts = []
+    for source in sources:
+        name = FOLDER_MODELS[source]
         contract = build_contract_only(source).contract
         for precision in ("fp32", "fp16"):
             src = work / f"{source}.{precision}.onnx"
             if not src.exists():
+                if precision == "fp16":
+                    continue
                 raise SystemExit(f"error: {src}: expected a kept export (run with --keep), found none")
             staged = []
             for f in files_of(src):
@@ -551,8 +579,7 @@ def assemble_model_dir(work: Path, out: Path, seed: int = 0) -> Path:
                 out, StagedFile(contract, precision, staged[0], staged[1:]), layout.ONNX_DIR
             )
             artifacts += entries
-    write_manifest(out, artifacts, merge=False)
-    return out
+    return artifacts
 
 
 def rewrite_data_location(path: Path, data_name: str) -> None:
