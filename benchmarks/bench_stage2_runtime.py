@@ -36,8 +36,8 @@ def main() -> None:
     parser.add_argument("--note", default="", help="How the model dir was made (recorded with the results).")
     parser.add_argument(
         "--pipelines",
-        default=",".join(DEFAULT_PIPELINES),
-        help="comma-separated (runtime_vs_torch.PIPELINES)",
+        default=None,
+        help="comma-separated (runtime_vs_torch.PIPELINES); default: the CI set with --check, else all",
     )
     parser.add_argument(
         "--curves", default="", help="batch sizes for the curves, e.g. 1,4,16,64 (none: skip)"
