@@ -191,8 +191,9 @@ def input_subgraph_nodes(fp32_path: str | Path, input_names: tuple[str, ...]) ->
 
 def drop_fp16_round_trips(model, blocked_ops: set[str], blocked_nodes: set[str]) -> int:
     """Remove the lossy Cast(fp16) → Cast(fp32) pairs the float16 tool puts between two fp32 (blocked) nodes,
-    or between a graph input and a blocked node: it wraps each blocked node on its own, so a chain of them would
-    round to fp16 at every link. The consumers read the fp32 tensor directly. Returns the casts removed."""
+    between a graph input and a blocked node, or between a blocked node and a graph output (keep_io_types): it
+    wraps each blocked node on its own, so a chain of them would round to fp16 at every link. The consumers read
+    the fp32 tensor directly; a graph output gets it through an Identity. Returns the casts removed."""
     from onnx import TensorProto
 
     graph = model.graph
@@ -213,11 +214,18 @@ def drop_fp16_round_trips(model, blocked_ops: set[str], blocked_nodes: set[str])
 
     rename: dict[str, str] = {}
     dead: set[int] = set()
+    identities = 0
     for node in graph.node:
-        if cast_to(node) != TensorProto.FLOAT or node.output[0] in graph_outputs:
+        if cast_to(node) != TensorProto.FLOAT:
             continue
         first = producer.get(node.input[0])
         if first is None or cast_to(first) != TensorProto.FLOAT16 or not is_fp32_source(first.input[0]):
+            continue
+        if node.output[0] in graph_outputs:  # the output keeps its name: an Identity of the fp32 tensor
+            node.op_type = "Identity"
+            node.input[0] = first.input[0]
+            del node.attribute[:]
+            identities += 1
             continue
         rename[node.output[0]] = first.input[0]
         dead.add(id(node))
@@ -232,7 +240,7 @@ def drop_fp16_round_trips(model, blocked_ops: set[str], blocked_nodes: set[str])
         if cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in used and is_fp32_source(n.input[0])
     }
     keep = [n for n in graph.node if id(n) not in dead]
-    removed = len(graph.node) - len(keep)
+    removed = len(graph.node) - len(keep) + identities
     del graph.node[:]
     graph.node.extend(keep)
     return removed
@@ -280,8 +288,7 @@ def convert_to_fp16(
         op_block_list=blocked_ops,
         node_block_list=blocked_nodes or None,
     )
-    if fp32_inputs or fp32_prefixes or fp32_nodes:
-        drop_fp16_round_trips(model, set(blocked_ops), set(blocked_nodes))
+    drop_fp16_round_trips(model, set(blocked_ops), set(blocked_nodes))
     # The tool appends its input/output Casts at the end of the node list; ORT does not mind, but the ONNX
     # checker (and TensorRT's parser) require topological order.
     OnnxModel.graph_topological_sort(model.graph, is_deterministic=True)

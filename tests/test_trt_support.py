@@ -288,8 +288,9 @@ def test_every_exported_graph_passes_the_tensorrt_table(exported_graphs):
         assert {f"{model}.fp32.onnx", f"{model}.fp16.onnx"} <= names, names
     for name, path in exported_graphs.items():
         inventory = operator_inventory(path)
-        print(f"{name}: {inventory}; fp16 round trips: {cast_round_trips(path)}")
+        print(f"{name}: {inventory}")
         assert check_trt_support(path) == [], name
+        assert cast_round_trips(path) == [], name  # export/fp16.py drops every fp32 → fp16 → fp32 pair
         if ".fp16." in name:
             assert inventory.get("Cast", 0) >= 2, name  # keep_io_types: fp32 at both ends
     gru = onnx.load(str(next(p for n, p in exported_graphs.items() if n.endswith("gru.fp16.onnx"))))
