@@ -54,8 +54,11 @@ REGRESSORS = ("gru", "ridge")
 VDVAE_DECODER = "vdvae_decoder"
 STAGE2_MODELS = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")
 # The K/V-once pair (export/contracts.py): the cross-attention K/V of a context, and the UNet step taking them.
-# Exported beside `unet` (which the Triton repository still serves); the runtime prefers them when present.
+# Exported beside `unet` or instead of it (recon-export --unet-graph); the runtime and the Triton repository use
+# the pair when present.
 STAGE2_KV_MODELS = ("unet_context", "unet_kv")
+# The two forms of the UNet step: "kv" (the pair, preferred) and "plain" (the context in, `unet`)
+UNET_GRAPH_MODELS = {"kv": STAGE2_KV_MODELS, "plain": ("unet",)}
 
 ONNX_DIR = "onnx"
 ENGINE_DIR = "trt"

@@ -5,12 +5,18 @@ Triton docs describe a model repository (triton-inference-server/server `docs/us
 `model_configuration.md`):
 
     REPO/
-      <model>/config.pbtxt          one per exported ONNX file (or TensorRT engine): ridge|gru, vdvae_decoder,
-      <model>/1/model.onnx|.plan    clip_text, clip_vision, vae_encoder, vae_decoder, unet
+      <model>/config.pbtxt          one per served ONNX file (or TensorRT engine): ridge|gru, vdvae_decoder,
+      <model>/1/model.onnx|.plan    clip_text, clip_vision, vae_encoder, vae_decoder, and one UNet graph:
+                                    unet_context + unet_kv (K/V once) when exported, else unet
       brainrecon/config.pbtxt       the Python (BLS) model: betas (V,) [+ seed] → final_image, stage1_image
       brainrecon/1/model.py         the two-stage loop (brainrecon.runtime's numpy DDIM) calling the models above
       brainrecon/1/model_dir/       the manifest and the data files the loop reads (statistics, sampling, tables)
-      repository.json               what was written, from which files (sha256)
+      repository.json               what was written, from which files (sha256), which UNet graph
+
+UNet graph. The repository serves one form of the UNet step, as the runtime runs one: the K/V-once pair when the
+folder has it (`unet_context` once per context, `unet_kv` at every step; export/contracts.py), else the plain `unet`
+(`RepoOptions.unet_graph` "kv" or "plain" insists on one). The other form is not copied: its weights would double
+the repository for a model no request reaches. The BLS config's parameters `unet_graph` and `models` say which.
 
 Variants. "gpu": each model has `platform: "onnxruntime_onnx"` (or `"tensorrt_plan"` with `--engine trt`) and
 `KIND_GPU` instances. "cpu": the same models as Python-backend wrappers that run the same ONNX file with ONNX
@@ -40,6 +46,7 @@ from brainrecon.manifest import Artifact, Manifest, verify_manifest
 
 VARIANTS = ("gpu", "cpu")
 ENGINES = ("onnx", "trt")
+UNET_GRAPHS = ("auto", "kv", "plain")  # auto: kv when exported, else plain (as the runtime's unet_graph)
 BLS_MODEL = "brainrecon"
 TEMPLATES = importlib.resources.files("brainrecon.serve") / "triton_models"
 TRITON_DTYPES = {
@@ -64,12 +71,15 @@ class RepoOptions:
     bls_instances: int = 1
     max_queue_delay_us: int = BLS_QUEUE_DELAY_US  # the BLS model's dynamic batcher
     bls_max_batch: int = 8
+    unet_graph: str = "auto"  # UNET_GRAPHS
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise InputError("--variant", f"one of {VARIANTS}", repr(self.variant))
         if self.engine not in ENGINES:
             raise InputError("--engine", f"one of {ENGINES}", repr(self.engine))
+        if self.unet_graph not in UNET_GRAPHS:
+            raise InputError("--unet-graph", f"one of {UNET_GRAPHS}", repr(self.unet_graph))
         if self.precision not in ("fp32", "fp16"):
             raise InputError("--precision", "fp32 or fp16", repr(self.precision))
         if self.variant == "cpu" and self.engine == "trt":
@@ -136,21 +146,41 @@ def config_text(
     return text + "\n"
 
 
+def served_unet_graph(manifest: Manifest, options: RepoOptions) -> str | None:
+    """The UNet graph the repository serves, "kv" or "plain"; None when stage 2 is not exported (at this precision).
+
+    "auto" takes the K/V-once pair over the plain unet, a graph whose files of the served kind (engines with
+    --plans) exist over one exported as ONNX only (whose missing engines `repository_models` then names)."""
+    kind = "engine" if options.engine == "trt" else "onnx"
+    graphs = tuple(layout.UNET_GRAPH_MODELS) if options.unet_graph == "auto" else (options.unet_graph,)
+    for found_kind in (kind, "onnx"):
+        for graph in graphs:
+            names = layout.UNET_GRAPH_MODELS[graph]
+            if all(manifest.find(found_kind, n, options.precision) is not None for n in names):
+                return graph
+    return None if options.unet_graph == "auto" else options.unet_graph
+
+
 def repository_models(manifest: Manifest, model_dir: Path, options: RepoOptions) -> dict[str, Artifact]:
-    """{Triton model name: the artifact it serves}: the stage-1 regressor and decoder, and stage 2 if exported."""
+    """{Triton model name: the artifact it serves}: the stage-1 regressor and decoder, and stage 2 if exported
+    (the CLIP ridges, the VAE, and the UNet graph of `served_unet_graph`)."""
     summary = read_json(model_dir / layout.STAGE1_SUMMARY, "stage-1 summary")
     names = [summary["config"]["regressor"], layout.VDVAE_DECODER]
-    if manifest.find("onnx", "unet", options.precision) is not None:
-        names += list(layout.STAGE2_MODELS)
+    unet_graph = served_unet_graph(manifest, options)
+    if unet_graph is not None:
+        names += [m for m in layout.STAGE2_MODELS if m != "unet"]
+        names += layout.UNET_GRAPH_MODELS[unet_graph]
     kind = "engine" if options.engine == "trt" else "onnx"
     chosen = {}
     for name in names:
         artifact = manifest.find(kind, name, options.precision)
         if artifact is None:
+            is_unet = unet_graph is not None and name in layout.UNET_GRAPH_MODELS[unet_graph]
+            flag = f" --unet-graph {unet_graph}" if is_unet else ""
             raise InputError(
                 model_dir / layout.MANIFEST,
                 f"a {options.precision} {kind} entry for {name}",
-                "none (export it with recon-export --stage all"
+                f"none (export it with recon-export --stage all{flag}"
                 + (", on the GPU server, to build engines)" if kind == "engine" else ")"),
             )
         chosen[name] = artifact
@@ -187,6 +217,17 @@ def bls_io(models: dict[str, Artifact], manifest: Manifest, model_dir: Path) -> 
     return inputs, outputs, int(n_voxels)
 
 
+def bls_parameters(
+    models: dict[str, Artifact], options: RepoOptions, unet_graph: str | None
+) -> dict[str, str]:
+    """The BLS model's config parameters: what serve/triton_models/bls_model.py builds its pipelines from."""
+    return {
+        "precision": options.precision,
+        "models": ",".join(models),
+        "unet_graph": unet_graph or "none",
+    }
+
+
 def write_triton_repository(
     model_dir: str | Path, out: str | Path, options: RepoOptions | None = None, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -195,6 +236,7 @@ def write_triton_repository(
     model_dir = Path(model_dir)
     manifest = verify_manifest(model_dir)  # every file it copies is the one the manifest vouches for
     models = repository_models(manifest, model_dir, options)
+    unet_graph = served_unet_graph(manifest, options)
     kind = "KIND_GPU" if options.variant == "gpu" else "KIND_CPU"
     written: dict[str, Any] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -245,7 +287,7 @@ def write_triton_repository(
             options.max_queue_delay_us,
             backend="python",
             optional=("seed",),
-            parameters={"precision": options.precision, "models": ",".join(models)},
+            parameters=bls_parameters(models, options, unet_graph),
         )
         (tmp / BLS_MODEL / "config.pbtxt").write_text(text)
         written[BLS_MODEL] = {"backend": "python", "calls": list(models)}
@@ -255,6 +297,7 @@ def write_triton_repository(
             "model_dir": str(model_dir),
             "options": dataclasses.asdict(options),
             "n_voxels": n_voxels,
+            "unet_graph": unet_graph,  # "kv" | "plain" | None (stage 1 only)
             "models": written,
         }
         write_json(tmp / "repository.json", summary)
@@ -264,7 +307,8 @@ def write_triton_repository(
 def check_repository(repo: str | Path, model_dir: str | Path) -> dict[str, Any]:
     """Parse every `config.pbtxt` with Triton's own schema (`tritonclient.grpc.model_config_pb2`, needs the serving
     environment) and check it against the model folder: names, dims, dtypes and max_batch_size from the export
-    contracts, dynamic batching, instance kind, platform/backend per variant, and each model file's sha256.
+    contracts, dynamic batching, instance kind, platform/backend per variant, the BLS model's parameters (which
+    UNet graph) and each model file's sha256.
     Returns {model: parsed config as a dict}; a mismatch is a ConfigError naming the file, expected and found."""
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
@@ -276,6 +320,11 @@ def check_repository(repo: str | Path, model_dir: str | Path) -> dict[str, Any]:
     options = RepoOptions(**summary["options"])
     manifest = verify_manifest(model_dir)
     models = repository_models(manifest, model_dir, options)
+    unet_graph = served_unet_graph(manifest, options)
+    if summary.get("unet_graph") != unet_graph:
+        raise ConfigError(
+            f"{repo / 'repository.json'}: expected unet_graph {unet_graph!r}, found {summary.get('unet_graph')!r}"
+        )
     found_models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     if found_models != sorted([*models, BLS_MODEL]):
         raise ConfigError(f"{repo}: expected models {sorted([*models, BLS_MODEL])}, found {found_models}")
@@ -320,6 +369,12 @@ def check_repository(repo: str | Path, model_dir: str | Path) -> dict[str, Any]:
                 [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group],
             )
             expect(path, "optional inputs", ["seed"], [t.name for t in config.input if t.optional])
+            expect(
+                path,
+                "parameters",
+                bls_parameters(models, options, unet_graph),
+                {key: p.string_value for key, p in config.parameters.items()},
+            )
             expect(path, "model.py", True, (repo / name / "1" / "model.py").is_file())
         else:
             artifact = models[name]

@@ -7,14 +7,22 @@ cannot be a Triton ensemble (ensembles are DAGs), so this model runs it with Bus
 
 The loop is brainrecon.runtime's own (`Reconstructor` over `Stage1Pipeline` / `Stage2Pipeline`, numpy DDIM and
 guidance), with each model call going to a Triton model instead of an ONNX Runtime session (`BlsBackend`), so the
-images are those of `recon-infer` on the same ONNX files. Needs `brainrecon[runtime]` (numpy; onnxruntime is not
-imported) in the server's Python environment.
+images are those of `recon-infer` on the same ONNX files. The config's parameter `unet_graph` says which UNet the
+repository serves: "kv" (K/V once: `unet_context` on the unconditional context once, on each chunk's predicted
+contexts once, `unet_kv` at every step, as recon-infer on a folder that has the pair), "plain" (`unet`) or "none"
+(stage 1 only). Needs `brainrecon[runtime]` (numpy; onnxruntime is not imported) in the server's Python environment.
+
+The pipelines are built at the first request, not in `initialize`: with K/V once, building Stage2Pipeline calls
+`unet_context`, and python_backend refuses BLS calls outside `execute` ("BLS is only supported during the 'execute'
+function", triton-inference-server/python_backend `src/infer_request.cc`, `InferRequest::Exec`). `initialize` still
+verifies the copied data files, so a damaged repository fails to load.
 
 Requests: betas (b, V) FP32, optional seed (b, 1) INT64 (default: the fitted seed); row i's img2img noise comes
 from its own seed and nothing is re-normalised over the batch, as in recon-serve. An invalid request (NaN betas, a
 negative seed) gets its own error response; the others of the batch are answered normally.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -61,8 +69,12 @@ class BlsBackend:
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.outputs}
 
 
-def open_reconstructor(model_dir: Path, models: list, precision: str) -> Reconstructor:
-    """The runtime's pipelines on `model_dir`'s data files, every model a BlsBackend (ios from the manifest)."""
+# Stage2Pipeline's roles → the Triton models serving them, per UNet graph ("unet" is the UNet step either way)
+UNET_ROLES = {"kv": {"unet": "unet_kv", "unet_context": "unet_context"}, "plain": {"unet": "unet"}}
+
+
+def model_ios(model_dir: Path, models: list, precision: str) -> dict:
+    """{Triton model: its ModelIO} from the manifest, after verifying the copied data files against it."""
     manifest = load_manifest(model_dir)
     data = [a.path for a in manifest.artifacts if a.kind == "data"]
     verify_manifest(model_dir, data)  # the copied data files are the ones the manifest vouches for
@@ -70,6 +82,13 @@ def open_reconstructor(model_dir: Path, models: list, precision: str) -> Reconst
     for name in models:
         artifact = manifest.find("onnx", name, precision) or manifest.find("engine", name, precision)
         ios[name] = ModelIO.from_spec(name, artifact.io)
+    return ios
+
+
+def open_reconstructor(model_dir: Path, models: list, precision: str, unet_graph: str) -> Reconstructor:
+    """The runtime's pipelines on `model_dir`'s data files, every model a BlsBackend (ios from the manifest);
+    stage 2 on the UNet graph `unet_graph` ("kv" | "plain"), stage 1 only for "none"."""
+    ios = model_ios(model_dir, models, precision)
     backends = {name: BlsBackend(io) for name, io in ios.items()}
     stage1_summary = read_json(model_dir / layout.STAGE1_SUMMARY, "stage-1 summary")
     regressor = stage1_summary["config"]["regressor"]
@@ -85,14 +104,15 @@ def open_reconstructor(model_dir: Path, models: list, precision: str) -> Reconst
         info={**info, "regressor": regressor},
     )
     options = RuntimeOptions(precision=precision)
-    if "unet" not in ios:
+    if unet_graph == "none":
         return Reconstructor(stage1, model_dir, options)
     summary = read_json(model_dir / layout.STAGE2_SUMMARY, "stage-2 summary")
     sampling = config_from_dict(SamplingConfig, summary["sampling"], str(model_dir / layout.STAGE2_SUMMARY))
+    roles = {**{m: m for m in layout.STAGE2_MODELS if m != "unet"}, **UNET_ROLES[unet_graph]}
     pipeline = Stage2Pipeline(
         stage1,
-        {name: backends[name] for name in layout.STAGE2_MODELS},
-        {name: ios[name] for name in layout.STAGE2_MODELS},
+        {role: backends[name] for role, name in roles.items()},
+        {role: ios[name] for role, name in roles.items()},
         target_stats={
             t: tuple(
                 load_npy(model_dir / layout.clip_target_stat(t, s), f"CLIP-{t} {s}") for s in ("mean", "std")
@@ -121,8 +141,18 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"] / "model_dir"
-        self.rec = open_reconstructor(folder, params["models"].split(","), params["precision"])
-        self.default_seed = self.rec.sampling.seed if self.rec.sampling is not None else 0
+        models = params["models"].split(",")
+        model_ios(folder, models, params["precision"])  # a damaged copy fails the load
+        self.open = functools.partial(
+            open_reconstructor, folder, models, params["precision"], params["unet_graph"]
+        )
+        self.rec = None  # built at the first request (see the module docstring)
+
+    def reconstructor(self) -> Reconstructor:
+        if self.rec is None:
+            self.rec = self.open()
+            self.default_seed = self.rec.sampling.seed if self.rec.sampling is not None else 0
+        return self.rec
 
     def _checked(self, request):
         betas = pb_utils.get_input_tensor_by_name(request, "betas").as_numpy()  # (b, V) float32
@@ -138,6 +168,11 @@ class TritonPythonModel:
         return betas, seeds
 
     def execute(self, requests):
+        try:
+            self.reconstructor()
+        except Exception as e:  # the pipelines could not be built: every request is told why
+            error = pb_utils.TritonError(f"{type(e).__name__}: {e}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses = [None] * len(requests)
         valid = []
         for i, request in enumerate(requests):
