@@ -1,6 +1,6 @@
 """Export one subject model folder: every model of a stage → validated ONNX (+ engines) + manifest, all or nothing.
 
-    export_model_dir(model_dir, stage="all", precision="both")
+    export_model_dir(model_dir, stage="all", precision="both", unet_graph="both")
       sources         stage1.py (regressor, VDVAE decoder), stage2.py (CLIP ridges, VAE, UNet)
       stage           onnx_export.stage_contract per contract (export, fp16, check, validate)  → staging/onnx/
       scheduler       stage 2 only: diffusers' DDIM tables (stage2.py)                        → staging/stage2/
@@ -14,8 +14,10 @@ first and comes back last, so even a crash inside it leaves either the old expor
 says to re-export), never new files under an old manifest.
 
 Stages: "stage1" = the stage-1 regressor + vdvae_decoder; "gru", "ridge", "vdvae" = one of them; "stage2" = clip_text,
-clip_vision, vae_encoder, vae_decoder, unet (needs model_dir/stage2/ from recon-train subject --stage clip);
-"all" = stage 1, plus stage 2 when model_dir/stage2/stage2.json exists.
+clip_vision, vae_encoder, vae_decoder and the UNet graphs of `unet_graph` (needs model_dir/stage2/ from recon-train
+subject --stage clip); "all" = stage 1, plus stage 2 when model_dir/stage2/stage2.json exists. UNet graphs: "both"
+= the plain `unet` and the K/V-once pair `unet_context` + `unet_kv` (the UNet weights twice on disk), "kv" = the
+pair only (what the runtime and the Triton repository use when present), "plain" = `unet` only.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from brainrecon.manifest import Artifact, describe_file, write_manifest
 
 STAGES = ("stage1", "gru", "ridge", "vdvae", "stage2", "all")
 PRECISION_CHOICES = ("fp32", "fp16", "both")
+# recon-export --unet-graph: the UNet graphs stage 2 exports
+UNET_GRAPH_CHOICES = {"both": ("unet", *layout.STAGE2_KV_MODELS), **layout.UNET_GRAPH_MODELS}
 # Files the runtime reads beside the models; hashed into the manifest like them (scheduler.json is written here).
 STAGE1_DATA_FILES = layout.PREPROCESS_FILES + layout.STAGE1_FILES
 STAGE2_DATA_FILES = layout.STAGE2_FILES
@@ -47,10 +51,20 @@ def stage1_summary(model_dir: Path) -> dict[str, Any]:
     return read_json(model_dir / layout.STAGE1_SUMMARY, "stage-1 summary (run recon-train subject first)")
 
 
-def contract_names(model_dir: Path, stage: str) -> list[str]:
+def stage2_names(unet_graph: str) -> list[str]:
+    """The stage-2 contracts: the CLIP ridges, the VAE, and the UNet graphs of `unet_graph` (UNET_GRAPH_CHOICES)."""
+    if unet_graph not in UNET_GRAPH_CHOICES:
+        raise ConfigError(
+            f"export unet_graph: expected one of {tuple(UNET_GRAPH_CHOICES)}, found {unet_graph!r}"
+        )
+    return [*(m for m in layout.STAGE2_MODELS if m != "unet"), *UNET_GRAPH_CHOICES[unet_graph]]
+
+
+def contract_names(model_dir: Path, stage: str, unet_graph: str = "both") -> list[str]:
     """Contracts exported for `stage` given what the model directory holds."""
     if stage not in STAGES:
         raise ConfigError(f"export stage: expected one of {STAGES}, found {stage!r}")
+    stage2 = stage2_names(unet_graph)
     has_stage2 = (model_dir / layout.STAGE2_SUMMARY).is_file()
     if stage == "stage2":
         if not has_stage2:
@@ -59,7 +73,7 @@ def contract_names(model_dir: Path, stage: str) -> list[str]:
                 "stage-2 summary",
                 "run recon-train subject --stage clip first",
             )
-        return [*layout.STAGE2_MODELS, *layout.STAGE2_KV_MODELS]
+        return stage2
     regressor = stage1_summary(model_dir)["config"]["regressor"]
     if stage in layout.REGRESSORS and stage != regressor:
         raise InputError(
@@ -72,7 +86,6 @@ def contract_names(model_dir: Path, stage: str) -> list[str]:
     if stage == "vdvae":
         return [layout.VDVAE_DECODER]
     stage1 = [regressor, layout.VDVAE_DECODER]
-    stage2 = [*layout.STAGE2_MODELS, *layout.STAGE2_KV_MODELS]
     return stage1 + stage2 if stage == "all" and has_stage2 else stage1
 
 
@@ -169,19 +182,21 @@ def export_model_dir(
     validate: bool = True,
     engines: bool = True,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    unet_graph: str = "both",
 ) -> dict[str, Any]:
     """Export the models of `stage` from `model_dir` to `model_dir/onnx/<name>.<precision>.onnx`, validate them
     (unless `validate=False`), build TensorRT engines when TensorRT and a GPU are present (else say why not), and
     record everything in `model_dir/manifest.json`; nothing is published unless all of it succeeded. Returns a
     JSON-able summary. `external_data_threshold` (bytes of weights) decides when weights go to `<file>.data`; lower
-    it to exercise that path on a small model.
+    it to exercise that path on a small model. `unet_graph` (UNET_GRAPH_CHOICES) picks the stage-2 UNet graphs;
+    entries of an earlier export that this one does not rewrite stay in the manifest (as for every model).
     """
     model_dir = Path(model_dir)
     t_start = time.perf_counter()
     precisions = _precisions(precision)
     if not model_dir.is_dir():
         raise MissingFileError(model_dir, "model directory", "run recon-train subject first")
-    names = contract_names(model_dir, stage)
+    names = contract_names(model_dir, stage, unet_graph)
     with_stage2 = any(n in layout.STAGE2_MODELS for n in names)
     data_files = STAGE1_DATA_FILES + (STAGE2_DATA_FILES if with_stage2 else ())
     for rel in data_files:
@@ -235,6 +250,7 @@ def export_model_dir(
     return {
         "model_dir": str(model_dir),
         "stage": stage,
+        "unet_graph": unet_graph,
         "exported": exported,
         "engines": engine_summary,
         "manifest": str(model_dir / layout.MANIFEST),

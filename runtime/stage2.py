@@ -238,12 +238,28 @@ class Stage2Pipeline:
                 f"recon-export --model-dir {model_dir} --stage all",
             )
         manifest = manifest or load_manifest(model_dir)
-        if manifest.get(SUMMARY) is None or manifest.find("onnx", "unet") is None:
-            raise _not_exported(model_dir, "stage-2 entries (stage2/stage2.json, unet, vae, clip models)")
+        # a UNet graph of any precision says stage 2 was exported: the plain unet, or the K/V-once pair alone
+        # (recon-export --unet-graph kv)
+        has_unet = manifest.find("onnx", "unet") is not None or all(
+            manifest.find("onnx", name) is not None for name in KV_MODELS
+        )
+        if manifest.get(SUMMARY) is None or not has_unet:
+            raise _not_exported(
+                model_dir,
+                "stage-2 entries (stage2/stage2.json, unet or unet_context + unet_kv, vae, clip models)",
+            )
         has_kv = all(manifest.find("onnx", name, file_precision(precision)) is not None for name in KV_MODELS)
         if unet_graph == "kv" and not has_kv:
             raise _not_exported(
                 model_dir, f"unet_context and unet_kv {precision} entries (the K/V-once UNet)"
+            )
+        if unet_graph == "plain" and manifest.find("onnx", "unet", file_precision(precision)) is None:
+            raise MissingFileError(
+                model_dir / MANIFEST_FILE,
+                f"a unet {precision} entry (the plain UNet), found "
+                + ("unet_context and unet_kv only" if has_kv else "none"),
+                f"export it with: recon-export --model-dir {model_dir} --stage stage2 --unet-graph plain"
+                + (", or run the pair: unet_graph auto or kv" if has_kv else ""),
             )
         use_kv = has_kv and unet_graph != "plain"
         unet = "unet_kv" if use_kv else "unet"  # the UNet step's file; its role is "unet" either way

@@ -8,12 +8,15 @@ Tolerances (scale = max |noise_pred|):
 - exported unet_context → unet_kv vs the plain torch UNet: fp32 max ≤ 1e-4·scale (the `unet` contract's bound);
   fp16 max ≤ 2e-2·scale, median ≤ 1e-3·scale (the fp16 `unet` bounds);
 - the runtime on the K/V pair vs the plain UNet and vs the torch reference: the fp32 pixel tolerance of
-  tests/test_runtime_stage2.py (mean ≤ 0.01 grey level, max ≤ 1), latents within 1e-4.
+  tests/test_runtime_stage2.py (mean ≤ 0.01 grey level, max ≤ 1), latents within 1e-4;
+- recon-infer on a folder exported with the pair only (`recon-export --unet-graph kv`) vs the folder exported with
+  both graphs: identical images (the same graphs, exported again from the same weights, run the same way).
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -32,7 +35,7 @@ from brainrecon.train.foundations.dual_unet import (
     kv_cross_attention_kwargs,
     kv_layout,
 )
-from tests.stage2_fixture import FAST_STEPS
+from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -240,3 +243,57 @@ def test_kv_forward_refuses_an_unsupported_block():
     block.norm_type = "ada_norm"
     with pytest.raises(ConfigError, match="K/V-once forward expects"):
         kv_layout(unet)
+
+
+# ----------------------------------------------------------------------------------------- --unet-graph kv
+
+
+def run_cli(monkeypatch, main, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["recon", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code
+
+
+def test_export_of_the_pair_only_runs_as_the_folder_with_both(tiny2, tmp_path, monkeypatch):
+    """`recon-export --unet-graph kv` writes no `unet`; recon-infer runs the folder on the pair and gives the images
+    of the folder exported with both graphs; the plain UNet asked of it is a one-line error naming what is there."""
+    from brainrecon.cli.deploy import export_main, infer_main
+    from brainrecon.export.subject import stage2_names
+
+    assert stage2_names("plain")[-1] == "unet" and "unet" not in stage2_names("kv")
+    with pytest.raises(ConfigError, match="unet_graph"):
+        stage2_names("fast")
+    fitted = build_tiny_stage2(tiny2["model"].parent)["model"]  # the fixture's folder before its export
+    model_dir = tmp_path / "kv-only"
+    shutil.copytree(fitted, model_dir)
+    assert run_cli(monkeypatch, export_main, "--model-dir", str(model_dir), "--unet-graph", "fast") == 2
+    args = ("--model-dir", str(model_dir), "--stage", "all", "--precision", "fp32", "--unet-graph", "kv")
+    assert run_cli(monkeypatch, export_main, *args) == 0
+    manifest = load_manifest(model_dir)
+    assert {a.model for a in manifest.artifacts if a.kind == "onnx"} == {
+        "ridge",
+        "vdvae_decoder",
+        "clip_text",
+        "clip_vision",
+        "vae_encoder",
+        "vae_decoder",
+        "unet_context",
+        "unet_kv",
+    }
+    assert not list((model_dir / "onnx").glob("unet.*"))
+
+    finals = {}
+    for name, folder in (("kv", model_dir), ("both", tiny2["model"])):
+        out = tmp_path / f"infer-{name}"
+        args = (str(tiny2["prep"] / "test_betas.npy"), "--model-dir", str(folder), "--out", str(out))
+        args += ("--trials", "0-3", "--steps", str(FAST_STEPS), "--threads", "1")
+        assert run_cli(monkeypatch, infer_main, *args) == 0
+        finals[name] = np.load(out / "final_images.npy")
+    assert finals["kv"].shape[0] == 4 and np.array_equal(finals["kv"], finals["both"])
+    assert Stage2Pipeline.from_model_dir(model_dir, threads=1, unet_graph="kv").kv_once
+
+    with pytest.raises(MissingFileError) as e:
+        Stage2Pipeline.from_model_dir(model_dir, threads=1, unet_graph="plain")
+    assert "unet fp32 entry (the plain UNet), found unet_context and unet_kv only" in str(e.value)
+    assert "--unet-graph plain" in str(e.value) and "\n" not in str(e.value)

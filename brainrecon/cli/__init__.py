@@ -22,6 +22,8 @@ console = Console(stderr=True)
 Engine = Literal["ort", "trt", "openvino"]
 Precision = Literal["fp32", "fp16", "bf16"]  # bf16: OpenVINO on the fp32 files (runtime/artifacts.py)
 Device = Literal["cpu", "cuda", "tensorrt"]
+# recon-export --unet-graph: the plain UNet and/or the K/V-once pair (export/subject.py)
+UnetGraph = Literal["both", "kv", "plain"]
 
 
 def run_app(app: typer.Typer) -> Callable[[], None]:

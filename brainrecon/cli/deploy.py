@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from brainrecon.cli import Device, Engine, Precision, console, print_summary, run_app
+from brainrecon.cli import Device, Engine, Precision, UnetGraph, console, print_summary, run_app
 
 export_app = typer.Typer(
     add_completion=False, help="Export a subject model directory to ONNX (and TensorRT engines)."
@@ -24,6 +24,14 @@ def export(
     model_dir: Annotated[Path, typer.Option(help="Subject model folder from recon-train subject.")],
     stage: Annotated[str, typer.Option(help="stage1 | gru | ridge | vdvae | stage2 | all.")] = "all",
     precision: Annotated[str, typer.Option(help="fp32 | fp16 | both.")] = "both",
+    unet_graph: Annotated[
+        UnetGraph,
+        typer.Option(
+            help="Stage-2 UNet graphs to export: both (the plain unet and the K/V-once pair unet_context + "
+            "unet_kv, the weights twice on disk), kv (the pair only: what the runtime uses) or plain (unet only). "
+            "--format triton: the graph the repository serves (both: the pair when exported, else unet)."
+        ),
+    ] = "both",
     validate: Annotated[
         bool, typer.Option("--validate/--no-validate", help="Compare ONNX Runtime with torch after export.")
     ] = True,
@@ -62,6 +70,7 @@ def export(
 
     Examples:
       recon-export --model-dir engines/subj01 --stage all --precision both
+      recon-export --model-dir engines/subj01 --stage all --unet-graph kv
       recon-export --model-dir engines/subj01 --verify
       recon-export --model-dir engines/subj01 --format triton --out triton-repo --precision fp16
     """
@@ -76,6 +85,7 @@ def export(
             engine="trt" if plans else "onnx",
             instances=instances,
             max_queue_delay_us=max_queue_delay_us,
+            unet_graph="auto" if unet_graph == "both" else unet_graph,
         )
         repo = write_triton_repository(model_dir, out, options, overwrite=overwrite)
         rows = {name: m.get("platform") or m.get("backend") for name, m in repo["models"].items()}
@@ -101,7 +111,7 @@ def export(
             f"expected one of {', '.join(PRECISION_CHOICES)}, found {precision!r}", param_hint="--precision"
         )
     summary = export_model_dir(
-        model_dir, stage=stage, precision=precision, validate=validate, engines=engines
+        model_dir, stage=stage, precision=precision, validate=validate, engines=engines, unet_graph=unet_graph
     )
     rows = {
         f"{e['model']} {e['precision']}": f"{e['path']} ({e['bytes'] / 1e6:.1f} MB, {e['export_seconds']} s, "
