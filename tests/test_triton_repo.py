@@ -3,14 +3,19 @@
 - Every `config.pbtxt` of both variants parses with Triton's own schema (`tritonclient.grpc.model_config_pb2`, in
   the serving environment) and matches the export contracts and the files (`check_repository`); a config edited by
   hand is refused; the GPU and CPU variants differ only in platform/backend and instance kind.
+- One UNet graph per repository: the K/V-once pair (unet_context + unet_kv) when the folder has it, the plain unet
+  with --unet-graph plain; a folder exported with the pair only serves it, and refuses --unet-graph plain.
 - The CPU variant loads in the real `tritonserver` bundled with PyTriton (Python backend only) and reconstructs
-  through real BLS calls: the images equal the runtime API's for the same rows and seeds (tolerance: max |diff|
-  <= 1 grey level; measured 0); a NaN request gets its own error while the request batched with it is answered.
+  through real BLS calls on the K/V pair: unet_context runs once at the first request and once per runtime call,
+  unet_kv at every step; the images equal the runtime API's (recon-infer's loop, also on the pair) for the same
+  rows and seeds (tolerance: max |diff| <= 1 grey level; measured 0); a NaN request gets its own error while the
+  request batched with it is answered.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from brainrecon.errors import InputError
+from brainrecon.export.triton import RepoOptions, write_triton_repository
+from brainrecon.manifest import load_manifest, write_manifest
 from tests.serve_helpers import (
     exported_tiny_model,
     free_ports,
@@ -36,11 +44,13 @@ MODELS = [
     "clip_text",
     "clip_vision",
     "ridge",
-    "unet",
+    "unet_context",
+    "unet_kv",
     "vae_decoder",
     "vae_encoder",
     "vdvae_decoder",
 ]
+PLAIN_MODELS = sorted({*MODELS, "unet"} - {"unet_context", "unet_kv"})
 
 
 def recon_export(*args: str) -> subprocess.CompletedProcess:
@@ -73,11 +83,12 @@ def model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def repos(model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("triton")
-    out = {"gpu": root / "gpu", "gpu16": root / "gpu16", "cpu": root / "cpu"}
+    out = {"gpu": root / "gpu", "gpu16": root / "gpu16", "cpu": root / "cpu", "plain": root / "plain"}
     for args in (
         ("--out", str(out["gpu"])),
         ("--out", str(out["gpu16"]), "--precision", "fp16", "--instances", "2"),
         ("--out", str(out["cpu"]), "--variant", "cpu"),
+        ("--out", str(out["plain"]), "--unet-graph", "plain"),
     ):
         run = recon_export("--model-dir", str(model), "--format", "triton", *args)
         assert run.returncode == 0, run.stderr
@@ -91,18 +102,29 @@ def test_configs_parse_with_triton_schema_and_match_the_artifacts(repos, model):
     }
     for name, repo in repos.items():
         configs = check_in_serve_env(repo, model)
-        assert sorted(configs) == MODELS
-        unet = configs["unet"]
+        graph = "plain" if name == "plain" else "kv"  # the pair whenever the folder has it
+        models = PLAIN_MODELS if graph == "plain" else MODELS
+        assert sorted(configs) == models  # one UNet graph: the other is not copied
+        assert json.loads((repo / "repository.json").read_text())["unet_graph"] == graph
+        step = "unet" if graph == "plain" else "unet_kv"
+        unet = configs[step]
         timestep = next(i for i in unet["input"] if i["name"] == "timestep")
         assert timestep["dims"] == ["1"] and timestep["reshape"] == {}  # (batch,) → dims [1], reshape []
-        assert int(unet["maxBatchSize"]) == contracts["unet"]["max_batch"]
+        assert int(unet["maxBatchSize"]) == contracts[step]["max_batch"]
+        if (
+            graph == "kv"
+        ):  # the context's K/V: unet_context's outputs are unet_kv's inputs after sample, timestep
+            outputs = [(o["name"], o["dims"]) for o in configs["unet_context"]["output"]]
+            assert outputs == [(i["name"], i["dims"]) for i in unet["input"][2:]] and len(outputs) >= 2
         bls = configs["brainrecon"]
         assert bls["backend"] == "python"
         assert [i["dims"] for i in bls["input"]] == [
             [str(contracts["ridge"]["inputs"][0]["shape"][1])],
             ["1"],
         ]
-        for model_name in MODELS[1:]:
+        params = {key: p["stringValue"] for key, p in bls["parameters"].items()}
+        assert params["unet_graph"] == graph and sorted(params["models"].split(",")) == models[1:]
+        for model_name in models[1:]:
             config = configs[model_name]
             assert "dynamicBatching" in config
             group = config["instanceGroup"][0]
@@ -127,18 +149,38 @@ def test_variants_differ_only_in_platform_and_instance_kind(repos):
 
 
 def test_a_config_that_disagrees_with_the_contract_is_refused(repos, model, tmp_path):
-    import shutil
-
     repo = tmp_path / "edited"
     shutil.copytree(repos["gpu"], repo)
     config = repo / "vae_encoder" / "config.pbtxt"
     config.write_text(config.read_text().replace("dims: [3, 64, 64]", "dims: [3, 32, 32]", 1))
     with pytest.raises(AssertionError, match=r"vae_encoder/config.pbtxt: expected images dims \[3, 64, 64\]"):
         check_in_serve_env(repo, model)
-    (repo / "unet" / "1" / "model.onnx").write_bytes(b"not the exported file")
+    (repo / "unet_kv" / "1" / "model.onnx").write_bytes(b"not the exported file")
     config.write_text(config.read_text().replace("dims: [3, 32, 32]", "dims: [3, 64, 64]", 1))
-    with pytest.raises(AssertionError, match=r"unet/config.pbtxt: expected sha256 of 1/model.onnx"):
+    with pytest.raises(AssertionError, match=r"unet_kv/config.pbtxt: expected sha256 of 1/model.onnx"):
         check_in_serve_env(repo, model)
+    shutil.copyfile(repos["gpu"] / "unet_kv" / "1" / "model.onnx", repo / "unet_kv" / "1" / "model.onnx")
+    bls = repo / "brainrecon" / "config.pbtxt"
+    bls.write_text(bls.read_text().replace('string_value: "kv"', 'string_value: "plain"'))
+    with pytest.raises(AssertionError, match=r"brainrecon/config.pbtxt: expected parameters"):
+        check_in_serve_env(repo, model)
+
+
+def test_a_folder_with_the_pair_only(model, tmp_path):
+    """A folder exported with --unet-graph kv has no `unet`: its repository serves the pair, and a repository with
+    the plain UNet is refused with a one-line error naming the missing entry and the export that writes it."""
+    folder = tmp_path / "kv-only"
+    shutil.copytree(model, folder, ignore=shutil.ignore_patterns("unet.*"))  # unet_*.onnx stay
+    write_manifest(folder, [a for a in load_manifest(model).artifacts if a.model != "unet"], merge=False)
+    summary = write_triton_repository(folder, tmp_path / "kv", RepoOptions(variant="cpu"))
+    assert summary["unet_graph"] == "kv" and sorted(summary["models"]) == MODELS
+    with pytest.raises(
+        InputError,
+        match=r"a fp32 onnx entry for unet, found none \(export it with recon-export "
+        r"--stage all --unet-graph plain\)",
+    ):
+        write_triton_repository(folder, tmp_path / "plain", RepoOptions(unet_graph="plain"))
+    assert not (tmp_path / "plain").exists()
 
 
 def test_usage_errors(model, tmp_path):
@@ -179,7 +221,11 @@ def test_cpu_variant_reconstructs_through_bls_in_a_real_tritonserver(
         from brainrecon.runtime import Reconstructor, RuntimeOptions
 
         with Reconstructor.open(model, RuntimeOptions(threads=1)) as rec:
+            assert (
+                rec.pipeline.kv_once
+            )  # recon-infer's default on this folder: the K/V pair, as the repository
             direct = rec.reconstruct(betas[:2], seeds=[3, 4], renormalize=False)
+            steps = len(direct.timesteps)
         assert np.abs(served["final_image"].astype(int) - direct.images).max() <= 1
         assert np.abs(served["stage1_image"].astype(int) - direct.stage1_images).max() <= 1
 
@@ -198,8 +244,14 @@ def test_cpu_variant_reconstructs_through_bls_in_a_real_tritonserver(
         assert replies["bad"][0] == 400 and "expected finite betas" in replies["bad"][1]["error"]
         assert replies["good"][0] == 200
         assert np.array_equal(images(replies["good"][1])["final_image"][0], served["final_image"][0])
-        status, stats = http(ports[0], "/v2/models/unet/stats")
-        assert status == 200 and int(stats["model_stats"][0]["inference_count"]) > 0  # real BLS calls
+        # real BLS calls on the pair, K/V once: unet_context on the unconditional context at the first request and
+        # once per runtime call (2: the two-row request, the good one), unet_kv at every step of each
+        executions = {}
+        for name in ("unet_context", "unet_kv"):
+            status, stats = http(ports[0], f"/v2/models/{name}/stats")
+            assert status == 200
+            executions[name] = int(stats["model_stats"][0]["execution_count"])
+        assert executions == {"unet_context": 1 + 2, "unet_kv": 2 * steps}
     finally:
         seconds = stop_session(process)
     assert seconds < 15
