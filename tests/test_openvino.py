@@ -97,3 +97,29 @@ def test_openvino_runtime_does_not_import_torch(tiny2):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_openvino_compiles_once_per_batch_size_and_keeps_the_last_few(tiny2):
+    """Static-batch compiles (runtime/backends/openvino.py): each batch size gets its own compiled model, results
+    equal ONNX Runtime's at every size, and only the last STATIC_COMPILES stay."""
+    import onnxruntime as ort
+
+    from brainrecon.runtime.backends.openvino import STATIC_COMPILES, OpenVinoBackend
+
+    path = tiny2["model"] / "onnx/vae_decoder.fp32.onnx"
+    backend = OpenVinoBackend(path, None, "fp32", threads=1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    shape = list(session.get_inputs()[0].shape[1:])
+    rng = np.random.default_rng(0)
+    sizes = [2, 3, 2, 5, 1, 4]
+    for batch in sizes:
+        x = {name: rng.standard_normal((batch, *shape), dtype=np.float32)}
+        out = backend.run(x)[session.get_outputs()[0].name]
+        ref = session.run(None, x)[0]
+        assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+        assert next(reversed(backend._static)) == batch  # the size just run is the most recent compile
+    assert list(backend._static) == sizes[-STATIC_COMPILES:]
+    backend.close()
+    with pytest.raises(Exception, match="closed"):
+        backend.run(x)
