@@ -144,6 +144,16 @@ def context_pool(seed: int, n: int = 8) -> np.ndarray:
     )
 
 
+def exported_parameters(module: Any) -> list[Any]:
+    """The parameters the exported graph holds: the VAE graphs wrap the whole AutoencoderKL but use one half."""
+    vae = getattr(module, "vae", None)
+    if vae is not None and type(module).__name__ == "VAEDecoderGraph":
+        return [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    if vae is not None and type(module).__name__ == "VAEEncoderGraph":
+        return [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
+    return list(module.parameters())
+
+
 def build_model(name: str, seed: int = 0) -> Built:
     """The real-size model `name` with seeded random weights."""
     from brainrecon.export import contracts as C
@@ -261,7 +271,7 @@ def build_model(name: str, seed: int = 0) -> Built:
     for p in module.parameters():
         p.requires_grad_(False)
     pools = {"encoder_hidden_states": context_pool(seed)} if name == "unet" else None
-    n_params = sum(p.numel() for p in module.parameters())
+    n_params = sum(p.numel() for p in exported_parameters(module))
     return Built(
         contract,
         n_params,
