@@ -9,6 +9,10 @@
 The folder is written whole under a temporary name and then swapped in (`atomic_dir`), so a crash during a
 save leaves the previous checkpoint intact, never weights of one step beside the state of another. A resume
 must use the same training settings (only `steps` may change) and the same data, checked by sha256.
+
+Tensors are written from the CPU whatever device trained them, so a checkpoint made on a GPU resumes on the CPU
+and back: `load_checkpoint` copies the weights into the model where it is, and the optimizer moves its state to
+its parameters' device (torch.optim.Optimizer.load_state_dict).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def save_checkpoint(
 
     sd = optimizer.state_dict()
     opt_tensors = {
-        f"{idx}.{name}": torch.as_tensor(value).detach().clone().reshape(-1)
+        f"{idx}.{name}": torch.as_tensor(value).detach().cpu().clone().reshape(-1)
         for idx, state in sd["state"].items()
         for name, value in state.items()
     }
@@ -117,4 +121,4 @@ def load_checkpoint(
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -187,13 +187,19 @@ def train_small_clip(
     config: SmallCLIPConfig = SmallCLIPConfig(),
     weight_decay: float = 0.1,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Contrastive training on (image, caption) pairs; writes a CLIPFeatureExtractor folder atomically to `out_dir`.
 
     images: uint8 (N, H, W, 3) RGB; captions[i]: the captions of image i (one is drawn at random per step).
     Each step draws `min(batch_size, N)` distinct images, so no image is its own negative. Deterministic for a
-    seed on the CPU. Returns the train.json record (config, steps, seed, losses, final loss).
+    seed on the CPU. `device` trains there: inputs are prepared on the CPU and each batch is copied over; the batch
+    draws are numpy's, so a GPU run sees the same batches as a CPU run. Returns the train.json record (config,
+    steps, seed, losses, final loss).
     """
+    from brainrecon.train.device import resolve_device
+
+    device = resolve_device(device)
     _check_pairs(images, captions)
     if steps < 1 or batch_size < 2 or lr <= 0 or weight_decay < 0:
         raise ConfigError(
@@ -228,6 +234,7 @@ def train_small_clip(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_small_clip(config, tokenizer.vocab_size, eos_id, pad_id, bos_id).train()
+        model.to(device)
         # Weight decay on matrices only: biases, LayerNorm gains and the temperature are not shrunk (CLIP practice).
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -244,7 +251,11 @@ def train_small_clip(
             idx = rng.choice(n_images, size=batch, replace=False)  # (B,) distinct images
             cap = first[idx] + rng.integers(0, first[idx + 1] - first[idx])  # (B,) one caption of each
             width = int(eos_pos[cap].max()) + 1
-            out = model(input_ids=input_ids[cap, :width], pixel_values=pixels[idx], return_loss=True)
+            out = model(
+                input_ids=input_ids[cap, :width].to(device),
+                pixel_values=pixels[idx].to(device),
+                return_loss=True,
+            )
             optimiser.zero_grad(set_to_none=True)
             out.loss.backward()
             optimiser.step()
@@ -255,7 +266,7 @@ def train_small_clip(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
         # 3. Weights and the record; atomic_dir moves the whole folder into place only now.
-        model.eval().save_pretrained(tmp)  # transformers 5 always writes model.safetensors
+        model.cpu().eval().save_pretrained(tmp)  # transformers 5 always writes model.safetensors
         record = {
             "type": type(config).__name__,
             "config": config_to_dict(config),

@@ -1,4 +1,4 @@
-"""Train the two latent-diffusion parts of stage 2 on the CPU: the KL autoencoder and the dual-guided UNet.
+"""Train the two latent-diffusion parts of stage 2 on a torch device: the KL autoencoder and the dual-guided UNet.
 
 Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models") trains
 in two phases: an autoencoder first (`train_vae`), then an epsilon-prediction DDPM (Ho et al. 2020) on its
@@ -15,6 +15,9 @@ whose L1 reconstruction is already sharp, and both terms would need pretrained w
 Reproducible (as train/foundations/vdvae_train.py): the batch order of epoch `e` comes from a generator seeded by
 (seed, e) and every random draw of step `s` (posterior sample; noise, timesteps and context drop) from one
 seeded by (seed, s), so a resumed run takes the same steps as an uninterrupted one, bit for bit on the CPU.
+The data stays on the CPU and each batch is copied to the training device; the random draws are made on the CPU
+and copied too (diffusers' `randn_tensor` does the same with a CPU generator), so a GPU run takes the same batches
+and noise as a CPU run and differs from it by kernels only. Checkpoints and final weights are written from the CPU.
 
     out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; train/foundations/checkpoint.py)
     out_dir/vae/   AutoencoderKL.save_pretrained                       (train_vae; atomically)
@@ -121,13 +124,18 @@ def train_vae(
     kl_weight: float = 1e-6,
     resume: bool = False,
     progress: bool = True,
+    device: str | torch.device = "cpu",
     **settings: Any,
 ) -> dict[str, Any]:
-    """Train an `AutoencoderKL(**vae_config)` on uint8 (N, S, S, 3) images; save it to `out_dir/vae`.
+    """Train an `AutoencoderKL(**vae_config)` on uint8 (N, S, S, 3) images on `device`; save it to `out_dir/vae`.
 
     `settings`: further LDMTrainConfig fields (ema_rate, weight_decay, checkpoint_every). Returns
-    {"step", "final_loss", "history"} (history: one {"loss", "rec", "kl"} per step taken in this call).
+    {"step", "final_loss", "history", "model"} (history: one {"loss", "rec", "kl"} per step taken in this call;
+    model: the saved one, on the CPU).
     """
+    from brainrecon.train.device import resolve_device
+
+    device = resolve_device(device)
     cfg = LDMTrainConfig(
         kind="vae", steps=steps, batch_size=batch_size, lr=lr, seed=seed, kl_weight=kl_weight, **settings
     )
@@ -159,10 +167,12 @@ def train_vae(
         return loss, {"rec": float(rec.detach()), "kl": float(kl.detach())}
 
     def save_final(model: torch.nn.Module, tmp: Path) -> None:
-        model.register_to_config(scaling_factor=latent_scaling_factor(model, images))
-        model.save_pretrained(tmp)
+        model.register_to_config(scaling_factor=latent_scaling_factor(model, images))  # on the device
+        model.cpu().save_pretrained(tmp)
 
-    return _train(vae, data, loss_fn, save_final, "vae", vae_config, cfg, Path(out_dir), resume, progress)
+    return _train(
+        vae, data, loss_fn, save_final, "vae", vae_config, cfg, Path(out_dir), resume, progress, device
+    )
 
 
 @torch.no_grad()
@@ -190,6 +200,7 @@ def refit_vae(
     seed: int = 0,
     resume: bool = False,
     progress: bool = True,
+    device: str | torch.device = "cpu",
     **settings: Any,
 ) -> dict[str, Any]:
     """A VAE with `norm_num_groups` normalisation groups that keeps `teacher`'s latent space; save to out_dir/vae.
@@ -200,20 +211,24 @@ def refit_vae(
     and its decoder to reconstruct the images from the teacher's posterior samples (L1, as `train_vae`). The
     teacher's latent scaling factor is kept, so the UNet trained on the teacher's latents works unchanged.
     Decoder-only fine-tuning that keeps a latent space is how Stability AI made sd-vae-ft-mse for SD 1.x.
+    The teacher encodes and the student trains on `device` (the teacher is moved there).
     """
+    from brainrecon.train.device import resolve_device
+
+    device = resolve_device(device)
     cfg = LDMTrainConfig(kind="vae", steps=steps, batch_size=batch_size, lr=lr, seed=seed, **settings)
     size = int(teacher.config.sample_size)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise InputError("training images", f"uint8 (N, {size}, {size}, 3)", f"{images.dtype} {images.shape}")
     _check_batch(images.shape[0], batch_size, "training images")
-    teacher = teacher.float().eval()
+    teacher = teacher.float().eval().to(device)
     means, logvars = [], []
     with torch.no_grad():
         for i in range(0, len(images), 64):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + 64])).permute(0, 3, 1, 2).float()
-            posterior = teacher.encode(x / 127.5 - 1.0).latent_dist
-            means.append(posterior.mean)
-            logvars.append(posterior.logvar)
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + 64])).to(device)  # (B, S, S, 3) uint8
+            posterior = teacher.encode(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0).latent_dist
+            means.append(posterior.mean.cpu())
+            logvars.append(posterior.logvar.cpu())
     data = {
         "images": torch.from_numpy(np.ascontiguousarray(images)),  # (N, S, S, 3) uint8
         "mean": torch.cat(means),  # (N, 4, h, w) teacher posterior, unscaled
@@ -235,14 +250,17 @@ def refit_vae(
         enc = torch.nn.functional.mse_loss(posterior.mean, batch["mean"])
         enc = enc + 0.1 * torch.nn.functional.mse_loss(posterior.logvar, batch["logvar"])
         std = torch.exp(0.5 * batch["logvar"].clamp(-30.0, 20.0))
-        z = batch["mean"] + std * torch.randn(batch["mean"].shape, generator=gen)  # teacher sample
+        eps = torch.randn(batch["mean"].shape, generator=gen).to(x.device)
+        z = batch["mean"] + std * eps  # teacher sample
         rec = (vae.decode(z).sample - x).abs().mean()
         return rec + enc, {"rec": float(rec.detach()), "enc": float(enc.detach())}
 
     def save_final(model: torch.nn.Module, tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.cpu().save_pretrained(tmp)
 
-    return _train(vae, data, loss_fn, save_final, "vae", vae_config, cfg, Path(out_dir), resume, progress)
+    return _train(
+        vae, data, loss_fn, save_final, "vae", vae_config, cfg, Path(out_dir), resume, progress, device
+    )
 
 
 # ------------------------------------------------------------------------------------------------- dual UNet
@@ -264,6 +282,7 @@ def train_dual_unet(
     resume: bool = False,
     progress: bool = True,
     ema_rate: float = 0.999,
+    device: str | torch.device = "cpu",
     **settings: Any,
 ) -> dict[str, Any]:
     """Epsilon-prediction DDPM training of `build_dual_unet(unet_config)`; save it to `out_dir/unet`.
@@ -272,8 +291,11 @@ def train_dual_unet(
     uncond_vision (1, Nv, D) and uncond_text (1, Nt, D): CLIP of the black image and of "" (train/stage2/img2img.py).
     CFG drop: one Bernoulli(cond_drop) per sample replaces *both* token sets together, since sampling guides
     with the (uncond_vision, uncond_text) pair as one unconditional branch; dropping them separately would
-    train mixed contexts that sampling never uses.
+    train mixed contexts that sampling never uses. `device` trains there; the returned model is on the CPU.
     """
+    from brainrecon.train.device import resolve_device
+
+    device = resolve_device(device)
     cfg = LDMTrainConfig(
         kind="dual_unet",
         steps=steps,
@@ -289,6 +311,7 @@ def train_dual_unet(
     data = _check_unet_inputs(latents, vision_ctx, text_ctx, uncond_vision, uncond_text, unet_config)
     _check_batch(data["latents"].shape[0], batch_size, "latents")
     uncond = torch.cat([data.pop("uncond_vision"), data.pop("uncond_text")], dim=1)  # (1, Nv + Nt, D)
+    uncond = uncond.to(device)
 
     torch.manual_seed(seed)
     unet = build_dual_unet(unet_config)
@@ -300,9 +323,10 @@ def train_dual_unet(
     ) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch["latents"]  # (B, 4, h, w)
         b = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=gen)  # (B, 4, h, w)
-        t = torch.randint(0, num_timesteps, (b,), generator=gen)  # (B,)
-        drop = torch.rand(b, generator=gen) < cond_drop  # (B,) one draw per sample for both token sets
+        # drawn on the CPU in this order, then copied: the same draws on every device
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)  # (B, 4, h, w)
+        t = torch.randint(0, num_timesteps, (b,), generator=gen).to(x0.device)  # (B,)
+        drop = (torch.rand(b, generator=gen) < cond_drop).to(x0.device)  # (B,) one draw for both token sets
         context = torch.cat([batch["vision_ctx"], batch["text_ctx"]], dim=1)  # (B, Nv + Nt, D) vision first
         context = torch.where(drop[:, None, None], uncond, context)
         noisy = scheduler.add_noise(x0, noise, t)  # sqrt(a_t) x0 + sqrt(1 - a_t) eps
@@ -311,7 +335,7 @@ def train_dual_unet(
         return loss, {"dropped": float(drop.float().mean())}
 
     def save_final(model: torch.nn.Module, tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.cpu().save_pretrained(tmp)
         save_config(unet_config, tmp / DUAL_UNET_CONFIG)
 
     return _train(
@@ -325,6 +349,7 @@ def train_dual_unet(
         Path(out_dir),
         resume,
         progress,
+        device,
     )
 
 
@@ -383,7 +408,7 @@ def _check_unet_inputs(
             )
         if not torch.isfinite(tensor).all():
             raise InputError(name, "finite values", "NaN or Inf")
-        out[name] = tensor.detach().contiguous()
+        out[name] = tensor.detach().cpu().contiguous()  # the loop copies each batch to the training device
     return out
 
 
@@ -414,11 +439,17 @@ def _train(
     out_dir: Path,
     resume: bool,
     progress: bool,
+    device: torch.device,
 ) -> dict[str, Any]:
-    """AdamW loop with seeded batches, optional EMA and atomic checkpoints; writes the final model and train.json."""
+    """AdamW loop with seeded batches, optional EMA and atomic checkpoints; writes the final model and train.json.
+
+    `data` stays on the CPU; the model trains on `device`, each batch is copied there. `save_final` gets the
+    final model on `device` and must leave it on the CPU (it saves from there).
+    """
     model_config = _jsonable(model_config)
     data_sha256 = _data_sha256(data)
     ckpt_dir = out_dir / CHECKPOINT_DIR
+    model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_rate > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
@@ -455,7 +486,7 @@ def _train(
         epoch, pos = divmod(step, steps_per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * _SEED_STRIDE + epoch))
         idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-        batch = {k: v[idx] for k, v in data.items()}
+        batch = {k: v[idx].to(device) for k, v in data.items()}
         gen = torch.Generator().manual_seed(cfg.seed * _SEED_STRIDE + step + 7)
         optimizer.zero_grad(set_to_none=True)
         loss, extra = loss_fn(batch, gen)
@@ -527,8 +558,9 @@ def unet_training_data(
 
     scale: the latent scaling factor, by default the VAE's own (`vae.config.scaling_factor`).
     images uint8 (N, S, S, 3) at the VAE's sample size; captions[i] the captions of image i (their normalised
-    text tokens are averaged, as the subject's CLIP targets are). Returns float32 tensors latents (N, 4, h, w),
-    vision_ctx (N, Nv, D), text_ctx (N, Nt, D), uncond_vision (1, Nv, D), uncond_text (1, Nt, D).
+    text tokens are averaged, as the subject's CLIP targets are). Both models run where they are, `batch_size`
+    images per VAE call. Returns float32 CPU tensors latents (N, 4, h, w), vision_ctx (N, Nv, D),
+    text_ctx (N, Nt, D), uncond_vision (1, Nv, D), uncond_text (1, Nt, D).
     """
     from brainrecon.train.stage2.img2img import encode_images
 
@@ -545,7 +577,7 @@ def unet_training_data(
         "uncond_vision": uncond_vision,
         "uncond_text": uncond_text,
     }
-    return {"latents": latents.float(), **{k: torch.from_numpy(v).float() for k, v in arrays.items()}}
+    return {"latents": latents.float().cpu(), **{k: torch.from_numpy(v).float() for k, v in arrays.items()}}
 
 
 def small_unet_config(
@@ -576,21 +608,27 @@ def train_unet_on_prepared(
     clip: str = "builtin:small",
     vae: str = "builtin:small",
     log=print,
+    device: str | torch.device = "cpu",
+    encode_batch: int = 64,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
     """`recon-train foundation unet`: encode a recon-prepare folder's training images with the VAE and their
     captions and images with the CLIP, then train the small dual-guided UNet on them (`train_dual_unet`, whose
-    keyword arguments `train_kwargs` are: steps, batch_size, lr, seed, cond_drop, resume)."""
+    keyword arguments `train_kwargs` are: steps, batch_size, lr, seed, cond_drop, resume). Encoding and training
+    run on `device`, `encode_batch` images (or captions) per VAE or CLIP call."""
     from brainrecon.io import read_json
+    from brainrecon.train.device import resolve_device
     from brainrecon.train.foundations.loaders import load_clip, load_vae
 
+    device = resolve_device(device)
     data = Path(data)
     vae_model, _ = load_vae(vae)
-    extractor, _ = load_clip(clip)
+    vae_model.to(device)
+    extractor, _ = load_clip(clip, batch_size=encode_batch, device=device)
     images = prepared_train_images(data, vae_model.config.sample_size)
     captions = read_json(data / "train_captions.json", "train captions from recon-prepare")
     log(f"encoding {len(images)} training images and their captions ...")
-    tensors = unet_training_data(images, captions, vae_model, extractor)
+    tensors = unet_training_data(images, captions, vae_model, extractor, batch_size=encode_batch)
     shapes = extractor.shapes
     config = small_unet_config(
         shapes.dim, shapes.vision_tokens, shapes.text_tokens, tensors["latents"].shape[-1]
@@ -603,5 +641,6 @@ def train_unet_on_prepared(
         out,
         uncond_vision=tensors["uncond_vision"],
         uncond_text=tensors["uncond_text"],
+        device=device,
         **train_kwargs,
     )

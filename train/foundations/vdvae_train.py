@@ -1,4 +1,4 @@
-"""Train a VDVAE (train/foundations/vdvae.py) on 64x64 stimuli, as openai/vdvae `train.py` does, on the CPU.
+"""Train a VDVAE (train/foundations/vdvae.py) on 64x64 stimuli, as openai/vdvae `train.py` does, on a torch device.
 
 Loss: the ELBO in nats per dim (DmoL NLL + KL of every latent layer). AdamW (betas 0.9, 0.9) with a linear
 warm-up then a constant rate; gradients clipped to `grad_clip`, and a step whose gradient norm reaches
@@ -6,7 +6,9 @@ warm-up then a constant rate; gradients clipped to `grad_clip`, and a step whose
 what gets saved for use.
 
 Reproducible: the batch order and the posterior noise of step `s` come from generators seeded by
-(seed, epoch) and (seed, s), so a resumed run takes the same steps as an uninterrupted one.
+(seed, epoch) and (seed, s), so a resumed run takes the same steps as an uninterrupted one. The images stay on the
+CPU and each batch is copied to the device; the noise generator lives on the device (the model draws its posterior
+noise there), so a GPU run is reproducible on its own but takes other noise than a CPU run.
 
     out_dir/checkpoint/{model,ema,optimizer}.safetensors + state.json   (resumable; train/foundations/checkpoint.py)
     out_dir/model.safetensors + config.json                             (final EMA weights, save_vdvae)
@@ -85,14 +87,19 @@ def train_vdvae(
     ema_rate: float = 0.995,
     resume: bool = False,
     progress: bool = True,
+    device: str | torch.device = "cpu",
     **settings,
 ) -> VDVAETrainResult:
     """Train on (N, S, S, 3) uint8 images; write checkpoints and the final EMA model into `out_dir`.
 
     `settings`: further VDVAETrainConfig fields (warmup_steps, weight_decay, grad_clip, skip_threshold,
     checkpoint_every, adam_betas). With `resume`, continue from `out_dir/checkpoint` if there is one;
-    without it, an existing checkpoint is an error (nothing is overwritten by accident).
+    without it, an existing checkpoint is an error (nothing is overwritten by accident). `device` trains there;
+    the returned EMA model is on the CPU.
     """
+    from brainrecon.train.device import resolve_device
+
+    device = resolve_device(device)
     train_cfg = VDVAETrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_rate=ema_rate, **settings
     )
@@ -102,7 +109,7 @@ def train_vdvae(
     ckpt_dir = out_dir / CHECKPOINT_DIR
 
     torch.manual_seed(seed)  # parameter init
-    model = VDVAE(config)
+    model = VDVAE(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=lr, betas=train_cfg.adam_betas, weight_decay=train_cfg.weight_decay
@@ -136,10 +143,10 @@ def train_vdvae(
     while step < steps:
         epoch, pos = divmod(step, steps_per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * _SEED_STRIDE + epoch))
-        batch = images[order[pos * batch_size : (pos + 1) * batch_size]]  # (B,S,S,3) uint8
+        batch = images[order[pos * batch_size : (pos + 1) * batch_size]].to(device)  # (B,S,S,3) uint8
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, train_cfg.warmup_steps))
-        noise_gen = torch.Generator().manual_seed(seed * _SEED_STRIDE + step + 7)
+        noise_gen = torch.Generator(device=device).manual_seed(seed * _SEED_STRIDE + step + 7)
         record = _train_step(model, ema, optimizer, batch, noise_gen, train_cfg)
         history.append(record)
         step += 1
@@ -161,6 +168,7 @@ def train_vdvae(
             )
     if bar is not None:
         bar.close()
+    ema.cpu()
     save_vdvae(ema, config, out_dir)
     return VDVAETrainResult(
         ema_model=ema.eval(), step=step, history=history, skipped=int(sum(r["skipped"] for r in history))
