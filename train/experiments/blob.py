@@ -55,7 +55,7 @@ def decoder_peak_ratio(vae, images: np.ndarray, batch_size: int = 50) -> dict:
     act = torch.cat(captured).abs().amax(dim=1).flatten(1)  # (N, H*W)
     side = int(round(act.shape[1] ** 0.5))
     ratio = (act.max(dim=1).values / act.median(dim=1).values.clamp_min(1e-8)).mean()
-    peaks = act.argmax(dim=1).numpy()
+    peaks = act.argmax(dim=1).cpu().numpy()
     values, counts = np.unique(peaks, return_counts=True)
     mode = int(values[counts.argmax()])
     return {
@@ -92,13 +92,15 @@ def blob_comparison(
     findings: list[str] | None = None,
     progress: bool = True,
     log=print,
+    device: str = "cpu",
 ) -> dict:
     """Before/after of a VAE swap on a fitted subject -> out/blob.{json,md}, out/*.png.
 
     Both VAEs must share a latent space (`refit_vae`), so the subject's UNet and regressors serve both. Rows:
     stage 1; stage 1+2 at the fitted settings and with the true CLIP embeddings (oracle), per VAE; checks: the VAE
     round trip of the ground truth (PixCorr, SSIM, recurring error), the decoder's peak ratio, and the recurring
-    error of the final images. `findings`: sentences shown first in the report.
+    error of the final images. `findings`: sentences shown first in the report. The torch models run on
+    `device` ("cpu", "cuda").
     """
     from pathlib import Path
 
@@ -116,8 +118,8 @@ def blob_comparison(
     from brainrecon.train.stage2.img2img import decode_latents, encode_images
 
     out = Path(out)
-    model = Stage2Model.load(model_dir)
-    extractor, _ = load_clip(model.info["config"]["clip"])
+    model = Stage2Model.load(model_dir, device)
+    extractor, _ = load_clip(model.info["config"]["clip"], device=device)
     betas, images = load_prepared(Path(data_dir), "test")
     n = len(betas) if n_images is None else min(n_images, len(betas))
     betas, gt = betas[:n], np.asarray(images[:n])
@@ -145,6 +147,7 @@ def blob_comparison(
     }
     for label, spec in (("before", vae_before), ("after", vae_after)):
         vae, _ = load_vae(spec)
+        vae.to(device)
         scale = float(model.sampling.vae_scale_factor)
         round_trip = decode_latents(vae, encode_images(vae, small, scale), scale)
         peak = decoder_peak_ratio(vae, small)

@@ -37,9 +37,15 @@ def latent_layers(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
+    encode_batch: int = 64,
 ) -> dict:
-    """Fit and score stage 1 for every K in `layers` and regressor in `regressors` -> out/layers.{json,md,png}."""
+    """Fit and score stage 1 for every K in `layers` and regressor in `regressors` -> out/layers.{json,md,png}.
+
+    `device` ("cpu", "cuda") runs the VDVAE, the GRU and the CLIP; `encode_batch` images per VDVAE encoder call
+    (as `fit_stage1`)."""
     from brainrecon.metrics import pixcorr, ssim
+    from brainrecon.train.device import resolve_device
     from brainrecon.train.foundations.loaders import load_clip
     from brainrecon.train.foundations.vdvae import latent_dims
     from brainrecon.train.stage1.fit import (
@@ -54,6 +60,7 @@ def latent_layers(
     )
     from brainrecon.train.stage2.fit import clip_identification, clip_image_embeddings
 
+    device = resolve_device(device)
     data_dir, out = Path(data_dir), Path(out)
     if not layers or len(set(layers)) != len(layers):
         raise ConfigError(f"latent_layers: expected distinct layer counts, found {layers}")
@@ -61,13 +68,14 @@ def latent_layers(
     if unknown or not regressors:
         raise ConfigError(f"latent_layers: regressors must be among {REGRESSORS}, found {regressors}")
     model, _ = resolve_vdvae(vdvae)
+    model.to(device)
     total = model.config.num_latent_layers
     bad = [k for k in layers if not 1 <= k <= total]
     if bad:
         raise ConfigError(f"latent_layers: expected K in 1..{total} ({vdvae}), found {bad}")
     test_betas, test_images = load_prepared(data_dir, "test")
     gt = np.asarray(test_images)
-    extractor, _ = load_clip(clip)
+    extractor, _ = load_clip(clip, device=device)
     gt_embeddings = clip_image_embeddings(extractor, gt)
 
     def scores(recon: np.ndarray) -> dict:
@@ -91,7 +99,8 @@ def latent_layers(
     }
     out.mkdir(parents=True, exist_ok=True)
     for k in sorted(layers):
-        true = decode_images(model, encode_images(model, gt, k, progress=False), k)
+        true_latents = encode_images(model, gt, k, encode_batch, progress=False)
+        true = decode_images(model, true_latents, k)
         rows.append(
             {"k": k, "regressor": "true latents", "latent_dims": latent_dims(model.config, k), **scores(true)}
         )
@@ -100,8 +109,10 @@ def latent_layers(
             cfg = Stage1Config(
                 regressor=regressor, num_layers=k, seed=seed, max_epochs=max_epochs, vdvae=vdvae
             )
-            fitted = fit_stage1(data_dir, model_dir, cfg, progress=progress)
-            recon = Stage1Model.load(model_dir).reconstruct(test_betas)
+            fitted = fit_stage1(
+                data_dir, model_dir, cfg, progress=progress, device=device, encode_batch=encode_batch
+            )
+            recon = Stage1Model.load(model_dir, device).reconstruct(test_betas)
             row = {
                 "k": k,
                 "regressor": regressor,

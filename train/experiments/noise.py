@@ -106,8 +106,11 @@ def noise_sensitivity(
     config: NoiseConfig = NoiseConfig(),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> dict:
-    """Run the noise experiment on a fitted subject (stage 1 only, or both stages) -> out/noise.{json,md,png}."""
+    """Run the noise experiment on a fitted subject (stage 1 only, or both stages) -> out/noise.{json,md,png}.
+
+    The subject's torch models and the CLIP run on `device` ("cpu", "cuda"); the noise is numpy's either way."""
     from brainrecon.images import contact_sheet
     from brainrecon.metrics import pixcorr, ssim
     from brainrecon.train.foundations.loaders import DEFAULTS, load_clip
@@ -116,14 +119,14 @@ def noise_sensitivity(
 
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     has_stage2 = (model_dir / STAGE_DIR / "stage2.json").is_file()
-    model = Stage2Model.load(model_dir) if has_stage2 else None
-    stage1 = model.stage1 if model else Stage1Model.load(model_dir)
+    model = Stage2Model.load(model_dir, device) if has_stage2 else None
+    stage1 = model.stage1 if model else Stage1Model.load(model_dir, device)
     betas, images = load_prepared(data_dir, "test")
     n = len(betas) if config.n_images is None else min(config.n_images, len(betas))
     betas, gt = np.ascontiguousarray(betas[:n]), np.asarray(images[:n])
     if n < 2:
         raise InputError(data_dir / "test_betas.npy", "at least 2 test trials", str(n))
-    extractor, _ = load_clip(model.info["config"]["clip"] if model else DEFAULTS["clip"])
+    extractor, _ = load_clip(model.info["config"]["clip"] if model else DEFAULTS["clip"], device=device)
     gt_embeddings = clip_image_embeddings(extractor, gt)
     sampling = None
     if model is not None:

@@ -327,8 +327,13 @@ def compare_stage1(
     vdvae: str = "builtin:small64",
     max_epochs: int = 200,
     seed: int = 0,
+    device: str | torch.device = "cpu",
+    encode_batch: int = 64,
 ) -> list[dict]:
-    """Ridge vs GRU at each K, plus controls, on a subject's test set -> out/stage1.{json,md}, stage1_sheet.png."""
+    """Ridge vs GRU at each K, plus controls, on a subject's test set -> out/stage1.{json,md}, stage1_sheet.png.
+
+    `device` and `encode_batch` as `fit_stage1`; the reconstructions run on `device` too.
+    """
     from brainrecon.images import contact_sheet
     from brainrecon.metrics import pixcorr, ssim
 
@@ -360,8 +365,8 @@ def compare_stage1(
             cfg = Stage1Config(
                 regressor=regressor, num_layers=k, seed=seed, max_epochs=max_epochs, vdvae=vdvae
             )
-            info = fit_stage1(data_dir, model_dir, cfg)
-            recon = Stage1Model.load(model_dir).reconstruct(test_betas)
+            info = fit_stage1(data_dir, model_dir, cfg, device=device, encode_batch=encode_batch)
+            recon = Stage1Model.load(model_dir, device).reconstruct(test_betas)
             score(
                 f"{regressor} K={k}",
                 recon,
@@ -377,8 +382,11 @@ def compare_stage1(
         model_dir,
         Stage1Config(regressor="ridge", num_layers=k, seed=seed, vdvae=vdvae),
         shuffle_pairs=True,
+        device=device,
+        encode_batch=encode_batch,
     )
-    score(f"control: ridge K={k}, shuffled betas", Stage1Model.load(model_dir).reconstruct(test_betas))
+    shuffled = Stage1Model.load(model_dir, device).reconstruct(test_betas)
+    score(f"control: ridge K={k}, shuffled betas", shuffled)
     contact_sheet(sheet, out / "stage1_sheet.png")
     write_json(out / "stage1.json", {"data": str(data_dir), "n_test": len(gt), "vdvae": vdvae, "rows": rows})
     lines = ["| model | latent dims | regressor parameters | PixCorr | SSIM |", "|---|---|---|---|---|"]

@@ -355,7 +355,11 @@ def model_sizes(model: Stage2Model, extractor) -> list[dict]:
 
 
 def compare_stage2(
-    model_dir: str | Path, data_dir: str | Path, out: str | Path, sheet_images: int = 12
+    model_dir: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    sheet_images: int = 12,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Stage 1 vs stage 1+2 on a subject's test set, beside controls that say where stage 2's gains come from.
 
@@ -363,14 +367,14 @@ def compare_stage2(
     contexts (the true embeddings of the test images: the ceiling of the regressors), also at strength 1 (pure
     generation from them: how well the UNet follows its conditioning); shuffled predicted contexts (conditioning
     that belongs to other images); strength 0 (the VAE round trip, no diffusion). Writes out/stage2.{json,md},
-    out/stage2_sheet.png.
+    out/stage2_sheet.png. The torch models (the subject's and the CLIP) run on `device`.
     """
     from brainrecon.images import contact_sheet
     from brainrecon.metrics import pixcorr, ssim
 
     data_dir, out = Path(data_dir), Path(out)
-    model = Stage2Model.load(model_dir)
-    extractor, _ = load_clip(model.info["config"]["clip"])
+    model = Stage2Model.load(model_dir, device)
+    extractor, _ = load_clip(model.info["config"]["clip"], device=device)
     betas, images = load_prepared(data_dir, "test")
     gt = np.asarray(images)
     predicted = model.predict_contexts(betas)
