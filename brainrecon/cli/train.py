@@ -16,6 +16,13 @@ TorchDevice = Literal["cpu", "cuda"]
 DEVICE_HELP = "Torch device: cpu or cuda (no GPU: a one-line error, never a silent CPU run)."
 
 
+def check_device(device: str) -> None:
+    """A one-line DeviceError unless `device` is here: called first, before any data is read."""
+    from brainrecon.train.device import resolve_device
+
+    resolve_device(device)
+
+
 def prepared_train_images(data: Path, size: int):
     """A recon-prepare folder's training stimuli resized to `size` (what every foundation model trains on)."""
     from brainrecon.train.foundations.ldm_train import prepared_train_images as load
@@ -49,18 +56,28 @@ def train_foundation_vdvae(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
     fp16: Annotated[bool, typer.Option(help="Store the final weights in fp16 (half the size).")] = False,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Train a VDVAE on the stimuli with EMA weights and resumable checkpoints.
 
-    Example: recon-train foundation vdvae --data data/subj01 --out data/vdvae-small64 --steps 1500
+    Example: recon-train foundation vdvae --data data/subj01 --out data/vdvae-small64 --steps 1500 --device cuda
     """
+    check_device(device)
     from brainrecon.train.foundations.vdvae import vdvae_config
     from brainrecon.train.foundations.vdvae_train import train_vdvae
 
     cfg = vdvae_config(config)
     images = prepared_train_images(data, cfg.image_size)
     result = train_vdvae(
-        images, cfg, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume
+        images,
+        cfg,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        resume=resume,
+        device=device,
     )
     if fp16:  # smaller shipped weights: re-save the EMA model with fp16 storage
         from brainrecon.train.foundations.vdvae import save_vdvae
@@ -88,11 +105,13 @@ def train_foundation_clip(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, cosine).")] = 5e-4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Train a small CLIP contrastively on the stimuli and their captions (word-level tokenizer).
 
     Example: recon-train foundation clip --data data/subj01 --out data/clip-small --steps 2000
     """
+    check_device(device)
     from brainrecon.io import read_json
     from brainrecon.train.foundations.clip_small import SmallCLIPConfig, train_small_clip
 
@@ -109,6 +128,7 @@ def train_foundation_clip(
         seed=seed,
         config=config,
         overwrite=overwrite,
+        device=device,
     )
     print_summary(
         f"recon-train foundation clip -> {out}",
@@ -129,17 +149,27 @@ def train_foundation_vae(
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Train the small latent-diffusion VAE (64x64 images -> 8x8x4 latents) on the stimuli.
 
     Example: recon-train foundation vae --data data/subj01 --out data/vae-small --steps 1000
     """
+    check_device(device)
     from brainrecon.train.foundations.ldm_train import small_vae_config, train_vae
 
     config = small_vae_config()
     images = prepared_train_images(data, config["sample_size"])
     result = train_vae(
-        images, config, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume
+        images,
+        config,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        resume=resume,
+        device=device,
     )
     print_summary(
         f"recon-train foundation vae -> {out}/vae",
@@ -160,11 +190,13 @@ def train_foundation_vae_refit(
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Re-fit a VAE with other normalisation groups in the latent space of TEACHER (the UNet stays valid).
 
     Example: recon-train foundation vae-refit --data data/subj01 --out data/vae-small-g8 --steps 600
     """
+    check_device(device)
     from brainrecon.train.foundations.ldm_train import refit_vae
     from brainrecon.train.foundations.loaders import load_vae
 
@@ -181,6 +213,7 @@ def train_foundation_vae_refit(
         seed=seed,
         resume=resume,
         checkpoint_every=100,
+        device=device,
     )
     print_summary(
         f"recon-train foundation vae-refit -> {out}/vae",
@@ -206,11 +239,18 @@ def train_foundation_unet(
     cond_drop: Annotated[float, typer.Option(help="Probability of the unconditional context (CFG).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    encode_batch: Annotated[
+        int, typer.Option(help="Images (or captions) per VAE or CLIP encoder call.")
+    ] = 64,
 ) -> None:
     """Train the small dual-guided latent UNet on the stimuli's VAE latents, conditioned on CLIP tokens.
 
-    Example: recon-train foundation unet --data data/subj01 --out data/unet-small --steps 5000
+    --device runs the VAE and CLIP encoding and the UNet training.
+
+    Example: recon-train foundation unet --data data/subj01 --out data/unet-small --steps 5000 --device cuda
     """
+    check_device(device)
     from brainrecon.train.foundations.ldm_train import train_unet_on_prepared
 
     result = train_unet_on_prepared(
@@ -224,6 +264,8 @@ def train_foundation_unet(
         cond_drop=cond_drop,
         seed=seed,
         resume=resume,
+        device=device,
+        encode_batch=encode_batch,
     )
     print_summary(
         f"recon-train foundation unet -> {out}/unet",
@@ -280,9 +322,7 @@ def train_subject(
     """
     if stage not in ("vdvae", "clip", "all"):
         raise typer.BadParameter(f"expected vdvae, clip or all, found {stage!r}", param_hint="--stage")
-    from brainrecon.train.device import resolve_device
-
-    resolve_device(device)  # before any data is read
+    check_device(device)
     if stage in ("vdvae", "all"):
         from brainrecon.train.stage1.fit import Stage1Config, fit_stage1
 
@@ -348,9 +388,7 @@ def reconstruct(
 
     Example: recon-reconstruct --model-dir engines/subj01 --data data/subj01 --out data/recon-torch --stage 2
     """
-    from brainrecon.train.device import resolve_device
-
-    resolve_device(device)
+    check_device(device)
     if stage == 1:
         from brainrecon.train.stage1.fit import reconstruct_test_set
 
@@ -408,15 +446,27 @@ def eval_stage1(
     ] = "builtin:small64",
     max_epochs: Annotated[int, typer.Option(help="GRU epoch cap.")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    encode_batch: Annotated[int, typer.Option(help="Images per VDVAE encoder call.")] = 64,
 ) -> None:
     """Stage-1 PixCorr/SSIM of ridge vs GRU at several K, beside mean-image and shuffled-betas controls.
 
     Example: recon-eval stage1 --data data/subj01 --out benchmarks/results/stage1
     """
+    check_device(device)
     from brainrecon.train.stage1.fit import compare_stage1
 
     ks = tuple(int(k) for k in layers.split(","))
-    compare_stage1(data, out, ks, vdvae=vdvae, max_epochs=max_epochs, seed=seed)
+    compare_stage1(
+        data,
+        out,
+        ks,
+        vdvae=vdvae,
+        max_epochs=max_epochs,
+        seed=seed,
+        device=device,
+        encode_batch=encode_batch,
+    )
     Console().print((out / "stage1.md").read_text())
 
 
@@ -425,14 +475,16 @@ def eval_stage2(
     model_dir: Annotated[Path, typer.Option(help="Subject model folder with both stages fitted.")],
     data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
     out: Annotated[Path, typer.Option(help="Results folder: stage2.json, stage2.md, stage2_sheet.png.")],
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Stage 1 vs stage 1+2 (PixCorr, SSIM, CLIP 2-way identification) with guidance, oracle and shuffle controls.
 
     Example: recon-eval stage2 --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/stage2
     """
+    check_device(device)
     from brainrecon.train.stage2.fit import compare_stage2
 
-    compare_stage2(model_dir, data, out)
+    compare_stage2(model_dir, data, out, device=device)
     Console().print((out / "stage2.md").read_text())
 
 
@@ -466,11 +518,13 @@ def eval_noise(
         bool, typer.Option(help="Also noise the stage-1 input alone and the CLIP input alone.")
     ] = True,
     steps: Annotated[int, typer.Option(help="DDIM steps (0: the fitted 50).")] = 0,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Noise sensitivity: Gaussian noise on the test betas; PixCorr, SSIM, CLIP 2-way per stage and input.
 
     Example: recon-eval noise --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/noise
     """
+    check_device(device)
     from brainrecon.train.experiments.noise import NoiseConfig, noise_sensitivity, noise_table
 
     config = NoiseConfig(
@@ -480,7 +534,7 @@ def eval_noise(
         roles=roles,
         num_inference_steps=steps or None,
     )
-    result = noise_sensitivity(model_dir, data, out, config, log=Console(stderr=True).print)
+    result = noise_sensitivity(model_dir, data, out, config, log=Console(stderr=True).print, device=device)
     Console().print(noise_table(result))
 
 
@@ -495,11 +549,14 @@ def eval_layers(
         str, typer.Option(help="Foundation VDVAE (as recon-train subject).")
     ] = "builtin:small64",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    encode_batch: Annotated[int, typer.Option(help="Images per VDVAE encoder call.")] = 64,
 ) -> None:
     """Latent layers: ridge and GRU over K, with metrics, parameters, fit time and the true-latent ceiling.
 
     Example: recon-eval layers --data data/subj01 --out benchmarks/results/layers
     """
+    check_device(device)
     from brainrecon.train.experiments.layers import latent_layers, layers_table
 
     result = latent_layers(
@@ -511,6 +568,8 @@ def eval_layers(
         vdvae=vdvae,
         seed=seed,
         log=Console(stderr=True).print,
+        device=device,
+        encode_batch=encode_batch,
     )
     Console().print(layers_table(result))
 
@@ -545,16 +604,25 @@ def eval_blob(
     before: Annotated[str, typer.Option(help="The VAE before the fix (a folder).")],
     after: Annotated[str, typer.Option(help="The VAE after the fix, same latent space.")] = "builtin:small",
     images: Annotated[int, typer.Option(help="Use the first N test images (0: all).")] = 0,
+    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Before/after of a VAE swap: round trip, decoder peak, recurring error, stage 1+2 and oracle metrics.
 
     Example: recon-eval blob --model-dir engines/subj01 --data data/subj01 --before data/vae-small-g32
     --out benchmarks/results/blob
     """
+    check_device(device)
     from brainrecon.train.experiments.blob import blob_comparison
 
     blob_comparison(
-        model_dir, data, out, before, after, n_images=images or None, log=Console(stderr=True).print
+        model_dir,
+        data,
+        out,
+        before,
+        after,
+        n_images=images or None,
+        log=Console(stderr=True).print,
+        device=device,
     )
     Console().print((out / "blob.md").read_text())
 
