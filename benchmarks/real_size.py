@@ -637,15 +637,26 @@ def run_step(
     return result
 
 
+STEPS = ("export", "validate", "load")
+
+
 def measure_model(
-    name: str, work: Path, threads: int | None, log: Path, save: Any = lambda entry: None
+    name: str,
+    work: Path,
+    threads: int | None,
+    log: Path,
+    save: Any = lambda entry: None,
+    steps: tuple[str, ...] = STEPS,
+    entry: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every step of `name` at both precisions; `save(entry)` after each step, so a run stopped midway keeps what
-    it measured."""
-    entry: dict[str, Any] = {}
+    """`steps` of `name` at both precisions, merged into `entry` (an earlier result: `--steps load` re-times the
+    kept files on a quieter machine); `save(entry)` after each step, so a run stopped midway keeps what it
+    measured."""
+    entry = dict(entry or {})
     for precision in ("fp32", "fp16"):
-        result: dict[str, Any] = {}
-        for step in ("export", "validate", "load"):
+        result: dict[str, Any] = dict(entry.get(precision, {})) if steps != STEPS else {}
+        result.pop("error", None)
+        for step in steps:
             if step == "validate" and "check" in result.get("fp16", {}):
                 result["validation"] = result["fp16"].pop("check")  # validated inside export_fp16 already
                 continue
@@ -759,6 +770,11 @@ def main(argv: list[str] | None = None) -> int:
         help="assemble a real-size model folder for recon-infer from the kept files in --work, then exit",
     )
     p.add_argument("--table", action="store_true", help="print the README table of --out and exit")
+    p.add_argument(
+        "--steps",
+        default=",".join(STEPS),
+        help="steps to run (export,validate,load); e.g. --steps load re-times the files kept by --keep",
+    )
     p.add_argument("--step", choices=("export", "validate", "load"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help=argparse.SUPPRESS)
@@ -782,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_dir:
         print(f"model folder: {assemble_model_dir(args.work, args.model_dir)}")
         return 0
+    steps = tuple(s for s in STEPS if s in args.steps.split(","))
+    if not steps or set(args.steps.split(",")) - set(STEPS):
+        p.error(f"--steps: expected some of {','.join(STEPS)}, found {args.steps!r}")
     names = [n for n in args.only.split(",") if n] or list(MODELS)
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
@@ -802,13 +821,18 @@ def main(argv: list[str] | None = None) -> int:
             results["models"][name] = partial
             write_json(args.out, results)
 
-        entry = measure_model(name, args.work, args.threads, log, save)
-        entry["wall_s"] = round(time.perf_counter() - t0, 1)
-        entry["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        earlier = results["models"].get(name) if steps != STEPS else None
+        entry = measure_model(name, args.work, args.threads, log, save, steps, earlier)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if steps == STEPS:
+            entry["wall_s"] = round(time.perf_counter() - t0, 1)
+            entry["measured_at"] = now
+        else:  # the earlier run's wall time and date stay; say what was re-run when
+            entry["rerun"] = {"steps": list(steps), "at": now, "wall_s": round(time.perf_counter() - t0, 1)}
         results["models"][name] = entry
         write_json(args.out, results)
         print(f"[real-size] {name}: {json.dumps(entry)[:600]}", flush=True)
-        if not args.keep:
+        if not args.keep and steps == STEPS:  # a partial re-run reads kept files and leaves them
             for f in args.work.glob(f"{name}.*"):
                 f.unlink(missing_ok=True)
     failed = [n for n in names if any("error" in results["models"][n].get(p, {}) for p in ("fp32", "fp16"))]

@@ -246,3 +246,24 @@ def test_real_size_command_measures_the_clip_regressor(tmp_path):
         assert r["latency"]["1"]["median_s"] > 0 and r["latency"]["2"]["median_s"] > 0
     assert not list((tmp_path / "work").glob("clip_text.*.onnx"))  # removed without --keep
     assert np.isfinite(entry["wall_s"])
+
+
+@pytest.mark.slow
+def test_real_size_steps_load_retimes_kept_files_and_keeps_the_rest(tmp_path):
+    """`--keep` then `--steps load`: the latency and load figures are measured again on the kept files, the export
+    and parity figures of the first run stay, and the files stay."""
+    rs = load_real_size()
+    out, work = tmp_path / "real_size.json", tmp_path / "work"
+    base = ["--out", str(out), "--only", "gru", "--work", str(work)]
+    assert rs.main([*base, "--keep"]) == 0
+    first = json.loads(out.read_text())["models"]["gru"]
+    assert rs.main([*base, "--steps", "load"]) == 0
+    again = json.loads(out.read_text())["models"]["gru"]
+    assert again["rerun"]["steps"] == ["load"] and again["wall_s"] == first["wall_s"]
+    for precision in ("fp32", "fp16"):
+        assert again[precision]["validation"] == first[precision]["validation"]
+        assert again[precision]["export_s"] == first[precision]["export_s"]
+        assert again[precision]["latency"]["1"]["median_s"] > 0
+        assert (work / f"gru.{precision}.onnx").is_file()
+    with pytest.raises(SystemExit):
+        rs.main([*base, "--steps", "load,fit"])
