@@ -415,4 +415,47 @@ def _speed_section(page: _Page, results: Path) -> bool:
         ],
         "speed-table",
     )
+    curves = results / "stage2_runtime_curves.png"
+    if curves.is_file():
+        page.image(curves, "two-stage latency and throughput against the batch size, per pipeline")
+    _real_size_table(page, results / "real_size.json")
     return True
+
+
+def _real_size_table(page: _Page, path: Path) -> None:
+    """The real-size models (benchmarks/real_size.py): file size and ONNX Runtime CPU latency per precision."""
+    models = (_read(path) or {}).get("models", {})
+    rows = []
+    for name, entry in models.items():
+        for precision in ("fp32", "fp16"):
+            r = entry.get(precision) if isinstance(entry, dict) else None
+            if not isinstance(r, dict) or "latency" not in r:
+                continue
+            rows.append(
+                {
+                    "model": name,
+                    "precision": precision,
+                    "parameters": entry.get("parameters"),
+                    "file_mb": r.get("file_bytes", 0) / 1e6,
+                    "batch1_s": r["latency"].get("1", {}).get("median_s"),
+                    "batch2_s": r["latency"].get("2", {}).get("median_s"),
+                }
+            )
+    if not rows:
+        return
+    page.p(
+        "Real size (random weights at NSD and Versatile Diffusion sizes, benchmarks/real_size.py): ONNX Runtime "
+        "CPU latency per call on this machine; batch 2 is the UNet's classifier-free-guidance pair."
+    )
+    page.table(
+        rows,
+        [
+            ("model", "model", "text"),
+            ("precision", "precision", "text"),
+            ("parameters", "parameters", "int"),
+            ("file_mb", "file MB", "num"),
+            ("batch1_s", "batch 1 s", "num"),
+            ("batch2_s", "batch 2 s", "num"),
+        ],
+        "real-size-table",
+    )

@@ -127,7 +127,10 @@ def dom(report) -> _Dom:
 
 
 def test_report_renders_and_every_image_loads(report, dom):
-    plots = sum((report["results"] / p).is_file() for p in ("noise/noise.png", "layers/layers.png"))
+    plots = sum(
+        (report["results"] / p).is_file()
+        for p in ("noise/noise.png", "layers/layers.png", "stage2_runtime_curves.png")
+    )
     assert len(dom.images) >= 3 + plots  # contact sheet, stage 1 and 2 sheets, the experiment plots
     assert all(src.startswith("images/") for src in dom.images)
     assert dom.body.get("data-images-total") == str(len(dom.images))
@@ -197,6 +200,13 @@ def test_report_tables_show_the_json_numbers(report, dom):
         )
     speed = dom.tables["speed-table"]
     assert speed and all(float(r["seconds"][0]) > 0 for r in speed)
+    real = json.loads((results / "real_size.json").read_text())["models"]
+    shown = dom.tables["real-size-table"]
+    assert len(shown) >= 8  # both precisions of the models measured so far
+    for row in shown:
+        latency = real[row["model"][2]][row["precision"][2]]["latency"]
+        assert float(row["batch1_s"][0]) == pytest.approx(latency["1"]["median_s"], abs=1e-12)
+        assert float(row["batch2_s"][0]) == pytest.approx(latency["2"]["median_s"], abs=1e-12)
     sizes = {r["foundation"][2]: float(r["megabytes"][0]) for r in dom.tables["foundations"]}
     assert (
         set(sizes) >= {"unet-small", "vae-small", "clip-small", "vdvae-small64"} and sum(sizes.values()) <= 40
