@@ -100,7 +100,7 @@ bench-serve: serve-env
 
 # The real-size model set (random weights at NSD + Versatile Diffusion sizes): every model exported fp32/fp16 with
 # parity, ORT CPU latency, peak memory and file sizes -> benchmarks/results/real_size.json (README "Real size").
-# Hours on 2 cores and up to ~13 GB of memory for one model at a time; the ONNX files go under engines/real-size.
+# About 75 min on 2 cores and up to 11 GB of memory for one model at a time; the ONNX files go under engines/real-size.
 # ONLY=unet,vae_decoder measures a subset.
 real-size: install
 	nice $(PY) benchmarks/real_size.py --out benchmarks/results/real_size.json $(if $(ONLY),--only $(ONLY))
