@@ -14,6 +14,8 @@ from brainrecon.cli import print_summary, run_app
 # torch devices of the training and reference commands (train/device.py checks that a GPU is there)
 TorchDevice = Literal["cpu", "cuda"]
 DEVICE_HELP = "Torch device: cpu or cuda (no GPU: a one-line error, never a silent CPU run)."
+DeviceOption = Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)]
+EncodeBatchOption = Annotated[int, typer.Option(help="Images per VDVAE encoder call.")]
 
 
 def check_device(device: str) -> None:
@@ -56,7 +58,7 @@ def train_foundation_vdvae(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
     fp16: Annotated[bool, typer.Option(help="Store the final weights in fp16 (half the size).")] = False,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    device: DeviceOption = "cpu",
 ) -> None:
     """Train a VDVAE on the stimuli with EMA weights and resumable checkpoints.
 
@@ -105,7 +107,7 @@ def train_foundation_clip(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up, cosine).")] = 5e-4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    device: DeviceOption = "cpu",
 ) -> None:
     """Train a small CLIP contrastively on the stimuli and their captions (word-level tokenizer).
 
@@ -149,7 +151,7 @@ def train_foundation_vae(
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    device: DeviceOption = "cpu",
 ) -> None:
     """Train the small latent-diffusion VAE (64x64 images -> 8x8x4 latents) on the stimuli.
 
@@ -190,7 +192,7 @@ def train_foundation_vae_refit(
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    device: DeviceOption = "cpu",
 ) -> None:
     """Re-fit a VAE with other normalisation groups in the latent space of TEACHER (the UNet stays valid).
 
@@ -239,7 +241,7 @@ def train_foundation_unet(
     cond_drop: Annotated[float, typer.Option(help="Probability of the unconditional context (CFG).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.")] = False,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    device: DeviceOption = "cpu",
     encode_batch: Annotated[
         int, typer.Option(help="Images (or captions) per VAE or CLIP encoder call.")
     ] = 64,
@@ -311,8 +313,8 @@ def train_subject(
         bool, typer.Option(help="Re-normalise predictions to training-target statistics.")
     ] = True,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
-    encode_batch: Annotated[int, typer.Option(help="Images per VDVAE encoder call.")] = 64,
+    device: DeviceOption = "cpu",
+    encode_batch: EncodeBatchOption = 64,
 ) -> None:
     """Fit the subject's regressors: betas -> VDVAE latents (stage 1) and betas -> CLIP tokens (stage 2).
 
@@ -382,7 +384,7 @@ def reconstruct(
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (7.5).")] = None,
     mix: Annotated[float | None, typer.Option(help="Vision weight of the dual guidance (0.6).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    device: DeviceOption = "cpu",
 ) -> None:
     """Reconstruct the test set with the torch models (the reference the runtime must match).
 
@@ -446,8 +448,8 @@ def eval_stage1(
     ] = "builtin:small64",
     max_epochs: Annotated[int, typer.Option(help="GRU epoch cap.")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
-    encode_batch: Annotated[int, typer.Option(help="Images per VDVAE encoder call.")] = 64,
+    device: DeviceOption = "cpu",
+    encode_batch: EncodeBatchOption = 64,
 ) -> None:
     """Stage-1 PixCorr/SSIM of ridge vs GRU at several K, beside mean-image and shuffled-betas controls.
 
@@ -475,7 +477,7 @@ def eval_stage2(
     model_dir: Annotated[Path, typer.Option(help="Subject model folder with both stages fitted.")],
     data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
     out: Annotated[Path, typer.Option(help="Results folder: stage2.json, stage2.md, stage2_sheet.png.")],
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    device: DeviceOption = "cpu",
 ) -> None:
     """Stage 1 vs stage 1+2 (PixCorr, SSIM, CLIP 2-way identification) with guidance, oracle and shuffle controls.
 
@@ -518,7 +520,7 @@ def eval_noise(
         bool, typer.Option(help="Also noise the stage-1 input alone and the CLIP input alone.")
     ] = True,
     steps: Annotated[int, typer.Option(help="DDIM steps (0: the fitted 50).")] = 0,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    device: DeviceOption = "cpu",
 ) -> None:
     """Noise sensitivity: Gaussian noise on the test betas; PixCorr, SSIM, CLIP 2-way per stage and input.
 
@@ -549,8 +551,8 @@ def eval_layers(
         str, typer.Option(help="Foundation VDVAE (as recon-train subject).")
     ] = "builtin:small64",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
-    encode_batch: Annotated[int, typer.Option(help="Images per VDVAE encoder call.")] = 64,
+    device: DeviceOption = "cpu",
+    encode_batch: EncodeBatchOption = 64,
 ) -> None:
     """Latent layers: ridge and GRU over K, with metrics, parameters, fit time and the true-latent ceiling.
 
@@ -604,7 +606,7 @@ def eval_blob(
     before: Annotated[str, typer.Option(help="The VAE before the fix (a folder).")],
     after: Annotated[str, typer.Option(help="The VAE after the fix, same latent space.")] = "builtin:small",
     images: Annotated[int, typer.Option(help="Use the first N test images (0: all).")] = 0,
-    device: Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)] = "cpu",
+    device: DeviceOption = "cpu",
 ) -> None:
     """Before/after of a VAE swap: round trip, decoder peak, recurring error, stage 1+2 and oracle metrics.
 
