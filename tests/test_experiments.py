@@ -186,6 +186,28 @@ def test_layers_outputs_agree_with_the_json(layers_result):
     assert _png(out / "layers.png")
 
 
+def test_layers_resume_keeps_finished_k_and_fits_the_rest(layers_result, tiny, tmp_path):
+    from brainrecon.train.experiments.layers import latent_layers
+
+    result, out = layers_result
+    (tmp_path / "layers.json").write_text((out / "layers.json").read_text())
+    saved = json.loads((tmp_path / "layers.json").read_text())
+    saved["rows"] = [r for r in saved["rows"] if r["k"] == 1]  # K = TINY_LAYERS "was stopped"
+    (tmp_path / "layers.json").write_text(json.dumps(saved))
+    vdvae = str(tiny["prep"].parent / "vdvae")
+    logged: list[str] = []
+    resumed = latent_layers(
+        tiny["prep"], tmp_path, layers=(1, TINY_LAYERS), max_epochs=2, vdvae=vdvae, log=logged.append,
+        resume=True,
+    )
+    assert resumed["rows"][:3] == saved["rows"]  # kept, not refitted
+    assert [r["k"] for r in resumed["rows"][3:]] == [TINY_LAYERS] * 3
+    assert not (tmp_path / "models" / "gru-k1").exists() and (tmp_path / "models" / f"gru-k{TINY_LAYERS}").exists()
+    assert any("K=1 kept" in line for line in logged)
+    with pytest.raises(ConfigError, match="cannot resume, expected max_epochs 3 .*found 2"):
+        latent_layers(tiny["prep"], tmp_path, layers=(1,), max_epochs=3, vdvae=vdvae, progress=False, resume=True)
+
+
 def test_layers_rejects_k_outside_the_vdvae(tiny, tmp_path):
     from brainrecon.train.experiments.layers import latent_layers
 

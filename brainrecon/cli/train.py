@@ -553,6 +553,9 @@ def eval_layers(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOption = "cpu",
     encode_batch: EncodeBatchOption = 64,
+    resume: Annotated[
+        bool, typer.Option(help="Keep the K already finished in OUT/layers.json; fit only the others.")
+    ] = False,
 ) -> None:
     """Latent layers: ridge and GRU over K, with metrics, parameters, fit time and the true-latent ceiling.
 
@@ -572,6 +575,7 @@ def eval_layers(
         log=Console(stderr=True).print,
         device=device,
         encode_batch=encode_batch,
+        resume=resume,
     )
     Console().print(layers_table(result))
 

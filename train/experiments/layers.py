@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from brainrecon.errors import ConfigError
-from brainrecon.io import write_json, write_text
+from brainrecon.io import read_json, write_json, write_text
 
 METRICS = ("pixcorr", "ssim", "clip_2way")
 
@@ -39,11 +39,13 @@ def latent_layers(
     log: Callable[[str], None] = print,
     device: str = "cpu",
     encode_batch: int = 64,
+    resume: bool = False,
 ) -> dict:
     """Fit and score stage 1 for every K in `layers` and regressor in `regressors` -> out/layers.{json,md,png}.
 
     `device` ("cpu", "cuda") runs the VDVAE, the GRU and the CLIP; `encode_batch` images per VDVAE encoder call
-    (as `fit_stage1`)."""
+    (as `fit_stage1`). `resume`: keep the rows of every K that out/layers.json already has in full (same data,
+    models, epoch cap and seed) and fit only the others, so a long sweep that was stopped goes on where it was."""
     from brainrecon.metrics import pixcorr, ssim
     from brainrecon.train.device import resolve_device
     from brainrecon.train.foundations.loaders import load_clip
@@ -85,7 +87,6 @@ def latent_layers(
             "clip_2way": round(clip_identification(extractor, gt_embeddings, recon), 4),
         }
 
-    rows: list[dict] = []
     t_start = time.perf_counter()
     result = {
         "data": str(data_dir),
@@ -95,10 +96,17 @@ def latent_layers(
         "clip": clip,
         "max_epochs": max_epochs,
         "seed": seed,
-        "rows": rows,
+        "rows": [],
     }
+    done = _finished_rows(result, out, regressors) if resume else {}
     out.mkdir(parents=True, exist_ok=True)
     for k in sorted(layers):
+        rows = result["rows"]
+        if k in done:
+            rows.extend(done[k])
+            if progress:
+                log(f"layers: K={k} kept from {out / 'layers.json'}")
+            continue
         true_latents = encode_images(model, gt, k, encode_batch, progress=False)
         true = decode_images(model, true_latents, k)
         rows.append(
@@ -132,6 +140,29 @@ def latent_layers(
                 )
         _write(result, out)  # after every K: a long sweep leaves its finished rows behind
     return result
+
+
+def _finished_rows(result: dict, out: Path, regressors: tuple[str, ...]) -> dict[int, list[dict]]:
+    """K -> its rows in out/layers.json, for every K with a row for each of `regressors` and the true latents;
+    the file's settings must be `result`'s. {} when there is no file."""
+    path = out / "layers.json"
+    if not path.exists():
+        return {}
+    saved = read_json(path, "the latent-layer sweep to resume")
+    for key in ("data", "n_test", "vdvae", "clip", "max_epochs", "seed"):
+        if saved.get(key) != result[key]:
+            raise ConfigError(
+                f"{path}: cannot resume, expected {key} {result[key]!r} (this run), found {saved.get(key)!r}"
+            )
+    by_k: dict[int, list[dict]] = {}
+    for row in saved.get("rows", []):
+        by_k.setdefault(int(row["k"]), []).append(row)
+    wanted = {"true latents", *regressors}
+    return {
+        k: [r for r in rows if r["regressor"] in wanted]
+        for k, rows in by_k.items()
+        if wanted <= {r["regressor"] for r in rows}
+    }
 
 
 def _write(result: dict, out: Path) -> None:
