@@ -197,15 +197,25 @@ def test_layers_resume_keeps_finished_k_and_fits_the_rest(layers_result, tiny, t
     vdvae = str(tiny["prep"].parent / "vdvae")
     logged: list[str] = []
     resumed = latent_layers(
-        tiny["prep"], tmp_path, layers=(1, TINY_LAYERS), max_epochs=2, vdvae=vdvae, log=logged.append,
+        tiny["prep"],
+        tmp_path,
+        layers=(1, TINY_LAYERS),
+        max_epochs=2,
+        vdvae=vdvae,
+        log=logged.append,
         resume=True,
     )
     assert resumed["rows"][:3] == saved["rows"]  # kept, not refitted
     assert [r["k"] for r in resumed["rows"][3:]] == [TINY_LAYERS] * 3
-    assert not (tmp_path / "models" / "gru-k1").exists() and (tmp_path / "models" / f"gru-k{TINY_LAYERS}").exists()
+    assert (
+        not (tmp_path / "models" / "gru-k1").exists()
+        and (tmp_path / "models" / f"gru-k{TINY_LAYERS}").exists()
+    )
     assert any("K=1 kept" in line for line in logged)
     with pytest.raises(ConfigError, match="cannot resume, expected max_epochs 3 .*found 2"):
-        latent_layers(tiny["prep"], tmp_path, layers=(1,), max_epochs=3, vdvae=vdvae, progress=False, resume=True)
+        latent_layers(
+            tiny["prep"], tmp_path, layers=(1,), max_epochs=3, vdvae=vdvae, progress=False, resume=True
+        )
 
 
 def test_layers_rejects_k_outside_the_vdvae(tiny, tmp_path):
