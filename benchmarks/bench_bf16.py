@@ -112,6 +112,11 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "stage2_runtime_bf16.json"
     )
     parser.add_argument("--note", default="")
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="write the results as this section of --out (e.g. demo, real_size), keeping the file's others",
+    )
     args = parser.parse_args()
     import onnxruntime
     import openvino
@@ -129,8 +134,14 @@ def main() -> None:
             Path(path), [int(b) for b in (batches or "1").split(",")], args.threads, args.repeats
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        written = results
+        if args.section:
+            written = json.loads(args.out.read_text()) if args.out.exists() else {}
+            shared = ("versions", "threads")
+            written.update({k: results[k] for k in shared})
+            written[args.section] = {k: v for k, v in results.items() if k not in shared}
         tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.write_text(json.dumps(written, indent=2) + "\n")
         os.replace(tmp, args.out)  # after every model: an interrupted run keeps what it measured
     print(f"-> {args.out}")
 
