@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from brainrecon.errors import InputError
+from brainrecon.errors import InputError, MissingFileError
 from brainrecon.train.foundations.dual_unet import DualUNetConfig
 from brainrecon.train.foundations.ldm_train import load_dual_unet, train_dual_unet, train_vae
 from tests.tiny_models import tiny_vae_config
@@ -147,3 +147,21 @@ def test_vae_bad_inputs(tmp_path):
         train_vae(_images()[:, :8], tiny_vae_config(), tmp_path, steps=1, batch_size=4, progress=False)
     with pytest.raises(InputError, match="batch_size"):
         train_vae(_images(2), tiny_vae_config(), tmp_path, steps=1, batch_size=4, progress=False)
+
+
+def test_training_curves_of_a_run(tmp_path):
+    import json
+
+    from brainrecon.train.experiments.curves import training_curves
+
+    _vae(tmp_path / "vae", steps=6)
+    result = training_curves({"vae": tmp_path / "vae"}, tmp_path / "out", window=2)
+    run = result["runs"]["vae"]
+    history = json.loads((tmp_path / "vae" / "checkpoint" / "state.json").read_text())["history"]
+    assert run["steps"] == 6 and run["step"] == [2, 4, 6]
+    assert run["curves"]["loss"][0] == pytest.approx((history[0]["loss"] + history[1]["loss"]) / 2, abs=1e-5)
+    assert set(run["curves"]) == {"loss", "rec", "kl"}
+    assert json.loads((tmp_path / "out" / "training.json").read_text()) == json.loads(json.dumps(result))
+    assert (tmp_path / "out" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(MissingFileError, match="checkpoint state"):
+        training_curves({"x": tmp_path / "missing"}, tmp_path / "out2")

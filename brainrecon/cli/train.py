@@ -580,6 +580,33 @@ def eval_layers(
     Console().print(layers_table(result))
 
 
+@eval_app.command("curves")
+def eval_curves(
+    run: Annotated[
+        list[str], typer.Option(help="LABEL=FOLDER of a recon-train foundation output; repeat for more runs.")
+    ],
+    out: Annotated[Path, typer.Option(help="Results folder: training.json, training_curves.png.")],
+    window: Annotated[int, typer.Option(help="Steps per plotted mean.")] = 50,
+) -> None:
+    """Training curves of foundation models, from the loss history their checkpoints keep.
+
+    Example: recon-eval curves --run vae=data/vae-small --run unet=data/unet-small --out benchmarks/results/foundations
+    """
+    from brainrecon.train.experiments.curves import training_curves
+
+    runs = {}
+    for item in run:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise typer.BadParameter(f"expected LABEL=FOLDER, found {item!r}", param_hint="--run")
+        runs[label] = folder
+    result = training_curves(runs, out, window)
+    for label, r in result["runs"].items():
+        last = {term: values[-1] for term, values in r["curves"].items()}
+        Console().print(f"{label}: {r['steps']} steps, last {r['window']}-step means {last}")
+    Console().print(f"-> {out / 'training_curves.png'}")
+
+
 @eval_app.command("report")
 def eval_report(
     model_dir: Annotated[Path, typer.Option(help="Subject model folder (both stages fitted).")],
