@@ -267,3 +267,46 @@ def test_real_size_steps_load_retimes_kept_files_and_keeps_the_rest(tmp_path):
         assert (work / f"gru.{precision}.onnx").is_file()
     with pytest.raises(SystemExit):
         rs.main([*base, "--steps", "load,fit"])
+
+
+@pytest.mark.slow
+def test_real_size_curve_times_every_pipeline_and_compares_with_torch(tmp_path):
+    """benchmarks/real_size_curve.py on the real-size GRU (the UNet's command, minutes less): every pipeline at
+    every batch, rows/s, peak memory, speedups over torch eager, output errors against it, and the plot."""
+    rs = load_real_size()
+    work, out = tmp_path / "work", tmp_path / "curve.json"
+    assert rs.main(["--out", str(tmp_path / "rs.json"), "--only", "gru", "--work", str(work), "--keep"]) == 0
+    spec = importlib.util.spec_from_file_location(
+        "real_size_curve", ROOT / "benchmarks" / "real_size_curve.py"
+    )
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    pipelines = "torch,torch_bf16,ort_fp32,openvino_bf16"
+    args = [
+        "--model",
+        "gru",
+        "--pipelines",
+        pipelines,
+        "--batches",
+        "1,3",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+    ]
+    assert curve.main([*args, "--work", str(work), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["pipelines"]) == pipelines.split(",")
+    for name, r in result["pipelines"].items():
+        assert sorted(r["batches"]) == ["1", "3"], (name, r)
+        assert r["peak_gb"] > 0.05
+        for b in r["batches"].values():
+            assert 0 < b["p50_s"] <= b["p95_s"] and b["speedup_vs_torch"] > 0
+    err = result["error_vs_torch_fp32"]
+    assert err["torch"]["max_over_scale"] == 0 and err["ort_fp32"]["max_over_scale"] < 1e-5
+    assert 0 < err["torch_bf16"]["max_over_scale"] < 0.1 and 0 < err["openvino_bf16"]["max_over_scale"] < 0.1
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        curve.main(
+            ["--pipelines", "ort_fp32", "--work", str(work), "--out", str(out)]
+        )  # torch is the reference
