@@ -281,10 +281,16 @@ def _stage2_section(page: _Page, folder: Path) -> bool:
     page.h2("Stage 1 vs stage 1+2, with controls", "stage2")
     page.p(
         f"{data.get('n_test')} test images; sampling {data.get('sampling')}. Oracle rows use the true CLIP "
-        "embeddings of the test images; shuffled contexts belong to other images (chance 0.5)."
+        "embeddings of the test images; shuffled contexts belong to other images (chance 0.5). Recurring error: "
+        "max / median of the error map averaged over the images; a fixed-position artifact raises it."
+    )
+    recurring = (
+        [("recurring_error", "recurring error ↓", "num")] if "recurring_error" in data["rows"][0] else []
     )
     page.table(
-        data["rows"], [("run", "run", "text"), *METRIC_COLUMNS, ("seconds", "seconds", "num")], "stage2-table"
+        data["rows"],
+        [("run", "run", "text"), *METRIC_COLUMNS, *recurring, ("seconds", "seconds", "num")],
+        "stage2-table",
     )
     page.image(folder / "stage2_sheet.png", "stage 1, stage 1+2 and oracle rows (first 12 test images)")
     return True

@@ -171,9 +171,10 @@ def test_compare_stage2_writes_the_results_table(tiny, tmp_path):
 
     result = compare_stage2(tiny["model"], tiny["prep"], tmp_path / "results", sheet_images=4)
     runs = [r["run"] for r in result["rows"]]
-    assert runs[0] == "stage 1" and "oracle: true CLIP contexts" in runs and len(runs) == 9
+    assert runs[0] == "stage 1" and "oracle: true CLIP contexts" in runs and len(runs) == 10
+    assert runs[-1] == "control: VAE round trip of the ground truth"
     for row in result["rows"]:
-        assert -1 <= row["pixcorr"] <= 1 and 0 <= row["clip_2way"] <= 1
+        assert -1 <= row["pixcorr"] <= 1 and 0 <= row["clip_2way"] <= 1 and row["recurring_error"] >= 1
     ridge = {r["model"].split(",")[0]: r for r in result["sizes"] if "ridge," in r["model"]}
     assert ridge["CLIP-vision ridge"]["parameters"] < ridge["CLIP-vision ridge"]["full_rank_parameters"]
     assert result["real_size_clip_ridge"]["compression"] > 10

@@ -366,11 +366,15 @@ def compare_stage2(
     Rows: stage 1; stage 1+2 at the fitted settings; guidance 1 (no guidance) and 3; strength 0.5; oracle CLIP
     contexts (the true embeddings of the test images: the ceiling of the regressors), also at strength 1 (pure
     generation from them: how well the UNet follows its conditioning); shuffled predicted contexts (conditioning
-    that belongs to other images); strength 0 (the VAE round trip, no diffusion). Writes out/stage2.{json,md},
-    out/stage2_sheet.png. The torch models (the subject's and the CLIP) run on `device`.
+    that belongs to other images); strength 0 (the VAE round trip of stage 1, no diffusion); the VAE round trip of
+    the ground truth (the VAE's own ceiling). Every row also has `recurring_error`, the max / median of the error
+    map averaged over the images (`train/experiments/blob.py`): a fixed-position artifact raises it. Writes
+    out/stage2.{json,md}, out/stage2_sheet.png. The torch models (the subject's and the CLIP) run on `device`.
     """
     from brainrecon.images import contact_sheet
     from brainrecon.metrics import pixcorr, ssim
+    from brainrecon.train.experiments.blob import recurring_error
+    from brainrecon.train.stage2.img2img import decode_latents, encode_images
 
     data_dir, out = Path(data_dir), Path(out)
     model = Stage2Model.load(model_dir, device)
@@ -406,6 +410,7 @@ def compare_stage2(
                 "pixcorr": round(float(pixcorr(gt, recon)), 4),
                 "ssim": round(float(ssim(gt, recon)), 4),
                 "clip_2way": round(clip_identification(extractor, gt_embeddings, recon), 4),
+                "recurring_error": recurring_error(gt, recon)["ratio"],
                 "seconds": None if seconds is None else round(seconds, 1),
             }
         )
@@ -418,6 +423,12 @@ def compare_stage2(
         score(name, final, time.perf_counter() - t0)
         if name in SHEET_ROWS:
             sheet.append((SHEET_ROWS[name], final[:sheet_images]))
+    t0 = time.perf_counter()
+    scale = base.vae_scale_factor
+    with torch.no_grad():
+        z = encode_images(model.vae, resize(gt, model.image_size), scale)
+        score("control: VAE round trip of the ground truth", decode_latents(model.vae, z, scale))
+    rows[-1]["seconds"] = round(time.perf_counter() - t0, 1)
     sizes = model_sizes(model, extractor)
     from brainrecon.train.stage2.clip_ridge import real_size_parameter_report
 
@@ -435,9 +446,13 @@ def compare_stage2(
     out.mkdir(parents=True, exist_ok=True)
     contact_sheet(sheet, out / "stage2_sheet.png")
     write_json(out / "stage2.json", result)
-    lines = ["| run | PixCorr ↑ | SSIM ↑ | CLIP 2-way ↑ | seconds |", "|---|---|---|---|---|"]
+    lines = [
+        "| run | PixCorr ↑ | SSIM ↑ | CLIP 2-way ↑ | recurring error ↓ | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [
-        f"| {r['run']} | {r['pixcorr']:.3f} | {r['ssim']:.3f} | {r['clip_2way']:.3f} | {r['seconds']} |"
+        f"| {r['run']} | {r['pixcorr']:.3f} | {r['ssim']:.3f} | {r['clip_2way']:.3f} | "
+        f"{r['recurring_error']:.2f} | {r['seconds']} |"
         for r in rows
     ]
     lines += ["", "| model | parameters | full-rank parameters |", "|---|---|---|"]
