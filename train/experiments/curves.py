@@ -17,6 +17,7 @@ from brainrecon.io import read_json, write_json
 from brainrecon.train.experiments.plots import pyplot, save_figure
 
 STATE = Path("checkpoint") / "state.json"
+NOT_PLOTTED = ("dropped",)  # logged per step but not a loss: the UNet's share of CFG-dropped contexts
 
 
 def run_curves(folder: str | Path, window: int = 50) -> dict:
@@ -61,7 +62,8 @@ def training_curves(runs: dict[str, str | Path], out: str | Path, window: int = 
     fig, axes = plt.subplots(1, len(runs), figsize=(4.8 * len(runs), 3.6), squeeze=False)
     for ax, (label, run) in zip(axes[0], result["runs"].items(), strict=True):
         for term, values in run["curves"].items():
-            ax.plot(run["step"], values, label=term)
+            if term not in NOT_PLOTTED:
+                ax.plot(run["step"], values, label=term)
         t = run["train"]
         ax.set_title(
             f"{label}: {run['steps']} steps, batch {t.get('batch_size', '?')}, lr {t.get('lr', '?')}",
