@@ -146,6 +146,7 @@ def build_report(
             ("stage1", lambda pg: _stage1_section(pg, results / "stage1")),
             ("stage2", lambda pg: _stage2_section(pg, results / "stage2")),
             ("blob", lambda pg: _blob_section(pg, results / "blob")),
+            ("foundations", lambda pg: _foundations_section(pg, results / "foundations")),
             ("noise", lambda pg: _noise_section(pg, results / "noise")),
             ("layers", lambda pg: _layers_section(pg, results / "layers")),
             ("speed", lambda pg: _speed_section(pg, results)),
@@ -320,6 +321,36 @@ def _blob_section(page: _Page, folder: Path) -> bool:
     return True
 
 
+def _foundations_section(page: _Page, folder: Path) -> bool:
+    data = _read(folder / "training.json")
+    if not data:
+        return False
+    page.h2("Training curves of the shipped foundation models", "foundations")
+    rows = [
+        {
+            "run": label,
+            "steps": r["steps"],
+            "batch": r["train"].get("batch_size"),
+            "lr": r["train"].get("lr"),
+            "loss": r["curves"]["loss"][-1],
+        }
+        for label, r in data["runs"].items()
+    ]
+    page.table(
+        rows,
+        [
+            ("run", "run", "text"),
+            ("steps", "steps", "num"),
+            ("batch", "batch", "num"),
+            ("lr", "lr", "num"),
+            ("loss", "last loss (window mean)", "num"),
+        ],
+        "foundations-table",
+    )
+    page.image(folder / "training_curves.png", "training loss against the step, one panel per model")
+    return True
+
+
 def _noise_section(page: _Page, folder: Path) -> bool:
     data = _read(folder / "noise.json")
     if not data:
@@ -425,6 +456,9 @@ def _speed_section(page: _Page, results: Path) -> bool:
     if curves.is_file():
         page.image(curves, "two-stage latency and throughput against the batch size, per pipeline")
     _real_size_table(page, results / "real_size.json")
+    unet_curve = results / "real_size_unet_curve.png"
+    if unet_curve.is_file():
+        page.image(unet_curve, "the real-size UNet step against the batch size, per engine and precision")
     return True
 
 

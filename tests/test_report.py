@@ -129,7 +129,13 @@ def dom(report) -> _Dom:
 def test_report_renders_and_every_image_loads(report, dom):
     plots = sum(
         (report["results"] / p).is_file()
-        for p in ("noise/noise.png", "layers/layers.png", "stage2_runtime_curves.png")
+        for p in (
+            "noise/noise.png",
+            "layers/layers.png",
+            "stage2_runtime_curves.png",
+            "real_size_unet_curve.png",
+            "foundations/training_curves.png",
+        )
     )
     assert len(dom.images) >= 3 + plots  # contact sheet, stage 1 and 2 sheets, the experiment plots
     assert all(src.startswith("images/") for src in dom.images)
@@ -137,10 +143,13 @@ def test_report_renders_and_every_image_loads(report, dom):
     assert dom.body.get("data-images-loaded") == str(len(dom.images))
     sections = set(dom.body["data-sections"].split())
     assert {"model", "final", "stage1", "stage2", "speed"} <= sections
-    for name in ("noise", "layers", "blob"):  # each committed experiment has its section
-        json_name = {"noise": "noise/noise.json", "layers": "layers/layers.json", "blob": "blob/blob.json"}[
-            name
-        ]
+    committed = {
+        "noise": "noise/noise.json",
+        "layers": "layers/layers.json",
+        "blob": "blob/blob.json",
+        "foundations": "foundations/training.json",
+    }
+    for name, json_name in committed.items():  # each committed experiment has its section
         assert (name in sections) == (report["results"] / json_name).is_file()
 
 
@@ -198,6 +207,15 @@ def test_report_tables_show_the_json_numbers(report, dom):
         assert (
             _check_cells(dom.tables["layers-table"], layers["rows"], ["pixcorr", "ssim", "clip_2way"]) >= 15
         )
+    if "recurring_error" in stage2["rows"][0]:
+        assert _check_cells(dom.tables["stage2-table"], stage2["rows"], ["recurring_error"]) >= 9
+    if (results / "foundations" / "training.json").is_file():
+        runs = json.loads((results / "foundations" / "training.json").read_text())["runs"]
+        shown = {r["run"][2]: r for r in dom.tables["foundations-table"]}
+        assert set(shown) == set(runs)
+        for label, run in runs.items():
+            assert int(shown[label]["steps"][0]) == run["steps"]
+            assert float(shown[label]["loss"][0]) == pytest.approx(run["curves"]["loss"][-1], abs=1e-12)
     speed = dom.tables["speed-table"]
     assert speed and all(float(r["seconds"][0]) > 0 for r in speed)
     real = json.loads((results / "real_size.json").read_text())["models"]
