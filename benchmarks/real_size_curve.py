@@ -139,6 +139,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from runtime_vs_torch import label_axes
 
     batches = result["batches"]
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -151,12 +152,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         (line,) = ax_lat.plot(got, p50, marker="o", label=name)
         ax_lat.fill_between(got, p50, p95, color=line.get_color(), alpha=0.15)
         ax_thr.plot(got, [r["batches"][str(b)]["rows_per_s"] for b in got], marker="o", label=name)
-    for ax, ylabel in ((ax_lat, "seconds per call (p50; band to p95)"), (ax_thr, "rows / s (at p50)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_xlabel("batch (rows per call; a guided UNet step of one image = 2)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+    label_axes(
+        ((ax_lat, "seconds per call (p50; band to p95)"), (ax_thr, "rows / s (at p50)")),
+        batches,
+        "batch (rows per call; a guided UNet step of one image = 2)",
+    )
     ax_thr.legend(fontsize=8)
     fig.suptitle(f"Real-size {result['model']}, CPU, {result['threads']} threads", fontsize=10)
     fig.tight_layout()

@@ -443,6 +443,16 @@ def curves(
     return out
 
 
+def label_axes(axes_labels: tuple[tuple[Any, str], ...], batches: list[int], xlabel: str) -> None:
+    """Batch-size axes of a curve plot: log2 x with a tick per batch size, a y label per axis, a light grid."""
+    for ax, ylabel in axes_labels:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+
+
 def plot(curve: dict[str, Any], path: Path, title: str) -> None:
     """Latency (p50 end to end, p95 as a band) and images/s against the batch size, one line per pipeline."""
     import matplotlib
@@ -460,12 +470,11 @@ def plot(curve: dict[str, Any], path: Path, title: str) -> None:
         ax_thr.plot(
             batches, [per_batch[str(b)]["images_per_second"] for b in batches], marker="o", label=name
         )
-    for ax, ylabel in ((ax_lat, "end-to-end latency, s (p50; band to p95)"), (ax_thr, "images / s (at p50)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_xlabel("batch size (images per call)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+    label_axes(
+        ((ax_lat, "end-to-end latency, s (p50; band to p95)"), (ax_thr, "images / s (at p50)")),
+        batches,
+        "batch size (images per call)",
+    )
     ax_lat.set_yscale("log")
     ax_thr.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)

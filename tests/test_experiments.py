@@ -346,7 +346,9 @@ def test_decoder_peak_ratio_and_recurring_error_find_a_fixed_blob():
 def test_shipped_vae_round_trip_has_no_recurring_blob(tiny):
     """Regression test of the first shipped VAE's droplet. On these 160 tiny-sim images the old VAE's round trip had
     its largest recurring error at (9, 53) (the top-right spot), max/median 1.73, and its decoder peaked at one
-    pixel in 10% of images; the shipped one: at the border (63, 63), 1.50, and 4%."""
+    pixel in 10% of images, at about 14x the median activation (the refit VAE kept that 14x); the shipped VAE,
+    trained from scratch with 8 groups: its largest recurring error is at the border, and its decoder peaks at
+    about 3x the median, nowhere in particular."""
     from brainrecon.images import resize
     from brainrecon.train.experiments.blob import decoder_peak_ratio, recurring_error
     from brainrecon.train.foundations.loaders import load_vae
@@ -358,6 +360,6 @@ def test_shipped_vae_round_trip_has_no_recurring_blob(tiny):
     small = resize(images, vae.config.sample_size)
     round_trip = decode_latents(vae, encode_images(vae, small, scale), scale)
     err = recurring_error(small, round_trip)
-    assert err["ratio"] < 1.6
-    assert abs(err["position"][0] - 10) + abs(err["position"][1] - 52) > 12  # not where the droplet was
-    assert decoder_peak_ratio(vae, small)["mode_fraction"] < 0.08
+    assert abs(err["position"][0] - 10) + abs(err["position"][1] - 52) > 12, err  # not where the droplet was
+    peak = decoder_peak_ratio(vae, small)
+    assert peak["ratio"] < 6 and peak["mode_fraction"] < 0.08, peak  # no droplet: no large, fixed spike
