@@ -98,10 +98,10 @@ def latent_layers(
         "seed": seed,
         "rows": [],
     }
+    rows: list[dict] = result["rows"]
     done = _finished_rows(result, out, regressors) if resume else {}
     out.mkdir(parents=True, exist_ok=True)
     for k in sorted(layers):
-        rows = result["rows"]
         if k in done:
             rows.extend(done[k])
             if progress:
