@@ -22,6 +22,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.export.contracts import kv_names, unet_context_contract, unet_kv_contract
@@ -32,6 +34,7 @@ from brainrecon.train.foundations.dual_unet import (
     DualUNetConfig,
     build_dual_unet,
     context_kv,
+    convert_to_dual_attention,
     kv_cross_attention_kwargs,
     kv_layout,
 )
@@ -53,10 +56,25 @@ def _inputs(cfg: DualUNetConfig, batch: int, seed: int = 0):
     return x, t, context
 
 
-def test_kv_forward_matches_the_plain_dual_unet():
+@pytest.mark.parametrize("linear_projection", [False, True])
+def test_kv_forward_matches_the_plain_dual_unet(linear_projection):
+    """Every parameter is perturbed first: the norms' affines (folded into proj_in), the biases and the two
+    transformers of each dual block (which start as copies) all differ, so a swapped or dropped term shows."""
     torch.manual_seed(0)
     cfg = DualUNetConfig.tiny()
-    unet = build_dual_unet(cfg).eval()
+    unet = convert_to_dual_attention(
+        UNet2DConditionModel(**cfg.unet_kwargs(), use_linear_projection=linear_projection),
+        vision_tokens=cfg.vision_tokens,
+        text_tokens=cfg.text_tokens,
+        mix_ratio=cfg.mix_ratio,
+    ).eval()
+    for attn in (m for m in unet.modules() if isinstance(m, Attention)):  # q/k/v biases (attention_bias=True)
+        for name in ("to_q", "to_k", "to_v"):
+            layer = getattr(attn, name)
+            setattr(attn, name, torch.nn.Linear(layer.in_features, layer.out_features))
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     state = {k: v.clone() for k, v in unet.state_dict().items()}
     x, t, context = _inputs(cfg, 4)
     with torch.no_grad():
@@ -234,6 +252,15 @@ def test_kv_required_but_not_exported_and_bad_choice(tiny2, tmp_path):
         Stage2Pipeline.from_model_dir(model_dir, threads=1, unet_graph="kv")
     # an export from before K/V once still runs, on the plain UNet
     assert not Stage2Pipeline.from_model_dir(model_dir, threads=1).kv_once
+
+
+def test_kv_forward_refuses_dual_blocks_with_different_norms():
+    cfg = DualUNetConfig.tiny()
+    unet = build_dual_unet(cfg).eval()
+    dual = next(m for m in unet.modules() if hasattr(m, "transformers"))
+    dual.transformers[1].norm.eps = 1e-3
+    with pytest.raises(ConfigError, match="share GroupNorm"):
+        kv_layout(unet)
 
 
 def test_kv_forward_refuses_an_unsupported_block():
