@@ -32,6 +32,7 @@ import os
 import signal
 import sysconfig
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,20 +153,26 @@ def python_backend_env() -> None:
 
 def serve(options: ServeOptions, ready: threading.Event | None = None) -> None:
     """Load the model folder, start Triton and serve until SIGINT/SIGTERM; returns after a clean shutdown."""
-    # a signal before serving began raises here; the context managers in _serve have already cleaned up
-    with contextlib.suppress(KeyboardInterrupt):
-        _serve(options, ready)
+    started: list[tuple[int, str]] = []  # what was running under this process when the signal came
+    try:
+        # a signal before serving began raises here; the context managers in _serve have already cleaned up
+        with contextlib.suppress(KeyboardInterrupt):
+            _serve(options, ready, started)
+    finally:
+        end_leftovers(started)
     log.info("stopped")
 
 
-def _serve(options: ServeOptions, ready: threading.Event | None) -> None:
+def _serve(options: ServeOptions, ready: threading.Event | None, started: list[tuple[int, str]]) -> None:
     from brainrecon.runtime import Reconstructor, RuntimeOptions
 
     def stop(signum: int, _frame: Any) -> None:
+        started.extend(descendants(os.getpid()))
         raise KeyboardInterrupt  # Triton.serve() and the context managers below stop everything on it
 
     # from the start: a SIGTERM while loading must not orphan tritonserver
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     python_backend_env()
     runtime = RuntimeOptions(
         engine=options.engine, precision=options.precision, device=options.device, threads=options.threads
@@ -245,6 +252,51 @@ def _run_triton(
         if ready is not None:
             ready.set()
         triton.serve()
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process below `pid`, read from /proc (Triton runs on Linux only)."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))  # ppid, starttime
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def _alive(process: tuple[int, str]) -> bool:
+    """Still running, and the same process (its start time), not a new one that reuses the pid."""
+    try:
+        fields = Path(f"/proc/{process[0]}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[19] == process[1] and fields[0] != "Z"
+
+
+def end_leftovers(processes: list[tuple[int, str]], grace_s: float = 1.0) -> None:
+    """SIGTERM, then after `grace_s` SIGKILL, whatever of `processes` outlived Triton's shutdown: PyTriton 0.7's
+    Python-backend stub starts a multiprocessing manager for its tensor store (`pytriton/proxy/data.py`), which
+    can outlive the stub by 10 s or more."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in processes if _alive(p)]
+        if not alive:
+            return
+        log.info("ending %d leftover process(es) with %s", len(alive), sig.name)
+        for pid, _ in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(p) for p in alive):
+            time.sleep(0.05)
 
 
 def check_model_dir(model_dir: Path) -> None:

@@ -11,6 +11,7 @@ processes within 10 s (measured about 4 s).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -281,3 +282,31 @@ def test_shutdown_is_clean_and_quick(model, tmp_path):
     assert leftovers == []
     with pytest.raises(OSError):
         http(ports[0], "/v2/health/live", timeout=2)
+
+
+def test_leftovers_of_a_stopped_server_are_ended():
+    """What recon-serve ends after Triton's shutdown: the processes below it when the signal came, found through
+    /proc (a child and its grandchild here), and nothing else, even a process that ignores SIGTERM."""
+    from brainrecon.serve.triton_server import descendants, end_leftovers
+
+    script = "import subprocess, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    script += "subprocess.Popen(['sleep', '60']); time.sleep(60)"
+    child = subprocess.Popen(["python3", "-c", script])
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(found := descendants(child.pid)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = [(child.pid, "")] + found
+        assert len(found) == 1  # the grandchild `sleep`
+        started = [p for p in descendants(os.getpid()) if p[0] in {pid for pid, _ in tree}]
+        assert {pid for pid, _ in started} == {pid for pid, _ in tree}
+        t0 = time.monotonic()
+        end_leftovers(started, grace_s=0.5)
+        assert time.monotonic() - t0 < 5
+        assert child.wait(5) == -9  # ignored SIGTERM, so SIGKILL
+        assert bystander.poll() is None  # not below us: left alone
+    finally:
+        for p in (child, bystander):
+            p.kill()
+            p.wait()
