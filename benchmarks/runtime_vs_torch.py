@@ -488,17 +488,35 @@ def plot(curve: dict[str, Any], path: Path, title: str) -> None:
 
 
 def check(results: dict[str, Any], targets_path: Path) -> list[str]:
-    """Speedup floors: {"ort_fp32": {"total_s": 2.0, ...}, ...} -> the list of misses (empty = pass)."""
-    targets = json.loads(targets_path.read_text())["stage2_speedup_floor"]
+    """Speedup floors -> the list of misses (empty = pass). Two kinds, both ratios of the same run:
+    "stage2_speedup_floor": {"ort_fp32": {"total_s": 2.0, ...}, ...}, over the torch reference;
+    "stage2_speedup_over": {"ort_fp32": {"over": "ort_fp32_plain", "unet_s": 1.1}, ...}, over another runtime
+    pipeline (both run as independent ONNX Runtime sessions, so the ratio does not swing with how torch's threads
+    fare on a shared machine)."""
+    targets = json.loads(targets_path.read_text())
+    inference = results["inference"]
     misses = []
-    for name, floors in targets.items():
-        if name not in results["inference"]:
+
+    def benchmarked(name: str) -> bool:
+        if name not in inference:
             misses.append(f"{name}: not benchmarked (run it with --pipelines including {name})")
-            continue
-        for stage, floor in floors.items():
-            found = results["inference"][name]["speedup_vs_torch"][stage]
-            if found < floor:
-                misses.append(f"{name} {stage}: speedup vs torch {found} < floor {floor}")
+        return name in inference
+
+    for name, floors in targets["stage2_speedup_floor"].items():
+        if benchmarked(name):
+            for stage, floor in floors.items():
+                found = inference[name]["speedup_vs_torch"][stage]
+                if found < floor:
+                    misses.append(f"{name} {stage}: speedup vs torch {found} < floor {floor}")
+    for name, spec in targets.get("stage2_speedup_over", {}).items():
+        base = spec["over"]
+        if benchmarked(name) and benchmarked(base):
+            for stage, floor in spec.items():
+                if stage == "over":
+                    continue
+                found = round(inference["median_s"][base][stage] / inference["median_s"][name][stage], 2)
+                if found < floor:
+                    misses.append(f"{name} {stage}: speedup vs {base} {found} < floor {floor}")
     return misses
 
 

@@ -32,6 +32,24 @@ def test_check_names_misses_and_unbenchmarked_pipelines(tmp_path):
     assert check(results, targets) == []
 
 
+def test_check_floors_over_another_pipeline(tmp_path):
+    """The K/V-once graph's floor over the plain UNet, a ratio of two ONNX Runtime pipelines of one run."""
+    targets = tmp_path / "targets.json"
+    floors = {
+        "stage2_speedup_floor": {},
+        "stage2_speedup_over": {"ort_fp32": {"over": "ort_fp32_plain", "unet_s": 1.1}},
+    }
+    targets.write_text(json.dumps(floors))
+    results = {"inference": _inference({"torch": 4.0, "ort_fp32_plain": 2.0, "ort_fp32": 1.9})}
+    assert check(results, targets) == ["ort_fp32 unet_s: speedup vs ort_fp32_plain 1.05 < floor 1.1"]
+    results = {"inference": _inference({"torch": 4.0, "ort_fp32_plain": 2.0, "ort_fp32": 1.6})}
+    assert check(results, targets) == []
+    results = {"inference": _inference({"torch": 4.0, "ort_fp32": 1.6})}
+    assert check(results, targets) == [
+        "ort_fp32_plain: not benchmarked (run it with --pipelines including ort_fp32_plain)"
+    ]
+
+
 def test_unet_throughput_counts_useful_and_executed_flops():
     inference = _inference({"torch": 2.0, "ort_fp32_plain": 1.0, "ort_fp32": 0.5})
     out = unet_throughput(inference, {"plain": 1e9, "kv_step": 0.8e9}, 4, 5, {"fp32": 200.0, "bf16": 800.0})
