@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -291,14 +292,15 @@ def test_leftovers_of_a_stopped_server_are_ended():
 
     script = "import subprocess, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     script += "subprocess.Popen(['sleep', '60']); time.sleep(60)"
-    child = subprocess.Popen(["python3", "-c", script])
+    child = subprocess.Popen([sys.executable, "-c", script])
     bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while len(found := descendants(child.pid)) < 1 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 20
+        while not (found := descendants(child.pid)) or _cmdline(found[0][0]).split()[:1] != ["sleep"]:
+            assert time.monotonic() < deadline, found
             time.sleep(0.05)
         tree = [(child.pid, "")] + found
-        assert len(found) == 1  # the grandchild `sleep`
+        assert len(found) == 1  # the grandchild `sleep` (started after the SIGTERM handler was set)
         started = [p for p in descendants(os.getpid()) if p[0] in {pid for pid, _ in tree}]
         assert {pid for pid, _ in started} == {pid for pid, _ in tree}
         t0 = time.monotonic()
