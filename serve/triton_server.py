@@ -254,17 +254,20 @@ def _run_triton(
         triton.serve()
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after "pid (comm)" (state, ppid, ..., starttime at 19); [] once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def descendants(pid: int) -> list[tuple[int, str]]:
     """(pid, start time) of every process below `pid`, read from /proc (Triton runs on Linux only)."""
     children: dict[int, list[tuple[int, str]]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
-        except (OSError, IndexError):
-            continue  # exited meanwhile
-        children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))  # ppid, starttime
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))):  # gone meanwhile: skipped
+            children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))  # ppid, starttime
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -275,11 +278,8 @@ def descendants(pid: int) -> list[tuple[int, str]]:
 
 def _alive(process: tuple[int, str]) -> bool:
     """Still running, and the same process (its start time), not a new one that reuses the pid."""
-    try:
-        fields = Path(f"/proc/{process[0]}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return fields[19] == process[1] and fields[0] != "Z"
+    fields = _stat(process[0])
+    return bool(fields) and fields[19] == process[1] and fields[0] != "Z"
 
 
 def end_leftovers(processes: list[tuple[int, str]], grace_s: float = 1.0) -> None:
