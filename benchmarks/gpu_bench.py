@@ -6,12 +6,15 @@ onnxruntime-gpu are missing, torch is what it measures.
 
 Measured, with random weights (benchmarks/real_size.py builds the same models; speed does not depend on values):
     unet_step        one call of Versatile Diffusion's dual UNet (64x64x4 latents, 257 + 77 tokens of 768) on the
-                     classifier-free-guidance batch 2B, B = 1 and 8, fp16: eager, then torch.compile
-                     (mode "reduce-overhead": CUDA graphs) unless --no-compile
-    guided_loop      Brain-Diffuser's stage-2 loop (train/stage2/img2img.py `denoise`: 37 DDIM steps of 50 at strength
-                     0.75, guidance 7.5), B = 1 and 8, eager and compiled
+                     classifier-free-guidance batch 2B, B = 1 and 8, fp16, in three variants: eager; cuda_graphs
+                     (the eager UNet captured once per shape with torch.cuda.CUDAGraph and replayed); and
+                     torch.compile (mode "reduce-overhead": compiled and CUDA graphs) unless --no-compile
+    guided_loop      Brain-Diffuser's stage-2 loop (train/stage2/img2img.py `denoise`: DDIM, strength 0.75,
+                     guidance 7.5) for each schedule length of --steps-of (50 -> the paper's 37 steps; 20 -> 15,
+                     14 -> 10), B = 1 and 8, each variant
     vdvae_decoder    the imagenet64 VDVAE decoder at K = 15 (train/foundations/vdvae.py VDVAEDecoder), B = 1 and 8, fp32
                      and fp16
+    vae_decoder      Stable Diffusion's AutoencoderKL decoder (64x64x4 latents -> 512 px), B = 1 and 8, fp16
 Each figure is the median of timed runs after warm-up, with torch.cuda.synchronize() around each; the results file
 records the card, driver, torch/CUDA versions and which of TensorRT / onnxruntime-gpu were importable.
 `--tiny` swaps in the tiny configs (seconds on a CPU) so the script's own plumbing is tested without a GPU.
@@ -27,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,6 +124,67 @@ def guided_loop(model: Any, latents: Any, cond: Any, uncond: Any, sampling: Any)
         denoise(model, vd_scheduler(), latents, cond, uncond, sampling, noise=torch.zeros_like(latents))
 
 
+class GraphedUNet:
+    """The eager UNet captured as one CUDA graph per input shape, replayed on static buffers.
+
+    The timestep is copied into a device buffer before capture (a host-to-device copy cannot be captured); the
+    output is cloned so the next replay does not overwrite what the caller holds (PyTorch docs, "CUDA Graphs").
+    """
+
+    def __init__(self, unet: Any):
+        self.unet = unet
+        self.graphs: dict[tuple, tuple[Any, dict[str, Any], Any]] = {}
+
+    def __call__(self, latents: Any, t: Any, encoder_hidden_states: Any) -> Any:
+        import torch
+
+        key = (tuple(latents.shape), tuple(encoder_hidden_states.shape))
+        if key not in self.graphs:
+            static = {
+                "latents": latents.clone(),
+                "t": torch.zeros(latents.shape[0], device=latents.device),
+                "context": encoder_hidden_states.clone(),
+            }
+            static["t"].copy_(torch.as_tensor(t, dtype=torch.float32).expand(latents.shape[0]))
+
+            def call() -> Any:
+                return self.unet(
+                    static["latents"], static["t"], encoder_hidden_states=static["context"]
+                ).sample
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.no_grad(), torch.cuda.stream(side):
+                for _ in range(2):  # warm-up on a side stream before capture
+                    call()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph):
+                out = call()
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        static["latents"].copy_(latents)
+        static["t"].copy_(torch.as_tensor(t, dtype=torch.float32).expand(latents.shape[0]))
+        static["context"].copy_(encoder_hidden_states)
+        graph.replay()
+        return types.SimpleNamespace(sample=out.clone())
+
+    def parameters(self) -> Any:  # denoise reads the dtype and device from the model
+        return self.unet.parameters()
+
+
+def unet_variants(unet: Any, args: argparse.Namespace, device: Any) -> list[tuple[str, Any]]:
+    import torch
+
+    variants: list[tuple[str, Any]] = [("eager", unet)]
+    if device.type == "cuda":
+        variants.append(("cuda_graphs", GraphedUNet(unet)))
+    if args.compile:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"  # reduce-overhead = CUDA graphs
+        variants.append((f"compile:{mode}", torch.compile(unet, mode=mode, dynamic=False)))
+    return variants
+
+
 def bench_unet(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> None:
     import torch
 
@@ -131,11 +196,6 @@ def bench_unet(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> No
     unet, config = build_unet(args.tiny, device, dtype)
     out["unet_parameters"] = sum(p.numel() for p in unet.parameters())
     out["unet_dtype"] = str(dtype).removeprefix("torch.")
-    sampling = SamplingConfig(num_inference_steps=args.steps_of)
-    variants: list[tuple[str, Any]] = [("eager", unet)]
-    if args.compile:
-        mode = "reduce-overhead" if device.type == "cuda" else "default"  # reduce-overhead = CUDA graphs
-        variants.append((f"compile:{mode}", torch.compile(unet, mode=mode, dynamic=False)))
     side, tokens = config.sample_size, config.context_tokens
     for batch in args.batches:
         gen = torch.Generator().manual_seed(batch)
@@ -144,22 +204,56 @@ def bench_unet(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> No
         uncond = torch.randn(1, tokens, config.cross_attention_dim, generator=gen).to(device, dtype) * 0.036
         pair = torch.cat([uncond.expand(batch, -1, -1), cond])  # (2B, Nv + Nt, D): the guidance layout
         t = torch.full((2 * batch,), 981.0, device=device)
-        for name, model in variants:
+        for name, model in unet_variants(unet, args, device):
             key = f"b{batch}/{name}"
-
             pair_latents = torch.cat([latents, latents])  # (2B, C, h, w)
-            step = functools.partial(unet_call, model, pair_latents, t, pair)
-            out["unet_step"][key] = timed(step, device, args.warmup, args.repeats, args.budget_s)
-            loop = functools.partial(guided_loop, model, latents, cond, uncond, sampling)
-            out["guided_loop"][key] = timed(loop, device, 1, max(1, args.repeats // 3), args.budget_s)
-            out["guided_loop"][key]["steps"] = int(round(sampling.num_inference_steps * sampling.strength))
+            try:
+                step = functools.partial(unet_call, model, pair_latents, t, pair)
+                out["unet_step"][key] = timed(step, device, args.warmup, args.repeats, args.budget_s)
+                out["guided_loop"][key] = {}
+                for steps_of in args.steps_of:
+                    sampling = SamplingConfig(num_inference_steps=steps_of)
+                    loop = functools.partial(guided_loop, model, latents, cond, uncond, sampling)
+                    steps = int(sampling.num_inference_steps * sampling.strength)
+                    timing = timed(loop, device, 1, max(1, args.repeats // 3), args.budget_s)
+                    out["guided_loop"][key][str(steps)] = timing
+            except Exception as e:  # a variant this torch or GPU cannot run: record it, measure the rest
+                out["unet_step"][key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             print(
-                f"[gpu-bench] unet {key}: step {out['unet_step'][key]}, loop {out['guided_loop'][key]}",
+                f"[gpu-bench] unet {key}: step {out['unet_step'][key]}, loop {out['guided_loop'].get(key)}",
                 flush=True,
             )
-    del unet, variants
+    del unet
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def bench_vae(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> None:
+    """Stable Diffusion's VAE decoder (the last step of every stage-2 image), fp16 on a GPU."""
+    import torch
+    from diffusers import AutoencoderKL
+    from real_size import make_distinct, vd_vae_config
+
+    config = vd_vae_config()
+    if args.tiny:
+        config = {**config, "block_out_channels": (8, 8, 16, 16), "norm_num_groups": 4, "sample_size": 32}
+    vae = AutoencoderKL(**config).eval()
+    make_distinct(vae, 0)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    vae = vae.to(device, dtype).requires_grad_(False)
+    side = config["sample_size"] // 8
+    for batch in args.batches:
+        latents = torch.randn(batch, 4, side, side, generator=torch.Generator().manual_seed(batch)).to(
+            device, dtype
+        )
+
+        def run(latents=latents) -> None:
+            with torch.no_grad():
+                vae.decode(latents)
+
+        key = f"b{batch}/{str(dtype).removeprefix('torch.')}"
+        out["vae_decoder"][key] = timed(run, device, args.warmup, args.repeats, args.budget_s)
+        print(f"[gpu-bench] vae_decoder {key}: {out['vae_decoder'][key]}", flush=True)
 
 
 def bench_vdvae(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> None:
@@ -201,16 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tiny", action="store_true", help="tiny configs: seconds on a CPU")
     p.add_argument("--batches", default="1,8", help="images per call (the UNet runs 2x rows: the CFG pair)")
-    p.add_argument("--steps-of", type=int, default=50, help="DDIM schedule length (strength 0.75 runs 3/4)")
+    p.add_argument(
+        "--steps-of",
+        default="50,20,14",
+        help="DDIM schedule lengths, comma-separated (strength 0.75 runs 3/4)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
         "--budget-s", type=float, default=20.0, help="stop repeating a figure after this many seconds"
     )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
-    p.add_argument("--only", default="unet,vdvae", help="comma-separated: unet, vdvae")
+    p.add_argument("--only", default="unet,vdvae,vae", help="comma-separated: unet, vdvae, vae")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.steps_of = [int(n) for n in args.steps_of.split(",")]
 
     from brainrecon.io import write_json
     from brainrecon.train.device import resolve_device
@@ -225,12 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         "unet_step": {},
         "guided_loop": {},
         "vdvae_decoder": {},
+        "vae_decoder": {},
     }
     only = set(args.only.split(","))
     if "unet" in only:
         bench_unet(args, device, out)
     if "vdvae" in only:
         bench_vdvae(args, device, out)
+    if "vae" in only:
+        bench_vae(args, device, out)
     if device.type == "cuda":
         import torch
 
