@@ -164,7 +164,68 @@ def open_session(path: Path, grid: tuple[int, ...], affine: np.ndarray | None) -
         raise InputError(
             path, "int16 betas (percent signal change x 300) or float percent change", f"dtype {dtype}"
         )
+    check_nifti_size(path, img)
     return img
+
+
+# Deflate's largest compression ratio is 1032:1 (zlib's "technical details" page: a long run of one byte codes
+# to about 1/1032 of its length), so a gzip file of C bytes holds at most 1032 x C bytes uncompressed.
+DEFLATE_MAX_RATIO = 1032
+
+
+def check_nifti_size(path: Path, img: nib.Nifti1Image) -> None:
+    """The header's shape must fit in the file before anything is allocated from it (a header can claim 10^9
+    trials in a few kilobytes). Uncompressed: the file size. Gzipped, the uncompressed size is not stored whole:
+      1. refuse a shape whose bytes exceed DEFLATE_MAX_RATIO x the file size (no file can hold it);
+      2. accept when the gzip trailer's ISIZE (uncompressed size mod 2^32, RFC 1952) equals the header's
+         offset + data bytes mod 2^32 (single-member files as nibabel, FSL and AFNI write them);
+      3. otherwise (several gzip members, a lying header) decompress and count, stopping at the bytes needed:
+         work bounded by 1, and done only for files that step 2 cannot vouch for.
+    """
+    shape = tuple(int(d) for d in img.shape)
+    itemsize = img.get_data_dtype().itemsize
+    offset = int(img.dataobj.offset)
+    per_trial = int(np.prod(shape[:3], dtype=object)) * itemsize
+    needed = offset + per_trial * shape[3]  # Python ints: no overflow
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+        if gzipped:
+            f.seek(-4, 2)
+            isize = int.from_bytes(f.read(4), "little")
+    if not gzipped:
+        held, what = size, f"a file of {size} bytes"
+    elif needed > DEFLATE_MAX_RATIO * size:
+        held = DEFLATE_MAX_RATIO * size
+        what = f"a gzip file of {size} bytes (at most {held} bytes uncompressed)"
+    elif isize == needed % 2**32:
+        return
+    else:
+        held = _gunzipped_size(path, stop=needed)
+        what = f"a gzip file of {size} bytes holding {held} bytes uncompressed"
+    if held < needed:
+        raise InputError(
+            path,
+            f"{shape[3]} trials of {'x'.join(map(str, shape[:3]))} {img.get_data_dtype()} as its header says "
+            f"({needed} bytes)",
+            f"{what}: room for {max(held - offset, 0) // max(per_trial, 1)} trials",
+        )
+
+
+def _gunzipped_size(path: Path, stop: int) -> int:
+    """Uncompressed bytes of a gzip file (every member), counted up to `stop`; a truncated stream counts what
+    decompressed."""
+    import gzip
+    import zlib
+
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while total < stop and (block := f.read(min(1 << 22, stop - total))):
+                total += len(block)
+    except (EOFError, OSError, zlib.error):
+        pass
+    return total
 
 
 def read_session(
@@ -216,14 +277,44 @@ def zscore_session(betas: np.ndarray) -> np.ndarray:
     return ((betas - mean) / std).astype(np.float32)
 
 
+def image_brick(f: h5py.File, path: Path) -> h5py.Dataset:
+    """The stimuli file's `imgBrick` (N x S x S x 3 uint8), refused (one line) when its shape is not backed by
+    stored data: before anything is sized from it. HDF5 allocates storage lazily, so a small file can declare
+    10^9 images, and unwritten chunks read back as the fill value (black images, silently). Checked from the
+    file's metadata only: an unfiltered dataset needs its bytes in the file; a chunked one needs every chunk
+    stored (`H5Dget_num_chunks`)."""
+    if "imgBrick" not in f:
+        raise InputError(path, "dataset 'imgBrick'", f"datasets {list(f.keys())}")
+    brick = f["imgBrick"]
+    if brick.ndim != 4 or brick.shape[3] != 3 or brick.shape[1] != brick.shape[2] or brick.dtype != np.uint8:
+        raise InputError(path, "imgBrick N x S x S x 3 uint8", f"{brick.shape} {brick.dtype}")
+    if brick.is_virtual or brick.external:
+        return brick  # its data lives in other files: read errors name them
+    n, side = int(brick.shape[0]), int(brick.shape[1])
+    needed = n * side * side * 3  # Python ints
+    expected = f"{n} stored images of {side}x{side}x3 ({needed} bytes)"
+    if brick.chunks is not None:
+        chunks = [-(-dim // c) for dim, c in zip(brick.shape, brick.chunks, strict=True)]
+        want, stored = int(np.prod(chunks, dtype=object)), int(brick.id.get_num_chunks())
+        if stored < want:
+            raise InputError(path, expected, f"{stored} of its {want} chunks stored (the rest read as zeros)")
+    elif brick.id.get_storage_size() < needed:
+        raise InputError(path, expected, f"{brick.id.get_storage_size()} bytes stored")
+    if not brick.id.get_create_plist().get_nfilters() and path.stat().st_size < needed:  # a truncated file
+        raise InputError(path, expected, f"a file of {path.stat().st_size} bytes")
+    return brick
+
+
+def stimuli_side(path: Path) -> int:
+    """S of the stimuli file's checked imgBrick (`image_brick`)."""
+    with h5py.File(path, "r") as f:
+        return int(image_brick(f, path).shape[1])
+
+
 def read_images(path: Path, ids: np.ndarray, image_size: int | None, out: np.ndarray) -> None:
     """Copy imgBrick[ids] (resized when asked) into `out` (n, S, S, 3) uint8, streaming in id order."""
     with h5py.File(path, "r") as f:
-        if "imgBrick" not in f:
-            raise InputError(path, "dataset 'imgBrick'", f"datasets {list(f.keys())}")
-        brick = f["imgBrick"]
-        if brick.ndim != 4 or brick.shape[3] != 3 or brick.dtype != np.uint8:
-            raise InputError(path, "imgBrick N x S x S x 3 uint8", f"{brick.shape} {brick.dtype}")
+        brick = image_brick(f, path)
         if ids.max() >= brick.shape[0]:
             raise InputError(path, f"at least {ids.max() + 1} stimuli (design ids)", f"{brick.shape[0]}")
         for i, stim in enumerate(ids):  # ids are sorted; h5py reads one image at a time cheaply
@@ -285,6 +376,10 @@ def prepare_subject(
     stim_path = layout.stimuli_path(root)
     if not stim_path.is_file():
         raise MissingFileError(stim_path, "NSD stimuli (imgBrick HDF5)")
+    try:
+        native = stimuli_side(stim_path)
+    except OSError as e:
+        raise InputError(stim_path, "an HDF5 file", f"an unreadable file ({e})") from None
     captions_file = Path(config.captions_file) if config.captions_file else layout.captions_path(root)
     captions = load_captions(captions_file) if config.captions_file or captions_file.is_file() else None
 
@@ -354,8 +449,6 @@ def prepare_subject(
         for name, arr in arrays.items():
             save_npy(tmp / f"{name}.npy", arr)
         size = config.image_size
-        with h5py.File(stim_path, "r") as f:
-            native = int(f["imgBrick"].shape[1]) if "imgBrick" in f else 0
         side = size or native
         for split, rows in (("train", train_rows), ("test", test_rows)):
             mm = np.lib.format.open_memmap(
