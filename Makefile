@@ -105,5 +105,10 @@ bench-serve: serve-env
 real-size: install
 	nice $(PY) benchmarks/real_size.py --out benchmarks/results/real_size.json $(if $(ONLY),--only $(ONLY))
 
+# Removes only what these targets make and can make again: the two virtual envs, the test and lint caches, the
+# bench-check folder, and the demo's simulated subject, reconstructions and report ($(DATA)/sim-demo, recon,
+# report). It keeps engines/ (trained and exported model folders, $(MODEL_DIR)), $(DATA)/subj01 (a prepared subject,
+# maybe from real NSD) and anything else under $(DATA): delete those by hand.
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) $(DATA) engines/*/ .pytest_cache $(BENCH_TMP)
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache $(BENCH_TMP) \
+		$(DATA)/sim-demo $(DATA)/recon $(DATA)/report

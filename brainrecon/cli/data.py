@@ -19,18 +19,20 @@ def sim(
     preset: Annotated[str, typer.Option(help="tiny (seconds, tests) or demo (~2000 train images).")] = "demo",
     seed: Annotated[int, typer.Option(help="Random seed; equal seeds give identical files.")] = 0,
     subject: Annotated[int, typer.Option(help="NSD subject number to simulate.")] = 1,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing output folder, only if recon-sim wrote it.")
+    ] = False,
 ) -> None:
     """Simulate a subject: stimuli with captions, a voxel brain, int16 betas and the NSD design.
 
     Example: recon-sim --out data/sim-demo --preset demo --seed 0
     """
     from brainrecon.data.sim import SimConfig, simulate_subject
-    from brainrecon.io import atomic_dir
+    from brainrecon.io import SIMULATED_SUBJECT, atomic_dir
 
     if preset not in ("tiny", "demo"):
         raise typer.BadParameter(f"expected tiny or demo, found {preset!r}", param_hint="--preset")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind=SIMULATED_SUBJECT) as tmp:
         summary = simulate_subject(tmp, SimConfig.preset(preset), seed=seed, subject=subject, progress=True)
     print_summary(f"recon-sim {preset} -> {out}", summary)
 
@@ -49,13 +51,16 @@ def prepare(
     session_zscore: Annotated[bool, typer.Option(help="Z-score each voxel within each session.")] = True,
     image_size: Annotated[int | None, typer.Option(help="Resize stimuli to this side (bicubic).")] = None,
     captions: Annotated[Path | None, typer.Option(help="Captions JSON or Brain-Diffuser (N,5) .npy.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing output folder, only if recon-prepare wrote it.")
+    ] = False,
 ) -> None:
     """Mask, scale, z-score, average repeats and split a subject as Brain-Diffuser does.
 
     Example: recon-prepare --nsd-root data/sim-demo --subject 1 --out data/subj01
     """
     from brainrecon.data.nsd import PrepareConfig, prepare_subject
+    from brainrecon.io import PREPARED_SUBJECT, output_dir
 
     config = PrepareConfig(
         subject=subject,
@@ -64,7 +69,8 @@ def prepare(
         image_size=image_size,
         captions_file=str(captions) if captions else None,
     )
-    summary = prepare_subject(nsd_root, out, config, overwrite=overwrite)
+    with output_dir(out, PREPARED_SUBJECT, overwrite, inputs=(nsd_root, captions)):
+        summary = prepare_subject(nsd_root, out, config, overwrite=overwrite)
     print_summary(f"recon-prepare subj{subject:02d} -> {out}", summary)
 
 

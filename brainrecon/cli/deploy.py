@@ -64,7 +64,12 @@ def export(
     max_queue_delay_us: Annotated[
         int, typer.Option(help="--format triton: the brainrecon model's dynamic-batching queue delay.")
     ] = 5000,
-    overwrite: Annotated[bool, typer.Option(help="--format triton: replace an existing --out.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="--format triton: replace an existing --out, only if it is a repository this command wrote."
+        ),
+    ] = False,
 ) -> None:
     """Export, validate and record the models of a subject model directory.
 
@@ -76,6 +81,7 @@ def export(
     """
     if format == "triton":
         from brainrecon.export.triton import RepoOptions, write_triton_repository
+        from brainrecon.io import TRITON_REPOSITORY, output_dir
 
         if out is None:
             raise typer.BadParameter("expected a repository folder, found none", param_hint="--out")
@@ -87,7 +93,8 @@ def export(
             max_queue_delay_us=max_queue_delay_us,
             unet_graph="auto" if unet_graph == "both" else unet_graph,
         )
-        repo = write_triton_repository(model_dir, out, options, overwrite=overwrite)
+        with output_dir(out, TRITON_REPOSITORY, overwrite, inputs=(model_dir,)):
+            repo = write_triton_repository(model_dir, out, options, overwrite=overwrite)
         rows = {name: m.get("platform") or m.get("backend") for name, m in repo["models"].items()}
         print_summary(f"recon-export --format triton ({variant}, {options.precision}) -> {out}", rows)
         return
@@ -205,7 +212,9 @@ def infer(
         bool,
         typer.Option(help="Run on the CPU when the GPU provider is missing (warns), instead of failing."),
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing output folder, only if recon-infer wrote it.")
+    ] = False,
 ) -> None:
     """Reconstruct images from betas with the exported ONNX models or TensorRT engines.
 
@@ -215,25 +224,27 @@ def infer(
       recon-infer betas_session01.nii.gz --model-dir engines/subj01 --out out/ --trials 0,5,10-20 --engine trt
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stage 1
     """
+    from brainrecon.io import RECON_INFER_OUTPUT, output_dir
     from brainrecon.runtime.api import RuntimeOptions
     from brainrecon.runtime.infer import run_inference
 
     options = RuntimeOptions(engine, precision, device, threads, allow_cpu_fallback)
     sampling = {"seed": seed, "num_inference_steps": steps, "strength": strength, "guidance_scale": guidance}
-    summary = run_inference(
-        betas,
-        model_dir,
-        out,
-        options,
-        stage=stage,
-        sampling=sampling,
-        trials=trials,
-        batch_size=batch_size,
-        stimuli=stimuli,
-        renormalize=renormalize,
-        overwrite=overwrite,
-        progress=True,
-    )
+    with output_dir(out, RECON_INFER_OUTPUT, overwrite, inputs=(betas, model_dir, stimuli)):
+        summary = run_inference(
+            betas,
+            model_dir,
+            out,
+            options,
+            stage=stage,
+            sampling=sampling,
+            trials=trials,
+            batch_size=batch_size,
+            stimuli=stimuli,
+            renormalize=renormalize,
+            overwrite=overwrite,
+            progress=True,
+        )
     timings = summary["timings"]
     rows = {
         "trials": summary["n_trials"],
