@@ -12,6 +12,7 @@ Sources per model family: `stage1.py` (regressors, VDVAE decoder) and `stage2.py
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -109,29 +110,33 @@ def export_torchscript(
     pools: dict[str, np.ndarray] | None = None,
 ) -> list[Path]:
     """torch.onnx.export(dynamo=False) at the contract's opset with a dynamic batch; then re-save with our
-    external-data policy (the exporter itself writes one file per tensor for models over 2 GB). Traced at batch 2
-    with different rows (the UNet: two different timesteps), so nothing per-row is folded into a constant."""
+    external-data policy. Above 2 GB the exporter writes one file per tensor beside its .onnx (hundreds for the
+    UNet), so it writes into a scratch folder beside `path` that is removed once the model is re-saved: only
+    `path` (and its `.data`) remain. Traced at batch 2 with different rows (the UNet: two different timesteps), so
+    nothing per-row is folded into a constant."""
     import onnx
     import torch
 
     sample = {k: torch.from_numpy(v) for k, v in contract.sample_input(2, pools=pools).items()}
-    # Without no_grad the trace runs with autograd on and keeps every activation for a backward pass that never
-    # comes: the SD-size VAE decoder (335 MB of weights) peaked at 12.6 GB traced at 512 px, 2.6 GB without.
-    with warnings.catch_warnings(), torch.no_grad():
-        # the legacy-exporter deprecation notice and tracer warnings about the shape asserts in forward()
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            tuple(sample[n] for n in contract.input_names),
-            str(path),
-            dynamo=False,
-            opset_version=contract.opset,
-            input_names=contract.input_names,
-            output_names=contract.output_names,
-            dynamic_axes=contract.dynamic_axes(),
-            do_constant_folding=True,
-        )
-    model = onnx.load(str(path))
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".export", dir=path.parent) as scratch:
+        raw = Path(scratch) / path.name
+        # Without no_grad the trace runs with autograd on and keeps every activation for a backward pass that
+        # never comes: the SD-size VAE decoder (335 MB of weights) peaked at 12.6 GB traced at 512 px, 2.6 GB without.
+        with warnings.catch_warnings(), torch.no_grad():
+            # the legacy-exporter deprecation notice and tracer warnings about the shape asserts in forward()
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                tuple(sample[n] for n in contract.input_names),
+                str(raw),
+                dynamo=False,
+                opset_version=contract.opset,
+                input_names=contract.input_names,
+                output_names=contract.output_names,
+                dynamic_axes=contract.dynamic_axes(),
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(raw))  # with the exporter's per-tensor files, if any, read into memory
     return save_onnx(model, path, _initializer_bytes(model) > external_threshold)
 
 

@@ -162,7 +162,7 @@ def test_export_writes_checked_validated_files_and_manifest(tiny):
             "stage1/latent_mean.npy",
             "mask_indices.npy",
         }
-        assert not list((model_dir / "onnx").glob(".export-*"))  # staging removed
+        assert not list(model_dir.glob(".export-*.tmp"))  # staging (export/subject.py staging_root) removed
 
 
 def test_export_summary_says_engines_were_skipped(tiny, tmp_path):
@@ -284,6 +284,35 @@ def test_external_data_path_for_both_exporters(tiny, tmp_path):
         # back below the threshold: the stale data file goes
         export_model_dir(model_dir, stage=regressor, precision="fp32")
         assert not (model_dir / f"onnx/{regressor}.fp32.onnx.data").exists()
+
+
+def test_the_exporters_per_tensor_files_do_not_stay_beside_the_onnx(tiny, tmp_path, monkeypatch):
+    """Above 2 GB torch.onnx.export writes one file per tensor beside the .onnx (about 760 for the real UNet);
+    the export keeps only `<file>.onnx` + `<file>.onnx.data`. The 2 GB switch is inside torch's C++ exporter and
+    cannot be lowered, so the exporter is wrapped: the real export, then its model re-saved with onnx's
+    one-file-per-tensor layout at the same path, which is what torch itself writes above 2 GB."""
+    import brainrecon.export.onnx_export as onnx_export
+    from brainrecon.export.subject import load_sources
+
+    real_export = torch.onnx.export
+
+    def export_like_above_2gb(module, args, f, *a, **kw):
+        real_export(module, args, f, *a, **kw)
+        model = onnx.load(f)
+        onnx.save_model(model, f, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+
+    monkeypatch.setattr(torch.onnx, "export", export_like_above_2gb)
+    (source,) = load_sources(tiny["gru"], ["gru"])
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    staged = onnx_export.stage_contract(source, staging, ("fp32", "fp16"), True, external_threshold=0)
+    assert sorted(p.name for p in staging.iterdir()) == [
+        "gru.fp16.onnx",
+        "gru.fp16.onnx.data",
+        "gru.fp32.onnx",
+        "gru.fp32.onnx.data",
+    ]
+    assert [f.validation["max_abs"] >= 0 for f in staged] == [True, True]  # loadable without the tensor files
 
 
 def test_failed_validation_leaves_previous_files_and_no_partial_file(tiny, tmp_path, monkeypatch):
