@@ -32,7 +32,7 @@ import importlib.metadata
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from brainrecon import __version__
@@ -98,7 +98,39 @@ class Artifact:
             raise ManifestError(
                 f"{source}: artifact entry expected keys {sorted(names)}, found unknown {unknown}, missing {missing}"
             )
+        for key in ("path", "source"):
+            if data.get(key) is not None:
+                check_relative(source, f"artifact {key}", data[key])
+        for extra in data.get("external_data") or ():
+            check_relative(source, f"external_data of {data['path']}", extra)
         return cls(**{**data, "external_data": tuple(data.get("external_data") or ())})
+
+
+def check_relative(source: str | Path, what: str, path: Any) -> None:
+    """A manifest path must name a file inside the model folder: relative, POSIX, no `..`, no empty part.
+
+    Checked on the text, before any file is opened; `confined` checks where it resolves (symlinks)."""
+    ok = isinstance(path, str) and path and "\\" not in path and "\x00" not in path
+    parts = PurePosixPath(path).parts if ok else ()
+    if not ok or PurePosixPath(path).is_absolute() or ".." in parts or path != PurePosixPath(path).as_posix():
+        raise ManifestError(
+            f"{source}: {what}: expected a relative POSIX path inside the model folder (no absolute path, "
+            f"no '..'), found {path!r}"
+        )
+
+
+def confined(model_dir: str | Path, relpath: str, what: str = "artifact") -> Path:
+    """`model_dir / relpath`, refused (one line) when it resolves outside the model folder (a symlink leaving it)."""
+    model_dir = Path(model_dir)
+    check_relative(model_dir / MANIFEST_FILE, what, relpath)
+    path = model_dir / relpath
+    root, resolved = model_dir.resolve(), path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ManifestError(
+            f"{model_dir / MANIFEST_FILE}: {what} {relpath}: expected a file inside {root}, found a link to "
+            f"{resolved}"
+        )
+    return path
 
 
 @dataclass(frozen=True)
@@ -184,15 +216,21 @@ class ManifestWarning(UserWarning):
 
 
 def write_manifest(
-    model_dir: str | Path, artifacts: Iterable[Artifact], merge: bool = True, out: str | Path | None = None
+    model_dir: str | Path,
+    artifacts: Iterable[Artifact],
+    merge: bool = True,
+    out: str | Path | None = None,
+    drop: Iterable[str] = (),
 ) -> Manifest:
     """Write the manifest of `model_dir` atomically to `out` (default `model_dir/manifest.json`). With `merge`,
     entries of the existing manifest whose paths are not among `artifacts` are kept (exporting one model leaves
-    the others' entries alone) unless their file is gone; an existing manifest that cannot be read is replaced,
+    the others' entries alone) unless their file is gone or their path is in `drop` (superseded engines,
+    `brainrecon.export.tensorrt.superseded_engines`); an existing manifest that cannot be read is replaced,
     with a ManifestWarning naming why (its entries are lost, so the models it listed must be exported again).
     """
     model_dir = Path(model_dir)
     new = {a.path: a for a in artifacts}
+    dropped = set(drop)
     kept: dict[str, Artifact] = {}
     if merge and (model_dir / MANIFEST_FILE).is_file():
         try:
@@ -204,7 +242,11 @@ def write_manifest(
                 stacklevel=2,
             )
         else:
-            kept = {a.path: a for a in old.artifacts if a.path not in new and (model_dir / a.path).is_file()}
+            kept = {
+                a.path: a
+                for a in old.artifacts
+                if a.path not in new and a.path not in dropped and (model_dir / a.path).is_file()
+            }
     preprocess_path = model_dir / PREPROCESS
     preprocess = (
         read_json(preprocess_path, "recon-prepare preprocess.json") if preprocess_path.is_file() else {}
@@ -223,7 +265,7 @@ def write_manifest(
 def verify_artifact(model_dir: str | Path, artifact: Artifact) -> None:
     """Re-hash one artifact; a missing file or a size/hash mismatch is a one-line error saying how to regenerate."""
     model_dir = Path(model_dir)
-    path = model_dir / artifact.path
+    path = confined(model_dir, artifact.path, f"{artifact.kind} artifact")
     if not path.is_file():
         raise MissingFileError(
             path, f"{artifact.kind} artifact listed in {MANIFEST_FILE}", regenerate_hint(model_dir)

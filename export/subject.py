@@ -245,7 +245,10 @@ def export_model_dir(
             engine_artifacts, engine_summary = build_engines_for(root, model_dir, onnx_artifacts)
             artifacts += engine_artifacts
             staged += engine_summary["built"]
-        write_manifest(model_dir, artifacts, out=root / layout.MANIFEST)
+        from brainrecon.export.tensorrt import superseded_engines  # engines not built from these bytes
+
+        engine_summary["pruned"] = superseded_engines(model_dir, artifacts)
+        write_manifest(model_dir, artifacts, out=root / layout.MANIFEST, drop=engine_summary["pruned"])
         publish(root, model_dir, staged)
     return {
         "model_dir": str(model_dir),

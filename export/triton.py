@@ -43,6 +43,7 @@ from brainrecon import model_dir as layout
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.io import atomic_dir, read_json, write_json
 from brainrecon.manifest import Artifact, Manifest, verify_manifest
+from brainrecon.runtime.backends.tensorrt import MachineInfo
 
 VARIANTS = ("gpu", "cpu")
 ENGINES = ("onnx", "trt")
@@ -171,9 +172,13 @@ def repository_models(manifest: Manifest, model_dir: Path, options: RepoOptions)
         names += [m for m in layout.STAGE2_MODELS if m != "unet"]
         names += layout.UNET_GRAPH_MODELS[unet_graph]
     kind = "engine" if options.engine == "trt" else "onnx"
+    machine = serving_machine() if kind == "engine" else None
     chosen = {}
     for name in names:
-        artifact = manifest.find(kind, name, options.precision)
+        if kind == "engine":
+            artifact = repository_engine(manifest, model_dir, name, options.precision, machine)
+        else:
+            artifact = manifest.find(kind, name, options.precision)
         if artifact is None:
             is_unet = unet_graph is not None and name in layout.UNET_GRAPH_MODELS[unet_graph]
             flag = f" --unet-graph {unet_graph}" if is_unet else ""
@@ -185,6 +190,63 @@ def repository_models(manifest: Manifest, model_dir: Path, options: RepoOptions)
             )
         chosen[name] = artifact
     return chosen
+
+
+def serving_machine() -> MachineInfo | None:
+    """This machine's TensorRT version and GPU when TensorRT runs here (the repository is written on its server),
+    else None (written elsewhere: the server's target is not known)."""
+    from brainrecon.runtime.backends.tensorrt import current_machine, tensorrt_status
+
+    return current_machine() if tensorrt_status()[0] else None
+
+
+def repository_engine(
+    manifest: Manifest, model_dir: Path, name: str, precision: str, machine: MachineInfo | None
+) -> Artifact | None:
+    """The engine entry a repository serves for (name, precision): the one whose key says it was built from the
+    manifest's current ONNX entry (its bytes and external data), profile and build recipe, and for `machine` when
+    known; never the first by path. None when no engine entry exists; a one-line InputError when entries exist
+    but none fits, or when, `machine` unknown, engines for several targets fit (which GPU the server has is not
+    known here)."""
+    from brainrecon.runtime.backends.tensorrt import EngineKey, expected_key
+
+    entries = [
+        a for a in manifest.artifacts if a.kind == "engine" and a.model == name and a.precision == precision
+    ]
+    onnx = manifest.find("onnx", name, precision)
+    if not entries:
+        return None
+    where = model_dir / layout.MANIFEST
+    if onnx is None or not onnx.io or "profile" not in onnx.io:
+        raise InputError(
+            where, f"the {precision} ONNX entry of {name} its engines were built from", "none (re-export it)"
+        )
+    wanted = expected_key(manifest, onnx, precision, machine or MachineInfo("", "", ""))
+    fresh = []
+    for entry in entries:
+        key = EngineKey.from_dict(entry.engine_key)
+        if key is not None and key.same_build(wanted) and (machine is None or key.machine == machine):
+            fresh.append((entry, key))
+    targets = sorted({_target(key.machine) for _, key in fresh})
+    if len(targets) == 1:
+        return fresh[0][0]
+    if not fresh:
+        target = f" for {_target(machine)}" if machine is not None else ""
+        raise InputError(
+            where,
+            f"a {precision} TensorRT engine of {name} built from the current {onnx.path}{target}",
+            f"{len(entries)} stale or foreign ({', '.join(e.path for e in entries)}); rebuild with recon-export "
+            f"--model-dir {model_dir} --stage all on the server",
+        )
+    raise InputError(
+        where,
+        f"one {precision} TensorRT engine of {name} (the server's target is unknown here: no TensorRT)",
+        f"engines for {len(targets)} targets ({'; '.join(targets)}); write the repository on the server",
+    )
+
+
+def _target(machine: MachineInfo) -> str:
+    return f"{machine.gpu_name} sm{machine.compute_capability} TensorRT {machine.tensorrt_version}"
 
 
 def _io(artifact: Artifact, manifest: Manifest) -> dict[str, Any]:

@@ -60,9 +60,9 @@ def model_artifact(manifest: Manifest, model_dir: Path, kind: str, model: str, p
 def engine_for(manifest: Manifest, model_dir: Path, model: str, precision: str, onnx: Artifact) -> Artifact:
     """The engine entry for (model, precision) built for this machine and this ONNX; else a one-line error."""
     from brainrecon.runtime.backends.tensorrt import (
-        EngineKey,
         TrtError,
         current_machine,
+        expected_key,
         select_engine,
         tensorrt_status,
     )
@@ -80,8 +80,7 @@ def engine_for(manifest: Manifest, model_dir: Path, model: str, precision: str, 
             f"{model_dir / MANIFEST_FILE}: expected the I/O spec and shape profile of {onnx.path}, found none "
             f"({regenerate_hint(model_dir)})"
         )
-    expected = EngineKey.for_machine(onnx.sha256, precision, onnx.io["profile"], current_machine())
-    return select_engine(candidates, expected, model_dir)
+    return select_engine(candidates, expected_key(manifest, onnx, precision, current_machine()), model_dir)
 
 
 def verify_files(manifest: Manifest, model_dir: Path, paths: Iterable[str]) -> None:
@@ -123,9 +122,8 @@ def load_model(
 
         backend = OpenVinoBackend(model_dir / chosen.path, io, precision, threads)
     else:
-        from brainrecon.runtime.backends.tensorrt import TrtBackend
+        from brainrecon.runtime.backends.tensorrt import TrtBackend, current_machine, expected_key
 
-        backend = TrtBackend(
-            model_dir / chosen.path, io, chosen.engine_key or {}, onnx.sha256, precision, model_dir
-        )
+        expected = expected_key(manifest, onnx, precision, current_machine())
+        backend = TrtBackend(model_dir / chosen.path, io, chosen.engine_key or {}, expected, model_dir)
     return backend, io, chosen.path, constants
