@@ -19,9 +19,11 @@ Layout (version 1):
       ]
     }
 
-Paths are relative to the model directory, POSIX-style. Kinds: "onnx", "onnx_data" (external weights of an
-ONNX file), "engine" (a TensorRT plan; `engine_key` says what it was built for), "data" (arrays and configs the
-runtime reads: preprocessing, latent statistics, stage summaries).
+Paths are relative to the model directory, POSIX-style, and must stay inside it: an absolute path, a `..` part
+(`check_relative`, at load) or a symbolic link resolving outside the folder (`confined`, before a file is read) is
+refused in one line. Kinds: "onnx", "onnx_data" (external weights of an ONNX file), "engine" (a TensorRT plan;
+`engine_key` says what it was built for), "data" (arrays and configs the runtime reads: preprocessing, latent
+statistics, stage summaries).
 """
 
 from __future__ import annotations
