@@ -221,11 +221,15 @@ def _model_section(page: _Page, model_dir: Path) -> bool:
     )
     manifest = _read(model_dir / "manifest.json")
     if manifest and isinstance(manifest.get("artifacts"), list):
+        # one row per file of the manifest (brainrecon/manifest.py Artifact: path, kind, size in bytes, and
+        # model/precision for exported graphs and engines only); "n/a" where a field does not apply
         arts = [
             {
-                "model": a.get("model") or a.get("name"),
-                "precision": a.get("precision"),
-                "megabytes": round(a["bytes"] / 1e6, 3) if "bytes" in a else a.get("megabytes"),
+                "file": a.get("path"),
+                "kind": a.get("kind"),
+                "model": a.get("model") or "n/a",
+                "precision": a.get("precision") or "n/a",
+                "megabytes": a["size"] / 1e6 if isinstance(a.get("size"), int) else None,
             }
             for a in manifest["artifacts"]
             if isinstance(a, dict)
@@ -233,6 +237,8 @@ def _model_section(page: _Page, model_dir: Path) -> bool:
         page.table(
             arts,
             [
+                ("file", "file", "text"),
+                ("kind", "kind", "text"),
                 ("model", "exported model", "text"),
                 ("precision", "precision", "text"),
                 ("megabytes", "MB", "num"),

@@ -231,6 +231,39 @@ def test_report_tables_show_the_json_numbers(report, dom):
     )
 
 
+def test_exported_model_table_has_every_manifest_file_and_no_empty_cell(tiny2, dom):
+    """One row per manifest artifact, in order; no cell blank; MB is the manifest's `size` / 1e6 (data-value holds
+    the unrounded number; the text is it to 3 decimals). An empty cell (a field the manifest does not have, as
+    the `bytes` the report once read) fails here even where no number is shown."""
+    artifacts = json.loads((tiny2["model"] / "manifest.json").read_text())["artifacts"]
+    shown = dom.tables["artifacts"]
+    assert len(shown) == len(artifacts) and any(a["kind"] == "data" for a in artifacts)
+    for row, artifact in zip(shown, artifacts, strict=True):
+        assert set(row) == {"file", "kind", "model", "precision", "megabytes"}
+        assert all(text for _, _, text in row.values()), row  # no blank cell
+        assert row["file"][2] == artifact["path"] and row["kind"][2] == artifact["kind"]
+        assert row["model"][2] == (artifact.get("model") or "n/a")
+        assert row["precision"][2] == (artifact.get("precision") or "n/a")
+        assert float(row["megabytes"][0]) == pytest.approx(artifact["size"] / 1e6, rel=1e-12)
+        assert row["megabytes"][2] == f"{artifact['size'] / 1e6:.3f}"
+
+
+def test_speed_table_trials_are_the_benchmarks_row_count(report, dom):
+    """The `trials` column is the number of betas rows each benchmark ran (`betas.shape[0]` of its JSON), read
+    here from the JSON on its own: not the voxel count (`shape[1]`), not blank."""
+    expected = {}
+    for name in ("stage1_runtime", "stage2_runtime"):
+        data = json.loads((report["results"] / f"{name}.json").read_text())
+        rows, voxels = data["betas"]["shape"]
+        assert rows != voxels  # else this test could not tell them apart
+        expected[name] = rows
+    speed = dom.tables["speed-table"]
+    assert {r["benchmark"][2] for r in speed} == set(expected)
+    for row in speed:
+        assert int(row["trials"][0]) == expected[row["benchmark"][2]]
+        assert row["trials"][2] == f"{expected[row['benchmark'][2]]:,}"
+
+
 def test_a_broken_image_is_detected(report, tmp_path):
     """The page's own check can fail: a corrupted copy of one image is counted as not loaded."""
     out = tmp_path / "broken"
