@@ -44,6 +44,9 @@ from brainrecon.model_dir import MANIFEST, PREPROCESS
 
 MANIFEST_VERSION = 1
 MANIFEST_FILE = MANIFEST  # brainrecon/model_dir.py
+# The previous manifest, kept aside while an export publishes (export/subject.py `publish`); it exists after the
+# export only when that was killed mid-publish, and the next export merges from it.
+MANIFEST_PREVIOUS = "manifest.previous.json"
 KINDS = ("onnx", "onnx_data", "engine", "data")
 # Distribution names whose versions are recorded; onnxruntime-gpu installs the same `onnxruntime` module.
 _PRODUCERS = {
@@ -187,10 +190,10 @@ def describe_file(model_dir: str | Path, relpath: str | Path, kind: str, **meta:
     return Artifact(path=rel, sha256=sha256_file(path), size=path.stat().st_size, kind=kind, **meta)
 
 
-def load_manifest(model_dir: str | Path) -> Manifest:
-    """Parse `model_dir/manifest.json`; an unknown version or malformed entry is refused (no hashing here)."""
+def load_manifest(model_dir: str | Path, name: str = MANIFEST_FILE) -> Manifest:
+    """Parse `model_dir/manifest.json` (or `name`); an unknown version or malformed entry is refused (no hashing)."""
     model_dir = Path(model_dir)
-    path = model_dir / MANIFEST_FILE
+    path = model_dir / name
     if not path.is_file():
         raise MissingFileError(path, "deployment manifest", regenerate_hint(model_dir))
     data = read_json(path, "deployment manifest")
@@ -229,17 +232,23 @@ def write_manifest(
     the others' entries alone) unless their file is gone or their path is in `drop` (superseded engines,
     `brainrecon.export.tensorrt.superseded_engines`); an existing manifest that cannot be read is replaced,
     with a ManifestWarning naming why (its entries are lost, so the models it listed must be exported again).
+
+    Without `manifest.json` but with MANIFEST_PREVIOUS (an export killed while publishing), entries are merged
+    from that one, each re-hashed first: an entry whose file the killed export had already replaced is dropped
+    (with a ManifestWarning), the others are kept.
     """
     model_dir = Path(model_dir)
     new = {a.path: a for a in artifacts}
     dropped = set(drop)
     kept: dict[str, Artifact] = {}
-    if merge and (model_dir / MANIFEST_FILE).is_file():
+    recovering = not (model_dir / MANIFEST_FILE).is_file() and (model_dir / MANIFEST_PREVIOUS).is_file()
+    source = MANIFEST_PREVIOUS if recovering else MANIFEST_FILE
+    if merge and (model_dir / source).is_file():
         try:
-            old = load_manifest(model_dir)
+            old = load_manifest(model_dir, source)
         except BrainReconError as e:
             warnings.warn(
-                f"{model_dir / MANIFEST_FILE}: not merged, replaced ({e}); export the other models again",
+                f"{model_dir / source}: not merged, replaced ({e}); export the other models again",
                 ManifestWarning,
                 stacklevel=2,
             )
@@ -249,6 +258,8 @@ def write_manifest(
                 for a in old.artifacts
                 if a.path not in new and a.path not in dropped and (model_dir / a.path).is_file()
             }
+            if recovering:
+                kept = _still_intact(model_dir, kept)
     preprocess_path = model_dir / PREPROCESS
     preprocess = (
         read_json(preprocess_path, "recon-prepare preprocess.json") if preprocess_path.is_file() else {}
@@ -262,6 +273,23 @@ def write_manifest(
     )
     write_json(Path(out) if out is not None else model_dir / MANIFEST_FILE, manifest.to_dict())
     return manifest
+
+
+def _still_intact(model_dir: Path, entries: dict[str, Artifact]) -> dict[str, Artifact]:
+    """The entries whose file still has the recorded size and sha256; a ManifestWarning names the others."""
+    intact = {
+        p: a
+        for p, a in entries.items()
+        if (model_dir / p).stat().st_size == a.size and sha256_file(model_dir / p) == a.sha256
+    }
+    if changed := sorted(set(entries) - set(intact)):
+        warnings.warn(
+            f"{model_dir / MANIFEST_PREVIOUS}: {len(changed)} entries not merged, their files were replaced by an "
+            f"interrupted export ({', '.join(changed)}); export those models again",
+            ManifestWarning,
+            stacklevel=3,
+        )
+    return intact
 
 
 def verify_artifact(model_dir: str | Path, artifact: Artifact) -> None:

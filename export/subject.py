@@ -6,12 +6,22 @@
       scheduler       stage 2 only: diffusers' DDIM tables (stage2.py)                        → staging/stage2/
       engines         TensorRT when present (tensorrt.py), else skipped with the reason       → staging/trt/
       manifest        every file hashed, merged with the old manifest's still-valid entries   → staging/
-      publish         old manifest removed, staged files moved into place, new manifest moved last
+      publish         old manifest set aside, staged files moved into place, new manifest moved last
+
+One export at a time per folder: a second one is refused while the first holds `model_dir/.export.lock`
+(fcntl.flock; the kernel releases it when the holder dies, however it dies). Under the lock, staging folders
+(`model_dir/.export-*.tmp`) left by killed exports are removed first.
 
 A failure before `publish` (a parity error, a TensorRT build error, a crash) leaves the previous export whole and
-loadable, and removes the staging folder. `publish` is a handful of renames on one filesystem; the manifest goes
-first and comes back last, so even a crash inside it leaves either the old export or no manifest (the runtime then
-says to re-export), never new files under an old manifest.
+loadable, and removes the staging folder. `publish` is a handful of renames on one filesystem, each file fsynced
+before its rename and each directory after. The old manifest goes aside first (`manifest.previous.json`) and the new
+one comes in last, so even a crash inside it leaves either the old export or no manifest (the runtime then says to
+re-export), never new files under an old manifest; the kept-aside manifest is deleted only once the new one is in
+place, and a re-export after such a crash merges its still-intact entries (brainrecon/manifest.py write_manifest).
+
+Test hook: with BRAINRECON_EXPORT_PAUSE_AT=staged (everything staged, lock held) or =publishing (old manifest aside,
+new files moved, new manifest not yet in), the export prints `paused at <point>` and waits for a line on stdin, so
+tests/test_data_safety.py can kill it at exactly that point.
 
 Stages: "stage1" = the stage-1 regressor + vdvae_decoder; "gru", "ridge", "vdvae" = one of them; "stage2" = clip_text,
 clip_vision, vae_encoder, vae_decoder and the UNet graphs of `unet_graph` (needs model_dir/stage2/ from recon-train
@@ -23,8 +33,10 @@ pair only (what the runtime and the Triton repository use when present), "plain"
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,11 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from brainrecon import model_dir as layout
-from brainrecon.errors import ConfigError, InputError, MissingFileError
+from brainrecon.errors import BrainReconError, ConfigError, InputError, MissingFileError
 from brainrecon.export.contracts import PRECISIONS
 from brainrecon.export.onnx_export import EXTERNAL_DATA_THRESHOLD, ExportSource, StagedFile, stage_contract
-from brainrecon.io import read_json
-from brainrecon.manifest import Artifact, describe_file, write_manifest
+from brainrecon.io import fsync_dir, fsync_file, read_json
+from brainrecon.manifest import MANIFEST_PREVIOUS, Artifact, describe_file, write_manifest
 
 STAGES = ("stage1", "gru", "ridge", "vdvae", "stage2", "all")
 PRECISION_CHOICES = ("fp32", "fp16", "both")
@@ -117,6 +129,46 @@ def _precisions(precision: str) -> tuple[str, ...]:
     return PRECISIONS if precision == "both" else (precision,)
 
 
+LOCK_FILE = ".export.lock"  # in the model folder; kept (removing a lock file others may hold open races)
+STAGING_GLOB = ".export-*.tmp"
+PAUSE_ENV = "BRAINRECON_EXPORT_PAUSE_AT"
+
+
+class ExportLockedError(BrainReconError):
+    """Another export is writing the same model folder."""
+
+
+@contextlib.contextmanager
+def export_lock(model_dir: Path) -> Iterator[None]:
+    """Hold `model_dir/.export.lock` exclusively (or refuse, naming the holder's pid) and, under it, remove the
+    staging folders of exports that died: no live export can own one while this lock is held."""
+    path = model_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ExportLockedError(
+                f"{model_dir}: expected no other export writing this folder, found one running (pid {holder}, "
+                f"holding {path}); wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        for stale in model_dir.glob(STAGING_GLOB):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _pause_point(name: str) -> None:
+    """The test hook of the module docstring (PAUSE_ENV)."""
+    if os.environ.get(PAUSE_ENV) == name:
+        print(f"paused at {name}", flush=True)
+        sys.stdin.readline()
+
+
 @contextlib.contextmanager
 def staging_root(model_dir: Path) -> Iterator[Path]:
     """A scratch folder inside the model folder (same filesystem: os.replace is atomic), always removed."""
@@ -160,19 +212,33 @@ def _onnx_artifact(root: Path, f: StagedFile, rel_dir: str) -> tuple[list[Artifa
 
 
 def publish(root: Path, model_dir: Path, staged: list[str]) -> None:
-    """Move the staged files (relative paths under `root`) into `model_dir`, the manifest out first and in last.
+    """Move the staged files (relative paths under `root`) into `model_dir`, the manifest aside first and in last.
 
+    Every staged file is fsynced before the first rename, and every directory renamed into after. The old manifest
+    is kept aside as MANIFEST_PREVIOUS until the new one is in place (a re-export after a crash merges from it).
     The ONNX file that an external-data file belongs to moves after it; a stale `.data` file next to a re-exported
     ONNX that no longer has external data is removed."""
-    manifest = model_dir / layout.MANIFEST
-    manifest.unlink(missing_ok=True)
+    manifest, previous = model_dir / layout.MANIFEST, model_dir / MANIFEST_PREVIOUS
+    for rel in (*staged, layout.MANIFEST):
+        fsync_file(root / rel)
+    if manifest.is_file():  # else: no export yet, or a crashed publish whose previous manifest is still aside
+        os.replace(manifest, previous)
+        fsync_dir(model_dir)
+    targets = set()
     for rel in sorted(staged, key=lambda r: not r.endswith(".data")):  # data files first
         target = model_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(root / rel, target)
+        targets.add(target.parent)
         if rel.endswith(".onnx") and f"{rel}.data" not in staged:
             target.with_name(target.name + ".data").unlink(missing_ok=True)
+    for directory in targets:
+        fsync_dir(directory)
+    _pause_point("publishing")
     os.replace(root / layout.MANIFEST, manifest)
+    fsync_dir(model_dir)
+    previous.unlink(missing_ok=True)
+    fsync_dir(model_dir)
 
 
 def export_model_dir(
@@ -207,9 +273,8 @@ def export_model_dir(
                 else "run recon-train subject"
             )
             raise MissingFileError(model_dir / rel, "model directory file", f"{hint} first")
-    sources = load_sources(model_dir, names)
-
-    with staging_root(model_dir) as root:
+    with export_lock(model_dir), staging_root(model_dir) as root:
+        sources = load_sources(model_dir, names)
         onnx_staging = root / layout.ONNX_DIR
         onnx_staging.mkdir()
         staged_files = [
@@ -249,6 +314,7 @@ def export_model_dir(
 
         engine_summary["pruned"] = superseded_engines(model_dir, artifacts)
         write_manifest(model_dir, artifacts, out=root / layout.MANIFEST, drop=engine_summary["pruned"])
+        _pause_point("staged")
         publish(root, model_dir, staged)
     return {
         "model_dir": str(model_dir),
