@@ -47,6 +47,7 @@ class WriteError(BrainReconError):
     """A write that the disk or a limit refused (disk full, quota, file-size limit); nothing was replaced."""
 
     def __init__(self, path: str | Path, error: OSError):
+        self.error = error
         found = (
             f"{os.strerror(error.errno)} (errno {error.errno})"
             if error.errno
@@ -228,6 +229,8 @@ def atomic_dir(
             else:
                 os.replace(tmp, path)
                 fsync_dir(path.parent)
+        except WriteError as e:  # a file inside: name the output the user asked for, not its temporary folder
+            raise WriteError(path, e.error) from None
         except OSError as e:
             if e.errno not in _WRITE_ERRNOS:
                 raise

@@ -235,7 +235,7 @@ def test_disk_full_during_recon_infer_overwrite_keeps_the_old_output(tiny, tmp_p
     )
     assert run.returncode == 1, run.stderr
     err = run.stderr.strip()
-    assert len(err.splitlines()) == 1 and "expected to write it" in err, err
+    assert len(err.splitlines()) == 1 and f"{out}: expected to write it" in err, err
     assert snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["recon"]
 
 
