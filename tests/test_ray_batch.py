@@ -2,21 +2,27 @@
 --num-cpus 2` in the serving environment (loopback only, token auth disabled), joined with `--address`.
 
 Inputs: the tiny subject's 10 test trials split into two "sessions" (6 + 4 rows). Checked:
-- every trial's PNGs equal the runtime API's with seed `--seed + i` and no re-normalisation (tolerance: max |diff|
-  <= 1 grey level, measured 0), i.e. recon-infer of that single trial with that seed; summaries; a rerun skips all;
-- a worker killed (SIGKILL, from this test, by the process id it journals) in the middle of a shard: with retries the
-  run ends with every trial written exactly once (writes.log) and the killed shard redone by another process;
-  without retries the run exits 1 and each summary lists exactly the trials with no PNG; nothing is half-written;
-  a rerun completes only what was missing.
+- every trial's PNGs equal the runtime API's with seed `--seed + i` and no re-normalisation (tolerance: max
+  |diff| <= 1 grey level, measured 0), i.e. recon-infer of that single trial with that seed; summaries and
+  run.json; a rerun skips all; a deleted, an empty and a truncated PNG under finished shards are redone, and
+  nothing else (journal, inodes);
+- faults at points the test controls (serve/ray_batch.py TEST_HOOKS_ENV: the actor stops right after a chosen
+  trial's PNGs and reports its process id through a FIFO): a worker killed there (SIGKILL) with retries: the
+  trials it wrote survive untouched, only the rest of its shard is redone, by another process, every trial
+  written exactly once; without retries: that shard is recorded as failed, the others finish, exit 1, the
+  summary lists exactly the missing trial, and a rerun (a local Ray, token auth on) computes only that one;
+- an exception in one shard and a hung shard (--shard-timeout): each recorded for its shard in the summary,
+  the other shards finish, exit 1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
-import re
+import select
 import shutil
 import signal
 import subprocess
@@ -30,6 +36,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from brainrecon.serve.ray_batch import TEST_HOOKS_ENV
 from tests.serve_helpers import (
     STEPS,
     exported_tiny_model,
@@ -60,8 +67,8 @@ def sessions(tmp_path_factory) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def ray_address():
-    """`ray start --head` once for the module (its temp dir private, so no other ray.init on the machine joins it);
-    every process of its session is killed, by id, at the end."""
+    """`ray start --head` once for the module (its temp dir private, so no other ray.init on the machine joins
+    it); every process of its session is killed, by id, at the end."""
     venv = serve_venv()
     port = free_ports(1)[0]
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live under it
@@ -192,81 +199,216 @@ def test_batch_writes_every_trial_and_a_rerun_skips(sessions, model, ray_address
     assert journal(out) == before  # nothing recomputed, nothing rewritten
     assert json.loads((out / "sess01" / "summary.json").read_text())["shards_done_before"] == 3
     assert time.monotonic() - t0 < 30
+    record = json.loads((out / "sess01" / "run.json").read_text())
+    sess01 = next(path for path in sessions if path.endswith("sess01.npy"))
+    assert record["input"] == {
+        "path": sess01,
+        "size": Path(sess01).stat().st_size,
+        "sha256": hashlib.sha256(Path(sess01).read_bytes()).hexdigest(),
+    }
+    assert (
+        record["model"]["manifest_sha256"]
+        == hashlib.sha256((model / "manifest.json").read_bytes()).hexdigest()
+    )
+    assert record["images"]["sampling"]["num_inference_steps"] == STEPS
+    assert (record["images"]["seed"], record["images"]["engine"], record["images"]["precision"]) == (
+        SEED,
+        "ort",
+        "fp32",
+    )
+
+    # PNGs damaged under finished shards (markers present): exactly those trials are redone, nothing else
+    (out / "sess01" / "final_00001.png").unlink()
+    (out / "sess01" / "stage1_00003.png").write_bytes(b"")
+    whole = (out / "sess02" / "final_00002.png").read_bytes()
+    (out / "sess02" / "final_00002.png").write_bytes(whole[: len(whole) // 2])
+    damaged = {"sess01:1", "sess01:3", "sess02:2"}
+    untouched = {
+        png: (png.stat().st_ino, png.stat().st_mtime_ns)
+        for png in out.glob("*/*.png")
+        if f"{png.parent.name}:{int(png.stem.split('_')[1])}" not in damaged
+    }
+    before = wrote_counts(out)
+    repair = run_batch(sessions, model, out, ray_address, "--shard-size=2", f"--steps={STEPS}")
+    assert repair.returncode == 0, repair.stdout[-3000:] + repair.stderr[-3000:]
+    redone = wrote_counts(out) - before
+    assert redone == Counter(damaged)  # each damaged trial once; no trial with whole PNGs recomputed
+    assert {png: (png.stat().st_ino, png.stat().st_mtime_ns) for png in untouched} == untouched
+    summaries = {name: json.loads((out / name / "summary.json").read_text()) for name in ("sess01", "sess02")}
+    assert (summaries["sess01"]["computed"], summaries["sess02"]["computed"]) == ([1, 3], [2])
+    assert summaries["sess01"]["shards_done_before"] == 1  # 0-2 and 2-4 each had a damaged PNG under a marker
+    for path, rows in sessions.items():
+        final, stage1 = expected_images(model, rows, STEPS)
+        for trial in damaged:
+            name, i = trial.split(":")
+            if path.endswith(f"{name}.npy"):
+                got = np.asarray(Image.open(out / name / f"final_{int(i):05d}.png")).astype(int)
+                assert np.abs(got - final[int(i)]).max() <= 1
+                got = np.asarray(Image.open(out / name / f"stage1_{int(i):05d}.png")).astype(int)
+                assert np.abs(got - stage1[int(i)]).max() <= 1
+    no_half_written(out)
 
 
-def kill_first_busy_worker(process: subprocess.Popen, out: Path, timeout_s: float = 120.0) -> tuple[int, str]:
-    """SIGKILL the first actor that journals the start of a shard with work to do; returns (pid, "sessNN a-b")."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        for pid, what in journal(out):
-            found = re.fullmatch(r"(\S+) start (\d+-\d+) todo ([1-9]\d*)", what)
-            if found:
-                os.kill(pid, signal.SIGKILL)
-                return pid, f"{found.group(1)} {found.group(2)}"
-        time.sleep(0.01)
-    pytest.fail("no shard started")
+def hooks_env(*hooks: dict) -> dict[str, str]:
+    """The environment of a recon-batch run whose actors stop at the given points (serve/ray_batch.py
+    _fault)."""
+    return {**os.environ, **LOOPBACK_RAY, TEST_HOOKS_ENV: json.dumps(list(hooks))}
 
 
-def trials_of(shard: str) -> set[str]:
-    name, span = shard.split()
-    start, stop = map(int, span.split("-"))
-    return {f"{name}:{i}" for i in range(start, stop)}
+def reported_pid(fifo: Path, process: subprocess.Popen, timeout_s: float = 180.0) -> int:
+    """The process id an actor writes into `fifo` when it reaches its hook (it then waits to be killed).
+    Opened read-write, so that the open does not block and there is no end-of-file before the actor writes;
+    select waits for the line, and the recon-batch process is checked between waits so that a run that ends
+    first fails here."""
+    fd = os.open(fifo, os.O_RDWR)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 1.0)[0]:
+                return int(os.read(fd, 64).decode().split()[0])
+            if process.poll() is not None:
+                pytest.fail(f"recon-batch exited {process.returncode} before an actor reached its hook")
+        pytest.fail("no actor reached its hook")
+    finally:
+        os.close(fd)
 
 
-def test_killed_worker_is_replaced_and_every_trial_written_once(sessions, model, ray_address, tmp_path):
+def stats(out: Path, name: str, trials: range) -> dict[str, tuple[int, int]]:
+    return {
+        f"{kind}_{i:05d}": (
+            (out / name / f"{kind}_{i:05d}.png").stat().st_ino,
+            (out / name / f"{kind}_{i:05d}.png").stat().st_mtime_ns,
+        )
+        for kind in ("stage1", "final")
+        for i in trials
+    }
+
+
+def killed_at_trial_1(sessions, model, ray_address, tmp_path, *extra) -> tuple[subprocess.Popen, int, dict]:
+    """A run whose actor stops right after writing sess01's trial 1 (shard 0-3, one trial per runtime call)
+    and is SIGKILLed there; returns the process, the killed pid, and the stats of the PNGs it wrote, taken
+    before the kill."""
     out = tmp_path / "out"
-    env = {**os.environ, **LOOPBACK_RAY}
-    # the fitted schedule (37 UNet steps): a 3-trial shard takes long enough to be killed in the middle
-    command = batch_command(sessions, model, out, ray_address, "--shard-size=3", "--retries=3")
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed, shard = kill_first_busy_worker(process, out)
+    fifo = tmp_path / "hook.fifo"
+    os.mkfifo(fifo)
+    hook = {"file": "sess01", "after_trial": 1, "action": "hang", "report": str(fifo)}
+    command = batch_command(
+        sessions, model, out, ray_address, "--shard-size=3", "--rows-per-call=1", f"--steps={STEPS}", *extra
+    )
+    process = subprocess.Popen(
+        command, env=hooks_env(hook), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    pid = reported_pid(fifo, process)
+    assert not (out / "sess01" / "final_00002.png").exists()  # the actor stopped before trial 2
+    written = stats(out, "sess01", range(2))
+    os.kill(pid, signal.SIGKILL)
+    return process, pid, written
+
+
+def test_killed_worker_is_replaced_and_only_the_rest_of_its_shard_is_redone(
+    sessions, model, ray_address, tmp_path
+):
+    out = tmp_path / "out"
+    process, killed, written = killed_at_trial_1(sessions, model, ray_address, tmp_path, "--retries=3")
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 0, output[-3000:]
     lines = journal(out)
-    killed_wrote = {w.replace(" wrote ", ":") for pid, w in lines if pid == killed and " wrote " in w}
-    assert not killed_wrote & trials_of(shard)  # killed before it wrote any trial of that shard
+    assert {w.replace(" wrote ", ":") for pid, w in lines if pid == killed and " wrote " in w} == {
+        "sess01:0",
+        "sess01:1",
+    }
     counts = wrote_counts(out)
-    assert set(counts) == all_trials(sessions) and set(counts.values()) == {1}
-    redo = {pid for pid, w in lines if " wrote " in w and w.replace(" wrote ", ":") in trials_of(shard)}
-    assert redo and killed not in redo
+    assert set(counts) == all_trials(sessions) and set(counts.values()) == {1}  # nothing written twice
+    redo = [(pid, w) for pid, w in lines if w.startswith("sess01 start 0-3") and pid != killed]
+    assert [w for _, w in redo] == ["sess01 start 0-3 todo 1"]  # the retry found trials 0 and 1 whole
+    assert {pid for pid, w in lines if w == "sess01 wrote 2"} == {redo[0][0]}
+    assert stats(out, "sess01", range(2)) == written  # the killed actor's PNGs kept as they were
+    summary = json.loads((out / "sess01" / "summary.json").read_text())
+    assert (summary["missing"], summary["failed_shards"], summary["computed"]) == ([], [], list(range(6)))
     no_half_written(out)
-    final, _ = expected_images(model, sessions[next(iter(sessions))], None)
-    got = np.asarray(Image.open(out / "sess01" / "final_00000.png")).astype(int)
-    assert np.abs(got - final[0]).max() <= 1
+    final, _ = expected_images(model, sessions[next(iter(sessions))], STEPS)
+    for i in range(3):
+        got = np.asarray(Image.open(out / "sess01" / f"final_{i:05d}.png")).astype(int)
+        assert np.abs(got - final[i]).max() <= 1
 
 
-def test_without_retries_the_missing_trials_are_reported_then_resumed(sessions, model, ray_address, tmp_path):
+def test_without_retries_the_shard_fails_the_rest_finish_and_a_rerun_resumes(
+    sessions, model, ray_address, tmp_path
+):
     out = tmp_path / "out"
-    env = {**os.environ, **LOOPBACK_RAY}
-    command = batch_command(sessions, model, out, ray_address, "--shard-size=3", "--retries=0")
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _, shard = kill_first_busy_worker(process, out)
+    process, _, written = killed_at_trial_1(sessions, model, ray_address, tmp_path, "--retries=0")
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 1, output[-3000:]
-    assert "trials missing" in output
-    missing_reported = set()
-    for path, rows in sessions.items():
-        folder = out / Path(path).stem
-        summary = json.loads((folder / "summary.json").read_text())
-        on_disk = {i for i in range(len(rows)) if (folder / f"final_{i:05d}.png").is_file()}
-        assert summary["missing"] == sorted(set(range(len(rows))) - on_disk)
-        assert summary["written"] == len(on_disk)
-        missing_reported |= {f"{Path(path).stem}:{i}" for i in summary["missing"]}
-    assert trials_of(shard) <= missing_reported
+    assert (
+        "error: recon-batch: 1 trials missing: {'sess01': [2]}; failed shards: {'sess01': ['0-3']}" in output
+    )
+    summary = json.loads((out / "sess01" / "summary.json").read_text())
+    assert summary["missing"] == [2]
+    assert [(f["shard"], f["status"]) for f in summary["failed_shards"]] == [("0-3", "failed")]
+    assert summary["failed_shards"][0]["error"].startswith("actor died 1 times")
+    assert (
+        json.loads((out / "sess02" / "summary.json").read_text())["missing"] == []
+    )  # the other shards went on
     for png in out.rglob("*.png"):  # what exists is whole
         with Image.open(png) as image:
             image.verify()
 
-    markers = len(list(out.glob("*/.shards/*.json")))  # shards finished before the failure
-    # resumed on a private local Ray instance this time (no --address): ray.init(address="local", num_cpus=2)
-    command = batch_command(sessions, model, out, "", "--shard-size=3", "--num-cpus=2")
-    command = [c for c in command if c != "--address="]
-    resumed = subprocess.run(
-        command, env={**os.environ, **LOOPBACK_RAY}, capture_output=True, text=True, timeout=300
-    )
+    # resumed on a private local Ray instance (no --address), with Ray's token auth as a user gets it: on
+    home = tmp_path / "home"
+    home.mkdir()
+    command = [
+        c
+        for c in batch_command(sessions, model, out, "", "--shard-size=3", f"--steps={STEPS}", "--num-cpus=2")
+        if c != "--address="
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    summaries = [json.loads(p.read_text()) for p in out.glob("*/summary.json")]
-    assert sum(summary["shards_done_before"] for summary in summaries) == markers
+    assert (home / ".ray" / "auth_token").is_file(), "recon-batch turned Ray's token auth off"
+    summaries = {name: json.loads((out / name / "summary.json").read_text()) for name in ("sess01", "sess02")}
+    assert (summaries["sess01"]["computed"], summaries["sess02"]["computed"]) == ([2], [])
+    assert summaries["sess01"]["shards_done_before"] == 1 and summaries["sess02"]["shards_done_before"] == 2
     counts = wrote_counts(out)
     assert set(counts) == all_trials(sessions) and set(counts.values()) == {1}  # over both runs
+    assert stats(out, "sess01", range(2)) == written
+    no_half_written(out)
+
+
+def test_a_failing_and_a_hung_shard_are_recorded_and_the_others_finish(
+    sessions, model, ray_address, tmp_path
+):
+    """--shard-timeout 30 s: a shard of this run takes about 1 s (3 trials, tiny model, 6 UNet calls each) on
+    2 loaded cores, so only the hung one reaches it."""
+    out = tmp_path / "out"
+    hooks = [
+        {"file": "sess01", "after_trial": 1, "action": "raise"},
+        {"file": "sess02", "after_trial": 0, "action": "hang"},
+    ]
+    command = batch_command(
+        sessions,
+        model,
+        out,
+        ray_address,
+        "--shard-size=3",
+        "--rows-per-call=1",
+        f"--steps={STEPS}",
+        "--shard-timeout=30",
+    )
+    run = subprocess.run(command, env=hooks_env(*hooks), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    summaries = {name: json.loads((out / name / "summary.json").read_text()) for name in ("sess01", "sess02")}
+    assert summaries["sess01"]["failed_shards"] == [
+        {"shard": "0-3", "status": "failed", "error": "RuntimeError: fault injected after trial 1 of sess01"}
+    ]
+    assert summaries["sess02"]["failed_shards"] == [
+        {
+            "shard": "0-3",
+            "status": "timed out",
+            "error": "no result after 30 s (--shard-timeout): its actor was killed",
+        }
+    ]
+    assert (summaries["sess01"]["missing"], summaries["sess02"]["missing"]) == ([2], [1, 2])
+    assert (summaries["sess01"]["written"], summaries["sess02"]["written"]) == (5, 2)  # 3-6 and 3-4 finished
+    assert "failed shards: {'sess01': ['0-3'], 'sess02': ['0-3']}" in run.stderr
     no_half_written(out)
