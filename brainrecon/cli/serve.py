@@ -95,24 +95,45 @@ def batch(
         str | None, typer.Option(help="Ray cluster address (ray://host:10001 or auto); default: a local Ray.")
     ] = None,
     shard_size: Annotated[
-        int, typer.Option(help="Trials per shard (the unit of work and of resuming).")
+        int, typer.Option(help="Trials per shard (the unit of work and of resuming), at most 1024.")
     ] = 16,
     actors: Annotated[int, typer.Option(help="Actors in the pool, each with one loaded runtime.")] = 2,
     cpus_per_actor: Annotated[float, typer.Option(help="CPUs reserved per actor.")] = 1.0,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (0: CPU only).")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Trial i of a file gets img2img seed SEED + i.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Trial i of a file gets img2img seed SEED + i (at most 2**63 - 1).")
+    ] = 0,
     engine: Annotated[str, typer.Option(help="ort or trt.")] = "ort",
     precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
     device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per actor.")] = 1,
-    retries: Annotated[int, typer.Option(help="Times a failed shard (a dead actor) is retried.")] = 3,
+    retries: Annotated[int, typer.Option(help="Times a shard whose actor died is retried.")] = 3,
     steps: Annotated[
         int | None, typer.Option(help="Stage 2: DDIM schedule length (default: the fitted one).")
     ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")] = None,
+    rows_per_call: Annotated[
+        int, typer.Option(help="Trials per runtime call; their PNGs are written as soon as it returns.")
+    ] = 4,
+    shard_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a shard may run; then its actor is killed and it is recorded as timed out."
+        ),
+    ] = None,
+    new_run: Annotated[
+        bool,
+        typer.Option(
+            "--new-run",
+            help="When a file's folder holds another run (other input, model, seed, steps, engine, precision or "
+            "device: see its run.json), write to a new folder X-2, X-3, ... instead of refusing.",
+        ),
+    ] = False,
 ) -> None:
-    """Reconstruct every trial of every file: shards through a Ray Data actor pool, PNGs and summaries written
-    atomically; a rerun skips finished shards. Exit 1 when trials are missing (listed in the summary).
+    """Reconstruct every trial of every file: shards through a pool of Ray actors, PNGs and summaries written
+    atomically; a rerun with the same settings (run.json) skips finished shards and whole PNGs, one with other
+    settings is refused (or, with --new-run, gets a new folder). Exit 1 when a shard failed or timed out, or
+    trials are missing (both listed in the summary).
 
     Examples:
       .venv-serve/bin/recon-batch data/subj01/test_betas.npy --model-dir engines/subj01 --out out/batch
@@ -134,21 +155,30 @@ def batch(
         retries=retries,
         num_inference_steps=steps,
         num_cpus=num_cpus,
+        rows_per_call=rows_per_call,
+        shard_timeout=shard_timeout,
+        new_run=new_run,
     )
     report = run_batch(betas, model_dir, out, options, address=address)
     print_summary(
         f"recon-batch -> {out}",
         {
             "files": len(report["files"]),
+            "folders": ", ".join(report["folders"].values()),
             "trials written": report["written"],
+            "trials computed now": report["computed"],
             "shards skipped (done before)": report["skipped_shards"],
             "missing trials": report["missing"] or "none",
+            "failed shards": report["failed_shards"] or "none",
             "stopped by": report["error"] or "-",
             "seconds": report["seconds"],
         },
     )
-    if report["missing"]:
-        raise BrainReconError(f"recon-batch: {report['missing_count']} trials missing: {report['missing']}")
+    if report["missing"] or report["failed_shards"] or report["error"]:
+        raise BrainReconError(
+            f"recon-batch: {report['missing_count']} trials missing: {report['missing'] or 'none'}; failed "
+            f"shards: {report['failed_shards'] or 'none'} (see each folder's summary.json)"
+        )
 
 
 serve_main = run_app(serve_app)
