@@ -125,8 +125,14 @@ def config_text(
     backend: str | None = None,
     optional: tuple[str, ...] = (),
     parameters: dict[str, str] | None = None,
+    queue_policy: dict[str, int] | None = None,
+    dynamic_batching: bool = True,
 ) -> str:
-    """One `config.pbtxt` in protobuf text format (Triton's ModelConfig message)."""
+    """One `config.pbtxt` in protobuf text format (Triton's ModelConfig message).
+
+    queue_policy: {"max_queue_size": requests (0: no limit), "default_timeout_microseconds": (0: none)} becomes the
+    dynamic batcher's `default_queue_policy` (model_config.proto ModelQueuePolicy): a request beyond the queue size,
+    or one that waited longer than its timeout (a request may set a shorter one), is rejected, not computed."""
     if (platform is None) == (backend is None):
         raise ConfigError(f"model {name}: expected exactly one of platform and backend")
     head = [f'name: "{name}"', f'platform: "{platform}"' if platform else f'backend: "{backend}"']
@@ -140,7 +146,14 @@ def config_text(
     text = "\n".join(head)
     text += "\ninput [\n" + ",\n".join(blocks) + "\n]"
     text += "\noutput [\n" + ",\n".join(_tensor_block(s) for s in outputs) + "\n]"
-    text += f"\ndynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}"
+    if dynamic_batching:
+        text += f"\ndynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}"
+        if queue_policy is not None:
+            text += "\n  default_queue_policy {\n    timeout_action: REJECT"
+            text += f"\n    default_timeout_microseconds: {int(queue_policy['default_timeout_microseconds'])}"
+            text += "\n    allow_timeout_override: true"
+            text += f"\n    max_queue_size: {int(queue_policy['max_queue_size'])}\n  }}"
+        text += "\n}"
     text += f"\ninstance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]"
     for key, value in (parameters or {}).items():
         text += f'\nparameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}'

@@ -1,11 +1,17 @@
-"""`recon-serve`: the runtime behind a Triton Inference Server, through NVIDIA PyTriton.
+"""`recon-serve`: the runtime behind a Triton Inference Server (the `tritonserver` bundled with NVIDIA PyTriton).
 
-One model, `brainrecon` (PyTriton docs, "Binding models"; triton-inference-server/pytriton `pytriton/triton.py`):
+One model, `brainrecon`, a Python-backend model that runs `Reconstructor` (serve/triton_models/runtime_model.py):
 
     input  betas         (V,)      FP32    z-scored betas of one trial (a request may hold several rows)
     input  seed          (1,)      INT64   optional; default: the fitted sampling seed (stage2/stage2.json)
     output final_image   (S, S, 3) UINT8   the two-stage reconstruction (stage 1's image for a stage-1 model)
     output stage1_image  (s, s, 3) UINT8   the VDVAE reconstruction
+
+recon-serve writes a private model repository (`config.pbtxt` + `1/model.py`) in a temporary folder and runs the
+bundled binary on it through serve/tritonserver.py (which also restricts the admin APIs); the folder is removed on
+shutdown. PyTriton's own `bind` is not used: its proxy answers a whole batch with one error
+(`pytriton/proxy/model.py`, BatchResponsesHandler), so one bad request would fail the valid requests batched with
+it. The model here answers each request on its own (python_backend: one `InferenceResponse` per request).
 
 A row's img2img noise is `np.random.default_rng(seed).standard_normal((1, 4, h, w), float32)` (the runtime's
 `seeds=`), and the server never re-normalises over a batch (`renormalize=False`), so a row's images depend only on
@@ -13,48 +19,47 @@ its betas and seed, never on what it was batched with: they equal `recon-infer` 
 `--seed seed` (a single trial skips the re-normalisation too).
 
 Dynamic batching: Triton queues requests for up to `max_queue_delay_us` (default 5 ms) to fill a batch of up to
-`max_batch_size` rows, then the model runs them in one `Reconstructor.reconstruct` call. Several instances
-(`--instances`) share one loaded Reconstructor (ONNX Runtime sessions are safe to run from several threads).
+`max_batch_size` rows, then one instance runs them in one `Reconstructor.reconstruct` call. Queue policy (Triton's
+`default_queue_policy`, model_config.proto): at most `max_queue_size` requests wait (more are refused at once with
+"Exceeds maximum queue size"), and a request that waited `queue_timeout_s` (or the shorter `timeout` a request
+sets, in microseconds) is refused with "Request timeout expired" instead of computed for a client that gave up.
 
 Errors. Triton itself rejects a request of the wrong rank, voxel count or dtype before batching, with a one-line
 message naming expected and found (HTTP 400). Values it cannot check (NaN/Inf betas, a negative seed) are checked
-here by the runtime's own `Reconstructor.check`. PyTriton answers one batch with one error
-(`pytriton/proxy/model.py`, BatchResponsesHandler), so when an invalid request is batched with valid ones, all of
-them get the error, which names the invalid request and tells the valid ones to resend (`client.py` does, once).
+by the runtime's own `Reconstructor.check`: that request alone gets the error (HTTP 400).
+
+Load retries: a model load can fail for a passing reason (ports, memory on a loaded machine); the server is started
+again up to LOAD_ATTEMPTS times, each failure logged with Triton's reason. BRAINRECON_SERVE_FAIL_LOADS=N (tests)
+makes the model's `initialize` fail in the first N attempts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import importlib.resources
 import logging
 import os
+import shutil
 import signal
-import sysconfig
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from brainrecon.errors import BrainReconError
+from brainrecon.errors import BrainReconError, InputError
 
 log = logging.getLogger("brainrecon.serve")
 
 MODEL_NAME = "brainrecon"
 DEFAULT_QUEUE_DELAY_US = 5000
-# PyTriton's Python-backend stub waits 1 s for its proxy's handshake (`pytriton/proxy/communication.py
-# get_config_from_handshake_server`, not configurable); on a loaded machine a model load can miss it: retried.
-HANDSHAKE_TIMEOUT = "Timeout occurred while waiting for config file"
+DEFAULT_MAX_QUEUE_SIZE = 64  # requests waiting (not running); a stage-2 request takes seconds on a CPU
+DEFAULT_QUEUE_TIMEOUT_S = 60.0
 LOAD_ATTEMPTS = 3
-# What a valid request batched with an invalid one reads in its error; serve/client.py resends on it.
-RESEND_MARKER = "not run: resend"
-
-
-class RequestError(Exception):
-    """A request the runtime refuses (one line: what was expected, what was found)."""
+LOAD_TIMEOUT_S = 900.0  # a real-size model folder loads in minutes on a CPU
+FAIL_LOADS_ENV = "BRAINRECON_SERVE_FAIL_LOADS"
+TEMPLATE = importlib.resources.files("brainrecon.serve") / "triton_models" / "runtime_model.py"
 
 
 @dataclass(frozen=True)
@@ -68,94 +73,90 @@ class ServeOptions:
     max_batch_size: int = 8
     dynamic_batching: bool = True
     max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE  # 0: no limit
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S  # 0: no timeout
     engine: str = "ort"
     precision: str = "fp32"
     device: str = "cpu"
     threads: int | None = None
     num_inference_steps: int | None = None  # override the fitted DDIM schedule length (stage 2)
+    verbose: bool = False  # Triton's log on stderr, one line per model execution
 
     def __post_init__(self) -> None:
-        from brainrecon.errors import InputError
-
         for name in ("instances", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')}", "an integer >= 1", str(getattr(self, name)))
         if self.max_queue_delay_us < 0:
             raise InputError("--max-queue-delay-us", "microseconds >= 0", str(self.max_queue_delay_us))
+        if self.max_queue_size < 0:
+            raise InputError("--max-queue-size", "requests >= 0 (0: no limit)", str(self.max_queue_size))
+        if not self.queue_timeout_s >= 0:
+            raise InputError("--queue-timeout-s", "seconds >= 0 (0: no timeout)", str(self.queue_timeout_s))
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise InputError("--steps", "an integer >= 1", str(self.num_inference_steps))
         ports = [self.http_port, self.grpc_port, self.metrics_port]
         if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
             raise InputError("ports", "three distinct ports in 1..65535 (http, grpc, metrics)", str(ports))
 
 
-class BatchInfer:
-    """PyTriton infer callable: a list of requests → one `reconstruct` call → one response per request."""
+def model_config(options: ServeOptions, fail_load: str = "") -> str:
+    """The `config.pbtxt` of model `brainrecon` (Triton's ModelConfig in protobuf text format), its tensors from
+    the model folder's export contracts (export/triton.py `bls_io`, as the exported repository's BLS model)."""
+    from brainrecon.export.triton import RepoOptions, bls_io, config_text, repository_models
+    from brainrecon.manifest import load_manifest
 
-    def __init__(self, rec: Any, num_inference_steps: int | None = None):
-        self.rec = rec
-        self.sampling = rec.sampling
-        if rec.sampling is not None and num_inference_steps is not None:
-            self.sampling = dataclasses.replace(rec.sampling, num_inference_steps=num_inference_steps)
-        self.default_seed = rec.sampling.seed if rec.sampling is not None else 0
-        self.calls = 0  # runtime calls made; with the rows they held, visible in the log at debug level
-
-    def check(self, data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """One request's rows and seeds, checked by the runtime; RequestError (one line) when refused."""
-        betas = data["betas"]  # (b, V) float32: Triton checked rank, voxel count and dtype
-        seed = data.get("seed")  # (b, 1) int64 or absent
-        seeds = None
-        if seed is not None and (seed < 0).any():
-            raise RequestError(f"seed: expected a non-negative integer, found {int(seed.min())}")
-        if self.rec.stage == 2:
-            seeds = (
-                np.full(len(betas), self.default_seed, np.int64) if seed is None else seed.reshape(len(betas))
-            )
-        try:
-            self.rec.check(betas, sampling=self.sampling, seeds=seeds, renormalize=False)
-        except BrainReconError as e:
-            raise RequestError(str(e)) from None
-        return betas, seeds
-
-    def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
-        checked, errors = [], []
-        for i, request in enumerate(requests):
-            try:
-                checked.append(self.check(request.data))
-            except RequestError as e:
-                errors.append((i, str(e)))
-        if errors:
-            i, message = errors[0]
-            if len(requests) == 1:
-                raise RequestError(message)
-            raise RequestError(
-                f"request {i + 1} of a batch of {len(requests)}: {message} "
-                f"({len(errors)} invalid; the valid requests of this batch were {RESEND_MARKER})"
-            )
-        betas = np.concatenate([b for b, _ in checked])  # (N, V)
-        seeds = None if self.rec.stage == 1 else np.concatenate([s for _, s in checked])
-        out = self.rec.reconstruct(betas, sampling=self.sampling, seeds=seeds, renormalize=False)
-        self.calls += 1
-        log.debug("runtime call %d: %d requests, %d rows", self.calls, len(requests), len(betas))
-        responses, start = [], 0
-        for rows, _ in checked:
-            part = slice(start, start + len(rows))
-            responses.append({"final_image": out.images[part], "stage1_image": out.stage1_images[part]})
-            start = part.stop
-        return responses
+    manifest = load_manifest(options.model_dir)
+    repo_options = RepoOptions(
+        precision=options.precision, engine="trt" if options.engine == "trt" else "onnx"
+    )
+    models = repository_models(manifest, options.model_dir, repo_options)
+    inputs, outputs, _ = bls_io(models, manifest, options.model_dir)
+    parameters = {
+        "model_dir": str(options.model_dir.resolve()),
+        "engine": options.engine,
+        "precision": options.precision,
+        "device": options.device,
+        "threads": "" if options.threads is None else str(options.threads),
+        "steps": "" if options.num_inference_steps is None else str(options.num_inference_steps),
+        "verbose": "1" if options.verbose else "0",
+    }
+    if fail_load:
+        parameters["fail_load"] = fail_load
+    return config_text(
+        MODEL_NAME,
+        inputs,
+        outputs,
+        options.max_batch_size,
+        "KIND_CPU",  # the stub runs the runtime, which places its own sessions (RuntimeOptions.device)
+        options.instances,
+        options.max_queue_delay_us,
+        backend="python",
+        optional=("seed",),
+        parameters=parameters,
+        queue_policy={
+            "max_queue_size": options.max_queue_size,
+            "default_timeout_microseconds": round(options.queue_timeout_s * 1e6),
+        },
+        dynamic_batching=options.dynamic_batching,  # off: each request its own execution, no queue policy
+    )
 
 
-def python_backend_env() -> None:
-    """The Python-backend stub links libpython; point it at this interpreter's (not the system's) copy."""
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    current = os.environ.get("LD_LIBRARY_PATH", "")
-    if libdir and libdir not in current.split(":"):
-        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
+def write_repository(root: Path, options: ServeOptions, attempt: int) -> Path:
+    """`root/brainrecon/{config.pbtxt, 1/model.py}`; the load-failure test hook applies to the first N attempts."""
+    fail_loads = int(os.environ.get(FAIL_LOADS_ENV, "0") or 0)
+    fail = f"{FAIL_LOADS_ENV}={fail_loads}, attempt {attempt}" if attempt <= fail_loads else ""
+    version = root / MODEL_NAME / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(TEMPLATE, version / "model.py")
+    (root / MODEL_NAME / "config.pbtxt").write_text(model_config(options, fail))
+    return root
 
 
 def serve(options: ServeOptions, ready: threading.Event | None = None) -> None:
-    """Load the model folder, start Triton and serve until SIGINT/SIGTERM; returns after a clean shutdown."""
+    """Start Triton on the model folder and serve until SIGINT/SIGTERM; returns after a clean shutdown."""
     started: list[tuple[int, str]] = []  # what was running under this process when the signal came
     try:
-        # a signal before serving began raises here; the context managers in _serve have already cleaned up
+        # a signal before serving began raises here; the finally blocks in _serve have already cleaned up
         with contextlib.suppress(KeyboardInterrupt):
             _serve(options, ready, started)
     finally:
@@ -164,94 +165,66 @@ def serve(options: ServeOptions, ready: threading.Event | None = None) -> None:
 
 
 def _serve(options: ServeOptions, ready: threading.Event | None, started: list[tuple[int, str]]) -> None:
-    from brainrecon.runtime import Reconstructor, RuntimeOptions
+    from brainrecon.serve.tritonserver import TritonServer
 
     def stop(signum: int, _frame: Any) -> None:
         started.extend(descendants(os.getpid()))
-        raise KeyboardInterrupt  # Triton.serve() and the context managers below stop everything on it
+        raise KeyboardInterrupt  # unwinds into the finally blocks below, which stop Triton
 
     # from the start: a SIGTERM while loading must not orphan tritonserver
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    python_backend_env()
-    runtime = RuntimeOptions(
-        engine=options.engine, precision=options.precision, device=options.device, threads=options.threads
-    )
-    with Reconstructor.open(options.model_dir, runtime) as rec:
-        infer = BatchInfer(rec, options.num_inference_steps)
-        warm = rec.reconstruct(
-            np.zeros((1, rec.n_voxels), np.float32),
-            sampling=infer.sampling,
-            seeds=None if rec.stage == 1 else [0],
-            renormalize=False,
-        )  # the first call pays ONNX Runtime's lazy allocations, not the first client
-        shapes = (warm.images.shape[1:], warm.stage1_images.shape[1:])
+    model_config(options)  # the model folder's contracts, read before anything starts
+    workdir = Path(tempfile.mkdtemp(prefix="recon-serve-"))
+    try:
         for attempt in range(1, LOAD_ATTEMPTS + 1):
+            repo = write_repository(workdir / "repository", options, attempt)
+            server = TritonServer(
+                repo,
+                http_port=options.http_port,
+                grpc_port=options.grpc_port,
+                metrics_port=options.metrics_port,
+                host=options.host,
+                log="-" if options.verbose else workdir / f"tritonserver-{attempt}.log",
+                workdir=workdir / "server",
+            )
             try:
-                _run_triton(options, rec, infer, shapes, ready)
-                return
-            except (
-                Exception
-            ) as e:  # PyTriton raises tritonclient's InferenceServerException for a failed load
-                if HANDSHAKE_TIMEOUT not in str(e) or attempt == LOAD_ATTEMPTS:
-                    raise BrainReconError(
-                        f"recon-serve: Triton could not load model {MODEL_NAME} "
-                        f"(attempt {attempt} of {LOAD_ATTEMPTS}): {str(e).splitlines()[0]}"
-                    ) from None
-                log.warning(
-                    "model load timed out in PyTriton's stub handshake (attempt %d); retrying", attempt
+                server.start()
+                try:
+                    server.wait_ready([MODEL_NAME], timeout_s=LOAD_TIMEOUT_S)
+                except RuntimeError as e:
+                    reason = str(e).replace("\n", " | ")
+                    if attempt == LOAD_ATTEMPTS:
+                        raise BrainReconError(
+                            f"recon-serve: Triton could not load model {MODEL_NAME} "
+                            f"(attempt {attempt} of {LOAD_ATTEMPTS}): {reason}"
+                        ) from None
+                    log.warning(
+                        "Triton could not load model %s (attempt %d of %d): %s; retrying",
+                        MODEL_NAME,
+                        attempt,
+                        LOAD_ATTEMPTS,
+                        reason,
+                    )
+                    continue
+                log.info(
+                    "serving %s at http://%s:%d, grpc %s:%d (attempt %d)",
+                    options.model_dir,
+                    options.host,
+                    options.http_port,
+                    options.host,
+                    options.grpc_port,
+                    attempt,
                 )
-
-
-def _run_triton(
-    options: ServeOptions, rec: Any, infer: BatchInfer, shapes: tuple[tuple[int, ...], ...], ready: Any
-) -> None:
-    """One Triton server with model `brainrecon` bound to `infer`, serving until SIGINT/SIGTERM."""
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
-
-    config = TritonConfig(
-        http_address=options.host,
-        http_port=options.http_port,
-        grpc_address=options.host,
-        grpc_port=options.grpc_port,
-        metrics_address=options.host,
-        metrics_port=options.metrics_port,
-        exit_timeout_secs=1,  # the default waits 30 s for in-flight requests on shutdown
-    )
-    batcher = DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)
-    with Triton(config=config) as triton:
-        triton.bind(
-            model_name=MODEL_NAME,
-            infer_func=[infer] * options.instances,
-            inputs=[
-                Tensor(name="betas", dtype=np.float32, shape=(rec.n_voxels,)),
-                Tensor(name="seed", dtype=np.int64, shape=(1,), optional=True),
-            ],
-            outputs=[
-                Tensor(name="final_image", dtype=np.uint8, shape=shapes[0]),
-                Tensor(name="stage1_image", dtype=np.uint8, shape=shapes[1]),
-            ],
-            config=ModelConfig(
-                batching=True,
-                max_batch_size=options.max_batch_size,
-                batcher=batcher if options.dynamic_batching else None,
-            ),
-            strict=True,
-        )
-        log.info(
-            "serving %s (stage %d, %d voxels) at http://%s:%d, grpc %s:%d",
-            options.model_dir,
-            rec.stage,
-            rec.n_voxels,
-            options.host,
-            options.http_port,
-            options.host,
-            options.grpc_port,
-        )
-        if ready is not None:
-            ready.set()
-        triton.serve()
+                if ready is not None:
+                    ready.set()
+                assert server.process is not None
+                code = server.process.wait()  # until a signal raises KeyboardInterrupt in `stop`
+                raise BrainReconError(f"recon-serve: tritonserver exited with code {code} ({server.tail()})")
+            finally:
+                server.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _stat(pid: int) -> list[str]:

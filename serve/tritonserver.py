@@ -8,6 +8,13 @@ Python-backend stub for this interpreter's version is put beside `libtriton_pyth
 wheel's libraries and this interpreter's LIBDIR (the stub links libpython3.X.so, and another copy of it on the
 system fails model loading); PATH starts with this environment's bin, whose python has numpy and onnxruntime.
 
+Admin APIs. Clients need health, metadata, model config and inference; the others (shared memory, which maps
+client-named memory into the server; the model repository's load/unload; statistics; trace and logging settings,
+which write files) are restricted on HTTP and gRPC (`--http-restricted-api`, `--grpc-restricted-protocol`; Triton
+docs `docs/customization_guide/inference_protocols.md`, "Limit endpoint access"): a request to them must carry the
+header `admin-key: <key>`, the key taken from BRAINRECON_SERVE_ADMIN_KEY, else drawn at random per start and never
+shown (those APIs are then closed to everyone).
+
     with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002) as server:
         server.wait_ready(["brainrecon"], timeout_s=120)
 """
@@ -15,6 +22,7 @@ system fails model loading); PATH starts with this environment's bin, whose pyth
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,6 +33,10 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+ADMIN_HEADER = "admin-key"
+ADMIN_KEY_ENV = "BRAINRECON_SERVE_ADMIN_KEY"
+RESTRICTED_APIS = ("shared-memory", "model-repository", "statistics", "trace", "logging")
 
 
 def pytriton_dist() -> Path:
@@ -42,7 +54,10 @@ class TritonServer:
         metrics_port: int = 8002,
         host: str = "127.0.0.1",
         log: str | Path | None = None,
+        workdir: str | Path | None = None,
     ):
+        """log: a file for tritonserver's output, "-" to pass it through to this process's, None to discard it.
+        workdir: where the backends are copied (removed by `stop`); default a new temporary folder."""
         self.repository = Path(repository).resolve()
         self.host, self.http_port, self.grpc_port, self.metrics_port = (
             host,
@@ -50,14 +65,18 @@ class TritonServer:
             grpc_port,
             metrics_port,
         )
-        self.log = Path(log) if log else None
+        self.log = Path(log) if log and log != "-" else None
+        self.passthrough = log == "-"
         self.process: subprocess.Popen | None = None
-        self._workdir: Path | None = None
+        self._workdir: Path | None = Path(workdir) if workdir else None
+        self.admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_hex(16)
 
     def start(self) -> TritonServer:
         dist = pytriton_dist()
-        self._workdir = Path(tempfile.mkdtemp(prefix="brainrecon-tritonserver-"))
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="brainrecon-tritonserver-"))
         backends = self._workdir / "backends"
+        shutil.rmtree(backends, ignore_errors=True)  # a restart in the same workdir
         shutil.copytree(dist / "backends", backends)
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
@@ -76,10 +95,19 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
-            "--exit-timeout-secs=1",
+            "--exit-timeout-secs=5",  # unloading the Python-backend stubs; a hard exit leaks their /dev/shm regions
+            f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}",
         ]
-        out = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if self.passthrough:
+            self.process = subprocess.Popen(command, env=env)
+        else:
+            out = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115
+            try:
+                self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            finally:
+                if self.log:
+                    out.close()  # the child holds its own descriptor
         return self
 
     def url(self, path: str) -> str:
@@ -91,7 +119,8 @@ class TritonServer:
         pending = list(models)
         while pending:
             if self.process is None or self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited ({self.tail()})")
+                code = None if self.process is None else self.process.returncode
+                raise RuntimeError(f"tritonserver exited with code {code} ({self.tail()})")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"models {pending} not ready after {timeout_s} s ({self.tail()})")
             try:
@@ -106,7 +135,7 @@ class TritonServer:
     def tail(self, lines: int = 15) -> str:
         if self.log and self.log.is_file():
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return "no log"
+        return "its output is above" if self.passthrough else "no log"
 
     def stop(self, timeout_s: float = 20.0) -> float:
         """SIGTERM, wait; returns the seconds it took (SIGKILL after `timeout_s`)."""

@@ -42,6 +42,16 @@ def serve(
     max_queue_delay_us: Annotated[
         int, typer.Option(help="Longest wait for a batch to fill, microseconds.")
     ] = 5000,
+    max_queue_size: Annotated[
+        int, typer.Option(help="Requests allowed to wait; more are refused at once (0: no limit).")
+    ] = 64,
+    queue_timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="A request that waited this long is refused, not computed (0: no limit); a request may set a "
+            "shorter one (KServe v2 parameter `timeout`, microseconds)."
+        ),
+    ] = 60.0,
     engine: Annotated[str, typer.Option(help="ort or trt.")] = "ort",
     precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
     device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
@@ -49,10 +59,12 @@ def serve(
     steps: Annotated[
         int | None, typer.Option(help="Stage 2: DDIM schedule length (default: the fitted one).")
     ] = None,
-    verbose: Annotated[bool, typer.Option(help="Log every runtime call.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Triton's log on stderr, a line per model execution.")] = False,
 ) -> None:
     """Serve model `brainrecon` (betas (V,) FP32 [+ seed (1,) INT64] → final_image, stage1_image) until
-    SIGINT/SIGTERM.
+    SIGINT/SIGTERM. A bad request gets its own one-line error (HTTP 400); a full queue or an expired request is
+    refused (HTTP 503). Triton's admin APIs (statistics, logging, trace, shared memory, repository) need the header
+    `admin-key: $BRAINRECON_SERVE_ADMIN_KEY` (closed when that variable is unset).
 
     Example: .venv-serve/bin/recon-serve --model-dir engines/subj01 --http-port 8000 --grpc-port 8001
     """
@@ -74,11 +86,14 @@ def serve(
         max_batch_size=max_batch_size,
         dynamic_batching=dynamic_batching,
         max_queue_delay_us=max_queue_delay_us,
+        max_queue_size=max_queue_size,
+        queue_timeout_s=queue_timeout_s,
         engine=engine,
         precision=precision,
         device=device,
         threads=threads,
         num_inference_steps=steps,
+        verbose=verbose,
     )
     run_server(options)
 
