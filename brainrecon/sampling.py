@@ -15,11 +15,42 @@ from typing import Any
 
 import numpy as np
 
-from brainrecon.errors import ConfigError
+from brainrecon.errors import ConfigError, InputError
+
+# seeds travel as int64: Triton's `seed` input, recon-batch's `--seed + row`
+SEED_MAX = int(np.iinfo(np.int64).max)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_finite_real(value: Any) -> bool:
+    """A finite int or float (not a bool, a string or NaN/Inf): the precondition of every range check below,
+    written as `not (lo <= x <= hi)` so that a value no comparison holds for is refused, never let through."""
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def check_seeds(seeds: Any, n: int) -> np.ndarray:
+    """Per-row img2img seeds: `n` integers in [0, SEED_MAX] (one per row) → (n,) int64; else a one-line
+    InputError, so that a bad seed is refused before any model runs (numpy's generator takes any non-negative
+    integer; the bound is the int64 every other path carries seeds in)."""
+    expected = f"{n} integers in [0, {SEED_MAX}] (one per row)"
+    try:
+        array = np.asarray(seeds)
+    except (ValueError, TypeError):  # ragged nested sequences
+        raise InputError("seeds", expected, f"a ragged {type(seeds).__name__}") from None
+    if array.shape != (n,) or array.dtype.kind not in "iu":
+        raise InputError("seeds", expected, f"{array.dtype} of shape {array.shape}")
+    bad = (array < 0) | (array > SEED_MAX)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InputError("seeds", expected, f"{array[row]} at row {row}")
+    return array.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -35,21 +66,23 @@ class SamplingConfig:
     mix_ratio: float = 0.6  # vision weight of the dual cross-attention (text weight 1 - mix_ratio)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.num_inference_steps) or self.num_inference_steps < 1:
+        if not (_is_int(self.num_inference_steps) and self.num_inference_steps >= 1):
             raise ConfigError(
                 f"sampling: expected num_inference_steps >= 1, found {self.num_inference_steps!r}"
             )
-        if not 0.0 <= self.strength <= 1.0:
+        if not (_is_finite_real(self.strength) and 0.0 <= self.strength <= 1.0):
             raise ConfigError(f"sampling: expected strength in [0, 1], found {self.strength!r}")
-        if not math.isfinite(self.guidance_scale):
+        if not _is_finite_real(self.guidance_scale):
             raise ConfigError(f"sampling: expected a finite guidance_scale, found {self.guidance_scale!r}")
-        if self.eta != 0.0:
+        if not (_is_finite_real(self.eta) and self.eta == 0.0):
             raise ConfigError(f"sampling: expected eta 0.0 (deterministic DDIM), found {self.eta!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"sampling: expected a seed >= 0, found {self.seed!r}")
-        if not self.vae_scale_factor > 0:
-            raise ConfigError(f"sampling: expected vae_scale_factor > 0, found {self.vae_scale_factor!r}")
-        if not 0.0 <= self.mix_ratio <= 1.0:
+        if not (_is_int(self.seed) and 0 <= self.seed <= SEED_MAX):
+            raise ConfigError(f"sampling: expected a seed in [0, {SEED_MAX}], found {self.seed!r}")
+        if not (_is_finite_real(self.vae_scale_factor) and self.vae_scale_factor > 0):
+            raise ConfigError(
+                f"sampling: expected a finite vae_scale_factor > 0, found {self.vae_scale_factor!r}"
+            )
+        if not (_is_finite_real(self.mix_ratio) and 0.0 <= self.mix_ratio <= 1.0):
             raise ConfigError(f"sampling: expected mix_ratio in [0, 1], found {self.mix_ratio!r}")
 
     def with_overrides(self, **overrides: Any) -> SamplingConfig:

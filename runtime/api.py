@@ -30,7 +30,7 @@ from brainrecon.runtime.backends.ort import DEVICES
 from brainrecon.runtime.inputs import load_betas
 from brainrecon.runtime.stage1 import Progress, Stage1Pipeline
 from brainrecon.runtime.stage2 import UNET_GRAPHS, Stage2Pipeline
-from brainrecon.sampling import SamplingConfig
+from brainrecon.sampling import SamplingConfig, check_seeds
 
 STAGES = (1, 2)
 
@@ -181,9 +181,15 @@ class Reconstructor:
         Exposed so that callers with their own slow set-up (reading ground truth, creating an output folder) can
         fail first."""
         if self.stage == 1:
-            if sampling is not None or seeds is not None:
+            # Stage 1 draws no noise (the exported VDVAE decoder takes the prior means after layer K), so seeds
+            # would change nothing: refused rather than silently ignored, like the stage-2 sampling.
+            if seeds is not None:
                 raise InputError(
-                    "sampling/seeds", "a stage-2 model (they set its img2img sampling)", "stage 1"
+                    "seeds", "None for a stage-1 model (deterministic: it draws no noise)", "per-row seeds"
+                )
+            if sampling is not None:
+                raise InputError(
+                    "sampling", "None for a stage-1 model (it sets stage 2's img2img sampling)", "a sampling"
                 )
             return self.pipeline.check_inputs(betas, batch_size, renormalize, source)
         assert isinstance(self.pipeline, Stage2Pipeline)
@@ -198,13 +204,7 @@ class Reconstructor:
         sampling = self.pipeline.sampling_for(**_overrides(sampling or fitted))
         betas, batches, renorm = self.pipeline.check_inputs(betas, batch_size, renormalize, source)
         if seeds is not None:
-            seeds = np.asarray(seeds)
-            if seeds.shape != (len(betas),) or seeds.dtype.kind not in "iu" or (seeds < 0).any():
-                raise InputError(
-                    "seeds",
-                    f"{len(betas)} non-negative integers (one per row)",
-                    f"{seeds.dtype} {seeds.shape}",
-                )
+            seeds = check_seeds(seeds, len(betas))
         return betas, batches, renorm, sampling, seeds
 
     def reconstruct(
@@ -220,8 +220,9 @@ class Reconstructor:
 
         sampling: stage 2's settings (default `self.sampling`, the fitted ones; `mix_ratio` and
         `vae_scale_factor` are baked into the graphs and cannot change). seeds: None draws the img2img noise for
-        the whole set from `sampling.seed`; N integers give row i its own noise from seeds[i], so a row's image
-        does not depend on the other rows (as a server needs). renormalize: None applies what was fitted (the
+        the whole set from `sampling.seed`; N integers in [0, 2**63 - 1] give row i its own noise from seeds[i],
+        so a row's image does not depend on the other rows (as a server needs). A stage-1 model draws no noise
+        and refuses both `sampling` and `seeds`. renormalize: None applies what was fitted (the
         transductive re-normalisation over the set; skipped for a single row), False turns it off.
         progress(step, done, total) is called per model call."""
         return self.run_checked(self.check(betas, sampling, seeds, renormalize, batch_size), progress)

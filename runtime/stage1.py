@@ -33,7 +33,7 @@ Progress = Callable[[str, int, int], None]  # (step, done, total)
 
 
 def check_betas(betas: Any, n_voxels: int, source: str = "betas") -> np.ndarray:
-    """(N, V) float32/float64 finite z-scored betas → float32; anything else is a one-line InputError."""
+    """(N, V) float32/float64 z-scored betas, finite as float32 → float32; anything else is a one-line InputError."""
     if not isinstance(betas, np.ndarray):
         raise InputError(source, "a numpy array of z-scored betas", type(betas).__name__)
     if betas.ndim != 2:
@@ -44,13 +44,20 @@ def check_betas(betas: Any, n_voxels: int, source: str = "betas") -> np.ndarray:
         raise InputError(source, f"{n_voxels} voxels per row (the model's mask)", f"{betas.shape[1]}")
     if betas.shape[0] < 1:
         raise InputError(source, "at least one row of betas", "none")
-    bad = ~np.isfinite(betas)
+    # cast, then check: a float64 beyond float32's range (1e300) is finite before the cast and inf after it
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.ascontiguousarray(betas, dtype=np.float32)  # (N, V)
+    bad = ~np.isfinite(cast)
     if bad.any():
         row, voxel = np.argwhere(bad)[0]
+        value = float(betas[row, voxel])
+        overflow = f": {value!r}, beyond float32's range" if np.isfinite(value) else ""
         raise InputError(
-            source, "finite betas", f"{int(bad.sum())} NaN/Inf values (first at row {row}, voxel {voxel})"
+            source,
+            "finite betas",
+            f"{int(bad.sum())} NaN/Inf values (first at row {row}, voxel {voxel}{overflow})",
         )
-    return np.ascontiguousarray(betas, dtype=np.float32)
+    return cast
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def test_recon_infer_npy_with_stimuli_and_trial_selection(tiny, test_betas, tmp_
     args += ["--stimuli", str(tiny["prep"] / "test_images.npy"), "--trials", "0,2-4", "--batch-size", "3"]
     assert run_cli(monkeypatch, *args) == 0
     assert "recon-infer stage 1" in capsys.readouterr().out
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != ".brainrecon-output")  # io.OUTPUT_MARKER
     assert names == [
         "contact_sheet.png",
         *[f"stage1_{t:05d}.png" for t in (0, 2, 3, 4)],
@@ -173,6 +173,9 @@ def test_parse_trials():
         ("rank1", "rank 2"),
         ("rank3", "rank 2"),
         ("pickled", "pickled object array (refused)"),
+        ("float64 1e300", "voxel 7: 1e+300, beyond float32's range"),  # finite as float64, inf as float32
+        ("complex", "float32 or float64"),
+        ("0 rows", "at least one row of betas, found none"),
     ],
 )
 def test_bad_betas_are_refused(tiny, test_betas, tmp_path, monkeypatch, capsys, case, match):
@@ -188,6 +191,13 @@ def test_bad_betas_are_refused(tiny, test_betas, tmp_path, monkeypatch, capsys, 
         betas = betas[0]
     elif case == "rank3":
         betas = betas[None]
+    elif case == "float64 1e300":
+        betas = betas.astype(np.float64)
+        betas[3, 7] = 1e300
+    elif case == "complex":
+        betas = betas.astype(np.complex64)
+    elif case == "0 rows":
+        betas = betas[:0]
     if case == "pickled":
         np.save(path, np.array([{"betas": 1}], dtype=object), allow_pickle=True)
     else:

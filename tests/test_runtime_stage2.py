@@ -282,7 +282,7 @@ def test_recon_infer_stage2_with_stimuli(tiny2, fast, tmp_path, monkeypatch, cap
     printed = capsys.readouterr().out
     assert "recon-infer stage 2" in printed and "final PixCorr / SSIM" in printed
     n = len(fast.images)
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()} - {".brainrecon-output"}  # io.OUTPUT_MARKER, test_data_safety.py
     assert names == {
         "contact_sheet.png",
         "summary.json",
@@ -339,6 +339,10 @@ def test_recon_infer_stage1_still_runs_on_a_stage2_model(tiny2, fast, tmp_path):
         ("shape", "voxels per row"),
         ("int", "float32 or float64"),
         ("strength", "strength in [0, 1]"),
+        ("strength nan", "expected strength in [0, 1], found nan"),
+        ("guidance inf", "expected a finite guidance_scale, found inf"),
+        ("negative seed", "expected a seed in [0, 9223372036854775807], found -1"),
+        ("float64 1e300", "voxel 5: 1e+300, beyond float32's range"),
         ("mix", None),
     ],
 )
@@ -347,13 +351,21 @@ def test_bad_inputs_are_one_line_errors(tiny2, betas, tmp_path, monkeypatch, cap
     bad = {"nan": betas.copy(), "shape": betas[:, :-1], "int": betas.astype(np.int32)}.get(case, betas)
     if case == "nan":
         bad[2, 5] = np.nan
+    if case == "float64 1e300":  # finite as float64, inf as float32: the cast comes before the check
+        bad = betas.astype(np.float64)
+        bad[2, 5] = 1e300
     np.save(path, bad)
     if case == "mix":  # no CLI option: the mix ratio is baked into the UNet, a change is refused by the API
         with pytest.raises(ConfigError, match="baked"):
             Stage2Pipeline.from_model_dir(tiny2["model"]).run(betas, mix_ratio=0.3)
         return
     out = tmp_path / "out"
-    extra = ["--strength", "1.5"] if case == "strength" else []
+    extra = {
+        "strength": ["--strength", "1.5"],
+        "strength nan": ["--strength", "nan"],
+        "guidance inf": ["--guidance", "inf"],
+        "negative seed": ["--seed", "-1"],
+    }.get(case, [])
     code = run_cli(monkeypatch, str(path), "--model-dir", str(tiny2["model"]), "--out", str(out), *extra)
     err = capsys.readouterr().err.strip()
     assert code == 1, err
