@@ -1,11 +1,17 @@
 """recon-serve (serve/triton_server.py): a real Triton server (PyTriton's bundled tritonserver) on 127.0.0.1 serving
-the tiny two-stage model of tests/stage2_fixture.py with the short schedule (`--steps 8`), real HTTP requests.
+the tiny two-stage model of tests/stage2_fixture.py with the short schedule (`--steps 6`), real HTTP requests.
 
-Parity with recon-infer: a request's final and stage-1 images equal `recon-infer --trials i --seed s --steps 8` of
+Parity with recon-infer: a request's final and stage-1 images equal `recon-infer --trials i --seed s --steps 6` of
 that single trial, tolerance max |diff| <= 1 grey level (a rounding tie of `rint` if two ONNX Runtime sessions
 block a matmul differently; measured: 0, identical). Batching: a row's images are the same whether it came alone,
-in a multi-row request, or dynamically batched with other requests (identical, measured). Bad requests get a
-one-line error naming expected and found, and the next request is served. SIGTERM stops the server and all of its
+in a multi-row request, or dynamically batched with other requests (identical, measured); that requests were
+batched is proven with Triton's statistics (one more execution, several more inferences), the requests written
+back to back on open connections within the batcher's 200 ms window. Bad requests get a one-line error naming
+expected and found with HTTP 400, alone: the valid requests of the same batch are answered. Under pressure (one
+instance, a queue of one): a request beyond the queue is refused at once (503 "Exceeds maximum queue size"), a
+request whose timeout expires behind a slow one is refused (503 "Request timeout expired"), a client that gives up
+does not disturb the server. A failed model load is retried; a stopped server starts again on the same model and
+serves the same images; nothing is left in the temporary folders. SIGTERM stops the server and all of its
 processes within 10 s (measured about 4 s).
 """
 
@@ -15,8 +21,9 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +31,32 @@ import pytest
 from PIL import Image
 
 from tests.serve_helpers import (
+    ADMIN_KEY,
     STEPS,
     exported_tiny_model,
     free_ports,
     http,
     images,
     infer,
+    infer_body,
+    leftovers,
+    model_stats,
+    pending_requests,
+    reply,
+    send,
+    serve_env,
     serve_venv,
     session_pids,
+    shm_regions,
     stop_session,
     tiny_betas_file,
+    wait_for,
     wait_ready,
 )
 
-RESEND_MARKER = "not run: resend"  # serve/triton_server.py (which needs PyTriton, absent from this venv)
-QUEUE_DELAY_US = 200_000  # long enough that concurrent test requests reliably meet in one batch
+# The batcher holds a batch open this long for more requests: requests written back to back (milliseconds apart)
+# meet in one batch, which the tests then prove with Triton's statistics rather than assume.
+QUEUE_DELAY_US = 200_000
 
 
 @pytest.fixture(scope="module")
@@ -56,29 +74,39 @@ def betas(betas_file) -> np.ndarray:
     return np.load(betas_file)  # (10, V) float32
 
 
+def start_server(
+    model: Path, ports: list[int], log: Path, env: dict[str, str], *args: str
+) -> subprocess.Popen:
+    """recon-serve in the serving environment, in its own session, its output (with --verbose, Triton's log and a
+    line per model execution) in `log`."""
+    command = [
+        str(serve_venv() / "bin" / "recon-serve"),
+        f"--model-dir={model}",
+        f"--http-port={ports[0]}",
+        f"--grpc-port={ports[1]}",
+        f"--metrics-port={ports[2]}",
+        "--threads=1",
+        "--verbose",
+        *args,
+    ]
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     """recon-serve in the serving environment; yields (http port, grpc port, process, log path)."""
-    venv = serve_venv()
-    http_port, grpc_port, metrics_port = free_ports(3)
-    log = tmp_path_factory.mktemp("serve") / "recon-serve.log"
-    command = [
-        str(venv / "bin" / "recon-serve"),
-        f"--model-dir={model}",
-        f"--http-port={http_port}",
-        f"--grpc-port={grpc_port}",
-        f"--metrics-port={metrics_port}",
-        f"--steps={STEPS}",
-        f"--max-queue-delay-us={QUEUE_DELAY_US}",
-        "--max-batch-size=8",
-        "--threads=1",
-        "--verbose",
-    ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    serve_venv()
+    ports = free_ports(3)
+    root = tmp_path_factory.mktemp("serve")
+    log = root / "recon-serve.log"
+    args = (f"--steps={STEPS}", f"--max-queue-delay-us={QUEUE_DELAY_US}", "--max-batch-size=8")
+    process = start_server(model, ports, log, serve_env(root), *args)
     try:
-        wait_ready(http_port, "brainrecon", process)
-        yield http_port, grpc_port, process, log
+        wait_ready(ports[0], "brainrecon", process)
+        yield ports[0], ports[1], process, log
     finally:
         stop_session(process)
 
@@ -110,6 +138,12 @@ def test_model_config(server, betas):
     assert status == 200
     assert config["max_batch_size"] == 8
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == QUEUE_DELAY_US
+    assert config["dynamic_batching"]["default_queue_policy"] == {  # recon-serve's defaults
+        "timeout_action": "REJECT",
+        "default_timeout_microseconds": 60_000_000,
+        "allow_timeout_override": True,
+        "max_queue_size": 64,
+    }
     assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
         ("betas", "TYPE_FP32", [betas.shape[1]]),
         ("seed", "TYPE_INT64", [1]),
@@ -139,22 +173,15 @@ def test_images_do_not_depend_on_batching(server, betas):
     alone = [served(http_port, betas[i : i + 1], [seeds[i]])["final_image"][0] for i in range(4)]
     together = served(http_port, betas[:4], seeds)["final_image"]  # one request, four rows
     assert all(np.array_equal(together[i], alone[i]) for i in range(4))
-    # four concurrent requests: the dynamic batcher puts them into fewer runtime calls
-    calls_before = len(re.findall(r"runtime call \d+", log.read_text()))
-    results: dict[int, np.ndarray] = {}
-
-    def send(i: int) -> None:
-        results[i] = served(http_port, betas[i : i + 1], [seeds[i]])["final_image"][0]
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert all(np.array_equal(results[i], alone[i]) for i in range(4))
-    time.sleep(0.5)  # the log line of the last call
-    calls = re.findall(r"runtime call \d+: (\d+) requests", log.read_text())[calls_before:]
-    assert sum(int(c) for c in calls) == 4 and len(calls) < 4, calls
+    # four requests written back to back: the dynamic batcher runs them in one execution (Triton's statistics)
+    before = model_stats(http_port)
+    connections = [send(http_port, infer_body(betas[i : i + 1], [seeds[i]])) for i in range(4)]
+    results = [reply(c) for c in connections]
+    after = model_stats(http_port)
+    assert [status for status, _ in results] == [200] * 4, results
+    assert after["execution_count"] - before["execution_count"] == 1  # one batch served all four
+    assert after["inference_count"] - before["inference_count"] == 4
+    assert all(np.array_equal(images(results[i][1])["final_image"][0], alone[i]) for i in range(4))
 
 
 @pytest.mark.parametrize(
@@ -182,39 +209,73 @@ def test_bad_request_gets_clear_error_and_server_goes_on(server, betas, case):
     else:
         status, body = infer(http_port, row, [-2])
         expected = ["seed: expected a non-negative integer, found -2"]
-    assert status in (400, 500), body
+    assert status == 400, body  # a client error, from Triton (shape, dtype) or from the model (values)
     for text in expected:
         assert text in body["error"], body["error"]
     ok = served(http_port, row, [0])  # the next request is served
     assert ok["final_image"].shape[1:] == (64, 64, 3)
 
 
-def test_invalid_request_batched_with_valid_ones(server, betas):
-    """PyTriton answers a batch with one error: the valid requests batched with a NaN one are told to resend, and
-    resent they succeed; the NaN request's error names what is wrong."""
+@pytest.mark.parametrize("fault", ["inf betas", "negative seed"])
+def test_invalid_request_batched_with_valid_ones(server, betas, fault):
+    """An invalid request and two valid ones in ONE execution (proven with Triton's statistics): the invalid one
+    gets its own one-line error (HTTP 400), the valid ones their images, equal to those they get alone."""
     http_port = server[0]
-    bad = betas[:1].copy()
-    bad[0, 0] = np.inf
-    replies: dict[str, tuple[int, dict]] = {}
-
-    def send(name: str, rows: np.ndarray) -> None:
-        replies[name] = infer(http_port, rows, [5])
-
-    threads = [
-        threading.Thread(target=send, args=("bad", bad)),
-        threading.Thread(target=send, args=("good", betas[1:2])),
+    bad, bad_seed = betas[:1].copy(), [5]
+    if fault == "inf betas":
+        bad[0, 0] = np.inf
+        message = "betas: expected finite betas, found 1 NaN/Inf values (first at row 0, voxel 0)"
+    else:
+        bad_seed = [-1]
+        message = "seed: expected a non-negative integer, found -1"
+    before = model_stats(http_port)
+    bodies = [infer_body(betas[1:2], [5]), infer_body(bad, bad_seed), infer_body(betas[2:4], [6, 7])]
+    (good_status, good), (bad_status, bad_reply), (pair_status, pair) = [
+        reply(c) for c in [send(http_port, b) for b in bodies]
     ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert replies["bad"][0] != 200 and "expected finite betas" in replies["bad"][1]["error"]
-    status, body = replies["good"]
-    if status != 200:  # it met the bad one in a batch
-        assert RESEND_MARKER in body["error"] and "expected finite betas" in body["error"]
-        status, body = infer(http_port, betas[1:2], [5])
-    assert status == 200
-    assert np.array_equal(images(body)["final_image"], served(http_port, betas[1:2], [5])["final_image"])
+    after = model_stats(http_port)
+    assert after["execution_count"] - before["execution_count"] == 1  # the three met in one batch
+    assert after["inference_count"] - before["inference_count"] == 4  # 1 + 1 + 2 rows
+    assert (bad_status, bad_reply) == (400, {"error": message})
+    assert good_status == 200 and pair_status == 200, (good, pair)
+    assert np.array_equal(images(good)["final_image"], served(http_port, betas[1:2], [5])["final_image"])
+    assert np.array_equal(images(pair)["final_image"], served(http_port, betas[2:4], [6, 7])["final_image"])
+
+
+def test_admin_apis_need_the_admin_key(server):
+    """Statistics, logging, trace, shared memory and the repository API answer 403 without the header
+    `admin-key` (Triton's restricted-API check), and answer with it; inference-side APIs stay open."""
+    http_port = server[0]
+    restricted = [
+        "/v2/models/brainrecon/stats",
+        "/v2/logging",
+        "/v2/trace/setting",
+        "/v2/systemsharedmemory/status",
+        "/v2/cudasharedmemory/status",
+    ]
+    for path in restricted:
+        assert http(http_port, path) == (
+            403,
+            {"error": "This API is restricted, expecting header 'admin-key'"},
+        )
+    assert http(http_port, "/v2/repository/index", {}) == (
+        403,
+        {"error": "This API is restricted, expecting header 'admin-key'"},
+    )
+    for path in restricted[:4]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}{path}", headers={"admin-key": ADMIN_KEY}
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.status == 200, path
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/v2/models/brainrecon/stats", headers={"admin-key": "a wrong key"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 403
+    for path in ("/v2/health/ready", "/v2", "/v2/models/brainrecon", "/v2/models/brainrecon/config"):
+        assert http(http_port, path)[0] == 200, path
 
 
 def test_readme_client_example(server, model, betas_file, tmp_path):
@@ -236,6 +297,125 @@ def test_readme_client_example(server, model, betas_file, tmp_path):
     assert np.abs(final.astype(int) - expected["final"]).max() <= 1
 
 
+def executions(log: Path) -> list[tuple[int, int, int]]:
+    """(requests, valid requests, rows) of each model execution, from the model's own log line (--verbose)."""
+    found = re.findall(r"runtime call \d+: (\d+) requests, (\d+) rows, (\d+) valid", log.read_text())
+    return [(int(n), int(valid), int(rows)) for n, rows, valid in found]
+
+
+@pytest.fixture(scope="module")
+def busy_server(model, tmp_path_factory):
+    """A server under pressure: one instance, no batching delay, a queue of ONE request, the fitted schedule (so
+    one 8-row batch keeps the instance busy for a while). Yields (ports, process, log)."""
+    serve_venv()
+    ports = free_ports(3)
+    root = tmp_path_factory.mktemp("busy")
+    log = root / "recon-serve.log"
+    args = ("--max-queue-delay-us=0", "--max-queue-size=1", "--max-batch-size=8", "--instances=1")
+    process = start_server(model, ports, log, serve_env(root), *args)
+    try:
+        wait_ready(ports[0], "brainrecon", process)
+        yield ports, process, log
+    finally:
+        stop_session(process)
+
+
+def occupy(ports: list[int], process: subprocess.Popen, log: Path, betas: np.ndarray):
+    """Send an 8-row request (a full batch) and return its connection once the model has started executing it
+    (its log line): from then on the one instance is busy and new requests queue."""
+    seen = len(executions(log))
+    connection = send(ports[0], infer_body(betas[:8], list(range(8))))
+    wait_for("the 8-row execution", lambda: executions(log)[seen:] == [(1, 1, 8)], process)
+    return connection
+
+
+def test_queue_full_is_refused_at_once(busy_server, betas):
+    """Instance busy, one request queued (Triton's pending-request gauge says 1): the next is refused at once with
+    503 and Triton's message; the running and the queued request are then answered."""
+    ports, process, log = busy_server
+    running = occupy(ports, process, log, betas)
+    queued = send(ports[0], infer_body(betas[:1], [1]))
+    wait_for("one queued request", lambda: pending_requests(ports[2]) == 1, process)
+    assert reply(send(ports[0], infer_body(betas[1:2], [2]))) == (
+        503,
+        {"error": "[request id: <id_unknown>] Exceeds maximum queue size"},
+    )
+    assert reply(running)[0] == 200
+    status, body = reply(queued)
+    assert status == 200 and images(body)["final_image"].shape == (1, 64, 64, 3)
+
+
+def test_request_timeout_behind_a_slow_request(busy_server, betas):
+    """A request with a 1 ms queue timeout (KServe v2 parameter `timeout`) waits behind a running 8-row batch:
+    refused with 503 and Triton's message instead of computed; a request without a timeout is then served."""
+    ports, process, log = busy_server
+    running = occupy(ports, process, log, betas)
+    late = send(ports[0], infer_body(betas[:1], [1], timeout_us=1000))
+    assert reply(late) == (503, {"error": "Request timeout expired"})
+    assert reply(running)[0] == 200
+    assert infer(ports[0], betas[:1], [1])[0] == 200
+
+
+def test_client_that_gives_up_does_not_disturb_the_server(busy_server, betas):
+    """A client sends a request behind a busy instance and closes its connection before the answer (it gave up):
+    the server goes on, the running request is answered, and later requests are served with the same images.
+    Triton's HTTP front end does not cancel a queued request whose client left: it is still computed once (its
+    answer dropped), which the queue timeout (--queue-timeout-s) bounds; the test waits for that execution."""
+    ports, process, log = busy_server
+    reference = infer(ports[0], betas[:1], [9])
+    running = occupy(ports, process, log, betas)
+    quitter = send(ports[0], infer_body(betas[:1], [9]))
+    wait_for("the quitter's request queued", lambda: pending_requests(ports[2]) == 1, process)
+    quitter.sock.shutdown(2)  # gives up: no reply read, connection gone
+    quitter.close()
+    seen = len(executions(log))
+    assert reply(running)[0] == 200
+    wait_for("the abandoned request's execution", lambda: executions(log)[seen:] == [(1, 1, 1)], process)
+    assert process.poll() is None
+    status, body = infer(ports[0], betas[:1], [9])
+    assert status == 200 and np.array_equal(images(body)["final_image"], images(reference[1])["final_image"])
+    assert http(ports[0], "/v2/health/ready")[0] == 200
+
+
+def test_load_failure_is_retried_and_a_restart_serves_the_same(model, betas, tmp_path):
+    """The model's first load fails for real inside Triton (BRAINRECON_SERVE_FAIL_LOADS=1: its `initialize`
+    raises in attempt 1 only): recon-serve logs the failure with Triton's reason and comes up on attempt 2. Then it
+    is stopped and started again on the same model and ports, and serves identical images (same files, same
+    seed: exact). Each stop leaves nothing in the private TMPDIR, PyTriton's home or /dev/shm."""
+    ports = free_ports(3)
+    env = serve_env(tmp_path)
+    shm_before = shm_regions()
+    log = tmp_path / "first.log"
+    process = start_server(model, ports, log, {**env, "BRAINRECON_SERVE_FAIL_LOADS": "1"}, f"--steps={STEPS}")
+    try:
+        wait_ready(ports[0], "brainrecon", process)
+        wait_for("recon-serve's serving line", lambda: "(attempt 2)\n" in log.read_text(), process)
+        text = log.read_text()
+        assert "Triton could not load model brainrecon (attempt 1 of 3)" in text, text[-3000:]
+        assert "model load failure injected (BRAINRECON_SERVE_FAIL_LOADS=1, attempt 1)" in text
+        status, first = infer(ports[0], betas[:2], [4, 5])
+        assert status == 200, first
+    finally:
+        stop_session(process)
+    assert process.returncode == 0, log.read_text()[-2000:]
+    assert [x for x in leftovers(tmp_path) if x not in shm_before] == []
+
+    log = tmp_path / "restart.log"
+    process = start_server(model, ports, log, env, f"--steps={STEPS}")
+    try:
+        wait_ready(ports[0], "brainrecon", process)
+        wait_for("recon-serve's serving line", lambda: "(attempt 1)\n" in log.read_text(), process)
+        assert "could not load" not in log.read_text()
+        status, again = infer(ports[0], betas[:2], [4, 5])
+        assert status == 200, again
+        for name in ("final_image", "stage1_image"):
+            assert np.array_equal(images(again)[name], images(first)[name])
+    finally:
+        stop_session(process)
+    assert process.returncode == 0, log.read_text()[-2000:]
+    assert [x for x in leftovers(tmp_path) if x not in shm_before] == []
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
@@ -246,21 +426,10 @@ def _cmdline(pid: int) -> str:
 def test_shutdown_is_clean_and_quick(model, tmp_path):
     """A second server (dynamic batching off, two instances): SIGTERM ends it and every process it started (Triton,
     the Python-backend stubs) within 10 s; the ports are free again."""
-    venv = serve_venv()
+    serve_venv()
     ports = free_ports(3)
-    command = [
-        str(venv / "bin" / "recon-serve"),
-        f"--model-dir={model}",
-        f"--http-port={ports[0]}",
-        f"--grpc-port={ports[1]}",
-        f"--metrics-port={ports[2]}",
-        f"--steps={STEPS}",
-        "--no-dynamic-batching",
-        "--instances=2",
-        "--threads=1",
-    ]
-    with open(tmp_path / "serve.log", "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    args = (f"--steps={STEPS}", "--no-dynamic-batching", "--instances=2")
+    process = start_server(model, ports, tmp_path / "serve.log", serve_env(tmp_path), *args)
     try:
         wait_ready(ports[0], "brainrecon", process)
         status, config = http(ports[0], "/v2/models/brainrecon/config")
@@ -312,3 +481,52 @@ def test_leftovers_of_a_stopped_server_are_ended():
         for p in (child, bystander):
             p.kill()
             p.wait()
+
+
+def test_a_missing_serving_environment_fails_where_it_is_expected(monkeypatch, tmp_path):
+    """`make test` sets BRAINRECON_SERVE_VENV: a missing serving environment then FAILS the serving tests (as under
+    CI); only with the variable and CI unset is it a skip, whose reason says so."""
+    import tests.serve_helpers as helpers
+
+    def outcome() -> tuple[str, str]:
+        try:
+            helpers.serve_venv()
+        except pytest.fail.Exception as e:
+            return "failed", str(e)
+        except pytest.skip.Exception as e:
+            return "skipped", str(e)
+        return "found", ""
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("BRAINRECON_SERVE_VENV", str(tmp_path / "no-venv"))
+    status, reason = outcome()
+    assert status == "failed" and f"serving environment {tmp_path / 'no-venv'} missing" in reason, reason
+    monkeypatch.delenv("BRAINRECON_SERVE_VENV")
+    monkeypatch.setattr(helpers, "ROOT", tmp_path)  # the default .venv-serve, here absent
+    status, reason = outcome()
+    assert status == "skipped", reason
+    assert "skipped because BRAINRECON_SERVE_VENV and CI are unset" in reason
+    monkeypatch.setenv("CI", "true")
+    assert outcome()[0] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("max_queue_size", -1, "--max-queue-size: expected requests >= 0 (0: no limit), found -1"),
+        ("queue_timeout_s", -0.5, "--queue-timeout-s: expected seconds >= 0 (0: no timeout), found -0.5"),
+        (
+            "queue_timeout_s",
+            float("nan"),
+            "--queue-timeout-s: expected seconds >= 0 (0: no timeout), found nan",
+        ),
+    ],
+)
+def test_queue_options_are_checked(option, value, message, tmp_path):
+    """recon-serve's queue options are refused before anything starts, with one line naming expected and found."""
+    from brainrecon.errors import InputError
+    from brainrecon.serve.triton_server import ServeOptions
+
+    with pytest.raises(InputError) as refused:
+        ServeOptions(model_dir=tmp_path, **{option: value})
+    assert str(refused.value) == message

@@ -8,8 +8,11 @@
 - The CPU variant loads in the real `tritonserver` bundled with PyTriton (Python backend only) and reconstructs
   through real BLS calls on the K/V pair: unet_context runs once at the first request and once per runtime call,
   unet_kv at every step; the images equal the runtime API's (recon-infer's loop, also on the pair) for the same
-  rows and seeds (tolerance: max |diff| <= 1 grey level; measured 0); a NaN request gets its own error while the
-  request batched with it is answered.
+  rows and seeds (tolerance: max |diff| <= 1 grey level; measured 0); a NaN request gets its own error (HTTP 400)
+  while the request batched with it (one execution: Triton's statistics) is answered.
+- The BLS model's outputs are declared in the layout the runtime really returns (images (S, S, 3), channels last),
+  taken from a `Reconstructor` run, not from the function that writes the config.
+- The launcher restricts Triton's admin APIs: statistics only with the `admin-key` header.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,11 @@ from tests.serve_helpers import (
     http,
     images,
     infer,
+    infer_body,
+    model_stats,
+    reply,
+    send,
+    serve_env,
     serve_venv,
     stop_session,
     tiny_betas_file,
@@ -51,6 +58,7 @@ MODELS = [
     "vdvae_decoder",
 ]
 PLAIN_MODELS = sorted({*MODELS, "unet"} - {"unet_context", "unet_kv"})
+BLS_QUEUE_DELAY_US = 200_000
 
 
 def recon_export(*args: str) -> subprocess.CompletedProcess:
@@ -81,13 +89,30 @@ def model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def runtime_layout(model, tmp_path_factory) -> dict[str, list[str]]:
+    """The BLS model's output dims as the runtime really returns them (one reconstruction through the runtime API,
+    without the batch axis), as strings like the parsed configs: the expectation stated apart from export/triton.py."""
+    from brainrecon.runtime import Reconstructor, RuntimeOptions
+
+    betas = np.load(tiny_betas_file(tmp_path_factory))
+    with Reconstructor.open(model, RuntimeOptions(threads=1)) as rec:
+        out = rec.reconstruct(betas[:1], seeds=[0], renormalize=False)
+    assert out.images.shape[-1] == 3 and out.stage1_images.shape[-1] == 3  # images are channels-last
+    return {
+        "final_image": [str(d) for d in out.images.shape[1:]],
+        "stage1_image": [str(d) for d in out.stage1_images.shape[1:]],
+    }
+
+
+@pytest.fixture(scope="module")
 def repos(model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("triton")
     out = {"gpu": root / "gpu", "gpu16": root / "gpu16", "cpu": root / "cpu", "plain": root / "plain"}
     for args in (
         ("--out", str(out["gpu"])),
         ("--out", str(out["gpu16"]), "--precision", "fp16", "--instances", "2"),
-        ("--out", str(out["cpu"]), "--variant", "cpu"),
+        # a long batching window for the BLS model: requests written back to back meet in one batch (proven below)
+        ("--out", str(out["cpu"]), "--variant", "cpu", "--max-queue-delay-us", str(BLS_QUEUE_DELAY_US)),
         ("--out", str(out["plain"]), "--unet-graph", "plain"),
     ):
         run = recon_export("--model-dir", str(model), "--format", "triton", *args)
@@ -95,7 +120,7 @@ def repos(model, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def test_configs_parse_with_triton_schema_and_match_the_artifacts(repos, model):
+def test_configs_parse_with_triton_schema_and_match_the_artifacts(repos, model, runtime_layout):
     manifest = json.loads((model / "manifest.json").read_text())
     contracts = {
         a["model"]: a["io"] for a in manifest["artifacts"] if a["kind"] == "onnx" and a["precision"] == "fp32"
@@ -122,6 +147,7 @@ def test_configs_parse_with_triton_schema_and_match_the_artifacts(repos, model):
             [str(contracts["ridge"]["inputs"][0]["shape"][1])],
             ["1"],
         ]
+        assert {o["name"]: o["dims"] for o in bls["output"]} == runtime_layout
         params = {key: p["stringValue"] for key, p in bls["parameters"].items()}
         assert params["unet_graph"] == graph and sorted(params["models"].split(",")) == models[1:]
         for model_name in models[1:]:
@@ -194,7 +220,7 @@ def test_usage_errors(model, tmp_path):
 
 
 def test_cpu_variant_reconstructs_through_bls_in_a_real_tritonserver(
-    repos, model, tmp_path_factory, tmp_path
+    repos, model, runtime_layout, tmp_path_factory, tmp_path
 ):
     venv = serve_venv()
     ports = free_ports(3)
@@ -209,10 +235,13 @@ def test_cpu_variant_reconstructs_through_bls_in_a_real_tritonserver(
         f"--metrics-port={ports[2]}",
         f"--log={log}",
     ]
-    process = subprocess.Popen(command, start_new_session=True)
+    process = subprocess.Popen(command, start_new_session=True, env=serve_env(tmp_path))
     try:
         for name in MODELS:
             wait_ready(ports[0], name, process)
+        status, config = http(ports[0], "/v2/models/brainrecon/config")
+        assert status == 200
+        assert {o["name"]: [str(d) for d in o["dims"]] for o in config["output"]} == runtime_layout
         betas = np.load(tiny_betas_file(tmp_path_factory))
         status, body = infer(ports[0], betas[:2], [3, 4])  # two rows, fitted schedule (37 UNet steps)
         assert status == 200, body
@@ -229,29 +258,32 @@ def test_cpu_variant_reconstructs_through_bls_in_a_real_tritonserver(
         assert np.abs(served["final_image"].astype(int) - direct.images).max() <= 1
         assert np.abs(served["stage1_image"].astype(int) - direct.stage1_images).max() <= 1
 
-        # a NaN request gets its own error; a request batched with it is answered
+        # a NaN request gets its own error; a request batched with it (written back to back within the BLS
+        # model's 200 ms batching window; one execution, Triton's statistics) is answered
         bad = betas[:1].copy()
         bad[0, 2] = np.nan
-        replies = {}
-        threads = [
-            threading.Thread(target=lambda: replies.__setitem__("bad", infer(ports[0], bad, [3]))),
-            threading.Thread(target=lambda: replies.__setitem__("good", infer(ports[0], betas[:1], [3]))),
+        before = model_stats(ports[0])
+        bad_reply, good_reply = [
+            reply(c) for c in [send(ports[0], infer_body(x, [3])) for x in (bad, betas[:1])]
         ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert replies["bad"][0] == 400 and "expected finite betas" in replies["bad"][1]["error"]
-        assert replies["good"][0] == 200
-        assert np.array_equal(images(replies["good"][1])["final_image"][0], served["final_image"][0])
+        after = model_stats(ports[0])
+        assert after["execution_count"] - before["execution_count"] == 1
+        assert after["inference_count"] - before["inference_count"] == 2
+        message = "betas: expected finite betas, found 1 NaN/Inf values (first at row 0, voxel 2)"
+        assert bad_reply == (400, {"error": message})
+        assert good_reply[0] == 200
+        assert np.array_equal(images(good_reply[1])["final_image"][0], served["final_image"][0])
         # real BLS calls on the pair, K/V once: unet_context on the unconditional context at the first request and
         # once per runtime call (2: the two-row request, the good one), unet_kv at every step of each
-        executions = {}
-        for name in ("unet_context", "unet_kv"):
-            status, stats = http(ports[0], f"/v2/models/{name}/stats")
-            assert status == 200
-            executions[name] = int(stats["model_stats"][0]["execution_count"])
+        executions = {
+            name: model_stats(ports[0], name)["execution_count"] for name in ("unet_context", "unet_kv")
+        }
         assert executions == {"unet_context": 1 + 2, "unet_kv": 2 * steps}
+        # the admin APIs need the key (serve/tritonserver.py); inference did not
+        assert http(ports[0], "/v2/models/unet_kv/stats") == (
+            403,
+            {"error": "This API is restricted, expecting header 'admin-key'"},
+        )
     finally:
         seconds = stop_session(process)
     assert seconds < 15

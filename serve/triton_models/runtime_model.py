@@ -89,8 +89,8 @@ class TritonPythonModel:
         self.executions += 1
         if self.verbose:
             rows = sum(len(b) for _, b, _ in valid)
-            pb_utils.Logger.log_info(
-                f"brainrecon execution {self.executions}: {len(requests)} requests, {len(valid)} valid, {rows} rows"
+            pb_utils.Logger.log_info(  # benchmarks/bench_serve.py reads "runtime call N: R requests, K rows"
+                f"runtime call {self.executions}: {len(requests)} requests, {rows} rows, {len(valid)} valid"
             )
         if not valid:
             return responses
