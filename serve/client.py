@@ -4,9 +4,10 @@
     with ReconClient("127.0.0.1:8000") as client:
         final, stage1 = client.reconstruct(betas_row, seed=3)   # (V,) float32 → (S, S, 3), (s, s, 3) uint8
 
-Error responses become `ServeError` with one line (Triton's own message for a wrong shape or dtype; the runtime's
-for NaN betas or a bad seed, out of PyTriton's traceback). A valid request that was batched with an invalid one
-is resent once (see serve/triton_server.py). One client per thread: tritonclient's clients are not thread-safe.
+Error responses become `ServeError` with one line and the status (Triton's own message for a wrong shape or dtype;
+the runtime's for NaN betas or a bad seed, both 400; 503 when the server's queue is full or the request waited past
+its queue timeout: retry later). A bad request gets its own error: the requests batched with it are answered
+(serve/triton_server.py). One client per thread: tritonclient's clients are not thread-safe.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from typing import Any
 import numpy as np
 
 MODEL_NAME = "brainrecon"
-RESEND_MARKER = "not run: resend"  # serve/triton_server.py RESEND_MARKER (that module needs PyTriton)
-_REQUEST_ERROR = re.compile(r"RequestError: (.+)")
+_REQUEST_ERROR = re.compile(r"RequestError: (.+)")  # a PyTriton traceback's last line (older servers)
 
 
 class ServeError(Exception):
@@ -71,31 +71,29 @@ class ReconClient:
         return inputs
 
     def reconstruct(
-        self, betas: np.ndarray, seed: int | np.ndarray | None = None
+        self, betas: np.ndarray, seed: int | np.ndarray | None = None, queue_timeout_us: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One request → (final_image, stage1_image), each with the request's batch axis removed for a (V,) input."""
+        """One request → (final_image, stage1_image), each with the request's batch axis removed for a (V,) input.
+        queue_timeout_us: refused (503) rather than run if it waits longer in the server's queue (Triton's
+        per-request `timeout`; default the server's --queue-timeout-s)."""
         from tritonclient.utils import InferenceServerException
 
-        for attempt in (0, 1):
-            try:
-                kwargs = {"timeout": int(self.timeout_s * 1e6)} if self.protocol == "grpc" else {}
-                result = (
-                    self._client.infer(
-                        MODEL_NAME, self.inputs(betas, seed), client_timeout=self.timeout_s, **kwargs
-                    )
-                    if self.protocol == "grpc"
-                    else self._client.infer(MODEL_NAME, self.inputs(betas, seed))
+        try:
+            if self.protocol == "grpc":
+                result = self._client.infer(
+                    MODEL_NAME,
+                    self.inputs(betas, seed),
+                    client_timeout=self.timeout_s,
+                    timeout=queue_timeout_us,
                 )
-            except InferenceServerException as e:
-                message = e.message() or str(e)
-                if RESEND_MARKER in message and attempt == 0 and not _is_own_error(message, betas, seed):
-                    continue
-                raise ServeError(one_line(message), e.status()) from None
-            final, stage1 = result.as_numpy("final_image"), result.as_numpy("stage1_image")
-            if betas.ndim == 1:
-                return final[0], stage1[0]
-            return final, stage1
-        raise AssertionError("unreachable")
+            else:
+                result = self._client.infer(MODEL_NAME, self.inputs(betas, seed), timeout=queue_timeout_us)
+        except InferenceServerException as e:
+            raise ServeError(one_line(e.message() or str(e)), e.status()) from None
+        final, stage1 = result.as_numpy("final_image"), result.as_numpy("stage1_image")
+        if betas.ndim == 1:
+            return final[0], stage1[0]
+        return final, stage1
 
     def ready(self) -> bool:
         try:
@@ -111,11 +109,6 @@ class ReconClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _is_own_error(message: str, betas: np.ndarray, seed: Any) -> bool:
-    """Whether this request itself is invalid (then resending cannot help)."""
-    return not np.isfinite(betas).all() or (seed is not None and (np.asarray(seed) < 0).any())
 
 
 def _triton_dtype(dtype: np.dtype) -> str:

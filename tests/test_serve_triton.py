@@ -530,3 +530,35 @@ def test_queue_options_are_checked(option, value, message, tmp_path):
     with pytest.raises(InputError) as refused:
         ServeOptions(model_dir=tmp_path, **{option: value})
     assert str(refused.value) == message
+
+
+def test_client_errors_are_one_line_with_the_status(server, betas_file, tmp_path):
+    """serve/client.py (tritonclient, in the serving environment) over HTTP and gRPC: a NaN row gives ServeError
+    with the runtime's one line and status 400; a valid row its two images."""
+    http_port, grpc_port = server[0], server[1]
+    code = f"""
+import numpy as np
+from brainrecon.serve.client import ReconClient, ServeError
+betas = np.load({str(betas_file)!r})
+bad = betas[0].copy()
+bad[5] = np.nan
+for url, protocol in (("127.0.0.1:{http_port}", "http"), ("127.0.0.1:{grpc_port}", "grpc")):
+    with ReconClient(url, protocol=protocol) as client:
+        try:
+            client.reconstruct(bad, seed=1)
+        except ServeError as e:
+            print(protocol, e.status, e)
+        final, stage1 = client.reconstruct(betas[0], seed=1)
+        print(protocol, final.shape, stage1.shape)
+"""
+    run = subprocess.run(
+        [str(serve_venv() / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    message = "betas: expected finite betas, found 1 NaN/Inf values (first at row 0, voxel 5)"
+    assert run.stdout.splitlines() == [
+        f"http 400 {message}",
+        "http (64, 64, 3) (64, 64, 3)",
+        f"grpc StatusCode.INVALID_ARGUMENT {message}",
+        "grpc (64, 64, 3) (64, 64, 3)",
+    ]
