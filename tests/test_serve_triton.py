@@ -4,11 +4,11 @@ the tiny two-stage model of tests/stage2_fixture.py with the short schedule (`--
 Parity with recon-infer: a request's final and stage-1 images equal `recon-infer --trials i --seed s --steps 6` of
 that single trial, tolerance max |diff| <= 1 grey level (a rounding tie of `rint` if two ONNX Runtime sessions
 block a matmul differently; measured: 0, identical). Batching: a row's images are the same whether it came alone,
-in a multi-row request, or dynamically batched with other requests (identical, measured); that requests were
-batched is proven with Triton's statistics (one more execution, several more inferences), the requests written
-back to back on open connections within the batcher's 200 ms window. Bad requests get a one-line error naming
-expected and found with HTTP 400, alone: the valid requests of the same batch are answered. Under pressure (one
-instance, a queue of one): a request beyond the queue is refused at once (503 "Exceeds maximum queue size"), a
+in a multi-row request, or dynamically batched with other requests (identical, measured). Requests are batched
+deterministically, not by timing: they queue behind a running 8-row request (Triton's pending-request gauge) and
+the batcher takes them together; Triton's statistics and the model's log prove it. Bad requests get a one-line
+error naming expected and found with HTTP 400, alone: the valid requests of the same batch are answered. Under
+pressure (one instance, a queue of four): a request beyond the queue is refused at once (503 "Exceeds maximum queue size"), a
 request whose timeout expires behind a slow one is refused (503 "Request timeout expired"), a client that gives up
 does not disturb the server. A failed model load is retried; a stopped server starts again on the same model and
 serves the same images; nothing is left in the temporary folders. SIGTERM stops the server and all of its
@@ -54,9 +54,7 @@ from tests.serve_helpers import (
     wait_ready,
 )
 
-# The batcher holds a batch open this long for more requests: requests written back to back (milliseconds apart)
-# meet in one batch, which the tests then prove with Triton's statistics rather than assume.
-QUEUE_DELAY_US = 200_000
+QUEUE_DELAY_US = 20_000  # not the default (5 ms): the config test sees the option applied
 
 
 @pytest.fixture(scope="module")
@@ -167,20 +165,31 @@ def test_same_images_as_recon_infer(server, model, betas, betas_file, tmp_path):
     assert not np.array_equal(default, served(http_port, betas[:1], [1])["final_image"])
 
 
-def test_images_do_not_depend_on_batching(server, betas):
-    http_port, _, _, log = server
+def test_images_do_not_depend_on_batching(busy_server, betas):
+    """A row's images are the same alone, in a four-row request, and dynamically batched with three other requests.
+    The batch is made deterministic, not hoped for: while the one instance runs an 8-row request (its log line),
+    four requests queue (Triton's pending-request gauge says 4); when it is free the batcher takes all four into ONE
+    execution, which Triton's statistics prove (2 executions, 8 + 4 inferences)."""
+    ports, process, log = busy_server
     seeds = [11, 12, 13, 14]
-    alone = [served(http_port, betas[i : i + 1], [seeds[i]])["final_image"][0] for i in range(4)]
-    together = served(http_port, betas[:4], seeds)["final_image"]  # one request, four rows
-    assert all(np.array_equal(together[i], alone[i]) for i in range(4))
-    # four requests written back to back: the dynamic batcher runs them in one execution (Triton's statistics)
-    before = model_stats(http_port)
-    connections = [send(http_port, infer_body(betas[i : i + 1], [seeds[i]])) for i in range(4)]
-    results = [reply(c) for c in connections]
-    after = model_stats(http_port)
+    alone = [infer(ports[0], betas[i : i + 1], [seeds[i]]) for i in range(4)]
+    alone = [images(body)["final_image"][0] for _, body in alone]
+    status, together = infer(ports[0], betas[:4], seeds)  # one request, four rows
+    assert status == 200 and all(
+        np.array_equal(images(together)["final_image"][i], alone[i]) for i in range(4)
+    )
+    before = model_stats(ports[0])
+    running = occupy(ports, process, log, betas)
+    queued = [send(ports[0], infer_body(betas[i : i + 1], [seeds[i]])) for i in range(4)]
+    wait_for("four queued requests", lambda: pending_requests(ports[2]) == 4, process)
+    assert reply(running)[0] == 200
+    results = [reply(c) for c in queued]
+    after = model_stats(ports[0])
     assert [status for status, _ in results] == [200] * 4, results
-    assert after["execution_count"] - before["execution_count"] == 1  # one batch served all four
-    assert after["inference_count"] - before["inference_count"] == 4
+    assert (
+        after["execution_count"] - before["execution_count"] == 2
+    )  # the 8-row request, then one for all four
+    assert after["inference_count"] - before["inference_count"] == 8 + 4
     assert all(np.array_equal(images(results[i][1])["final_image"][0], alone[i]) for i in range(4))
 
 
@@ -217,10 +226,12 @@ def test_bad_request_gets_clear_error_and_server_goes_on(server, betas, case):
 
 
 @pytest.mark.parametrize("fault", ["inf betas", "negative seed"])
-def test_invalid_request_batched_with_valid_ones(server, betas, fault):
-    """An invalid request and two valid ones in ONE execution (proven with Triton's statistics): the invalid one
-    gets its own one-line error (HTTP 400), the valid ones their images, equal to those they get alone."""
-    http_port = server[0]
+def test_invalid_request_batched_with_valid_ones(busy_server, betas, fault):
+    """An invalid request and two valid ones queued behind a running 8-row request run in ONE execution (the
+    model's log line: 3 requests, 2 valid, 3 rows; Triton's statistics: 2 executions, 8 + 4 inferences): the
+    invalid one gets its own one-line error (HTTP 400), the valid ones their images, equal to those they get
+    alone."""
+    ports, process, log = busy_server
     bad, bad_seed = betas[:1].copy(), [5]
     if fault == "inf betas":
         bad[0, 0] = np.inf
@@ -228,18 +239,24 @@ def test_invalid_request_batched_with_valid_ones(server, betas, fault):
     else:
         bad_seed = [-1]
         message = "seed: expected a non-negative integer, found -1"
-    before = model_stats(http_port)
+    before = model_stats(ports[0])
+    seen = len(executions(log))
+    running = occupy(ports, process, log, betas)
     bodies = [infer_body(betas[1:2], [5]), infer_body(bad, bad_seed), infer_body(betas[2:4], [6, 7])]
-    (good_status, good), (bad_status, bad_reply), (pair_status, pair) = [
-        reply(c) for c in [send(http_port, b) for b in bodies]
-    ]
-    after = model_stats(http_port)
-    assert after["execution_count"] - before["execution_count"] == 1  # the three met in one batch
-    assert after["inference_count"] - before["inference_count"] == 4  # 1 + 1 + 2 rows
+    queued = [send(ports[0], b) for b in bodies]
+    wait_for("three queued requests", lambda: pending_requests(ports[2]) == 3, process)
+    assert reply(running)[0] == 200
+    (good_status, good), (bad_status, bad_reply), (pair_status, pair) = [reply(c) for c in queued]
+    after = model_stats(ports[0])
+    assert after["execution_count"] - before["execution_count"] == 2
+    assert after["inference_count"] - before["inference_count"] == 8 + 4  # 8, then 1 + 1 + 2 rows
+    assert executions(log)[seen:] == [(1, 1, 8), (3, 2, 3)]
     assert (bad_status, bad_reply) == (400, {"error": message})
     assert good_status == 200 and pair_status == 200, (good, pair)
-    assert np.array_equal(images(good)["final_image"], served(http_port, betas[1:2], [5])["final_image"])
-    assert np.array_equal(images(pair)["final_image"], served(http_port, betas[2:4], [6, 7])["final_image"])
+    status, good_alone = infer(ports[0], betas[1:2], [5])
+    assert status == 200 and np.array_equal(images(good)["final_image"], images(good_alone)["final_image"])
+    status, pair_alone = infer(ports[0], betas[2:4], [6, 7])
+    assert status == 200 and np.array_equal(images(pair)["final_image"], images(pair_alone)["final_image"])
 
 
 def test_admin_apis_need_the_admin_key(server):
@@ -305,13 +322,13 @@ def executions(log: Path) -> list[tuple[int, int, int]]:
 
 @pytest.fixture(scope="module")
 def busy_server(model, tmp_path_factory):
-    """A server under pressure: one instance, no batching delay, a queue of ONE request, the fitted schedule (so
+    """A server under pressure: one instance, no batching delay, a queue of FOUR requests, the fitted schedule (so
     one 8-row batch keeps the instance busy for a while). Yields (ports, process, log)."""
     serve_venv()
     ports = free_ports(3)
     root = tmp_path_factory.mktemp("busy")
     log = root / "recon-serve.log"
-    args = ("--max-queue-delay-us=0", "--max-queue-size=1", "--max-batch-size=8", "--instances=1")
+    args = ("--max-queue-delay-us=0", "--max-queue-size=4", "--max-batch-size=8", "--instances=1")
     process = start_server(model, ports, log, serve_env(root), *args)
     try:
         wait_ready(ports[0], "brainrecon", process)
@@ -330,19 +347,20 @@ def occupy(ports: list[int], process: subprocess.Popen, log: Path, betas: np.nda
 
 
 def test_queue_full_is_refused_at_once(busy_server, betas):
-    """Instance busy, one request queued (Triton's pending-request gauge says 1): the next is refused at once with
-    503 and Triton's message; the running and the queued request are then answered."""
+    """Instance busy, the queue full (four requests; Triton's pending-request gauge says 4): the next is refused at
+    once with 503 and Triton's message; the running and the queued requests are then answered."""
     ports, process, log = busy_server
     running = occupy(ports, process, log, betas)
-    queued = send(ports[0], infer_body(betas[:1], [1]))
-    wait_for("one queued request", lambda: pending_requests(ports[2]) == 1, process)
+    queued = [send(ports[0], infer_body(betas[:1], [i])) for i in range(4)]
+    wait_for("four queued requests", lambda: pending_requests(ports[2]) == 4, process)
     assert reply(send(ports[0], infer_body(betas[1:2], [2]))) == (
         503,
         {"error": "[request id: <id_unknown>] Exceeds maximum queue size"},
     )
     assert reply(running)[0] == 200
-    status, body = reply(queued)
-    assert status == 200 and images(body)["final_image"].shape == (1, 64, 64, 3)
+    for connection in queued:
+        status, body = reply(connection)
+        assert status == 200 and images(body)["final_image"].shape == (1, 64, 64, 3)
 
 
 def test_request_timeout_behind_a_slow_request(busy_server, betas):
