@@ -660,6 +660,67 @@ def eval_blob(
     Console().print((out / "blob.md").read_text())
 
 
+@eval_app.command("metrics")
+def eval_metrics(
+    recon: Annotated[
+        Path, typer.Option(help="recon-infer / recon-reconstruct output folder: its KIND_NNNNN.png images.")
+    ],
+    stimuli: Annotated[
+        Path, typer.Option(help="Ground truth, one image per row: recon-prepare's test_images.npy.")
+    ],
+    weights: Annotated[
+        Path, typer.Option(help="Folder with the feature networks' published files (docs/metrics.md).")
+    ],
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: pixcorr,ssim,alexnet2,alexnet5,inceptionv3,clip,effnet,swav (default: all)."
+        ),
+    ] = "all",
+    kind: Annotated[str, typer.Option(help="Which images of the folder: final or stage1.")] = "final",
+    out: Annotated[
+        Path | None, typer.Option(help="JSON results file (default: RECON/paper_metrics.json).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per feature-network call.")] = 16,
+    device: DeviceOption = "cpu",
+) -> None:
+    """Brain-Diffuser's eight metrics (PixCorr, SSIM, AlexNet(2), AlexNet(5), InceptionV3, CLIP, EffNet-B, SwAV)
+    with the networks whose files are in --weights; says which file each missing one needs.
+
+    Example: recon-eval metrics --recon data/recon --stimuli data/subj01/test_images.npy --weights ~/eval-weights
+    """
+    check_device(device)
+    from brainrecon.io import write_json
+    from brainrecon.train.evaluation.paper_metrics import (
+        METRICS,
+        check_metric_names,
+        metrics_table,
+        paper_metrics,
+        read_recon_folder,
+        read_stimuli,
+    )
+
+    names = METRICS if metrics == "all" else check_metric_names([m.strip() for m in metrics.split(",")])
+    rows, recon_images = read_recon_folder(recon, kind)
+    gt_images = read_stimuli(stimuli, rows)
+    result = paper_metrics(
+        gt_images, recon_images, weights, names, device=device, batch_size=batch_size, show_progress=True
+    )
+    target = out if out is not None else recon / "paper_metrics.json"
+    write_json(
+        target,
+        {
+            **result.to_json(),
+            "recon": str(recon),
+            "kind": kind,
+            "stimuli": str(stimuli),
+            "rows": rows.tolist(),
+        },
+    )
+    Console().print(metrics_table(result, f"{recon.name} {kind}"), highlight=False)
+    Console().print(f"-> {target}")
+
+
 train_main = run_app(train_app)
 reconstruct_main = run_app(reconstruct_app)
 eval_main = run_app(eval_app)
