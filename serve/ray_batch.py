@@ -306,8 +306,14 @@ def plan(files: list[Path], model_dir: Path, out: Path, options: BatchOptions) -
             )
         record = run_record(path, model_dir, images)
         jobs[name] = {"input": str(path), "rows": rows, "run": record}
+    chosen: dict[Path, str] = {}
     for name, job in jobs.items():
         out_dir = output_folder(out, name, job["run"], options.new_run)
+        if out_dir in chosen:  # inputs X and X-2 with --new-run: both would write X-2
+            raise InputError(
+                job["input"], "an output folder of its own", f"{out_dir}, chosen for {chosen[out_dir]}"
+            )
+        chosen[out_dir] = job["input"]
         shards = [
             (s, min(s + options.shard_size, job["rows"])) for s in range(0, job["rows"], options.shard_size)
         ]

@@ -157,6 +157,14 @@ def test_rerun_with_other_input_or_settings_is_refused_or_starts_a_new_folder(mo
     prepare_folder(job)
     assert next(iter(plan([b], model, out, first).values()))["out_dir"] == out / "sess01-2"
     assert next(iter(plan([a], model, out, first).values()))["out_dir"] == out / "sess01"
+    # an input named like the new folder of another input: refused, not shared
+    fresh = tmp_path / "out-fresh"
+    fake_previous_run(model, a, fresh, first)
+    other = save(tmp_path / "c", "sess01-2.npy", betas)
+    with pytest.raises(
+        InputError, match="expected an output folder of its own, found .*sess01-2, chosen for"
+    ):
+        plan([b, other], model, fresh, BatchOptions(seed=100, num_inference_steps=8, new_run=True))
     # the same bytes from another path make the same images: the folder is resumed
     moved = save(tmp_path / "moved", "sess01.npy", betas)
     assert next(iter(plan([moved], model, out, first).values()))["out_dir"] == out / "sess01"
