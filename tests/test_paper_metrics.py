@@ -572,3 +572,31 @@ def test_same_state_dict_same_outputs_as_torchvision():
         theirs.load_state_dict(state, strict=True)
         with torch.no_grad():
             torch.testing.assert_close(ours(x), theirs.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_network_input_equals_torchvisions_transforms():
+    """Where torchvision imports: our input path equals the script's `T.functional.resize(img, (224, 224))`,
+    `to_tensor(...).float()` and `Normalize` on PIL images, bit for bit (seen so with torchvision 0.29.1)."""
+    _torchvision()
+    import torchvision.transforms as T
+
+    from brainrecon.train.evaluation.paper_metrics import (
+        CLIP_MEAN,
+        CLIP_STD,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        network_input,
+    )
+
+    for images in (_images(2, 425, seed=0), _images(2, 512, seed=1)):
+        for mean, std in ((IMAGENET_MEAN, IMAGENET_STD), (CLIP_MEAN, CLIP_STD)):
+            normalize = T.Normalize(mean=list(mean), std=list(std))
+            expected = torch.stack(
+                [
+                    normalize(
+                        T.functional.to_tensor(T.functional.resize(Image.fromarray(im), (224, 224))).float()
+                    )
+                    for im in images
+                ]
+            )
+            assert torch.equal(network_input(images, mean, std), expected)
