@@ -292,6 +292,9 @@ def killed_at_trial_1(sessions, model, ray_address, tmp_path, *extra) -> tuple[s
     fifo = tmp_path / "hook.fifo"
     os.mkfifo(fifo)
     hook = {"file": "sess01", "after_trial": 1, "action": "hang", "report": str(fifo)}
+    # the deadline only matters if the retry recomputed trial 1 (the hook would stop it again): then the run ends
+    # in a minute, failing this test, instead of hanging
+    extra = ("--shard-timeout=60", *extra)
     command = batch_command(
         sessions, model, out, ray_address, "--shard-size=3", "--rows-per-call=1", f"--steps={STEPS}", *extra
     )
