@@ -29,12 +29,14 @@ from brainrecon.train.evaluation.feature_nets import (
 from brainrecon.train.evaluation.paper_metrics import (
     CLIP_FOLDER,
     METRICS,
+    NETWORK,
     extract_features,
     load_clip_vision,
     mean_correlation_distance,
     metrics_table,
     paper_metrics,
     read_recon_folder,
+    read_stimuli,
     required_file,
 )
 
@@ -257,11 +259,11 @@ def test_layer_taps_equal_the_hooked_outputs(published):
     """Our taps equal the outputs Brain-Diffuser hooks (features[4], features[11], avgpool) while the whole
     network runs, exactly (same operators, same order)."""
     models = published["models"]
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     alex = models["alexnet"]
     with torch.no_grad():
         tap2, tap5 = alex.taps(x)
-    assert tap2.shape == (2, 192 * 27 * 27) and tap5.shape == (2, 256 * 13 * 13)
+    assert tap2.shape == (1, 192 * 27 * 27) and tap5.shape == (1, 256 * 13 * 13)
     assert np.array_equal(tap2.numpy(), bd_hook_features(alex, alex.features[4], x))
     assert np.array_equal(tap5.numpy(), bd_hook_features(alex, alex.features[11], x))
     for name, method in (
@@ -272,7 +274,7 @@ def test_layer_taps_equal_the_hooked_outputs(published):
         net = models[name]
         with torch.no_grad():
             ours = getattr(net, method)(x).numpy()
-        assert ours.shape == (2, 1280 if name == "efficientnet" else 2048)
+        assert ours.shape == (1, 1280 if name == "efficientnet" else 2048)
         assert np.array_equal(ours, bd_hook_features(net, net.avgpool, x)), name
 
 
@@ -445,6 +447,10 @@ def _check_against_scripts(tmp_path: Path, published: dict, metrics: tuple[str, 
             continue
         g = bd_hook_features(net, module, loader("gt", IMAGENET_MEAN, IMAGENET_STD))
         p = bd_hook_features(net, module, loader("final", IMAGENET_MEAN, IMAGENET_STD))
+        # the features themselves, not only the scores (a score can survive a wrong resize filter): float32
+        # rounding of the same operators, 1e-5 relative
+        ours = extract_features(NETWORK[metric], net, read_back)[metric]
+        np.testing.assert_allclose(ours, p, rtol=1e-5, atol=1e-6 * np.abs(p).max())
         if metric in ("effnet", "swav"):
             expected[metric] = np.array([correlation(g[i], p[i]) for i in range(n)]).mean()
         else:
@@ -493,6 +499,38 @@ def test_absent_weights_are_named_and_the_rest_computed(tmp_path):
     assert "swav_800ep_pretrain.pth.tar" in result.missing["swav"]
     assert CLIP_FOLDER in result.missing["clip"]
     assert "needs efficientnet_b1_rwightman-bac287d4.pth" in metrics_table(result)
+
+
+def test_bad_runs_and_stimuli_fail_in_one_line(tmp_path):
+    """No folder, no reconstructions of the kind, a non-RGB PNG, two sizes in one folder, too few or non-uint8
+    stimuli, an unknown metric name, a missing weights folder: each a one-line error naming the file or option."""
+    gt = _images(3, 32, seed=6)
+
+    def message(exc_type, fn, *args, **kwargs) -> str:
+        with pytest.raises(exc_type) as err:
+            fn(*args, **kwargs)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert "reconstruction folder" in message(MissingFileError, read_recon_folder, tmp_path / "none")
+    run = tmp_path / "run"
+    run.mkdir()
+    Image.fromarray(gt[0]).save(run / "stage1_00000.png")
+    assert "final_NNNNN.png" in message(MissingFileError, read_recon_folder, run)
+    Image.fromarray(gt[0]).convert("RGBA").save(run / "final_00000.png")
+    assert "expected an RGB PNG, found mode RGBA" in message(InputError, read_recon_folder, run)
+    Image.fromarray(gt[0]).save(run / "final_00000.png")
+    Image.fromarray(_images(1, 48, seed=7)[0]).save(run / "final_00002.png")
+    assert "final_00002.png" in message(InputError, read_recon_folder, run)
+    (run / "final_00002.png").unlink()
+    Image.fromarray(gt[1]).save(run / "final_00004.png")
+    rows, _ = read_recon_folder(run)
+    np.save(tmp_path / "stimuli.npy", gt)
+    assert "up to 4" in message(InputError, read_stimuli, tmp_path / "stimuli.npy", rows)
+    np.save(tmp_path / "float.npy", gt.astype(np.float32))
+    assert "uint8" in message(InputError, read_stimuli, tmp_path / "float.npy", rows[:1])
+    assert "--metrics" in message(InputError, paper_metrics, gt, gt, None, ["pixcorr", "alexnet"])
+    assert "weights folder" in message(MissingFileError, paper_metrics, gt, gt, tmp_path / "no-weights")
 
 
 def test_recon_eval_metrics_command(tmp_path, published):

@@ -677,7 +677,9 @@ def eval_metrics(
             help="Comma-separated: pixcorr,ssim,alexnet2,alexnet5,inceptionv3,clip,effnet,swav (default: all)."
         ),
     ] = "all",
-    kind: Annotated[str, typer.Option(help="Which images of the folder: final or stage1.")] = "final",
+    kind: Annotated[
+        Literal["final", "stage1"], typer.Option(help="Which images of the folder: final or stage1.")
+    ] = "final",
     out: Annotated[
         Path | None, typer.Option(help="JSON results file (default: RECON/paper_metrics.json).")
     ] = None,
@@ -690,6 +692,7 @@ def eval_metrics(
     Example: recon-eval metrics --recon data/recon --stimuli data/subj01/test_images.npy --weights ~/eval-weights
     """
     check_device(device)
+    from brainrecon.errors import InputError
     from brainrecon.io import write_json
     from brainrecon.train.evaluation.paper_metrics import (
         METRICS,
@@ -700,7 +703,10 @@ def eval_metrics(
         read_stimuli,
     )
 
-    names = METRICS if metrics == "all" else check_metric_names([m.strip() for m in metrics.split(",")])
+    try:
+        names = METRICS if metrics == "all" else check_metric_names([m.strip() for m in metrics.split(",")])
+    except InputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--metrics") from None
     rows, recon_images = read_recon_folder(recon, kind)
     gt_images = read_stimuli(stimuli, rows)
     result = paper_metrics(
