@@ -139,10 +139,15 @@ def wait_for(what: str, predicate, process: subprocess.Popen, timeout_s: float =
 
 def pending_requests(metrics_port: int, model: str = "brainrecon") -> int:
     """Triton's gauge nv_inference_pending_request_count: requests queued, not yet executing."""
+    return metric(metrics_port, "nv_inference_pending_request_count", model)
+
+
+def metric(metrics_port: int, name: str, model: str) -> int:
+    """One of Triton's Prometheus metrics for `model` (the metrics port is not an admin API)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
     for line in text.splitlines():
-        if line.startswith("nv_inference_pending_request_count{") and f'model="{model}"' in line:
+        if line.startswith(name + "{") and f'model="{model}"' in line:
             return int(float(line.rsplit(" ", 1)[1]))
     return 0
 
