@@ -90,8 +90,10 @@ class ServeOptions:
             raise InputError("--max-queue-delay-us", "microseconds >= 0", str(self.max_queue_delay_us))
         if self.max_queue_size < 0:
             raise InputError("--max-queue-size", "requests >= 0 (0: no limit)", str(self.max_queue_size))
-        if not self.queue_timeout_s >= 0:
-            raise InputError("--queue-timeout-s", "seconds >= 0 (0: no timeout)", str(self.queue_timeout_s))
+        if not 0 <= self.queue_timeout_s < 1e9:  # NaN and inf refused too (Triton takes whole microseconds)
+            raise InputError(
+                "--queue-timeout-s", "seconds in [0, 1e9) (0: no timeout)", str(self.queue_timeout_s)
+            )
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise InputError("--steps", "an integer >= 1", str(self.num_inference_steps))
         ports = [self.http_port, self.grpc_port, self.metrics_port]
