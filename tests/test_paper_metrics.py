@@ -247,9 +247,16 @@ def test_checkpoints_without_batchnorm_counters_load(tmp_path, published):
     old = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(old, tmp_path / "old.pth")
     loaded = load_feature_net("efficientnet", tmp_path / "old.pth")
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in old.items())  # bytes copied: exact
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        assert torch.equal(loaded.features_pooled(x), model.features_pooled(x))
+        want = model.features_pooled(x)
+        # two separately built networks need not run the same kernels (oneDNN and MKL choose by CPU and memory
+        # layout): float32 rounding only (measured: equal, AMD EPYC and Intel Xeon)
+        torch.testing.assert_close(
+            loaded.features_pooled(x), want, rtol=0, atol=1e-5 * want.abs().max().item()
+        )
 
 
 # ----------------------------------------------------------------------------- layer taps
@@ -588,11 +595,12 @@ def _torchvision():
     return tvm
 
 
+@pytest.mark.slow
 def test_same_state_dict_same_outputs_as_torchvision():
     """Where torchvision imports: its alexnet, inception_v3 (transform_input=True, aux_logits=True, as
     `pretrained=True` builds it), efficientnet_b1 and resnet50 have our key names in our order and shapes, and
     with the same state dict give the same eval outputs (max abs difference 1e-6: the same operators in the same
-    order; seen bit-identical on CPU)."""
+    order; seen bit-identical on CPU). Slow: ~16 s on 2 busy cores."""
     tvm = _torchvision()
     torch.manual_seed(0)
     pairs = [
