@@ -357,6 +357,45 @@ def test_clip_folder_gives_the_projected_unnormalised_class_token(tmp_path):
         load_clip_vision(tmp_path / "nothing")
 
 
+def openai_visual(vision, x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's `VisionTransformer.forward` (openai/CLIP `clip/model.py`), restated on a transformers
+    CLIPVisionModelWithProjection's weights under OpenAI's names: conv1 → class token + positional embedding →
+    ln_pre → residual blocks (nn.MultiheadAttention with the q/k/v weights stacked as `in_proj_weight`, QuickGELU
+    MLP) → ln_post of the class token → `@ proj` (proj = visual_projection.weight.T)."""
+    vm = vision.vision_model
+    width = vm.config.hidden_size
+    x = torch.nn.functional.conv2d(x, vm.embeddings.patch_embedding.weight, stride=vm.config.patch_size)
+    x = x.reshape(x.shape[0], width, -1).permute(0, 2, 1)  # (N, grid², width)
+    cls = vm.embeddings.class_embedding.expand(x.shape[0], 1, width)
+    x = torch.cat([cls, x], dim=1) + vm.embeddings.position_embedding.weight
+    x = vm.pre_layrnorm(x).permute(1, 0, 2)  # NLD -> LND
+    for layer in vm.encoder.layers:
+        attn = torch.nn.MultiheadAttention(width, vm.config.num_attention_heads)
+        sa = layer.self_attn
+        attn.in_proj_weight.data = torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])
+        attn.in_proj_bias.data = torch.cat([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias])
+        attn.out_proj.weight.data, attn.out_proj.bias.data = sa.out_proj.weight, sa.out_proj.bias
+        h = layer.layer_norm1(x)
+        x = x + attn(h, h, h, need_weights=False)[0]
+        h = layer.mlp.fc1(layer.layer_norm2(x))
+        x = x + layer.mlp.fc2(h * torch.sigmoid(1.702 * h))  # QuickGELU
+    x = vm.post_layernorm(x.permute(1, 0, 2)[:, 0, :])
+    return x @ vision.visual_projection.weight.T
+
+
+def test_image_embeds_are_openai_clips_visual_output(tmp_path):
+    """`image_embeds` equals OpenAI's `model.visual(x)` restated on the same weights (max abs difference 1e-5:
+    float32, attention kernels may differ; seen bit-identical on the small CLIP here), so a Hugging Face folder of the
+    OpenAI checkpoint gives Brain-Diffuser's CLIP features."""
+    _tiny_clip(tmp_path / "clip", seed=3)
+    vision = load_clip_vision(tmp_path / "clip", require_vit_l14=False)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            vision(pixel_values=x).image_embeds, openai_visual(vision, x), rtol=0, atol=1e-5
+        )
+
+
 def bd_loader_array(image: np.ndarray) -> torch.Tensor:
     from brainrecon.train.evaluation.paper_metrics import CLIP_MEAN, CLIP_STD
 
