@@ -45,6 +45,7 @@ from brainrecon import model_dir as layout
 from brainrecon.errors import BrainReconError, InputError
 from brainrecon.images import png_name, save_png
 from brainrecon.io import load_npy, read_json, sha256_file, write_json
+from brainrecon.sampling import SEED_MAX
 
 SHARDS_DIR = ".shards"
 WRITES_LOG = "writes.log"
@@ -57,7 +58,6 @@ KINDS = ("stage1", "final")
 MAX_SHARD_SIZE = 1024
 # Per-row seeds are int64 (Reconstructor.check; the Triton model's `seed` input is INT64): seed + last row
 # must fit.
-SEED_MAX = int(np.iinfo(np.int64).max)
 # Set only by the tests (tests/test_ray_batch*.py): JSON list of {"file", "after_trial", "action": "raise" |
 # "hang", "report": optional FIFO path that gets the actor's process id}; the fault fires right after that
 # trial's PNGs.

@@ -59,7 +59,9 @@ def serve(
     steps: Annotated[
         int | None, typer.Option(help="Stage 2: DDIM schedule length (default: the fitted one).")
     ] = None,
-    verbose: Annotated[bool, typer.Option(help="Triton's log on stderr, a line per model execution.")] = False,
+    verbose: Annotated[
+        bool, typer.Option(help="Triton's log on stderr, a line per model execution.")
+    ] = False,
 ) -> None:
     """Serve model `brainrecon` (betas (V,) FP32 [+ seed (1,) INT64] → final_image, stage1_image) until
     SIGINT/SIGTERM. A bad request gets its own one-line error (HTTP 400); a full queue or an expired request is
