@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,55 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _torch_globals() -> tuple | None:
+    """torch's process-wide settings that choose kernels or change results; None while torch is not imported
+    (the torch-free tests never import it here)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    return (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_float32_matmul_precision(),
+        torch.get_default_dtype(),
+        torch.is_grad_enabled(),
+    )
+
+
+def _restore_torch_globals(before: tuple | None) -> None:
+    torch = sys.modules.get("torch")
+    if before is None or torch is None or _torch_globals() == before:
+        return
+    threads, deterministic, warn_only, matmul_precision, dtype, grad = before
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_float32_matmul_precision(matmul_precision)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_globals_per_module():
+    """Whatever a test file sets globally (a module fixture's `torch.set_num_threads(1)`) ends with the file.
+
+    The thread count picks the kernel: with one thread a 1x1 convolution on a small batch runs ATen's own
+    im2col + MKL sgemm instead of oneDNN, and MKL's summation order there depends on the operands' alignment
+    (MKL's "Conditional Numerical Reproducibility" notes), so a count leaked from an earlier file changed
+    tests/test_vdvae.py's results in the full run only (AMD EPYC, torch 2.13)."""
+    before = _torch_globals()
+    yield
+    _restore_torch_globals(before)
+
+
+@pytest.fixture(autouse=True)
+def _torch_globals_per_test():
+    """Each test starts with the settings its file's fixtures chose, whatever the tests before it set."""
+    before = _torch_globals()
+    yield
+    _restore_torch_globals(before)
 
 
 def pytest_collection_modifyitems(config, items):

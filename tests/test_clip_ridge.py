@@ -106,8 +106,13 @@ def test_save_load_round_trip(dense, tmp_path):
     model.save(tmp_path, "clip_text")
     loaded = ClipRidge.load(tmp_path, "clip_text")
     assert loaded.config == model.config
+    for name in ("A", "B", "intercept", "target_mean", "target_std"):  # bytes copied: exact
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name), err_msg=name)
     X_test = X[60:70]
-    np.testing.assert_array_equal(loaded.predict(X_test), model.predict(X_test))
+    # The same matmuls on differently placed arrays may take another BLAS kernel: float32 rounding only
+    # (measured: equal, AMD EPYC and Intel Xeon).
+    pred = model.predict(X_test)
+    np.testing.assert_allclose(loaded.predict(X_test), pred, rtol=0, atol=1e-6 * np.abs(pred).max())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_text.json", "clip_text.safetensors"]
 
 

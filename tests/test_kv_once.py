@@ -317,7 +317,11 @@ def test_export_of_the_pair_only_runs_as_the_folder_with_both(tiny2, tmp_path, m
         args += ("--trials", "0-3", "--steps", str(FAST_STEPS), "--threads", "1")
         assert run_cli(monkeypatch, infer_main, *args) == 0
         finals[name] = np.load(out / "final_images.npy")
-    assert finals["kv"].shape[0] == 4 and np.array_equal(finals["kv"], finals["both"])
+    # Two exports of one fitted model, run in separately created ONNX Runtime sessions: the same graphs, but not one
+    # session run twice, so float32 rounding may move a pixel by one grey level (measured: equal, AMD EPYC and
+    # Intel Xeon), as for the copies in tests/test_runtime_checks.py.
+    assert finals["kv"].shape == finals["both"].shape and finals["kv"].shape[0] == 4
+    assert np.abs(finals["kv"].astype(int) - finals["both"].astype(int)).max() <= 1
     assert Stage2Pipeline.from_model_dir(model_dir, threads=1, unet_graph="kv").kv_once
 
     with pytest.raises(MissingFileError) as e:

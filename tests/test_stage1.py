@@ -46,8 +46,13 @@ def test_fit_beats_mean_image_and_reloads(tiny_subject, regressor):
     mean_image = np.rint(np.asarray(train_images, dtype=np.float64).mean(0)).astype(np.uint8)
     baseline = ssim(images, np.repeat(mean_image[None], len(images), axis=0))
     assert ssim(images, recon) > baseline
-    # Same inputs, same outputs: the reloaded model is deterministic.
-    np.testing.assert_array_equal(Stage1Model.load(model_dir).reconstruct(betas), recon)
+    # Same inputs, same outputs: the same model run twice is equal bit for bit. A reloaded one is a separately
+    # loaded VDVAE whose weights sit where safetensors put them (load_vdvae, `assign=True`): with one thread MKL's
+    # summation order depends on that alignment (tests/test_vdvae.py ATOL_RELOAD: 1e-8 on the latents), which can
+    # move a pixel's uint8 rounding by one grey level (measured: equal, AMD EPYC and Intel Xeon).
+    np.testing.assert_array_equal(model.reconstruct(betas), recon)
+    reloaded = Stage1Model.load(model_dir).reconstruct(betas)
+    assert np.abs(reloaded.astype(int) - recon.astype(int)).max() <= 1
 
 
 def test_seeded_fits_are_identical(tiny_subject):
@@ -56,10 +61,12 @@ def test_seeded_fits_are_identical(tiny_subject):
     fit_stage1(prep, tiny_subject / "a", cfg, progress=False)
     fit_stage1(prep, tiny_subject / "b", cfg, progress=False)
     betas, _ = load_prepared(prep, "test")
-    np.testing.assert_array_equal(
-        Stage1Model.load(tiny_subject / "a").predict_latents(betas),
-        Stage1Model.load(tiny_subject / "b").predict_latents(betas),
-    )
+    # Each fit loads the VDVAE afresh to encode its targets, and each model here is loaded separately: float32
+    # rounding of alignment-dependent MKL sums (tests/test_vdvae.py ATOL_RELOAD) may reach the latents (measured:
+    # equal, AMD EPYC and Intel Xeon).
+    a = Stage1Model.load(tiny_subject / "a").predict_latents(betas)
+    b = Stage1Model.load(tiny_subject / "b").predict_latents(betas)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
 
 
 def test_reconstruct_test_set_writes_pngs_and_metrics(tiny_subject, tmp_path):
