@@ -285,21 +285,33 @@ def unet_flops(model_dir: Path) -> dict[str, float]:
     return {"plain": float(plain.get_total_flops()), "kv_step": float(step.get_total_flops())}
 
 
-def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of a large square matmul in torch on `threads` threads, fp32 and bf16 (AMX where present)."""
+def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5, budget_s: float = 1.0) -> dict[str, float]:
+    """GFLOP/s of a large square matmul in torch on `threads` threads, fp32 and bf16 (AMX where present).
+
+    A CPU without native bf16 (or oneDNN capped below it, ONEDNN_MAX_CPU_ISA=AVX2) runs bf16 through a reference
+    path hundreds of times slower: a 256 probe first picks the largest size (<= n) whose call fits `budget_s`.
+    """
     import torch
 
     torch.set_num_threads(threads)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        size = 256
+        probe = torch.randn(size, size, dtype=dtype)
+        probe @ probe  # the first call pays for kernel selection
+        t0 = time.perf_counter()
+        probe @ probe
+        seconds_per_flop = (time.perf_counter() - t0) / (2 * size**3)
+        while size < n and 2 * (2 * size) ** 3 * seconds_per_flop < budget_s:
+            size *= 2
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         a @ b
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             a @ b
             ts.append(time.perf_counter() - t0)
-        out[name] = round(2 * n**3 / min(ts) / 1e9, 1)
+        out[name] = round(2 * size**3 / min(ts) / 1e9, 1)
     return out
 
 
