@@ -30,6 +30,7 @@ STAGE1_FILES = (STAGE1_SUMMARY, LATENT_MEAN, LATENT_STD)
 STAGE2_DIR = "stage2"
 STAGE2_SUMMARY = f"{STAGE2_DIR}/stage2.json"
 SCHEDULER = f"{STAGE2_DIR}/scheduler.json"  # written by the export, read by the runtime
+SCHEDULER_FORMAT = ("brainrecon.ddim_tables", 1)  # scheduler.json's (format, version)
 CLIP_TARGETS = ("text", "vision")
 
 
