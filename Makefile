@@ -61,8 +61,10 @@ browser:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
-# The serving tests (tests/test_serve_*.py, test_triton_repo.py, test_ray_batch.py) run from the main venv and start
-# recon-serve, tritonserver and Ray in the serving environment.
+# `make test` runs everything but the `slow` tests, the serving and browser tests included: the `serve` tests run
+# from the main venv and start recon-serve, tritonserver and Ray in the serving environment, the `browser` tests
+# run headless Chromium. To skip them: .venv/bin/pytest -m "not slow and not serve and not browser".
+# `make test-all` adds the slow tests (minutes); the markers are listed in pyproject.toml.
 test: install serve-env browser
 	BRAINRECON_SERVE_VENV=$(SERVE_VENV) $(PY) -m pytest -q -m "not slow"
 

@@ -1,4 +1,6 @@
-"""TensorRT tests skip cleanly where there is no GPU or no TensorRT."""
+"""What every test shares: the tiny subjects as session fixtures (built by tests/fixtures.py), torch's global
+settings restored after each test and file, and the markers' effects (TensorRT tests skip cleanly where there is
+no GPU or no TensorRT; the markers themselves are listed in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -88,10 +90,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """The tiny stage-1 subject (tests/fixtures.py build_tiny_stage1): "sim", "prep", "vdvae" and the exported
+    model dirs "gru" and "ridge", built once per test session and shared; tests that change a model folder copy it
+    first."""
+    from tests.fixtures import build_tiny_stage1
+
+    return build_tiny_stage1(tmp_path_factory.getbasetemp() / "tiny-stage1")
+
+
+@pytest.fixture(scope="session")
 def tiny2(tmp_path_factory) -> dict[str, Path]:
-    """The tiny two-stage subject (tests/stage2_fixture.py): "prep", "unet", and "model", its exported copy (both
-    precisions), built once per test session and shared; tests that change a model folder copy it first."""
-    from tests.stage2_fixture import build_tiny_stage2, export_tiny_stage2
+    """The tiny two-stage subject (tests/fixtures.py build_tiny_stage2): "prep", "unet", and "model", its exported
+    copy (both precisions), built once per test session and shared; tests that change a model folder copy it
+    first."""
+    from tests.fixtures import build_tiny_stage2, export_tiny_stage2
 
     root = tmp_path_factory.getbasetemp() / "tiny-stage2"
     return {**build_tiny_stage2(root), "model": export_tiny_stage2(root)}

@@ -1,6 +1,7 @@
-"""Shared by the serving tests (test_serve_triton.py, test_triton_repo.py, test_ray_batch.py).
+"""Shared by the serving tests (test_serve_triton.py, test_triton_repo.py, test_ray_batch.py,
+test_ray_batch_checks.py); those that need the serving environment carry the `serve` marker.
 
-The tests run in the main venv (torch, to build and export the tiny model of tests/stage2_fixture.py once per
+The tests run in the main venv (torch, to build and export the tiny two-stage model of tests/fixtures.py once per
 session, shared with test_runtime_stage2.py) and start recon-serve, tritonserver and Ray in the serving environment
 (`make serve-env`, found through BRAINRECON_SERVE_VENV, default `.venv-serve`). They talk to the servers with real
 HTTP requests on 127.0.0.1 in the KServe v2 JSON protocol (standard library only), and compare images with the
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, export_tiny_stage2
+from tests.fixtures import FAST_STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = FAST_STEPS  # every server and batch run here shortens the fitted schedule to this (6 UNet calls)
@@ -150,16 +151,6 @@ def metric(metrics_port: int, name: str, model: str) -> int:
         if line.startswith(name + "{") and f'model="{model}"' in line:
             return int(float(line.rsplit(" ", 1)[1]))
     return 0
-
-
-def exported_tiny_model(tmp_path_factory) -> Path:
-    """The tiny two-stage model, exported (fp32 + fp16) once per test session (tests/stage2_fixture.py)."""
-    return export_tiny_stage2(tmp_path_factory.getbasetemp() / "tiny-stage2")
-
-
-def tiny_betas_file(tmp_path_factory) -> Path:
-    """The tiny subject's test betas (10, V) float32, z-scored (recon-prepare's test_betas.npy)."""
-    return build_tiny_stage2(tmp_path_factory.getbasetemp() / "tiny-stage2")["prep"] / "test_betas.npy"
 
 
 def free_ports(n: int) -> list[int]:

@@ -14,7 +14,7 @@ from brainrecon.errors import ConfigError, InputError
 from brainrecon.manifest import MANIFEST_FILE, describe_file, load_manifest, write_manifest
 from brainrecon.runtime import Reconstructor, RuntimeOptions
 from brainrecon.runtime.stage2 import Stage2Pipeline, unet_session_count
-from tests.stage2_fixture import FAST_STEPS
+from tests.fixtures import FAST_STEPS
 
 
 @pytest.fixture(scope="module")

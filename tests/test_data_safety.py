@@ -3,7 +3,7 @@
 Faults are real: exports run in a subprocess that is SIGKILLed at a point it reports itself (the
 BRAINRECON_EXPORT_PAUSE_AT hook of export/subject.py: the export prints `paused at <point>` and waits on stdin, so
 no timing is involved), "disk full" is a real write failing under RLIMIT_FSIZE, and the overwrite refusals run the
-real commands. The model folders are copies of the tiny stage-1 GRU folder of tests/test_export.py.
+real commands. The model folders are copies of the tiny stage-1 GRU folder of tests/fixtures.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from brainrecon.errors import MissingFileError
 from brainrecon.export.subject import PAUSE_ENV, export_model_dir
 from brainrecon.io import OUTPUT_MARKER, sha256_file
 from brainrecon.manifest import MANIFEST_FILE, MANIFEST_PREVIOUS, Artifact, load_manifest, verify_manifest
-from tests.test_export import build_tiny_stage1
+from tests.fixtures import build_tiny_stage1
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORT = (

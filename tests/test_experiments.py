@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from brainrecon.errors import ConfigError
-from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2
-from tests.test_export import TINY_LAYERS
+from tests.fixtures import FAST_STEPS, TINY_LAYERS, build_tiny_stage2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -310,7 +309,7 @@ def test_refit_vae_changes_the_groups_and_keeps_the_latent_space(tmp_path):
     from diffusers import AutoencoderKL
 
     from brainrecon.train.foundations.ldm_train import refit_vae
-    from tests.tiny_models import tiny_vae_config
+    from tests.fixtures import tiny_vae_config
 
     torch.manual_seed(0)
     teacher = AutoencoderKL(**{**tiny_vae_config(), "norm_num_groups": 16}).eval()  # instance norm at 16 ch

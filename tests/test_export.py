@@ -1,9 +1,8 @@
 """Export layer: contracts, ONNX export + fp16 + checker + validation, atomic publication, external data, manifest,
 engine keys (pure) and TensorRT builds (marked trt).
 
-The tiny model directories (`build_tiny_stage1`) are shared with tests/test_runtime.py through a folder in pytest's
-session temp dir, built once: recon-sim tiny → prepare_subject → fit_stage1 (GRU 2 epochs; ridge) with a tiny
-randomly initialised VDVAE saved by save_vdvae, then exported with both precisions.
+The model dirs are the tiny stage-1 subject's (conftest's `tiny`, built once per session by
+tests/fixtures.py build_tiny_stage1: both regressors, exported with both precisions).
 """
 
 from __future__ import annotations
@@ -41,61 +40,6 @@ from brainrecon.runtime.backends.tensorrt import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-TINY_VDVAE = dict(
-    name="tiny",
-    width=16,
-    zdim=4,
-    num_mixtures=2,
-    enc_blocks="64x1,64d2,32d2,16d2,8d2,4d4,1x1",
-    dec_blocks="1x1,4m1,8m4,16m8,32m16,64m32",
-)
-TINY_LAYERS = 3  # latents of the 1x1, 4x4 and 8x8 layers: 4 + 64 + 256 = 324 dims
-
-
-def build_tiny_stage1(root: Path) -> dict[str, Path]:
-    """Build (once per folder) a simulated subject, a tiny VDVAE and two exported stage-1 model dirs."""
-    paths = {
-        "sim": root / "sim",
-        "prep": root / "prep",
-        "vdvae": root / "vdvae",
-        "gru": root / "model-gru",
-        "ridge": root / "model-ridge",
-    }
-    if (root / "done").is_file():
-        return paths
-    from brainrecon.data.nsd import PrepareConfig, prepare_subject
-    from brainrecon.data.sim import SimConfig, simulate_subject
-    from brainrecon.train.foundations.vdvae import VDVAE, VDVAEConfig, save_vdvae
-    from brainrecon.train.stage1.fit import Stage1Config, fit_stage1
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread avoids fork/join overhead on shared cores
-    try:
-        simulate_subject(paths["sim"], SimConfig.preset("tiny"), seed=0, subject=1, progress=False)
-        prepare_subject(paths["sim"], paths["prep"], PrepareConfig(), progress=False)
-        config = VDVAEConfig(**TINY_VDVAE)
-        torch.manual_seed(0)
-        vdvae = VDVAE(config)
-        with torch.no_grad():  # perturb the zero-initialised layers so every path carries signal
-            for p in vdvae.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        save_vdvae(vdvae.eval(), config, paths["vdvae"])
-        for regressor in ("gru", "ridge"):
-            cfg = Stage1Config(
-                regressor=regressor, num_layers=TINY_LAYERS, max_epochs=2, vdvae=str(paths["vdvae"]), seed=0
-            )
-            fit_stage1(paths["prep"], paths[regressor], cfg, progress=False)
-            export_model_dir(paths[regressor], stage="all", precision="both")
-    finally:
-        torch.set_num_threads(threads)
-    (root / "done").write_text("ok\n")
-    return paths
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return build_tiny_stage1(tmp_path_factory.getbasetemp() / "tiny-stage1")
 
 
 def copy_model_dir(src: Path, dst: Path) -> Path:

@@ -2,7 +2,7 @@
 torch reference at explicit tolerances, the fp16 time embedding, scheduler.json against diffusers, the manifest,
 `recon-export --stage stage2`, and the refusals (no stage 2, tampered foundation).
 
-One tiny two-stage subject (tests/stage2_fixture.py) is exported once per session with `--stage all`.
+One tiny two-stage subject (tests/fixtures.py) is exported once per session with `--stage all`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from brainrecon.train.foundations.dual_unet import set_mix_ratio
 from brainrecon.train.stage1.ridge import renormalize_predictions
 from brainrecon.train.stage2.fit import Stage2Model
 from brainrecon.train.stage2.img2img import decode_latents, denoising_timesteps, encode_images, vd_scheduler
-from tests.stage2_fixture import build_tiny_stage2, export_tiny_stage2
+from tests.fixtures import build_tiny_stage2, export_tiny_stage2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -39,7 +39,8 @@ from brainrecon.runtime.backends.tensorrt import (
     expected_key,
     select_engine,
 )
-from tests.nsd_fixture import AFFINE, make_fixture
+from tests.fixtures import AFFINE
+from tests.fixtures import make_nsd_folder as make_fixture
 
 H100 = MachineInfo("10.13.0", "NVIDIA H100 80GB HBM3", "9.0")
 L4 = MachineInfo("10.13.0", "NVIDIA L4", "8.9")
@@ -387,7 +388,7 @@ def test_repository_engine_without_tensorrt_takes_the_one_fresh_target(tmp_path)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    from tests.test_export import build_tiny_stage1
+    from tests.fixtures import build_tiny_stage1
 
     return build_tiny_stage1(tmp_path_factory.getbasetemp() / "tiny-stage1")
 

@@ -38,7 +38,7 @@ from brainrecon.train.foundations.dual_unet import (
     kv_cross_attention_kwargs,
     kv_layout,
 )
-from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2
+from tests.fixtures import FAST_STEPS, build_tiny_stage2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

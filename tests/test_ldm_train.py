@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 from brainrecon.errors import InputError, MissingFileError
 from brainrecon.train.foundations.dual_unet import DualUNetConfig
 from brainrecon.train.foundations.ldm_train import load_dual_unet, train_dual_unet, train_vae
-from tests.tiny_models import tiny_vae_config
+from tests.fixtures import tiny_vae_config
 
 # A reloaded model's parameters are bytes copied, so they are compared exactly; its outputs are compared with
 # ATOL_RELOAD, because two separately built modules need not run the same kernels. The trained model (the EMA copy)

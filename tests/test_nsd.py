@@ -12,7 +12,8 @@ import scipy.io
 from brainrecon.data import layout
 from brainrecon.data.nsd import PrepareConfig, prepare_subject
 from brainrecon.errors import BrainReconError, InputError, MissingFileError
-from tests.nsd_fixture import AFFINE, make_fixture
+from tests.fixtures import AFFINE
+from tests.fixtures import make_nsd_folder as make_fixture
 
 
 def reference_prepare(fx, session_zscore=True):

@@ -25,7 +25,7 @@ import pytest
 from brainrecon.errors import InputError
 from brainrecon.runtime.api import Reconstructor, RuntimeOptions
 from tests.cpu_kinds import openvino_bf16
-from tests.stage2_fixture import FAST_STEPS
+from tests.fixtures import FAST_STEPS
 
 ov = pytest.importorskip("openvino")
 

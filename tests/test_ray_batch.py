@@ -37,14 +37,15 @@ import pytest
 from PIL import Image
 
 from brainrecon.serve.ray_batch import TEST_HOOKS_ENV
+from tests.fixtures import exported_tiny_model, tiny_betas_file
 from tests.serve_helpers import (
     STEPS,
-    exported_tiny_model,
     free_ports,
     serve_venv,
     session_pids,
-    tiny_betas_file,
 )
+
+pytestmark = pytest.mark.serve  # every test runs recon-batch on a Ray cluster from the serving venv
 
 SEED = 100
 LOOPBACK_RAY = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

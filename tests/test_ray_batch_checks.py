@@ -1,7 +1,7 @@
 """recon-batch (serve/ray_batch.py) refusals, all before any Ray actor starts: they run in the main venv (no
 Ray needed: the driver imports Ray only once every input is checked and every output folder chosen).
 
-Inputs: the tiny subject's exported two-stage model (tests/stage2_fixture.py, 294 voxels) and its first 6 test
+Inputs: the tiny subject's exported two-stage model (tests/fixtures.py, 294 voxels) and its first 6 test
 rows. Checked:
 - bad betas (voxel count, NaN, float64 that overflows float32, integer dtype, a pickled object array, no rows)
   and out-of-range options (seed + row past int64, shard size past MAX_SHARD_SIZE, ...): one-line InputError,
@@ -27,7 +27,8 @@ from brainrecon.errors import BrainReconError, InputError
 from brainrecon.images import png_name
 from brainrecon.serve import ray_batch
 from brainrecon.serve.ray_batch import SEED_MAX, BatchOptions, plan, prepare_folder, run_batch
-from tests.serve_helpers import exported_tiny_model, serve_venv, tiny_betas_file
+from tests.fixtures import exported_tiny_model, tiny_betas_file
+from tests.serve_helpers import serve_venv
 
 ROWS = 6
 
@@ -209,6 +210,7 @@ def test_a_shard_is_done_only_with_its_marker_and_whole_pngs(tmp_path):
     assert not ray_batch.shard_done(tmp_path, 0, 2)
 
 
+@pytest.mark.serve
 def test_cli_refuses_bad_input_with_one_line_and_exit_1(model, betas, tmp_path):
     venv = serve_venv()
     nan = betas.copy()

@@ -126,6 +126,7 @@ def dom(report) -> _Dom:
     return parse(dump_dom(report["index"], report["profile"]))
 
 
+@pytest.mark.browser
 def test_report_renders_and_every_image_loads(report, dom):
     plots = sum(
         (report["results"] / p).is_file()
@@ -153,6 +154,7 @@ def test_report_renders_and_every_image_loads(report, dom):
         assert (name in sections) == (report["results"] / json_name).is_file()
 
 
+@pytest.mark.browser
 def test_report_screenshot_is_not_blank(report, tmp_path):
     from PIL import Image
 
@@ -187,6 +189,7 @@ def _check_cells(rows_dom: list[dict], rows_json: list[dict], keys: list[str], p
     return checked
 
 
+@pytest.mark.browser
 def test_report_tables_show_the_json_numbers(report, dom):
     results = report["results"]
     stage2 = json.loads((results / "stage2" / "stage2.json").read_text())
@@ -231,6 +234,7 @@ def test_report_tables_show_the_json_numbers(report, dom):
     )
 
 
+@pytest.mark.browser
 def test_exported_model_table_has_every_manifest_file_and_no_empty_cell(tiny2, dom):
     """One row per manifest artifact, in order; no cell blank; MB is the manifest's `size` / 1e6 (data-value holds
     the unrounded number; the text is it to 3 decimals). An empty cell (a field the manifest does not have, as
@@ -248,6 +252,7 @@ def test_exported_model_table_has_every_manifest_file_and_no_empty_cell(tiny2, d
         assert row["megabytes"][2] == f"{artifact['size'] / 1e6:.3f}"
 
 
+@pytest.mark.browser
 def test_speed_table_trials_are_the_benchmarks_row_count(report, dom):
     """The `trials` column is the number of betas rows each benchmark ran (`betas.shape[0]` of its JSON), read
     here from the JSON on its own: not the voxel count (`shape[1]`), not blank."""
@@ -264,6 +269,7 @@ def test_speed_table_trials_are_the_benchmarks_row_count(report, dom):
         assert row["trials"][2] == f"{expected[row['benchmark'][2]]:,}"
 
 
+@pytest.mark.browser
 def test_a_broken_image_is_detected(report, tmp_path):
     """The page's own check can fail: a corrupted copy of one image is counted as not loaded."""
     out = tmp_path / "broken"

@@ -2,7 +2,7 @@
 verification, provider fallback, and the no-torch guarantee.
 
 Pixel parity tolerances (uint8 images, |ORT − torch| per pixel, in grey levels of 1/255), on the tiny model dirs
-of tests/test_export.py, test and train betas of both regressors:
+of tests/fixtures.py, test and train betas of both regressors:
 - fp32: mean ≤ 0.01 level and ≥ 99.99 % of pixels within 1 level (measured: mean 0 to 7e-6, max 1 level: a
   rounding tie of `rint`);
 - fp16: mean ≤ 0.25 level and ≥ 99 % of pixels within 1 level (measured: mean 0.056–0.060, 99.9 % within 1
@@ -30,7 +30,7 @@ from brainrecon.runtime.backends.tensorrt import EngineKey, EngineMismatchError,
 from brainrecon.runtime.infer import run_inference
 from brainrecon.runtime.inputs import parse_trials
 from brainrecon.runtime.stage1 import Stage1Pipeline
-from tests.test_export import build_tiny_stage1
+from tests.fixtures import build_tiny_stage1
 
 PIXEL_TOLERANCE = {"fp32": (0.01, 0.9999), "fp16": (0.25, 0.99)}  # (mean |diff| levels, share within 1 level)
 

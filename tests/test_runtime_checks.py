@@ -25,7 +25,7 @@ from brainrecon.errors import ConfigError, InputError
 from brainrecon.manifest import describe_file, load_manifest, write_manifest
 from brainrecon.runtime import Reconstructor, RuntimeOptions
 from brainrecon.sampling import SEED_MAX, SamplingConfig, check_seeds
-from tests.stage2_fixture import FAST_STEPS
+from tests.fixtures import FAST_STEPS
 
 FLOAT_FIELDS = ("strength", "guidance_scale", "eta", "vae_scale_factor", "mix_ratio")
 

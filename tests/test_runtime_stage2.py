@@ -1,6 +1,6 @@
 """Stage-2 runtime (runtime/stage2.py, recon-infer --stage 2): parity with the torch reference
 `Stage2Model.reconstruct`, seeding, batching, strength 0, a single trial, overrides, bad inputs, manifest checks,
-the CLI end to end, and the no-torch guarantee; on the tiny two-stage subject of tests/stage2_fixture.py exported by
+the CLI end to end, and the no-torch guarantee; on the tiny two-stage subject of tests/fixtures.py exported by
 `recon-export --stage all --precision both`, with the short schedule FAST_STEPS (8 steps, strength 0.75 → 6 UNet
 calls).
 
@@ -34,7 +34,7 @@ from brainrecon.manifest import load_manifest, write_manifest
 from brainrecon.runtime.api import default_stage
 from brainrecon.runtime.infer import run_inference
 from brainrecon.runtime.stage2 import Stage2Pipeline, load_scheduler
-from tests.stage2_fixture import FAST_STEPS
+from tests.fixtures import FAST_STEPS
 
 FINAL_TOLERANCE = {"fp32": {"mean": 0.01, "max": 1}, "fp16": {"mean": 0.5, "within_2": 0.98}}
 LATENT_ATOL_FP32 = 1e-4
@@ -219,7 +219,7 @@ def test_sampling_overrides_are_checked(pipe, betas):
 
 
 def test_model_without_stage2_says_what_to_run(tiny2, tmp_path):
-    from tests.test_export import build_tiny_stage1
+    from tests.fixtures import build_tiny_stage1
 
     stage1_only = build_tiny_stage1(tiny2["prep"].parent)["ridge"]  # the stage-1 half of the fixture
     with pytest.raises(MissingFileError, match="recon-train subject --stage clip"):

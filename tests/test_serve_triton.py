@@ -1,5 +1,5 @@
 """recon-serve (serve/triton_server.py): a real Triton server (PyTriton's bundled tritonserver) on 127.0.0.1 serving
-the tiny two-stage model of tests/stage2_fixture.py with the short schedule (`--steps 6`), real HTTP requests.
+the tiny two-stage model of tests/fixtures.py with the short schedule (`--steps 6`), real HTTP requests.
 
 Parity with recon-infer: a request's final and stage-1 images equal `recon-infer --trials i --seed s --steps 6` of
 that single trial, tolerance max |diff| <= 1 grey level (a rounding tie of `rint` if two ONNX Runtime sessions
@@ -30,10 +30,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fixtures import exported_tiny_model, tiny_betas_file
 from tests.serve_helpers import (
     ADMIN_KEY,
     STEPS,
-    exported_tiny_model,
     free_ports,
     http,
     images,
@@ -49,7 +49,6 @@ from tests.serve_helpers import (
     session_pids,
     shm_regions,
     stop_session,
-    tiny_betas_file,
     wait_for,
     wait_ready,
 )
@@ -130,6 +129,7 @@ def served(port: int, rows: np.ndarray, seeds: list[int] | None) -> dict[str, np
     return images(body)
 
 
+@pytest.mark.serve
 def test_model_config(server, betas):
     http_port = server[0]
     status, config = http(http_port, "/v2/models/brainrecon/config")
@@ -149,6 +149,7 @@ def test_model_config(server, betas):
     assert [o["name"] for o in config["output"]] == ["final_image", "stage1_image"]
 
 
+@pytest.mark.serve
 def test_same_images_as_recon_infer(server, model, betas, betas_file, tmp_path):
     http_port = server[0]
     for trial, seed in ((0, 0), (3, 7)):
@@ -165,6 +166,7 @@ def test_same_images_as_recon_infer(server, model, betas, betas_file, tmp_path):
     assert not np.array_equal(default, served(http_port, betas[:1], [1])["final_image"])
 
 
+@pytest.mark.serve
 def test_images_do_not_depend_on_batching(busy_server, betas):
     """A row's images are the same alone, in a four-row request, and dynamically batched with three other requests.
     The batch is made deterministic, not hoped for: while the one instance runs an 8-row request (its log line),
@@ -197,6 +199,7 @@ def test_images_do_not_depend_on_batching(busy_server, betas):
     "case",
     ["voxels", "nan", "dtype", "rank", "negative seed"],
 )
+@pytest.mark.serve
 def test_bad_request_gets_clear_error_and_server_goes_on(server, betas, case):
     http_port = server[0]
     v = betas.shape[1]
@@ -226,6 +229,7 @@ def test_bad_request_gets_clear_error_and_server_goes_on(server, betas, case):
 
 
 @pytest.mark.parametrize("fault", ["inf betas", "negative seed"])
+@pytest.mark.serve
 def test_invalid_request_batched_with_valid_ones(busy_server, betas, fault):
     """An invalid request and two valid ones queued behind a running 8-row request run in ONE execution (the
     model's log line: 3 requests, 2 valid, 3 rows; Triton's statistics: 2 executions, 8 + 4 inferences): the
@@ -259,6 +263,7 @@ def test_invalid_request_batched_with_valid_ones(busy_server, betas, fault):
     assert status == 200 and np.array_equal(images(pair)["final_image"], images(pair_alone)["final_image"])
 
 
+@pytest.mark.serve
 def test_admin_apis_need_the_admin_key(server):
     """Statistics, logging, trace, shared memory and the repository API answer 403 without the header
     `admin-key` (Triton's restricted-API check), and answer with it; inference-side APIs stay open."""
@@ -295,6 +300,7 @@ def test_admin_apis_need_the_admin_key(server):
         assert http(http_port, path)[0] == 200, path
 
 
+@pytest.mark.serve
 def test_readme_client_example(server, model, betas_file, tmp_path):
     """The tritonclient example of README.md ("Deployment: Triton and Ray") runs against the server as written,
     with this server's port and the tiny model's betas, and gets recon-infer's image for trial 0, seed 0."""
@@ -346,6 +352,7 @@ def occupy(ports: list[int], process: subprocess.Popen, log: Path, betas: np.nda
     return connection
 
 
+@pytest.mark.serve
 def test_queue_full_is_refused_at_once(busy_server, betas):
     """Instance busy, the queue full (four requests; Triton's pending-request gauge says 4): the next is refused at
     once with 503 and Triton's message; the running and the queued requests are then answered."""
@@ -363,6 +370,7 @@ def test_queue_full_is_refused_at_once(busy_server, betas):
         assert status == 200 and images(body)["final_image"].shape == (1, 64, 64, 3)
 
 
+@pytest.mark.serve
 def test_request_timeout_behind_a_slow_request(busy_server, betas):
     """A request with a 1 ms queue timeout (KServe v2 parameter `timeout`) waits behind a running 8-row batch:
     refused with 503 and Triton's message instead of computed; a request without a timeout is then served."""
@@ -374,6 +382,7 @@ def test_request_timeout_behind_a_slow_request(busy_server, betas):
     assert infer(ports[0], betas[:1], [1])[0] == 200
 
 
+@pytest.mark.serve
 def test_client_that_gives_up_does_not_disturb_the_server(busy_server, betas):
     """A client sends a request behind a busy instance and closes its connection before the answer (it gave up):
     the server goes on, the running request is answered, and later requests are served with the same images.
@@ -395,6 +404,7 @@ def test_client_that_gives_up_does_not_disturb_the_server(busy_server, betas):
     assert http(ports[0], "/v2/health/ready")[0] == 200
 
 
+@pytest.mark.serve
 def test_load_failure_is_retried_and_a_restart_serves_the_same(model, betas, tmp_path):
     """The model's first load fails for real inside Triton (BRAINRECON_SERVE_FAIL_LOADS=1: its `initialize`
     raises in attempt 1 only): recon-serve logs the failure with Triton's reason and comes up on attempt 2. Then it
@@ -441,6 +451,7 @@ def _cmdline(pid: int) -> str:
         return f"{pid} (gone)"
 
 
+@pytest.mark.serve
 def test_shutdown_is_clean_and_quick(model, tmp_path):
     """A second server (dynamic batching off, two instances): SIGTERM ends it and every process it started (Triton,
     the Python-backend stubs) within 10 s; the ports are free again."""
@@ -550,6 +561,7 @@ def test_queue_options_are_checked(option, value, message, tmp_path):
     assert str(refused.value) == message
 
 
+@pytest.mark.serve
 def test_client_errors_are_one_line_with_the_status(server, betas_file, tmp_path):
     """serve/client.py (tritonclient, in the serving environment) over HTTP and gRPC: a NaN row gives ServeError
     with the runtime's one line and status 400; a valid row its two images."""

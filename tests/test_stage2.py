@@ -19,7 +19,7 @@ from brainrecon.train.stage2.img2img import (
     seeded_noise,
     vd_scheduler,
 )
-from tests.tiny_models import tiny_components
+from tests.fixtures import tiny_components
 
 ATOL_LATENT = 1e-5  # guidance 1 vs the conditional branch alone: same ops, (u + (c - u)) rounding only
 FAST = SamplingConfig(num_inference_steps=8)  # strength 0.75 -> 6 UNet calls; keeps the file at a few seconds

@@ -17,7 +17,7 @@ from brainrecon.images import resize
 from brainrecon.sampling import SamplingConfig
 from brainrecon.train.stage2.fit import Stage2Config, Stage2Model, fit_stage2
 from brainrecon.train.stage2.img2img import decode_latents, encode_images
-from tests.stage2_fixture import FAST_STEPS, build_tiny_stage2, save_tiny_unet, tiny_unet_config
+from tests.fixtures import FAST_STEPS, build_tiny_stage2, save_tiny_unet, tiny_unet_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

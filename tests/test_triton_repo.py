@@ -29,8 +29,8 @@ import pytest
 from brainrecon.errors import InputError
 from brainrecon.export.triton import RepoOptions, write_triton_repository
 from brainrecon.manifest import load_manifest, write_manifest
+from tests.fixtures import exported_tiny_model, tiny_betas_file
 from tests.serve_helpers import (
-    exported_tiny_model,
     free_ports,
     http,
     images,
@@ -44,7 +44,6 @@ from tests.serve_helpers import (
     serve_env,
     serve_venv,
     stop_session,
-    tiny_betas_file,
     wait_for,
     wait_ready,
 )
@@ -121,6 +120,7 @@ def repos(model, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.serve
 def test_configs_parse_with_triton_schema_and_match_the_artifacts(repos, model, runtime_layout):
     manifest = json.loads((model / "manifest.json").read_text())
     contracts = {
@@ -175,6 +175,7 @@ def test_variants_differ_only_in_platform_and_instance_kind(repos):
         assert not (repos["gpu"] / name / "1" / "model.py").exists()
 
 
+@pytest.mark.serve
 def test_a_config_that_disagrees_with_the_contract_is_refused(repos, model, tmp_path):
     repo = tmp_path / "edited"
     shutil.copytree(repos["gpu"], repo)
@@ -220,6 +221,7 @@ def test_usage_errors(model, tmp_path):
     assert not (tmp_path / "r").exists()  # nothing half-written
 
 
+@pytest.mark.serve
 def test_cpu_variant_reconstructs_through_bls_in_a_real_tritonserver(
     repos, model, runtime_layout, tmp_path_factory, tmp_path
 ):

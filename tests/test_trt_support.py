@@ -254,8 +254,7 @@ def exported_graphs(tmp_path_factory) -> dict[str, Path]:
 
     from brainrecon.export.subject import export_model_dir
     from brainrecon.manifest import MANIFEST_FILE
-    from tests.stage2_fixture import build_tiny_stage2
-    from tests.test_export import build_tiny_stage1
+    from tests.fixtures import build_tiny_stage1, build_tiny_stage2
 
     base = tmp_path_factory.getbasetemp()
     paths = build_tiny_stage2(base / "tiny-stage2")

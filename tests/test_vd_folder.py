@@ -425,9 +425,9 @@ def test_fit_and_reconstruct_with_every_foundation_from_one_folder(vd, tmp_path_
     """recon-train subject --stage clip with --clip/--vae/--unet all pointing at the VD folder, then the torch
     reference reconstruction; a later change to text_unet/ is refused when the subject is loaded."""
     from brainrecon.train.stage2.fit import Stage2Config, Stage2Model, fit_stage2
-    from tests.test_export import build_tiny_stage1
+    from tests.fixtures import build_tiny_stage1
 
-    # the tiny stage-1 subject that tests/stage2_fixture.py builds (shared when both run in one session)
+    # the tiny stage-1 subject that tests/fixtures.py build_tiny_stage2 builds (shared when both run in one session)
     stage1 = build_tiny_stage1(tmp_path_factory.getbasetemp() / "tiny-stage2" / "stage1")
     folder = shutil.copytree(vd, tmp_path / "vd")
     model_dir = shutil.copytree(
