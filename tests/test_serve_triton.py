@@ -302,12 +302,12 @@ def test_admin_apis_need_the_admin_key(server):
 
 @pytest.mark.serve
 def test_readme_client_example(server, model, betas_file, tmp_path):
-    """The tritonclient example of README.md ("Deployment: Triton and Ray") runs against the server as written,
+    """The tritonclient example of docs/deployment.md runs against the server as written,
     with this server's port and the tiny model's betas, and gets recon-infer's image for trial 0, seed 0."""
     http_port = server[0]
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    found = re.search(r"<!-- client-example -->\s*```python\n(.*?)```", readme, re.S)
-    assert found, "README.md: the client example block (<!-- client-example -->) is missing"
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "deployment.md").read_text()
+    found = re.search(r"<!-- client-example -->\s*```python\n(.*?)```", guide, re.S)
+    assert found, "docs/deployment.md: the client example block (<!-- client-example -->) is missing"
     code = found.group(1).replace("127.0.0.1:8000", f"127.0.0.1:{http_port}")
     code = code.replace("data/subj01/test_betas.npy", str(betas_file))
     code += f"\nnp.save({str(tmp_path / 'final.npy')!r}, final)\n"
