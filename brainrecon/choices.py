@@ -16,6 +16,10 @@ STAGES: tuple[Stage, ...] = get_args(Stage)
 ExportStage = Literal["stage1", "gru", "ridge", "vdvae", "stage2", "all"]
 EXPORT_STAGES: tuple[ExportStage, ...] = get_args(ExportStage)
 
+# What recon-train subject fits: stage 1 (the regressor onto VDVAE latents), stage 2's CLIP regressors, or both.
+TrainStage = Literal["vdvae", "clip", "all"]
+TRAIN_STAGES: tuple[TrainStage, ...] = get_args(TrainStage)
+
 # Stage-1 regressors (a subject model folder holds one; its exported contract carries the same name).
 Regressor = Literal["gru", "ridge"]
 REGRESSORS: tuple[Regressor, ...] = get_args(Regressor)
@@ -30,6 +34,9 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 # Precisions of exported ONNX files.
 FilePrecision = Literal["fp32", "fp16"]
 FILE_PRECISIONS: tuple[FilePrecision, ...] = get_args(FilePrecision)
+# What recon-export --precision writes: one file precision, or both.
+ExportPrecision = Literal["fp32", "fp16", "both"]
+EXPORT_PRECISIONS: tuple[ExportPrecision, ...] = get_args(ExportPrecision)
 # What each engine runs.
 ENGINE_PRECISIONS: dict[Engine, tuple[Precision, ...]] = {
     "ort": ("fp32", "fp16"),
@@ -48,13 +55,27 @@ TORCH_DEVICES: tuple[TorchDevice, ...] = get_args(TorchDevice)
 # "auto" the pair when the model folder has it, else plain.
 UnetGraph = Literal["auto", "kv", "plain"]
 UNET_GRAPHS: tuple[UnetGraph, ...] = get_args(UnetGraph)
+# What "auto" resolves to: the UNet step a run uses (model_dir.UNET_GRAPH_MODELS names each one's models).
+ResolvedUnetGraph = Literal["kv", "plain"]
+RESOLVED_UNET_GRAPHS: tuple[ResolvedUnetGraph, ...] = get_args(ResolvedUnetGraph)
 # Which UNet graphs recon-export writes: the pair, the plain UNet, or both.
 ExportUnetGraph = Literal["both", "kv", "plain"]
 EXPORT_UNET_GRAPHS: tuple[ExportUnetGraph, ...] = get_args(ExportUnetGraph)
 
+# What recon-export writes: the ONNX files (and engines) of a model folder, or a Triton model repository from one.
+ExportFormat = Literal["onnx", "triton"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
+
 # What a Triton model repository's models run: the ONNX files (onnxruntime backend) or TensorRT plans.
 TritonEngine = Literal["onnx", "trt"]
 TRITON_ENGINES: tuple[TritonEngine, ...] = get_args(TritonEngine)
+# Its variants: GPU platforms (onnxruntime_onnx / tensorrt_plan), or Python-backend ONNX Runtime on the CPU.
+TritonVariant = Literal["gpu", "cpu"]
+TRITON_VARIANTS: tuple[TritonVariant, ...] = get_args(TritonVariant)
+
+# The images of a reconstruction folder: stage 1 (VDVAE) and final (after stage 2), <kind>_NNNNN.png.
+ImageKind = Literal["stage1", "final"]
+IMAGE_KINDS: tuple[ImageKind, ...] = get_args(ImageKind)
 
 
 def check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:

@@ -50,8 +50,8 @@ STAGE2_FILES = (
     *(uncond_context(t) for t in CLIP_TARGETS),
 )
 
-# exported models: contract names, stage by stage
-REGRESSORS = ("gru", "ridge")
+# exported models: contract names, stage by stage; stage 1's regressor is named as its kind
+# (brainrecon.choices.REGRESSORS: gru | ridge)
 VDVAE_DECODER = "vdvae_decoder"
 STAGE2_MODELS = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")
 # The K/V-once pair (export/contracts.py): the cross-attention K/V of a context, and the UNet step taking them.

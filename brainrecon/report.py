@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from brainrecon import model_dir as layout
+from brainrecon.choices import FILE_PRECISIONS
 from brainrecon.errors import MissingFileError
 from brainrecon.io import atomic_dir
 
@@ -173,11 +175,11 @@ def build_report(
 def _model_section(page: _Page, model_dir: Path) -> bool:
     page.h2("Model", "model")
     rows = []
-    prep = _read(model_dir / "preprocess.json") or {}
+    prep = _read(model_dir / layout.PREPROCESS) or {}
     for key in ("nsd_root", "subject", "n_trials", "n_voxels", "n_train", "n_test", "image_size"):
         if isinstance(prep, dict) and key in prep:
             rows.append({"item": f"data: {key}", "value": prep[key]})
-    s1 = _read(model_dir / "stage1" / "stage1.json")
+    s1 = _read(model_dir / layout.STAGE1_SUMMARY)
     if s1:
         cfg = s1.get("config", {})
         rows += [
@@ -192,7 +194,7 @@ def _model_section(page: _Page, model_dir: Path) -> bool:
                 "value": f"{cfg.get('vdvae')} (sha256 {s1['foundation']['vdvae']['sha256'][:12]}…)",
             },
         ]
-    s2 = _read(model_dir / "stage2" / "stage2.json")
+    s2 = _read(model_dir / layout.STAGE2_SUMMARY)
     if s2:
         for name, ridge in s2.get("clip_ridge", {}).items():
             rows.append(
@@ -219,7 +221,7 @@ def _model_section(page: _Page, model_dir: Path) -> bool:
     page.table(
         sizes, [("foundation", "shipped foundation", "text"), ("megabytes", "MB", "num")], "foundations"
     )
-    manifest = _read(model_dir / "manifest.json")
+    manifest = _read(model_dir / layout.MANIFEST)
     if manifest and isinstance(manifest.get("artifacts"), list):
         # one row per file of the manifest (brainrecon/manifest.py Artifact: path, kind, size in bytes, and
         # model/precision for exported graphs and engines only); "n/a" where a field does not apply
@@ -473,7 +475,7 @@ def _real_size_table(page: _Page, path: Path) -> None:
     models = (_read(path) or {}).get("models", {})
     rows = []
     for name, entry in models.items():
-        for precision in ("fp32", "fp16"):
+        for precision in FILE_PRECISIONS:
             r = entry.get(precision) if isinstance(entry, dict) else None
             if not isinstance(r, dict) or "latency" not in r:
                 continue

@@ -1,5 +1,5 @@
 """Export sources of stage 1: the GRU (TorchScript exporter), the ridge (an ONNX graph built directly: MatMul +
-Add, weights streamed to external data above 2 GB) and the VDVAE decoder, from `train/stage1/fit.py Stage1Model`.
+Add, weights streamed to external data above 2 GB) and the VDVAE decoder, from `train/reference.py Stage1Model`.
 """
 
 from __future__ import annotations
@@ -9,15 +9,16 @@ from typing import Any
 
 import numpy as np
 
+from brainrecon.choices import FILE_PRECISIONS
 from brainrecon.errors import ConfigError
-from brainrecon.export.contracts import PRECISIONS, gru_contract, ridge_contract, vdvae_decoder_contract
+from brainrecon.export.contracts import gru_contract, ridge_contract, vdvae_decoder_contract
 from brainrecon.export.onnx_export import ExportSource, set_ir_version, torch_reference
 
 
 def load_stage1_sources(model_dir: Path, names: list[str], model: Any = None) -> list[ExportSource]:
     """Stage-1 sources from `model` (a Stage1Model) or `Stage1Model.load(model_dir)`."""
     from brainrecon.train.foundations.vdvae import VDVAEDecoder
-    from brainrecon.train.stage1.fit import Stage1Model
+    from brainrecon.train.reference import Stage1Model
     from brainrecon.train.stage1.ridge import RidgeRegressor
 
     model = model if model is not None else Stage1Model.load(model_dir)
@@ -96,8 +97,8 @@ def build_ridge_onnx(
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: expected one of {PRECISIONS}, found {precision!r}")
+    if precision not in FILE_PRECISIONS:
+        raise ConfigError(f"precision: expected one of {FILE_PRECISIONS}, found {precision!r}")
     v, d = coef.shape
     fp16 = precision == "fp16"
     dtype, onnx_type = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)

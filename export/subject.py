@@ -44,16 +44,18 @@ from pathlib import Path
 from typing import Any
 
 from brainrecon import model_dir as layout
+from brainrecon.choices import (
+    EXPORT_PRECISIONS,
+    EXPORT_STAGES,
+    EXPORT_UNET_GRAPHS,
+    FILE_PRECISIONS,
+    REGRESSORS,
+)
 from brainrecon.errors import BrainReconError, ConfigError, InputError, MissingFileError
-from brainrecon.export.contracts import PRECISIONS
 from brainrecon.export.onnx_export import EXTERNAL_DATA_THRESHOLD, ExportSource, StagedFile, stage_contract
 from brainrecon.io import fsync_dir, fsync_file, read_json
 from brainrecon.manifest import MANIFEST_PREVIOUS, Artifact, describe_file, write_manifest
 
-STAGES = ("stage1", "gru", "ridge", "vdvae", "stage2", "all")
-PRECISION_CHOICES = ("fp32", "fp16", "both")
-# recon-export --unet-graph: the UNet graphs stage 2 exports
-UNET_GRAPH_CHOICES = {"both": ("unet", *layout.STAGE2_KV_MODELS), **layout.UNET_GRAPH_MODELS}
 # Files the runtime reads beside the models; hashed into the manifest like them (scheduler.json is written here).
 STAGE1_DATA_FILES = layout.PREPROCESS_FILES + layout.STAGE1_FILES
 STAGE2_DATA_FILES = layout.STAGE2_FILES
@@ -64,18 +66,19 @@ def stage1_summary(model_dir: Path) -> dict[str, Any]:
 
 
 def stage2_names(unet_graph: str) -> list[str]:
-    """The stage-2 contracts: the CLIP ridges, the VAE, and the UNet graphs of `unet_graph` (UNET_GRAPH_CHOICES)."""
-    if unet_graph not in UNET_GRAPH_CHOICES:
-        raise ConfigError(
-            f"export unet_graph: expected one of {tuple(UNET_GRAPH_CHOICES)}, found {unet_graph!r}"
-        )
-    return [*(m for m in layout.STAGE2_MODELS if m != "unet"), *UNET_GRAPH_CHOICES[unet_graph]]
+    """The stage-2 contracts: the CLIP ridges, the VAE, and the UNet graphs of `unet_graph` (EXPORT_UNET_GRAPHS:
+    "both" = the plain `unet`, then the K/V-once pair)."""
+    if unet_graph not in EXPORT_UNET_GRAPHS:
+        raise ConfigError(f"export unet_graph: expected one of {EXPORT_UNET_GRAPHS}, found {unet_graph!r}")
+    graphs = ("plain", "kv") if unet_graph == "both" else (unet_graph,)
+    unets = [m for graph in graphs for m in layout.UNET_GRAPH_MODELS[graph]]
+    return [*(m for m in layout.STAGE2_MODELS if m != "unet"), *unets]
 
 
 def contract_names(model_dir: Path, stage: str, unet_graph: str = "both") -> list[str]:
     """Contracts exported for `stage` given what the model directory holds."""
-    if stage not in STAGES:
-        raise ConfigError(f"export stage: expected one of {STAGES}, found {stage!r}")
+    if stage not in EXPORT_STAGES:
+        raise ConfigError(f"export stage: expected one of {EXPORT_STAGES}, found {stage!r}")
     stage2 = stage2_names(unet_graph)
     has_stage2 = (model_dir / layout.STAGE2_SUMMARY).is_file()
     if stage == "stage2":
@@ -87,13 +90,13 @@ def contract_names(model_dir: Path, stage: str, unet_graph: str = "both") -> lis
             )
         return stage2
     regressor = stage1_summary(model_dir)["config"]["regressor"]
-    if stage in layout.REGRESSORS and stage != regressor:
+    if stage in REGRESSORS and stage != regressor:
         raise InputError(
             model_dir / layout.STAGE1_SUMMARY,
             f"a {stage} stage-1 regressor (recon-train subject --regressor {stage})",
             f"a {regressor} regressor (export --stage {regressor} or stage1)",
         )
-    if stage in layout.REGRESSORS:
+    if stage in REGRESSORS:
         return [stage]
     if stage == "vdvae":
         return [layout.VDVAE_DECODER]
@@ -113,7 +116,7 @@ def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
     model1 = None
     if stage2:
         from brainrecon.export.stage2 import stage2_sources
-        from brainrecon.train.stage2.fit import Stage2Model
+        from brainrecon.train.reference import Stage2Model
 
         model2 = Stage2Model.load(model_dir)
         model1 = model2.stage1
@@ -124,9 +127,9 @@ def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
 
 
 def _precisions(precision: str) -> tuple[str, ...]:
-    if precision not in PRECISION_CHOICES:
-        raise ConfigError(f"export precision: expected one of {PRECISION_CHOICES}, found {precision!r}")
-    return PRECISIONS if precision == "both" else (precision,)
+    if precision not in EXPORT_PRECISIONS:
+        raise ConfigError(f"export precision: expected one of {EXPORT_PRECISIONS}, found {precision!r}")
+    return FILE_PRECISIONS if precision == "both" else (precision,)
 
 
 LOCK_FILE = ".export.lock"  # in the model folder; kept (removing a lock file others may hold open races)
@@ -254,7 +257,7 @@ def export_model_dir(
     (unless `validate=False`), build TensorRT engines when TensorRT and a GPU are present (else say why not), and
     record everything in `model_dir/manifest.json`; nothing is published unless all of it succeeded. Returns a
     JSON-able summary. `external_data_threshold` (bytes of weights) decides when weights go to `<file>.data`; lower
-    it to exercise that path on a small model. `unet_graph` (UNET_GRAPH_CHOICES) picks the stage-2 UNet graphs;
+    it to exercise that path on a small model. `unet_graph` (EXPORT_UNET_GRAPHS) picks the stage-2 UNet graphs;
     entries of an earlier export that this one does not rewrite stay in the manifest (as for every model).
     """
     model_dir = Path(model_dir)
@@ -269,7 +272,7 @@ def export_model_dir(
         if not (model_dir / rel).is_file():
             hint = (
                 "run recon-train subject --stage clip"
-                if rel.startswith("stage2/")
+                if rel in STAGE2_DATA_FILES
                 else "run recon-train subject"
             )
             raise MissingFileError(model_dir / rel, "model directory file", f"{hint} first")

@@ -40,14 +40,23 @@ from pathlib import Path
 from typing import Any
 
 from brainrecon import model_dir as layout
+from brainrecon.choices import (
+    FILE_PRECISIONS,
+    REGRESSORS,
+    TRITON_ENGINES,
+    TRITON_VARIANTS,
+    UNET_GRAPHS,
+    FilePrecision,
+    TritonEngine,
+    TritonVariant,
+    UnetGraph,
+    check_choice,
+)
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.io import atomic_dir, read_json, write_json
 from brainrecon.manifest import Artifact, Manifest, verify_manifest
 from brainrecon.runtime.backends.tensorrt import MachineInfo
 
-VARIANTS = ("gpu", "cpu")
-ENGINES = ("onnx", "trt")
-UNET_GRAPHS = ("auto", "kv", "plain")  # auto: kv when exported, else plain (as the runtime's unet_graph)
 BLS_MODEL = "brainrecon"
 TEMPLATES = importlib.resources.files("brainrecon.serve") / "triton_models"
 TRITON_DTYPES = {
@@ -65,24 +74,21 @@ MODEL_QUEUE_DELAY_US = 500
 
 @dataclass(frozen=True)
 class RepoOptions:
-    variant: str = "gpu"  # VARIANTS
-    precision: str = "fp32"
-    engine: str = "onnx"  # "trt": TensorRT plans from the manifest (built for the server's GPU and TensorRT)
+    variant: TritonVariant = "gpu"
+    precision: FilePrecision = "fp32"
+    # "trt": TensorRT plans from the manifest (built for the server's GPU and TensorRT)
+    engine: TritonEngine = "onnx"
     instances: int = 1  # instances per model
     bls_instances: int = 1
     max_queue_delay_us: int = BLS_QUEUE_DELAY_US  # the BLS model's dynamic batcher
     bls_max_batch: int = 8
-    unet_graph: str = "auto"  # UNET_GRAPHS
+    unet_graph: UnetGraph = "auto"  # auto: kv when exported, else plain (as the runtime's unet_graph)
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise InputError("--variant", f"one of {VARIANTS}", repr(self.variant))
-        if self.engine not in ENGINES:
-            raise InputError("--engine", f"one of {ENGINES}", repr(self.engine))
-        if self.unet_graph not in UNET_GRAPHS:
-            raise InputError("--unet-graph", f"one of {UNET_GRAPHS}", repr(self.unet_graph))
-        if self.precision not in ("fp32", "fp16"):
-            raise InputError("--precision", "fp32 or fp16", repr(self.precision))
+        check_choice("--variant", self.variant, TRITON_VARIANTS)
+        check_choice("--engine", self.engine, TRITON_ENGINES)
+        check_choice("--unet-graph", self.unet_graph, UNET_GRAPHS)
+        check_choice("--precision", self.precision, FILE_PRECISIONS)
         if self.variant == "cpu" and self.engine == "trt":
             raise InputError("--engine", "onnx for the cpu variant (TensorRT plans need a GPU)", "trt")
         for name in ("instances", "bls_instances", "bls_max_batch"):
@@ -273,7 +279,7 @@ def _io(artifact: Artifact, manifest: Manifest) -> dict[str, Any]:
 
 def bls_io(models: dict[str, Artifact], manifest: Manifest, model_dir: Path) -> tuple[list, list, int]:
     """The BLS model's inputs and outputs (per request, with the batch axis) from the exported contracts."""
-    regressor = next(n for n in models if n in layout.REGRESSORS)
+    regressor = next(n for n in models if n in REGRESSORS)
     n_voxels = _io(models[regressor], manifest)["inputs"][0]["shape"][1]
     stage1_shape = _io(models[layout.VDVAE_DECODER], manifest)["outputs"][0]["shape"][1:]  # (s, s, 3)
     if "vae_decoder" in models:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Literal
 
 import typer
 from rich.console import Console
@@ -16,14 +15,6 @@ from rich.table import Table
 from brainrecon.errors import BrainReconError
 
 console = Console(stderr=True)
-
-# Option value types shared by the commands: typer checks a Literal's values before the command runs (a bad one
-# exits 2 with the usage line).
-Engine = Literal["ort", "trt", "openvino"]
-Precision = Literal["fp32", "fp16", "bf16"]  # bf16: OpenVINO on the fp32 files (runtime/artifacts.py)
-Device = Literal["cpu", "cuda", "tensorrt"]
-# recon-export --unet-graph: the plain UNet and/or the K/V-once pair (export/subject.py)
-UnetGraph = Literal["both", "kv", "plain"]
 
 
 def run_app(app: typer.Typer) -> Callable[[], None]:

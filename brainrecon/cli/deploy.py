@@ -8,11 +8,22 @@ torch (tests/test_runtime.py checks `sys.modules`). Exit codes: 0 ok, 1 failure 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
-from brainrecon.cli import Device, Engine, Precision, UnetGraph, console, print_summary, run_app
+from brainrecon.choices import (
+    Device,
+    Engine,
+    ExportFormat,
+    ExportPrecision,
+    ExportStage,
+    ExportUnetGraph,
+    Precision,
+    Stage,
+    TritonVariant,
+)
+from brainrecon.cli import console, print_summary, run_app
 
 export_app = typer.Typer(
     add_completion=False, help="Export a subject model directory to ONNX (and TensorRT engines)."
@@ -22,10 +33,16 @@ export_app = typer.Typer(
 @export_app.command()
 def export(
     model_dir: Annotated[Path, typer.Option(help="Subject model folder from recon-train subject.")],
-    stage: Annotated[str, typer.Option(help="stage1 | gru | ridge | vdvae | stage2 | all.")] = "all",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | both.")] = "both",
+    stage: Annotated[
+        ExportStage,
+        typer.Option(
+            help="stage1 (the fitted regressor and vdvae_decoder), gru, ridge or vdvae (that model only), stage2 "
+            "(the stage-2 models) or all."
+        ),
+    ] = "all",
+    precision: Annotated[ExportPrecision, typer.Option(help="File precision: fp32, fp16 or both.")] = "both",
     unet_graph: Annotated[
-        UnetGraph,
+        ExportUnetGraph,
         typer.Option(
             help="Stage-2 UNet graphs to export: both (the plain unet and the K/V-once pair unet_context + "
             "unet_kv, the weights twice on disk), kv (the pair only: what the runtime uses) or plain (unet only). "
@@ -43,7 +60,7 @@ def export(
         bool, typer.Option("--verify", help="Only re-hash the files of manifest.json; export nothing.")
     ] = False,
     format: Annotated[
-        Literal["onnx", "triton"],
+        ExportFormat,
         typer.Option(
             help="onnx: export the models; triton: write a Triton model repository (--out) from an "
             "exported folder (precision 'both' means fp32 there)."
@@ -51,7 +68,7 @@ def export(
     ] = "onnx",
     out: Annotated[Path | None, typer.Option(help="--format triton: the model repository folder.")] = None,
     variant: Annotated[
-        Literal["gpu", "cpu"],
+        TritonVariant,
         typer.Option(
             help="--format triton: gpu (onnxruntime_onnx / tensorrt_plan platforms) or cpu (Python-backend "
             "ONNX Runtime wrappers, for a server with the Python backend only)."
@@ -107,16 +124,8 @@ def export(
             {"manifest_version": manifest.manifest_version, "artifacts verified": len(manifest.artifacts)},
         )
         return
-    from brainrecon.export.subject import PRECISION_CHOICES, STAGES, export_model_dir
+    from brainrecon.export.subject import export_model_dir
 
-    if stage not in STAGES:
-        raise typer.BadParameter(
-            f"expected one of {', '.join(STAGES)}, found {stage!r}", param_hint="--stage"
-        )
-    if precision not in PRECISION_CHOICES:
-        raise typer.BadParameter(
-            f"expected one of {', '.join(PRECISION_CHOICES)}, found {precision!r}", param_hint="--precision"
-        )
     summary = export_model_dir(
         model_dir, stage=stage, precision=precision, validate=validate, engines=engines, unet_graph=unet_graph
     )
@@ -156,7 +165,7 @@ def infer(
         typer.Option(help="ort (ONNX Runtime), openvino (CPU, fp32 or bf16) or trt (TensorRT engines)."),
     ] = "ort",
     stage: Annotated[
-        Literal[1, 2] | None,
+        Stage | None,
         typer.Option(
             help="1: VDVAE only; 2: VDVAE then Versatile Diffusion img2img "
             "(default: 2 when the model has a fitted stage 2, else 1).",

@@ -4,15 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from brainrecon.choices import IMAGE_KINDS, ImageKind, Regressor, Stage, TorchDevice, TrainStage
 from brainrecon.cli import print_summary, run_app
 
 # torch devices of the training and reference commands (train/device.py checks that a GPU is there)
-TorchDevice = Literal["cpu", "cuda"]
 DEVICE_HELP = "Torch device: cpu or cuda (no GPU: a one-line error, never a silent CPU run)."
 DeviceOption = Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)]
 EncodeBatchOption = Annotated[int, typer.Option(help="Images per VDVAE encoder call.")]
@@ -280,9 +280,11 @@ def train_subject(
     data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
     model_dir: Annotated[Path, typer.Option(help="Subject model folder (created; stages add subfolders).")],
     stage: Annotated[
-        str, typer.Option(help="vdvae (stage 1), clip (stage 2's CLIP regressors) or all (both).")
+        TrainStage, typer.Option(help="vdvae (stage 1), clip (stage 2's CLIP regressors) or all (both).")
     ] = "all",
-    regressor: Annotated[str, typer.Option(help="gru (the seed paper) or ridge (Brain-Diffuser).")] = "gru",
+    regressor: Annotated[
+        Regressor, typer.Option(help="gru (the seed paper) or ridge (Brain-Diffuser).")
+    ] = "gru",
     vdvae: Annotated[
         str, typer.Option(help="builtin:small64, a recon-train foundation folder, or an openai .th.")
     ] = "builtin:small64",
@@ -322,8 +324,6 @@ def train_subject(
 
     Example: recon-train subject --data data/subj01 --model-dir engines/subj01 --stage all --regressor gru --device cuda
     """
-    if stage not in ("vdvae", "clip", "all"):
-        raise typer.BadParameter(f"expected vdvae, clip or all, found {stage!r}", param_hint="--stage")
     check_device(device)
     if stage in ("vdvae", "all"):
         from brainrecon.train.stage1.fit import Stage1Config, fit_stage1
@@ -377,7 +377,7 @@ def reconstruct(
     model_dir: Annotated[Path, typer.Option(help="Subject model folder from recon-train subject.")],
     data: Annotated[Path, typer.Option(help="recon-prepare folder; its test betas (and images) are used.")],
     out: Annotated[Path, typer.Option(help="Output folder: PNGs, contact_sheet.png, metrics.json.")],
-    stage: Annotated[int, typer.Option(help="1: VDVAE stage only; 2: both stages.")] = 2,
+    stage: Annotated[Stage, typer.Option(help="1: VDVAE stage only; 2: both stages.")] = 2,
     seed: Annotated[int | None, typer.Option(help="Noise seed (default: the one fitted with).")] = None,
     steps: Annotated[int | None, typer.Option(help="DDIM steps of the full schedule (50).")] = None,
     strength: Annotated[float | None, typer.Option(help="Fraction of the schedule re-noised (0.75).")] = None,
@@ -392,17 +392,18 @@ def reconstruct(
     """
     check_device(device)
     if stage == 1:
-        from brainrecon.train.stage1.fit import reconstruct_test_set
+        from brainrecon.train.evaluation.stage1 import reconstruct_test_set
 
         summary = reconstruct_test_set(model_dir, data, out, overwrite=overwrite, device=device)
-    elif stage == 2:
+    else:
         import dataclasses
 
         from brainrecon.io import read_json
+        from brainrecon.model_dir import STAGE2_SUMMARY
         from brainrecon.sampling import SamplingConfig
-        from brainrecon.train.stage2.fit import reconstruct_test_set as reconstruct_two_stage
+        from brainrecon.train.evaluation.stage2 import reconstruct_test_set as reconstruct_two_stage
 
-        info = read_json(model_dir / "stage2" / "stage2.json", "stage-2 summary (recon-train subject)")
+        info = read_json(model_dir / STAGE2_SUMMARY, "stage-2 summary (recon-train subject)")
         changes = {
             "seed": seed,
             "num_inference_steps": steps,
@@ -419,10 +420,8 @@ def reconstruct(
         summary = {
             "n": metrics["n"],
             "seconds": metrics["seconds"],
-            **{f"{s} {m}": round(v, 4) for s in ("stage1", "final") for m, v in metrics[s].items()},
+            **{f"{s} {m}": round(v, 4) for s in IMAGE_KINDS for m, v in metrics[s].items()},
         }
-    else:
-        raise typer.BadParameter(f"expected 1 or 2, found {stage}", param_hint="--stage")
     print_summary(f"recon-reconstruct stage {stage} -> {out}", summary)
 
 
@@ -456,7 +455,7 @@ def eval_stage1(
     Example: recon-eval stage1 --data data/subj01 --out benchmarks/results/stage1
     """
     check_device(device)
-    from brainrecon.train.stage1.fit import compare_stage1
+    from brainrecon.train.evaluation.stage1 import compare_stage1
 
     ks = tuple(int(k) for k in layers.split(","))
     compare_stage1(
@@ -484,7 +483,7 @@ def eval_stage2(
     Example: recon-eval stage2 --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/stage2
     """
     check_device(device)
-    from brainrecon.train.stage2.fit import compare_stage2
+    from brainrecon.train.evaluation.stage2 import compare_stage2
 
     compare_stage2(model_dir, data, out, device=device)
     Console().print((out / "stage2.md").read_text())
@@ -629,37 +628,6 @@ def eval_report(
     Console().print(f"report: {index}")
 
 
-@eval_app.command("blob")
-def eval_blob(
-    model_dir: Annotated[Path, typer.Option(help="Subject model folder (both stages fitted).")],
-    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
-    out: Annotated[Path, typer.Option(help="Results folder: blob.json, blob.md and the image sheets.")],
-    before: Annotated[str, typer.Option(help="The VAE before the fix (a folder).")],
-    after: Annotated[str, typer.Option(help="The VAE after the fix, same latent space.")] = "builtin:small",
-    images: Annotated[int, typer.Option(help="Use the first N test images (0: all).")] = 0,
-    device: DeviceOption = "cpu",
-) -> None:
-    """Before/after of a VAE swap: round trip, decoder peak, recurring error, stage 1+2 and oracle metrics.
-
-    Example: recon-eval blob --model-dir engines/subj01 --data data/subj01 --before data/vae-small-g32
-    --out benchmarks/results/blob
-    """
-    check_device(device)
-    from brainrecon.train.experiments.blob import blob_comparison
-
-    blob_comparison(
-        model_dir,
-        data,
-        out,
-        before,
-        after,
-        n_images=images or None,
-        log=Console(stderr=True).print,
-        device=device,
-    )
-    Console().print((out / "blob.md").read_text())
-
-
 @eval_app.command("metrics")
 def eval_metrics(
     recon: Annotated[
@@ -677,9 +645,7 @@ def eval_metrics(
             help="Comma-separated: pixcorr,ssim,alexnet2,alexnet5,inceptionv3,clip,effnet,swav (default: all)."
         ),
     ] = "all",
-    kind: Annotated[
-        Literal["final", "stage1"], typer.Option(help="Which images of the folder: final or stage1.")
-    ] = "final",
+    kind: Annotated[ImageKind, typer.Option(help="Which images of the folder: final or stage1.")] = "final",
     out: Annotated[
         Path | None, typer.Option(help="JSON results file (default: RECON/paper_metrics.json).")
     ] = None,
