@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,26 @@ from brainrecon.errors import ConfigError, InputError
 
 # seeds travel as int64: Triton's `seed` input, recon-batch's `--seed + row`
 SEED_MAX = int(np.iinfo(np.int64).max)
+
+# Versatile Diffusion's DDIM noise schedule, as diffusers' `DDIMScheduler` keyword arguments: LDM's
+# linear_start/linear_end on a scaled-linear schedule (betas linear in sqrt space), timesteps offset by 1 ("leading":
+# 50 steps -> 981, 961, ..., 1), alpha_prev of the last step = alphas_cumprod[0], epsilon prediction, no clipping.
+# The one table: the torch reference builds its scheduler from it (train/stage2/img2img.py), recon-export records
+# it in stage2/scheduler.json, the numpy DDIM takes its defaults from it (runtime/ddim.py), and a Versatile
+# Diffusion folder's scheduler config is checked against it (train/foundations/loaders.py).
+DDIM_SCHEDULER: Mapping[str, Any] = MappingProxyType(
+    {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+    }
+)
 
 
 def _is_int(value: Any) -> bool:

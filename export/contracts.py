@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from brainrecon.choices import FILE_PRECISIONS
 from brainrecon.errors import ConfigError
+from brainrecon.sampling import DDIM_SCHEDULER
 
-PRECISIONS = ("fp32", "fp16")
 BATCH = "batch"  # the symbolic name of every dynamic batch axis
 # Input distributions for validation. "random": uniform(-1, 1), small and featureless. "realistic": the scale of
 # real inputs (z-scored betas are unit-variance and heavy-tailed: Student t with 5 dof; latents follow the
@@ -52,7 +53,7 @@ INPUT_KINDS = ("random", "realistic")
 #   contexts   both kinds: rows drawn from `pools` (the unconditional contexts and predicted CLIP contexts); a
 #              UNet conditioned on uniform noise would be validated far from where it runs
 INPUT_DRAWS = ("betas", "latents", "images", "timesteps", "contexts")
-TRAIN_TIMESTEPS = 1000  # num_train_timesteps of Versatile Diffusion's DDIM schedule (train/stage2/img2img.py)
+TRAIN_TIMESTEPS = DDIM_SCHEDULER["num_train_timesteps"]  # the timesteps the UNet was trained on
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,8 @@ class ExportContract:
         return {s.name: s.dynamic_axes() for s in (*self.inputs, *self.outputs) if s.dynamic_axes()}
 
     def tolerance(self, precision: str) -> Tolerance:
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, found {precision!r}")
+        if precision not in FILE_PRECISIONS:
+            raise ConfigError(f"precision must be one of {FILE_PRECISIONS}, found {precision!r}")
         return self.fp32 if precision == "fp32" else self.fp16
 
     def trt_profile(self) -> dict[str, dict[str, list[int]]]:
@@ -515,7 +516,7 @@ def unet_contract(
 # layers. `unet_context` computes them once per context (per batch of predicted contexts, and once per run for the
 # unconditional one); `unet_kv` is the UNet step that takes them instead of the context. Per image and step that
 # removes the K/V projections of all Nv + Nt tokens (14% of the demo UNet's FLOPs). Layer j of the layout
-# (train/foundations/dual_unet.py `kv_layout`) has heads h_j, head dim d_j and N_j tokens (Nv or Nt):
+# (export/kv_once.py `kv_layout`) has heads h_j, head dim d_j and N_j tokens (Nv or Nt):
 #     key_j    (B, h_j, d_j, N_j)  to_k(tokens)ᵀ · d_j^-0.5 (transposed and pre-scaled for the Q·K MatMul)
 #     value_j  (B, h_j, N_j, d_j)  to_v(tokens)
 

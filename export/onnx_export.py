@@ -26,6 +26,7 @@ from brainrecon.errors import InputError
 from brainrecon.export.contracts import ExportContract
 from brainrecon.export.trt_support import require_trt_support
 from brainrecon.export.validate import Reference, validate_onnx
+from brainrecon.model_dir import onnx_file
 
 # A protobuf cannot exceed 2 GiB; keep headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
@@ -213,10 +214,14 @@ def stage_contract(
     precisions: tuple[str, ...],
     validate: bool,
     external_threshold: int,
+    on_step: Callable[[str, str], None] = lambda step, precision: None,
 ) -> list[StagedFile]:
-    """Export, convert, check and validate one contract into `staging`; nothing is published here."""
+    """Export, convert, check and validate one contract into `staging`; nothing is published here.
+    `on_step(step, precision)` is called after each file is written ("export"; an fp16 conversion is checked and
+    validated inside it) and after each check and validation ("validate"): benchmarks/real_size.py times the steps
+    and measures their peak memory between the calls."""
     contract = source.contract
-    fp32_path = staging / f"{contract.name}.fp32.onnx"
+    fp32_path = staging / Path(onnx_file(contract.name, "fp32")).name  # staging: the onnx/ folder, staged
     t0 = time.perf_counter()
     if contract.exporter == "torchscript":
         fp32_data = export_torchscript(source.module, contract, fp32_path, external_threshold, source.pools)
@@ -226,13 +231,14 @@ def stage_contract(
         source.build(fp32_path, "fp32", external)
         fp32_data = [fp32_path.with_name(fp32_path.name + ".data")] if external else []
     fp32_seconds = time.perf_counter() - t0
+    on_step("export", "fp32")
     staged = []
     for precision in precisions:
         t0 = time.perf_counter()
         if precision == "fp32":
             staged_file = StagedFile(contract, "fp32", fp32_path, fp32_data, fp32_seconds)
         else:
-            path = staging / f"{contract.name}.fp16.onnx"
+            path = staging / Path(onnx_file(contract.name, "fp16")).name
             external = source.weight_bytes // 2 > external_threshold
             if contract.exporter == "torchscript":
                 # checked and validated inside, so that an overflowing conversion is retried with fp32 layers
@@ -260,12 +266,15 @@ def stage_contract(
                         "fp16_fp32_prefixes": info["fp32_prefixes"],
                     }
                 staged.append(staged_file)
+                on_step("export", "fp16")
                 continue
             assert source.build is not None
             source.build(path, "fp16", external)
             data = [path.with_name(path.name + ".data")] if external else []
             staged_file = StagedFile(contract, "fp16", path, data, time.perf_counter() - t0 + fp32_seconds)
+            on_step("export", "fp16")
         staged_file.validation = _check_and_validate(source, staged_file.path, precision, validate)
+        on_step("validate", precision)
         staged.append(staged_file)
     return staged
 

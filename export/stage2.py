@@ -1,6 +1,6 @@
 """Stage-2 export sources: the five models of Versatile Diffusion img2img as ONNX contracts, plus the DDIM tables.
 
-    Stage2Model.load(model_dir)                       (train/stage2/fit.py; checks the VAE/UNet sha256)
+    Stage2Model.load(model_dir)                       (train/reference.py; checks the VAE/UNet sha256)
       clip["text"|"vision"]  ClipRidge            → clip_text, clip_vision   (onnx.helper graphs, two MatMuls)
       vae                    AutoencoderKL        → vae_encoder, vae_decoder (torch wrappers below, TorchScript)
       unet                   dual-attention UNet  → unet                     (mix ratio baked in)
@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from brainrecon.choices import FILE_PRECISIONS
 from brainrecon.config import config_from_dict, config_to_dict
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.export.contracts import (
-    PRECISIONS,
-    TRAIN_TIMESTEPS,
     ExportContract,
     clip_ridge_contract,
     kv_names,
@@ -35,27 +34,16 @@ from brainrecon.export.contracts import (
     vae_decoder_contract,
     vae_encoder_contract,
 )
+from brainrecon.export.kv_once import context_kv, kv_cross_attention_kwargs, kv_layout
 from brainrecon.export.onnx_export import ExportSource, save_onnx, set_ir_version, torch_reference
 from brainrecon.io import read_json, write_json
-from brainrecon.model_dir import SCHEDULER, STAGE2_SUMMARY
-from brainrecon.sampling import SamplingConfig
-from brainrecon.train.foundations.dual_unet import (
-    context_kv,
-    kv_cross_attention_kwargs,
-    kv_layout,
-    set_mix_ratio,
-)
+from brainrecon.model_dir import SCHEDULER, SCHEDULER_FORMAT, STAGE2_SUMMARY
+from brainrecon.sampling import DDIM_SCHEDULER, SamplingConfig
+from brainrecon.train.foundations.dual_unet import set_mix_ratio
+from brainrecon.train.reference import Stage2Model
 from brainrecon.train.stage2.clip_ridge import ClipRidge
-from brainrecon.train.stage2.fit import Stage2Model
-from brainrecon.train.stage2.img2img import (
-    VD_SCHEDULER_KWARGS,
-    denoising_timesteps,
-    vae_downsampling,
-    vd_scheduler,
-)
+from brainrecon.train.stage2.img2img import denoising_timesteps, vae_downsampling, vd_scheduler
 
-SCHEDULER_FORMAT = "brainrecon.ddim_tables"
-SCHEDULER_VERSION = 1
 CONTEXT_POOL_SEED = 1234  # predicted contexts for validating the UNet (seeded, like every validation input)
 
 
@@ -97,7 +85,7 @@ class UNetGraph(torch.nn.Module):
 
 class UNetContextGraph(torch.nn.Module):
     """context (B, Nv + Nt, D) → (key_0, value_0, ...): the cross-attention K/V of every dual block
-    (dual_unet.context_kv), computed once per context instead of at every step."""
+    (kv_once.context_kv), computed once per context instead of at every step."""
 
     def __init__(self, unet: Any):
         super().__init__()
@@ -282,8 +270,8 @@ def build_clip_ridge_onnx(
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: expected one of {PRECISIONS}, found {precision!r}")
+    if precision not in FILE_PRECISIONS:
+        raise ConfigError(f"precision: expected one of {FILE_PRECISIONS}, found {precision!r}")
     v, r = A.shape
     if B.shape != (r, n_tokens * dim) or intercept.shape != (n_tokens * dim,):
         raise InputError(
@@ -346,11 +334,6 @@ def scheduler_tables(sampling: SamplingConfig) -> dict[str, Any]:
     import diffusers
 
     scheduler = vd_scheduler()
-    if scheduler.config.num_train_timesteps != TRAIN_TIMESTEPS:
-        raise ConfigError(
-            f"VD_SCHEDULER_KWARGS: expected num_train_timesteps {TRAIN_TIMESTEPS} (contracts.TRAIN_TIMESTEPS), "
-            f"found {scheduler.config.num_train_timesteps}"
-        )
     timesteps = denoising_timesteps(scheduler, sampling.num_inference_steps, sampling.strength)  # sets them
     step_ratio = scheduler.config.num_train_timesteps // sampling.num_inference_steps
     alphas = scheduler.alphas_cumprod  # (1000,) float32
@@ -358,14 +341,10 @@ def scheduler_tables(sampling: SamplingConfig) -> dict[str, Any]:
     t = [int(x) for x in timesteps]
     prev = [x - step_ratio for x in t]
     return {
-        "format": SCHEDULER_FORMAT,
-        "version": SCHEDULER_VERSION,
+        "format": SCHEDULER_FORMAT[0],
+        "version": SCHEDULER_FORMAT[1],
         "source": f"diffusers {diffusers.__version__} DDIMScheduler",
-        "scheduler": {
-            **VD_SCHEDULER_KWARGS,
-            "prediction_type": scheduler.config.prediction_type,
-            "timestep_spacing": scheduler.config.timestep_spacing,
-        },
+        "scheduler": dict(DDIM_SCHEDULER),
         "sampling": config_to_dict(sampling),
         "step_ratio": step_ratio,
         "timesteps": t,  # (S,) what the UNet is called with; t[0] is also add_noise's timestep

@@ -1,8 +1,8 @@
 """Deterministic DDIM (eta 0) in numpy: the stage-2 noise schedule of the runtime.
 
-Mirrors diffusers' `DDIMScheduler` (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12) as
-`brainrecon.train.stage2.vd_scheduler` configures it: epsilon prediction, no sample clipping, "leading" timestep
-spacing, and the img2img truncation of diffusers' `get_timesteps`. Only what stage 2 uses is implemented.
+Mirrors diffusers' `DDIMScheduler` (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12) configured by
+`brainrecon.sampling.DDIM_SCHEDULER`: epsilon prediction, no sample clipping, "leading" timestep spacing (DDIM_FIXED,
+what this module implements), and the img2img truncation of diffusers' `get_timesteps`. Only what stage 2 uses is implemented.
 No torch, diffusers or transformers import (a test enforces it).
 
     x0 (B, C, h, w) ──add_noise(t0)──► x_t0 ──[eps = unet(x_t, t); x = step(eps, t, x)] for t in timesteps──► x
@@ -25,6 +25,7 @@ import numpy as np
 
 from brainrecon.config import config_from_dict
 from brainrecon.errors import ConfigError, InputError
+from brainrecon.sampling import DDIM_SCHEDULER
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
 
@@ -35,14 +36,15 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class DDIMConfig:
-    """The scheduler constants (defaults: Versatile Diffusion, `train/stage2/img2img.py VD_SCHEDULER_KWARGS`)."""
+    """The scheduler constants this DDIM can vary (defaults: Versatile Diffusion's, `DDIM_SCHEDULER`)."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"  # LDM: betas linear in sqrt space
-    steps_offset: int = 1  # added to every inference timestep ("leading": 50 steps -> 981, 961, ..., 1)
-    set_alpha_to_one: bool = False  # False: the last step's alpha_prev is alphas_cumprod[0], not 1
+    num_train_timesteps: int = DDIM_SCHEDULER["num_train_timesteps"]
+    beta_start: float = DDIM_SCHEDULER["beta_start"]
+    beta_end: float = DDIM_SCHEDULER["beta_end"]
+    beta_schedule: str = DDIM_SCHEDULER["beta_schedule"]  # "scaled_linear" (LDM): betas linear in sqrt space
+    steps_offset: int = DDIM_SCHEDULER["steps_offset"]  # added to every inference timestep ("leading")
+    # False: the last step's alpha_prev is alphas_cumprod[0], not 1
+    set_alpha_to_one: bool = DDIM_SCHEDULER["set_alpha_to_one"]
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 2:
@@ -72,6 +74,11 @@ class DDIMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "ddim config") -> DDIMConfig:
         return config_from_dict(cls, data, source=source)  # unknown keys -> ConfigError
+
+
+# The scheduler settings this module implements and cannot vary (clip_sample False, prediction_type "epsilon",
+# timestep_spacing "leading"): the rest of DDIM_SCHEDULER; a recorded scheduler must have these values.
+DDIM_FIXED = {k: v for k, v in DDIM_SCHEDULER.items() if k not in DDIMConfig.__dataclass_fields__}
 
 
 class DDIMScheduler:

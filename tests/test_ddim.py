@@ -20,26 +20,28 @@ import torch
 from diffusers import DDIMScheduler as TorchDDIM
 
 from brainrecon.errors import ConfigError, InputError
-from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
-from brainrecon.sampling import SamplingConfig
-from brainrecon.train.stage2.img2img import VD_SCHEDULER_KWARGS, denoise, denoising_timesteps
+from brainrecon.runtime.ddim import DDIM_FIXED, DDIMConfig, DDIMScheduler
+from brainrecon.sampling import DDIM_SCHEDULER, SamplingConfig
+from brainrecon.train.stage2.img2img import denoise, denoising_timesteps
 
 SHAPE = (2, 4, 8, 8)  # (B, C, h, w)
 
 
 def torch_ddim() -> TorchDDIM:
-    return TorchDDIM(**VD_SCHEDULER_KWARGS)
+    return TorchDDIM(**DDIM_SCHEDULER)
 
 
 def test_defaults_are_the_stage2_schedule():
-    expected = {k: v for k, v in VD_SCHEDULER_KWARGS.items() if k != "clip_sample"}
-    assert DDIMConfig().to_dict() == expected and VD_SCHEDULER_KWARGS["clip_sample"] is False
+    """DDIMConfig's defaults and DDIM_FIXED split the one table of the schedule, nothing left out or added; the
+    fixed part is what this DDIM implements (no clipping, epsilon prediction, "leading" spacing)."""
+    assert {**DDIMConfig().to_dict(), **DDIM_FIXED} == dict(DDIM_SCHEDULER)
+    assert DDIM_FIXED == {"clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"}
 
 
 @pytest.mark.parametrize("schedule", ["scaled_linear", "linear"])
 def test_alphas_cumprod_match_diffusers(schedule):
     config = DDIMConfig(beta_schedule=schedule)
-    ref = TorchDDIM(**{**VD_SCHEDULER_KWARGS, "beta_schedule": schedule})
+    ref = TorchDDIM(**{**DDIM_SCHEDULER, "beta_schedule": schedule})
     ours = DDIMScheduler(config)
     assert ours.alphas_cumprod.dtype == np.float64 and ours.alphas_cumprod.shape == (1000,)
     assert np.abs(ours.alphas_cumprod - ref.alphas_cumprod.double().numpy()).max() < 1e-6
