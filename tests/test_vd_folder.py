@@ -427,7 +427,7 @@ def test_fit_and_reconstruct_with_every_foundation_from_one_folder(vd, tmp_path_
     from brainrecon.train.stage2.fit import Stage2Config, Stage2Model, fit_stage2
     from tests.fixtures import build_tiny_stage1
 
-    # the tiny stage-1 subject that tests/fixtures.py build_tiny_stage2 builds (shared when both run in one session)
+    # the stage-1 half of tests/fixtures.py build_tiny_stage2 (shared when both run in one session)
     stage1 = build_tiny_stage1(tmp_path_factory.getbasetemp() / "tiny-stage2" / "stage1")
     folder = shutil.copytree(vd, tmp_path / "vd")
     model_dir = shutil.copytree(
