@@ -95,9 +95,10 @@ def test_every_set_of_choices_is_defined_once_in_choices_py():
                     continue
                 targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
                 found += [
-                    f"{rel}:{stmt.lineno} a new meaning of choices.{t.id}"
+                    f"{rel}:{stmt.lineno} a new meaning of choices.{n.id}"
                     for t in targets
-                    if isinstance(t, ast.Name) and t.id in tuples
+                    for n in ast.walk(t)  # NAME = ... and A, NAME = ...
+                    if isinstance(n, ast.Name) and n.id in tuples
                 ]
                 for node in ast.walk(stmt.value):
                     if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(
