@@ -94,7 +94,7 @@ def bench_inference(
 
     from brainrecon.runtime.infer import run_inference
     from brainrecon.runtime.stage1 import Stage1Pipeline
-    from brainrecon.train.stage1.fit import Stage1Model
+    from brainrecon.train.reference import Stage1Model
 
     reference = Stage1Model.load(model_dir)
     torch_stats, torch_images = timed(lambda: reference.reconstruct(betas), repeats)
@@ -172,8 +172,8 @@ def main() -> None:
             "brainrecon.runtime.stage1 + onnxruntime": subprocess_seconds(
                 "import brainrecon.runtime.stage1, onnxruntime", args.repeats
             ),
-            "brainrecon.train.stage1.fit (torch reference)": subprocess_seconds(
-                "import brainrecon.train.stage1.fit", args.repeats
+            "brainrecon.train.reference (torch reference)": subprocess_seconds(
+                "import brainrecon.train.reference", args.repeats
             ),
         },
     }

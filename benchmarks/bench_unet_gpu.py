@@ -1,7 +1,7 @@
 """The guided UNet loop on a GPU in torch fp16 (issue 13): eager, CUDA graphs and torch.compile, at batch 1, 8 and
 32 images, for the demo-size and the Versatile-Diffusion-size dual UNet (random weights: speed only), each with the
 plain UNet at every step and with K/V once (the contexts' cross-attention K/V computed before the loop,
-train/foundations/dual_unet.py `context_kv`). Run it wherever a CUDA GPU is at hand:
+export/kv_once.py `context_kv`). Run it wherever a CUDA GPU is at hand:
 
     python benchmarks/bench_unet_gpu.py --out benchmarks/results/stage2_unet_gpu.json
 
@@ -54,7 +54,8 @@ def guided_loop(
     """Seconds for `steps` guided UNet calls on 2 x `batch` rows, [uncond; cond], DDIM-like update in torch."""
     import torch
 
-    from brainrecon.train.foundations.dual_unet import build_dual_unet, context_kv, kv_cross_attention_kwargs
+    from brainrecon.export.kv_once import context_kv, kv_cross_attention_kwargs
+    from brainrecon.train.foundations.dual_unet import build_dual_unet
 
     torch.manual_seed(0)
     cfg = unet_config(size)

@@ -34,9 +34,9 @@ def export_kv(work: Path) -> dict[str, float]:
     from real_size import IMAGE_SIZE, LATENT_SIZE, MIX_RATIO, build_model, context_pool
 
     from brainrecon.export import contracts as C
+    from brainrecon.export.kv_once import context_kv
     from brainrecon.export.onnx_export import EXTERNAL_DATA_THRESHOLD, export_torchscript
     from brainrecon.export.stage2 import UNetKVGraph, unet_kv_shapes
-    from brainrecon.train.foundations.dual_unet import context_kv
 
     t0 = time.perf_counter()
     unet = build_model("unet").module.unet

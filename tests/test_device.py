@@ -46,7 +46,6 @@ TORCH_COMMANDS = [
     ["recon-eval", "stage2", *MODEL, *DATA, *OUT],
     ["recon-eval", "noise", *MODEL, *DATA, *OUT],
     ["recon-eval", "layers", *DATA, *OUT],
-    ["recon-eval", "blob", *MODEL, *DATA, *OUT, "--before", "/nonexistent/vae"],
 ]
 
 
@@ -90,8 +89,9 @@ def tiny_subject(tmp_path_factory):
 def test_stage1_fit_and_reference_on_the_device(tiny_subject, device, monkeypatch):
     """fit_stage1 trains the GRU on `device` (seen by the model's parameters when train_gru returns), and the loaded
     reference (VDVAE, GRU) runs there; on a GPU its latents are close to a CPU fit's."""
+    from brainrecon.train.reference import Stage1Model
     from brainrecon.train.stage1 import gru as gru_mod
-    from brainrecon.train.stage1.fit import Stage1Config, Stage1Model, fit_stage1, load_prepared
+    from brainrecon.train.stage1.fit import Stage1Config, fit_stage1, load_prepared
 
     seen = []
     real_train = gru_mod.train_gru

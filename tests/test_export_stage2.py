@@ -25,8 +25,8 @@ from brainrecon.manifest import MANIFEST_FILE, verify_manifest
 from brainrecon.model_dir import SCHEDULER as SCHEDULER_FILE
 from brainrecon.model_dir import STAGE2_KV_MODELS, STAGE2_MODELS
 from brainrecon.train.foundations.dual_unet import set_mix_ratio
+from brainrecon.train.reference import Stage2Model
 from brainrecon.train.stage1.ridge import renormalize_predictions
-from brainrecon.train.stage2.fit import Stage2Model
 from brainrecon.train.stage2.img2img import decode_latents, denoising_timesteps, encode_images, vd_scheduler
 from tests.fixtures import build_tiny_stage2, export_tiny_stage2
 

@@ -1,5 +1,5 @@
 """K/V once (issue 13): the contexts' cross-attention keys and values computed once (`unet_context`) and the UNet
-step that takes them (`unet_kv`), in torch (train/foundations/dual_unet.py), exported (export/stage2.py) and in the
+step that takes them (`unet_kv`), in torch (export/kv_once.py), exported (export/stage2.py) and in the
 runtime (runtime/stage2.py), against the plain dual UNet and the torch reference.
 
 Tolerances (scale = max |noise_pred|):
@@ -27,17 +27,11 @@ from diffusers.models.attention_processor import Attention
 
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.export.contracts import kv_names, unet_context_contract, unet_kv_contract
+from brainrecon.export.kv_once import context_kv, kv_cross_attention_kwargs, kv_layout
 from brainrecon.export.stage2 import context_pool, unet_kv_shapes
 from brainrecon.manifest import MANIFEST_FILE, load_manifest, write_manifest
 from brainrecon.runtime.stage2 import Stage2Pipeline
-from brainrecon.train.foundations.dual_unet import (
-    DualUNetConfig,
-    build_dual_unet,
-    context_kv,
-    convert_to_dual_attention,
-    kv_cross_attention_kwargs,
-    kv_layout,
-)
+from brainrecon.train.foundations.dual_unet import DualUNetConfig, build_dual_unet, convert_to_dual_attention
 from tests.fixtures import FAST_STEPS, build_tiny_stage2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -137,7 +131,7 @@ def test_wrong_kv_count_is_a_one_line_error():
 @pytest.fixture(scope="module")
 def model(tiny2):
     from brainrecon.train.foundations.dual_unet import set_mix_ratio
-    from brainrecon.train.stage2.fit import Stage2Model
+    from brainrecon.train.reference import Stage2Model
 
     m = Stage2Model.load(tiny2["model"])
     set_mix_ratio(m.unet, m.sampling.mix_ratio)

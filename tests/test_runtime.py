@@ -71,7 +71,7 @@ def assert_one_line_failure(monkeypatch, capsys, out: Path, *args: str, match: s
 def test_pipeline_matches_torch_reference(tiny, regressor):
     import torch
 
-    from brainrecon.train.stage1.fit import Stage1Model
+    from brainrecon.train.reference import Stage1Model
 
     torch.set_num_threads(1)
     reference = Stage1Model.load(tiny[regressor])

@@ -56,7 +56,7 @@ def fast(pipe, betas):
 def reference(tiny2):
     import torch
 
-    from brainrecon.train.stage2.fit import Stage2Model
+    from brainrecon.train.reference import Stage2Model
 
     torch.set_num_threads(1)
     return Stage2Model.load(tiny2["model"])

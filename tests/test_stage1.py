@@ -11,13 +11,9 @@ from brainrecon.data.nsd import prepare_subject
 from brainrecon.data.sim import SimConfig, simulate_subject
 from brainrecon.errors import InputError
 from brainrecon.metrics import ssim
-from brainrecon.train.stage1.fit import (
-    Stage1Config,
-    Stage1Model,
-    fit_stage1,
-    load_prepared,
-    reconstruct_test_set,
-)
+from brainrecon.train.evaluation.stage1 import reconstruct_test_set
+from brainrecon.train.reference import Stage1Model
+from brainrecon.train.stage1.fit import Stage1Config, fit_stage1, load_prepared
 
 
 @pytest.fixture(scope="module")

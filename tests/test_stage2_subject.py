@@ -15,7 +15,8 @@ import pytest
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.images import resize
 from brainrecon.sampling import SamplingConfig
-from brainrecon.train.stage2.fit import Stage2Config, Stage2Model, fit_stage2
+from brainrecon.train.reference import Stage2Model
+from brainrecon.train.stage2.fit import Stage2Config, fit_stage2
 from brainrecon.train.stage2.img2img import decode_latents, encode_images
 from tests.fixtures import FAST_STEPS, build_tiny_stage2, save_tiny_unet, tiny_unet_config
 
@@ -167,7 +168,7 @@ def test_cli_train_clip_then_reconstruct_stage2(tiny, tmp_path):
 
 
 def test_compare_stage2_writes_the_results_table(tiny, tmp_path):
-    from brainrecon.train.stage2.fit import compare_stage2
+    from brainrecon.train.evaluation.stage2 import compare_stage2
 
     result = compare_stage2(tiny["model"], tiny["prep"], tmp_path / "results", sheet_images=4)
     runs = [r["run"] for r in result["rows"]]

@@ -20,6 +20,7 @@ import torch
 
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.io import sha256_file
+from brainrecon.sampling import DDIM_SCHEDULER
 from brainrecon.train.foundations.clip_features import CLIPFeatureExtractor, unconditional_image
 from brainrecon.train.foundations.dual_unet import (
     DualUNetConfig,
@@ -34,7 +35,6 @@ from brainrecon.train.foundations.loaders import (
     load_unet,
     load_vae,
 )
-from brainrecon.train.stage2.img2img import VD_SCHEDULER_KWARGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -118,7 +118,7 @@ def write_tiny_versatile_diffusion(folder: Path, seed: int = 0) -> Path:
         image_unet=image_unet,
         text_unet=text_unet,
         vae=vae,
-        scheduler=DDIMScheduler(**VD_SCHEDULER_KWARGS),
+        scheduler=DDIMScheduler(**DDIM_SCHEDULER),
     ).save_pretrained(folder)
     return folder
 
@@ -391,7 +391,7 @@ def test_scheduler_check_reads_the_folder_and_class_defaults(vd, tmp_path):
     # another scheduler class with Versatile Diffusion's schedule is fine: the runtime samples with DDIM anyway
     pndm = tmp_path / "pndm"
     PNDMScheduler(
-        **{k: v for k, v in VD_SCHEDULER_KWARGS.items() if k != "clip_sample"}, skip_prk_steps=True
+        **{k: v for k, v in DDIM_SCHEDULER.items() if k != "clip_sample"}, skip_prk_steps=True
     ).save_pretrained(pndm / "scheduler")
     assert check_versatile_diffusion_scheduler(pndm)["_class_name"] == "PNDMScheduler"
     # a key the file omits takes the class default, as in diffusers (DDIMScheduler: beta_schedule "linear")
@@ -424,7 +424,8 @@ def test_load_unet_refuses_a_changed_scheduler_before_loading(vd, tmp_path):
 def test_fit_and_reconstruct_with_every_foundation_from_one_folder(vd, tmp_path_factory, tmp_path):
     """recon-train subject --stage clip with --clip/--vae/--unet all pointing at the VD folder, then the torch
     reference reconstruction; a later change to text_unet/ is refused when the subject is loaded."""
-    from brainrecon.train.stage2.fit import Stage2Config, Stage2Model, fit_stage2
+    from brainrecon.train.reference import Stage2Model
+    from brainrecon.train.stage2.fit import Stage2Config, fit_stage2
     from tests.fixtures import build_tiny_stage1
 
     # the stage-1 half of tests/fixtures.py build_tiny_stage2 (shared when both run in one session)

@@ -17,7 +17,8 @@ def test_shipped_weights_total_under_40_mb():
 
 
 def test_shipped_vdvae_loads_and_decodes():
-    from brainrecon.train.stage1.fit import decode_images, resolve_vdvae
+    from brainrecon.train.foundations.loaders import resolve_vdvae
+    from brainrecon.train.reference import decode_images
 
     model, info = resolve_vdvae("builtin:small64")
     assert info["config"]["name"] == "small64"

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from brainrecon.choices import TORCH_DEVICES
 from brainrecon.errors import BrainReconError
-
-DEVICES = ("cpu", "cuda")
 
 
 class DeviceError(BrainReconError):
@@ -16,11 +15,11 @@ class DeviceError(BrainReconError):
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """`name` ("cpu", "cuda" or "cuda:N") as a torch.device, after checking that it exists."""
-    device = torch.device(name) if isinstance(name, str) and name.split(":")[0] in DEVICES else None
+    device = torch.device(name) if isinstance(name, str) and name.split(":")[0] in TORCH_DEVICES else None
     if device is None and isinstance(name, torch.device):
         device = name
-    if device is None or device.type not in DEVICES:
-        raise DeviceError(f"--device: expected one of {', '.join(DEVICES)} (or cuda:N), found {name!r}")
+    if device is None or device.type not in TORCH_DEVICES:
+        raise DeviceError(f"--device: expected one of {', '.join(TORCH_DEVICES)} (or cuda:N), found {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"

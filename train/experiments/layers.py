@@ -46,21 +46,14 @@ def latent_layers(
     `device` ("cpu", "cuda") runs the VDVAE, the GRU and the CLIP; `encode_batch` images per VDVAE encoder call
     (as `fit_stage1`). `resume`: keep the rows of every K that out/layers.json already has in full (same data,
     models, epoch cap and seed) and fit only the others, so a long sweep that was stopped goes on where it was."""
+    from brainrecon.choices import REGRESSORS
     from brainrecon.metrics import pixcorr, ssim
     from brainrecon.train.device import resolve_device
-    from brainrecon.train.foundations.loaders import load_clip
+    from brainrecon.train.evaluation.stage2 import clip_identification, clip_image_embeddings
+    from brainrecon.train.foundations.loaders import load_clip, resolve_vdvae
     from brainrecon.train.foundations.vdvae import latent_dims
-    from brainrecon.train.stage1.fit import (
-        REGRESSORS,
-        Stage1Config,
-        Stage1Model,
-        decode_images,
-        encode_images,
-        fit_stage1,
-        load_prepared,
-        resolve_vdvae,
-    )
-    from brainrecon.train.stage2.fit import clip_identification, clip_image_embeddings
+    from brainrecon.train.reference import Stage1Model, decode_images
+    from brainrecon.train.stage1.fit import Stage1Config, encode_images, fit_stage1, load_prepared
 
     device = resolve_device(device)
     data_dir, out = Path(data_dir), Path(out)

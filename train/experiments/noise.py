@@ -113,12 +113,14 @@ def noise_sensitivity(
     The subject's torch models and the CLIP run on `device` ("cpu", "cuda"); the noise is numpy's either way."""
     from brainrecon.images import contact_sheet
     from brainrecon.metrics import pixcorr, ssim
+    from brainrecon.model_dir import STAGE2_SUMMARY
+    from brainrecon.train.evaluation.stage2 import clip_identification, clip_image_embeddings
     from brainrecon.train.foundations.loaders import DEFAULTS, load_clip
-    from brainrecon.train.stage1.fit import Stage1Model, load_prepared
-    from brainrecon.train.stage2.fit import STAGE_DIR, Stage2Model, clip_identification, clip_image_embeddings
+    from brainrecon.train.reference import Stage1Model, Stage2Model
+    from brainrecon.train.stage1.fit import load_prepared
 
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
-    has_stage2 = (model_dir / STAGE_DIR / "stage2.json").is_file()
+    has_stage2 = (model_dir / STAGE2_SUMMARY).is_file()
     model = Stage2Model.load(model_dir, device) if has_stage2 else None
     stage1 = model.stage1 if model else Stage1Model.load(model_dir, device)
     betas, images = load_prepared(data_dir, "test")

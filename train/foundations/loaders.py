@@ -1,5 +1,5 @@
-"""Where the stage-2 foundation models come from: the shipped small weights, a local folder, or one whole
-Versatile Diffusion folder.
+"""Where the foundation models come from: the shipped small weights, a local folder, or one whole Versatile
+Diffusion folder (stage 2); the VDVAE of stage 1 also from an openai checkpoint file.
 
 Each loader takes a spec and returns the model with a provenance dict that the subject's model folder records, so
 a later run can refuse a foundation that changed under it:
@@ -16,6 +16,8 @@ folder on the paths in sorted order and piped through `sha256sum` again, gives t
     vae:  "builtin:small" | an AutoencoderKL folder | a Versatile Diffusion folder (its vae/)
     unet: "builtin:small" | a recon-train foundation unet folder | a Versatile Diffusion folder (image_unet/ +
           text_unet/; its scheduler/ is checked against the DDIM settings the runtime implements)
+    vdvae: "builtin:small64" | a recon-train foundation vdvae folder | an openai checkpoint file
+           (`imagenet64-iter-1600000-model-ema.th`); its provenance also records the model's config
 
 A diffusers Versatile Diffusion folder (shi-labs/versatile-diffusion layout, `model_index.json` naming
 `VersatileDiffusionPipeline`) can be given for all three: `recon-train subject --clip VD --vae VD --unet VD`.
@@ -24,6 +26,7 @@ A diffusers Versatile Diffusion folder (shi-labs/versatile-diffusion layout, `mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -50,6 +53,13 @@ from brainrecon.train.foundations.dual_unet import (
     DualUNetConfig,
     load_versatile_diffusion_unet,
     versatile_diffusion_unet_files,
+)
+from brainrecon.train.foundations.vdvae import (
+    VDVAE,
+    VDVAE_CONFIGS,
+    WEIGHTS_FILE,
+    load_openai_checkpoint,
+    load_vdvae,
 )
 
 BUILTIN_WEIGHTS = Path(brainrecon.__file__).resolve().parent / "weights"  # shipped in the core package
@@ -78,6 +88,27 @@ def _weights_file(folder: Path, names: tuple[str, ...], what: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise MissingFileError(folder, what, f"expected one of {', '.join(names)}")
+
+
+def resolve_vdvae(spec: str) -> tuple[VDVAE, dict]:
+    """Foundation VDVAE from 'builtin:<name>', a save_vdvae folder or an openai checkpoint file."""
+    if spec.startswith("builtin:"):
+        path = BUILTIN_WEIGHTS / f"vdvae-{spec.removeprefix('builtin:')}"
+        if not path.is_dir():
+            raise MissingFileError(
+                path, f"shipped VDVAE weights for {spec}", "re-install brainrecon or pass --vdvae"
+            )
+        model, weights = load_vdvae(path), path / WEIGHTS_FILE
+    elif Path(spec).is_dir():
+        model, weights = load_vdvae(spec), Path(spec) / WEIGHTS_FILE
+    elif Path(spec).is_file():
+        model, weights = load_openai_checkpoint(spec, VDVAE_CONFIGS["imagenet64"]), Path(spec)
+    else:
+        raise MissingFileError(
+            spec, "VDVAE weights (a folder from recon-train foundation vdvae, or an openai .th file)"
+        )
+    info = {"source": spec, "sha256": sha256_file(weights), "config": dataclasses.asdict(model.config)}
+    return model.eval(), info
 
 
 def load_clip(
@@ -152,15 +183,13 @@ def _load_versatile_diffusion_unet(
 
 
 def expected_scheduler_settings() -> dict[str, Any]:
-    """The scheduler settings stage 2 implements: train/stage2/img2img.py VD_SCHEDULER_KWARGS (the torch reference
-    and the exported scheduler.json) plus the DDIM choices the numpy runtime fixes (runtime/stage2.py
-    SCHEDULER_FIXED: epsilon prediction, "leading" spacing, no clipping), and no settings it does not implement."""
-    from brainrecon.runtime.stage2 import SCHEDULER_FIXED
-    from brainrecon.train.stage2.img2img import VD_SCHEDULER_KWARGS
+    """The scheduler settings stage 2 implements: brainrecon.sampling.DDIM_SCHEDULER (the torch reference, the
+    exported scheduler.json and the numpy runtime's DDIM: epsilon prediction, "leading" spacing, no clipping), and
+    no settings it does not implement."""
+    from brainrecon.sampling import DDIM_SCHEDULER
 
     return {
-        **VD_SCHEDULER_KWARGS,
-        **SCHEDULER_FIXED,
+        **DDIM_SCHEDULER,
         "trained_betas": None,  # the betas come from beta_start/beta_end/beta_schedule
         "thresholding": False,
         "rescale_betas_zero_snr": False,

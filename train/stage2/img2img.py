@@ -16,34 +16,26 @@ checked against this file step by step. Two deliberate differences from diffuser
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from rich.progress import Progress
 
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.noise import img2img_noise
-from brainrecon.sampling import SamplingConfig
+from brainrecon.sampling import DDIM_SCHEDULER, SamplingConfig
 from brainrecon.train.foundations.dual_unet import (
     DualUNetConfig,
     dual_context,
     set_mix_ratio,
 )
 
-# Versatile Diffusion's noise schedule (its DDIM sampler: LDM linear_start/linear_end on a scaled-linear
-# schedule, timesteps offset by 1, alpha_prev of the last step = alphas_cumprod[0]).
-VD_SCHEDULER_KWARGS = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
-
 
 def vd_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**VD_SCHEDULER_KWARGS)
+    """Versatile Diffusion's DDIM (brainrecon.sampling.DDIM_SCHEDULER, the one table of its constants)."""
+    return DDIMScheduler(**DDIM_SCHEDULER)
 
 
 def denoising_timesteps(scheduler: DDIMScheduler, steps: int, strength: float) -> torch.Tensor:
@@ -177,19 +169,47 @@ def img2img(
     *,
     dual_config: DualUNetConfig,
     noise: torch.Tensor | None = None,  # (B, 4, H/f, W/f); default: seeded_noise(shape, config.seed)
+    batch_size: int | None = None,
+    timings: dict[str, float] | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Brain-Diffuser stage 2: Versatile Diffusion dual-guided img2img. Returns uint8 (B, H, W, 3).
 
-    Sets every dual block's mix ratio to `config.mix_ratio` (as VD's pipeline does per call). The guidance batch
-    is `[uncond; cond]`, see `denoise`. strength 0 returns the VAE round trip of `init_images`.
+    The one torch img2img loop: the reference (train/reference.py `Stage2Model.reconstruct`) runs it. Sets
+    every dual block's mix ratio to `config.mix_ratio` (as VD's pipeline does per call). The guidance batch is
+    `[uncond; cond]`, see `denoise`. strength 0 returns the VAE round trip of `init_images`.
+
+    `batch_size` images per VAE and UNet call (None: all B at once; the UNet gets twice as many rows). The noise of
+    all B images is drawn at once, so the result does not depend on `batch_size`. Phase by phase, as the runtime
+    runs: every chunk is encoded, then denoised, then decoded; `timings`, when given, gets the seconds of each
+    phase (vae_encode_s, unet_s, vae_decode_s: the runtime's names).
     """
     check_inputs(unet, vae, init_images, vision_ctx, text_ctx, uncond_vision, uncond_text, config, noise)
+    if batch_size is not None and batch_size < 1:
+        raise InputError("batch_size", "at least 1 image per call", str(batch_size))
     set_mix_ratio(unet, config.mix_ratio)
     dtype = next(unet.parameters()).dtype
     device = next(unet.parameters()).device
     cond_ctx = dual_context(vision_ctx, text_ctx, dual_config).to(device, dtype)  # (B, Nv + Nt, D)
     uncond_ctx = dual_context(uncond_vision, uncond_text, dual_config).to(device, dtype)  # (1, Nv + Nt, D)
-
-    init_latents = encode_images(vae, init_images, config.vae_scale_factor)  # (B, 4, h, w)
-    latents = denoise(unet, scheduler, init_latents, cond_ctx, uncond_ctx, config, noise)
-    return decode_latents(vae, latents, config.vae_scale_factor)
+    step = batch_size or max(len(init_images), 1)
+    chunks = [slice(i, i + step) for i in range(0, len(init_images), step)]
+    scale = config.vae_scale_factor
+    t0 = time.perf_counter()
+    init_latents = torch.cat([encode_images(vae, init_images[c], scale) for c in chunks])  # (B, 4, h, w)
+    t1 = time.perf_counter()
+    if noise is None:
+        noise = seeded_noise(tuple(init_latents.shape), config.seed)
+    latents = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("stage 2 img2img", total=len(init_images))
+        for c in chunks:
+            latents.append(
+                denoise(unet, scheduler, init_latents[c], cond_ctx[c], uncond_ctx, config, noise[c])
+            )
+            bar.advance(task, len(latents[-1]))
+    t2 = time.perf_counter()
+    images = np.concatenate([decode_latents(vae, chunk, scale) for chunk in latents])  # (B, H, W, 3)
+    if timings is not None:
+        timings.update(vae_encode_s=t1 - t0, unet_s=t2 - t1, vae_decode_s=time.perf_counter() - t2)
+    return images
