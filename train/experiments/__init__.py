@@ -1,1 +1,2 @@
-"""The paper's experiments on a fitted subject: noise sensitivity (`noise.py`) and latent layers (`layers.py`)."""
+"""Studies on a fitted subject: noise sensitivity (`noise.py`), latent layers (`layers.py`), training curves
+(`curves.py`); `plots.py` holds their shared figure style."""
