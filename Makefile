@@ -75,11 +75,15 @@ lint: install
 	$(BIN)/ruff check brainrecon train export runtime serve benchmarks tests
 	$(BIN)/ruff format --check brainrecon train export runtime serve benchmarks tests
 
+# The demo-model benchmarks (after `make demo`): data, stage 1, and recon-bench with every pipeline and the curves,
+# checked against the CI floors; each writes its file in benchmarks/results/ (benchmarks/README.md lists them).
 bench: install
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_stage1.py --data $(DATA)/subj01
 	$(PY) benchmarks/bench_stage1_runtime.py --model-dir $(MODEL_DIR) --betas $(DATA)/subj01/test_betas.npy
-	$(PY) benchmarks/bench_stage2_runtime.py --model-dir $(MODEL_DIR) --betas $(DATA)/subj01/test_betas.npy
+	$(BIN)/recon-bench $(DATA)/subj01/test_betas.npy --model-dir $(MODEL_DIR) --limit 32 --curves 1,4,16,64 \
+		--pipelines torch,torch_best,ort_fp32_plain,ort_fp32,openvino_fp32,openvino_bf16 \
+		--out benchmarks/results/stage2_runtime.json --check benchmarks/targets.json --note "make demo ($(MODEL_DIR))"
 
 # CI's speed regression check: a tiny simulated subject with the shipped foundation models (real sizes), both
 # stages fitted and exported, then the runtime vs the torch reference in one run against benchmarks/targets.json.
@@ -90,8 +94,8 @@ bench-check: install
 	$(BIN)/recon-prepare --nsd-root $(BENCH_TMP)/sim --subject 1 --out $(BENCH_TMP)/prep
 	$(BIN)/recon-train subject --data $(BENCH_TMP)/prep --model-dir $(BENCH_TMP)/model --stage all --regressor ridge
 	$(BIN)/recon-export --model-dir $(BENCH_TMP)/model --stage all --precision both
-	$(PY) benchmarks/bench_stage2_runtime.py --model-dir $(BENCH_TMP)/model --betas $(BENCH_TMP)/prep/test_betas.npy \
-		--repeats 3 --out $(BENCH_TMP)/stage2_runtime.json --check benchmarks/targets.json
+	$(BIN)/recon-bench $(BENCH_TMP)/prep/test_betas.npy --model-dir $(BENCH_TMP)/model --repeats 3 \
+		--out $(BENCH_TMP)/stage2_runtime.json --check benchmarks/targets.json
 
 # Load and fault benchmark of recon-serve on loopback (bounded: N clients x M requests per setting); results and the
 # latency plot in benchmarks/results/serve/. Uses the tiny bench-check model (built by `make bench-check`).
@@ -100,9 +104,11 @@ bench-serve: serve-env
 	$(SERVE_PY) benchmarks/bench_serve.py --model-dir $(BENCH_TMP)/model --betas $(BENCH_TMP)/prep/test_betas.npy \
 		--out benchmarks/results/serve
 
-# The real-size model set (random weights at NSD + Versatile Diffusion sizes): every model exported fp32/fp16 with
-# parity, ORT CPU latency, peak memory and file sizes -> benchmarks/results/real_size.json (README "Real size").
-# About 75 min on 2 cores and up to 11 GB of memory for one model at a time; the ONNX files go under engines/real-size.
+# The real-size model set (random weights at NSD + Versatile Diffusion sizes): every model exported fp32/fp16 by the
+# export's own routine with parity, ORT CPU latency, peak memory and file sizes -> benchmarks/results/real_size.json
+# (docs/real-size.md). About 75 min on 2 cores, one model at a time; as in recon-export, a model's fp32 validation
+# holds its weights beside the ONNX Runtime session (ridge_k31: 5.7 GB beside an 11 GB session). The ONNX files go
+# under engines/real-size.
 # ONLY=unet,vae_decoder measures a subset.
 real-size: install
 	nice $(PY) benchmarks/real_size.py --out benchmarks/results/real_size.json $(if $(ONLY),--only $(ONLY))

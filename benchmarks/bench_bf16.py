@@ -1,14 +1,12 @@
-"""bf16 on AMX vs fp32, per exported model (issue 13): ONNX Runtime fp32, OpenVINO f32 and OpenVINO bf16 on the same
-fp32 ONNX file, interleaved, at several batch sizes; latency medians, their ratios, and the bf16 output error
-against fp32 (max and median |diff| over the output's scale, max |value|). Torch-free.
+"""bf16 on AMX vs fp32, per exported model: the runtime's ONNX Runtime backend at fp32 and its OpenVINO backend at f32
+and bf16 on the same fp32 ONNX file, interleaved, at several batch sizes; latency medians, their ratios, and the
+output error against ONNX Runtime fp32 (max and median |diff| over the output's scale, max |value|). Torch-free.
 
     python benchmarks/bench_bf16.py --onnx engines/subj01/onnx/unet_kv.fp32.onnx:32 \\
-        engines/subj01/onnx/vae_decoder.fp32.onnx:16 engines/real-size/vdvae_decoder_k15.fp32.onnx:4 \\
-        --out benchmarks/results/stage2_runtime_bf16.json
+        engines/subj01/onnx/vae_decoder.fp32.onnx:16 --section demo --out benchmarks/results/stage2_runtime_bf16.json
 
 Each file is `path:batch[,batch...]`. Inputs: `timestep` integer-valued in [1, 1000), `encoder_hidden_states` and
-K/V tensors N(0, 0.1²) (CLIP-token scale), everything else N(0, 1) (latents, z-scored betas). OpenVINO runs with
-INFERENCE_PRECISION_HINT set explicitly (runtime/backends/openvino.py); ONNX Runtime with all graph optimisations.
+K/V tensors N(0, 0.1²) (CLIP-token scale), everything else N(0, 1) (latents, z-scored betas).
 """
 
 from __future__ import annotations
@@ -22,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from brainrecon.benchmarks.common import RESULTS, machine
 
 SMALL_SCALE_INPUTS = ("encoder_hidden_states", "key_", "value_")
 
@@ -42,41 +42,24 @@ def make_inputs(session: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray
 
 
 def bench_file(path: Path, batches: list[int], threads: int, repeats: int) -> dict[str, Any]:
-    import onnxruntime as ort
-    import openvino as ov
+    from brainrecon.runtime.backends.openvino import OpenVinoBackend
+    from brainrecon.runtime.backends.ort import OrtBackend
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    core = ov.Core()
-    compiled = {
-        hint: core.compile_model(
-            str(path),
-            "CPU",
-            {
-                "INFERENCE_PRECISION_HINT": hint,
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_NUM_THREADS": threads,
-            },
-        )
-        for hint in ("f32", "bf16")
-    }
-    requests = {hint: c.create_infer_request() for hint, c in compiled.items()}
+    backends = {"ort_fp32": OrtBackend(path, threads=threads)}
+    hints = {
+        "openvino_f32": "fp32",
+        "openvino_bf16": "bf16",
+    }  # OpenVINO's INFERENCE_PRECISION_HINT, f32 or bf16
+    backends |= {name: OpenVinoBackend(path, precision=p, threads=threads) for name, p in hints.items()}
     out: dict[str, Any] = {"file": str(path), "size_mb": round(path.stat().st_size / 2**20, 1), "batches": {}}
     for batch in batches:
-        feeds = make_inputs(session, batch)
-        runs = {
-            "ort_fp32": lambda f=feeds: session.run(None, f)[0],
-            "openvino_f32": lambda f=feeds: np.asarray(requests["f32"].infer(f)[0]),
-            "openvino_bf16": lambda f=feeds: np.asarray(requests["bf16"].infer(f)[0]),
-        }
-        first = {name: run() for name, run in runs.items()}  # warm-up, and the outputs compared
-        times: dict[str, list[float]] = {name: [] for name in runs}
+        feeds = make_inputs(backends["ort_fp32"].session, batch)
+        first = {name: next(iter(b.run(feeds).values())) for name, b in backends.items()}  # warm-up, compared
+        times: dict[str, list[float]] = {name: [] for name in backends}
         for _ in range(repeats):
-            for name, run in runs.items():
+            for name, backend in backends.items():
                 t0 = time.perf_counter()
-                run()
+                backend.run(feeds)
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         ref = first["ort_fp32"].astype(np.float64)
@@ -89,15 +72,13 @@ def bench_file(path: Path, batches: list[int], threads: int, repeats: int) -> di
                 "median_over_scale": float(f"{np.median(d) / scale:.3g}"),
             }
 
-        out["batches"][str(batch)] = {
-            "median_s": {k: round(v, 5) for k, v in med.items()},
-            "speedup_vs_ort_fp32": {k: round(med["ort_fp32"] / v, 2) for k, v in med.items()},
-            "bf16_vs_openvino_f32": round(med["openvino_f32"] / med["openvino_bf16"], 2),
-            "output_scale": round(scale, 4),
-            "error_vs_ort_fp32": {k: err(first[k]) for k in ("openvino_f32", "openvino_bf16")},
-            "loadavg_1m": round(os.getloadavg()[0], 2),
-        }
-        print(path.name, batch, out["batches"][str(batch)]["speedup_vs_ort_fp32"], flush=True)
+        row = {"median_s": {k: round(v, 5) for k, v in med.items()}}
+        row["speedup_vs_ort_fp32"] = {k: round(med["ort_fp32"] / v, 2) for k, v in med.items()}
+        row["bf16_vs_openvino_f32"] = round(med["openvino_f32"] / med["openvino_bf16"], 2)
+        row["output_scale"] = round(scale, 4)
+        row["error_vs_ort_fp32"] = {k: err(first[k]) for k in hints}
+        out["batches"][str(batch)] = row | {"loadavg_1m": round(os.getloadavg()[0], 2)}
+        print(path.name, batch, row["speedup_vs_ort_fp32"], flush=True)
     return out
 
 
@@ -108,41 +89,23 @@ def main() -> None:
     parser.add_argument("--onnx", nargs="+", required=True, help="path:batch[,batch...] per fp32 ONNX file")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "stage2_runtime_bf16.json"
-    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "stage2_runtime_bf16.json")
     parser.add_argument("--note", default="")
-    parser.add_argument(
-        "--section",
-        default=None,
-        help="write the results as this section of --out (e.g. demo, real_size), keeping the file's others",
-    )
+    parser.add_argument("--section", help="write the results as this section of --out (e.g. demo, real_size)")
     args = parser.parse_args()
-    import onnxruntime
-    import openvino
+    from brainrecon.io import write_json
 
-    results: dict[str, Any] = {
-        "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__},
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "note": args.note,
-        "models": {},
-    }
+    info = machine(args.threads)
+    results: dict[str, Any] = {"machine": info, "repeats": args.repeats, "note": args.note, "models": {}}
     for item in args.onnx:
         path, _, batches = item.partition(":")
         results["models"][Path(path).name] = bench_file(
             Path(path), [int(b) for b in (batches or "1").split(",")], args.threads, args.repeats
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        written = results
-        if args.section:
-            written = json.loads(args.out.read_text()) if args.out.exists() else {}
-            shared = ("versions", "threads")
-            written.update({k: results[k] for k in shared})
-            written[args.section] = {k: v for k, v in results.items() if k not in shared}
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(written, indent=2) + "\n")
-        os.replace(tmp, args.out)  # after every model: an interrupted run keeps what it measured
+        written = {"versions": info["versions"], "threads": args.threads}
+        if args.section:  # the file's other sections stay
+            written = (json.loads(args.out.read_text()) if args.out.exists() else {}) | written
+        write_json(args.out, written | ({args.section: results} if args.section else results))
     print(f"-> {args.out}")
 
 

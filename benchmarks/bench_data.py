@@ -3,13 +3,12 @@ real-size NSD session (81 x 104 x 83 x 750 int16, written here as a synthetic NI
 beside the naive whole-session load for comparison. Each measurement runs in a fresh subprocess so
 its peak RSS is its own. Results: benchmarks/results/data.json.
 
-    python benchmarks/bench_data.py [--skip-real] [--workdir DIR]
+    python benchmarks/bench_data.py [--skip-real] [--workdir DIR] [--out benchmarks/results/data.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,17 @@ import nibabel as nib
 import numpy as np
 import scipy.io
 
+from brainrecon.benchmarks.common import RESULTS, child, machine
 from brainrecon.data import layout
 from brainrecon.io import write_json
 
-RESULTS = Path(__file__).parent / "results" / "data.json"
 REAL_GRID = (81, 104, 83)
 REAL_TRIALS = 750
 TARGET_PEAK_GB = 1.5
 
 CHILD = """
-import sys, time, numpy as np, nibabel as nib
+import json, sys, time, numpy as np, nibabel as nib
+from brainrecon.benchmarks.common import peak_gb
 t0 = time.perf_counter()
 mode, root, out = sys.argv[1:4]
 if mode == "reader":
@@ -40,20 +40,15 @@ else:  # naive: the whole session through the data proxy, then mask (~2 GB for a
     from brainrecon.data import layout
     mask = np.asarray(nib.load(layout.mask_path(root, 1)).dataobj) > 0
     betas = np.asarray(nib.load(layout.session_path(root, 1, 1)).dataobj)[mask].T / 300.0
-# VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still carries the parent's peak.
-hwm_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(time.perf_counter() - t0, hwm_kb / 2**20)
+print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "peak_rss_gb": peak_gb()}))
 """
 
 
 def run_child(mode: str, root: Path, out: Path) -> dict:
-    res = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(root), str(out)], capture_output=True, text=True
-    )
-    if res.returncode != 0:
-        raise SystemExit(f"{mode} child failed:\n{res.stderr}")
-    seconds, peak_gb = map(float, res.stdout.split())
-    return {"seconds": round(seconds, 2), "peak_rss_gb": round(peak_gb, 3)}
+    result = child(["-c", CHILD, mode, str(root), str(out)])
+    if "error" in result:
+        raise SystemExit(f"{mode} child failed: {result['error']}")
+    return result
 
 
 def write_real_size_session(root: Path, seed: int = 0) -> dict:
@@ -97,14 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-real", action="store_true", help="skip the real-size session (slow to write)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "data.json")
     args = parser.parse_args()
-    results: dict = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": __import__("os").cpu_count(),
-            "platform": platform.platform(),
-        }
-    }
+    results: dict = {"machine": machine()}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -133,9 +123,8 @@ def main() -> None:
                 "meets_target": reader["peak_rss_gb"] < TARGET_PEAK_GB,
             }
             print(f"prepare one real-size session: reader {reader}, naive {naive}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    write_json(RESULTS, results)
-    print(f"wrote {RESULTS}")
+    write_json(args.out, results)
+    print(f"wrote {args.out}")
     if not args.skip_real and not results["prepare_real_session"]["meets_target"]:
         raise SystemExit(f"peak memory {reader['peak_rss_gb']} GB is over the {TARGET_PEAK_GB} GB target")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from brainrecon.benchmarks.common import RESULTS, machine
+from brainrecon.io import write_json
 
 
 def free_ports(n: int) -> list[int]:
@@ -336,7 +336,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--betas", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve")
     parser.add_argument("--clients", default="1,2,4,8", help="concurrency levels")
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     parser.add_argument("--cap-s", type=float, default=120.0, help="time cap per level")
@@ -361,8 +361,7 @@ def main() -> None:
             "title": f"recon-serve, tiny subject with the shipped foundations: {betas.shape[1]} voxels, {os.cpu_count()} CPU cores, "
             f"max batch {args.max_batch_size}, queue delay {args.max_queue_delay_us} us",
             "model_dir": str(args.model_dir),
-            "cpu_cores": os.cpu_count(),
-            "machine": platform.processor() or platform.machine(),
+            "machine": machine(),
             "server_options": extra,
             "requests_per_level": args.requests,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -398,7 +397,7 @@ def main() -> None:
         for mode, server in servers.items():
             results.setdefault("shutdown_s", {})[mode] = round(server.stop(), 2)
     results["setup"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    (args.out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out / "serve_load.json", results)
     plot(results, args.out / "serve_latency.png")
     print(f"wrote {args.out / 'serve_load.json'} and {args.out / 'serve_latency.png'}")
 

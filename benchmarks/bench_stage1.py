@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from brainrecon.benchmarks.common import RESULTS, child, machine
 from brainrecon.io import write_json
 
-RESULTS = Path(__file__).parent / "results" / "stage1_bench.json"
 REAL = {"n": 8859, "v": 15724}
 REAL_OUTPUTS = (13344, 91168)
 
 CHILD = r"""
 import json, sys, time
 import numpy as np
-def hwm_gb():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 2**20
+from brainrecon.benchmarks.common import peak_gb as hwm_gb
 task = json.loads(sys.argv[1])
 rng = np.random.default_rng(0)
 if task["kind"] == "ridge_synthetic":
@@ -60,11 +57,12 @@ elif task["kind"] == "gru_infer":
 """
 
 
-def child(task: dict) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(task)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"benchmark child {task} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def run_child(task: dict) -> dict:
+    """One measurement in a fresh interpreter (its peak memory its own)."""
+    result = child(["-c", CHILD, json.dumps(task)])
+    if "error" in result:
+        raise SystemExit(f"benchmark child {task} failed: {result['error']}")
+    return result
 
 
 def fit_power_law(sizes: list[float], values: list[float]) -> tuple[float, float]:
@@ -79,15 +77,16 @@ def main() -> None:
         "--data", type=Path, default=Path("data/subj01"), help="recon-prepare folder (demo subject)"
     )
     parser.add_argument("--skip-scaling", action="store_true", help="skip the real-size ridge extrapolation")
+    parser.add_argument("--out", type=Path, default=RESULTS / "stage1_bench.json")
     args = parser.parse_args()
-    results: dict = {}
+    results: dict = {"machine": machine()}
 
     # Demo subject: GRU inference at batch 64 and ridge fitting, with the demo's latent sizes (small64, K=13).
     betas = np.load(args.data / "train_betas.npy")
     n, v = betas.shape
     d = 11296  # small64, K=13
-    results["gru_infer_batch64_demo"] = child({"kind": "gru_infer", "v": v, "d": d, "repeats": 20})
-    results["gru_infer_batch64_real_size"] = child(
+    results["gru_infer_batch64_demo"] = run_child({"kind": "gru_infer", "v": v, "d": d, "repeats": 20})
+    results["gru_infer_batch64_real_size"] = run_child(
         {"kind": "gru_infer", "v": REAL["v"], "d": 13344, "repeats": 10}
     )
     print(
@@ -96,7 +95,7 @@ def main() -> None:
     tmp = Path(args.data) / ".bench_latents.npy"
     np.save(tmp, np.random.default_rng(0).standard_normal((n, d), dtype=np.float32))
     try:
-        results["ridge_fit_demo"] = child(
+        results["ridge_fit_demo"] = run_child(
             {"kind": "ridge_demo", "x": str(args.data / "train_betas.npy"), "y": str(tmp)}
         )
     finally:
@@ -110,7 +109,7 @@ def main() -> None:
             rows = []
             for f in fractions:
                 size = {"n": int(REAL["n"] * f), "v": int(REAL["v"] * f), "d": int(d_real * f)}
-                rows.append({"fraction": f, **size, **child({"kind": "ridge_synthetic", **size})})
+                rows.append({"fraction": f, **size, **run_child({"kind": "ridge_synthetic", **size})})
                 print(f"ridge {size}: {rows[-1]['seconds']:.1f} s, peak {rows[-1]['peak_gb']:.2f} GB")
             a_t, b_t = fit_power_law([r["fraction"] for r in rows], [r["seconds"] for r in rows])
             a_m, b_m = fit_power_law([r["fraction"] for r in rows], [r["peak_gb"] for r in rows])
@@ -135,9 +134,8 @@ def main() -> None:
             }
             print(f"real size -> {d_real}: ~{a_t:.0f} s, peak ~{a_m:.1f} GB (analytic {analytic_gb:.1f} GB)")
         results["ridge_real_size_scaling"] = scaling
-    RESULTS.parent.mkdir(exist_ok=True)
-    write_json(RESULTS, results)
-    print(f"wrote {RESULTS}")
+    write_json(args.out, results)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

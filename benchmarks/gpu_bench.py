@@ -1,23 +1,25 @@
 """GPU benchmark of the real-size torch models (at most ~10 minutes on one CUDA GPU): where TensorRT and
-onnxruntime-gpu are missing, torch is what it measures.
+onnxruntime-gpu are missing, torch is what it measures. benchmarks/gpu_run.sh runs it on a lent GPU machine.
 
-    python benchmarks/gpu_bench.py --out benchmarks/results/gpu_bench.json            # on a CUDA machine
+    python benchmarks/gpu_bench.py --out benchmarks/results/gpu/gpu_bench.json         # on a CUDA machine
     python benchmarks/gpu_bench.py --device cpu --tiny --out /tmp/gpu_bench.json      # the plumbing, on a CPU
 
 Measured, with random weights (benchmarks/real_size.py builds the same models; speed does not depend on values):
     unet_step        one call of Versatile Diffusion's dual UNet (64x64x4 latents, 257 + 77 tokens of 768) on the
-                     classifier-free-guidance batch 2B, B = 1 and 8, fp16, in three variants: eager; cuda_graphs
-                     (the eager UNet captured once per shape with torch.cuda.CUDAGraph and replayed); and
-                     torch.compile (mode "reduce-overhead": compiled and CUDA graphs) unless --no-compile
+                     classifier-free-guidance batch 2B, B = --batches, fp16, in these variants: eager; kv_once (the
+                     contexts' cross-attention K/V computed once per context, export/kv_once.py, as the runtime's
+                     unet_context + unet_kv pair does); cuda_graphs (the eager UNet captured once per shape with
+                     torch.cuda.CUDAGraph and replayed); torch.compile (mode "reduce-overhead": compiled and CUDA
+                     graphs) unless --no-compile; with each variant's peak GPU memory
     guided_loop      Brain-Diffuser's stage-2 loop (train/stage2/img2img.py `denoise`: DDIM, strength 0.75,
                      guidance 7.5) for each schedule length of --steps-of (50 -> the paper's 37 steps; 20 -> 15,
-                     14 -> 10), B = 1 and 8, each variant
-    vdvae_decoder    the imagenet64 VDVAE decoder at K = 15 (train/foundations/vdvae.py VDVAEDecoder), B = 1 and 8, fp32
-                     and fp16
-    vae_decoder      Stable Diffusion's AutoencoderKL decoder (64x64x4 latents -> 512 px), B = 1 and 8, fp16
+                     14 -> 10), each variant
+    vdvae_decoder    the imagenet64 VDVAE decoder at K = 15 (train/foundations/vdvae.py VDVAEDecoder), fp32 and fp16
+    vae_decoder      Stable Diffusion's AutoencoderKL decoder (64x64x4 latents -> 512 px), fp16
 Each figure is the median of timed runs after warm-up, with torch.cuda.synchronize() around each; the results file
-records the card, driver, torch/CUDA versions and which of TensorRT / onnxruntime-gpu were importable.
-`--tiny` swaps in the tiny configs (seconds on a CPU) so the script's own plumbing is tested without a GPU.
+records the card, driver, torch/CUDA versions and which of TensorRT / onnxruntime-gpu were importable. `--size demo`
+times the shipped demo-size UNet instead (8x8x4 latents, 65 + 77 tokens of 128); `--tiny` swaps in the tiny configs
+(seconds on a CPU) so the script's own plumbing is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -25,103 +27,73 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import platform
-import statistics
 import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from brainrecon.benchmarks.common import machine, timed
+from brainrecon.benchmarks.real_size import make_distinct, vd_unet_config, vd_vae_config
 
 
-def _sync(device: Any) -> None:
+def gpu_machine(device: Any) -> dict[str, Any]:
+    """`common.machine` plus the device, torch/CUDA, the card and driver, and TensorRT / onnxruntime-gpu presence."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: Any, warmup: int, repeats: int, budget_s: float) -> dict[str, Any]:
-    """Median seconds of `fn` over up to `repeats` runs (fewer when `budget_s` runs out), after `warmup` runs."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    times: list[float] = []
-    while len(times) < repeats and (not times or sum(times) < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return {"median_s": round(statistics.median(times), 5), "runs": len(times), "warmup_s": round(first, 3)}
-
-
-def machine(device: Any) -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {
+    info: dict[str, Any] = machine() | {
         "device": str(device),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "tensorrt_importable": importlib.util.find_spec("tensorrt") is not None,
-        "onnxruntime_gpu": False,
     }
+    info["tensorrt_importable"] = importlib.util.find_spec("tensorrt") is not None
+    info["onnxruntime_gpu"] = False
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
 
         info["onnxruntime_gpu"] = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["capability"] = list(torch.cuda.get_device_capability(device))
-        info["memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+        props = torch.cuda.get_device_properties(device)
+        info |= {"gpu": props.name, "capability": [props.major, props.minor]}
+        info["memory_gb"] = round(props.total_memory / 2**30, 1)
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
         try:
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            ).stdout.strip()
+            info["driver"] = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info["driver"] = "unknown (nvidia-smi not runnable)"
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
     return info
 
 
-def build_unet(tiny: bool, device: Any, dtype: Any):
-    from real_size import make_distinct, vd_unet_config
-
-    from brainrecon.train.foundations.dual_unet import DualUNetConfig, build_dual_unet, set_mix_ratio
-
-    config = DualUNetConfig.tiny() if tiny else vd_unet_config()
-    unet = build_dual_unet(config).eval()
-    make_distinct(unet, 0)
-    set_mix_ratio(unet, config.mix_ratio)
-    return unet.to(device, dtype).requires_grad_(False), config
-
-
-def unet_call(model: Any, latents: Any, t: Any, context: Any) -> None:
+def gpu_timed(fn: Any, device: Any, args: argparse.Namespace, repeats: int | None = None) -> dict[str, Any]:
+    """common.timed with the device synchronised after every call."""
     import torch
 
-    with torch.no_grad():
-        model(latents, t, encoder_hidden_states=context)
+    def call() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return timed(call, repeats or args.repeats, args.budget_s, warmup=args.warmup)
 
 
-def guided_loop(model: Any, latents: Any, cond: Any, uncond: Any, sampling: Any) -> None:
-    """train/stage2/img2img.py `denoise`: add noise at the strength's first step, then the guided DDIM steps."""
-    import torch
+class KVOnceUNet:
+    """The UNet with the cross-attention K/V of a context computed once per context tensor (export/kv_once.py), as
+    the runtime's unet_context + unet_kv pair: `denoise` passes the same context at every step."""
 
-    from brainrecon.train.stage2.img2img import denoise, vd_scheduler
+    def __init__(self, unet: Any):
+        self.unet, self.context, self.kv = unet, None, None
 
-    with torch.no_grad():
-        denoise(model, vd_scheduler(), latents, cond, uncond, sampling, noise=torch.zeros_like(latents))
+    def __call__(self, latents: Any, t: Any, encoder_hidden_states: Any) -> Any:
+        from brainrecon.export.kv_once import context_kv, kv_cross_attention_kwargs
+
+        if encoder_hidden_states is not self.context:
+            self.context = encoder_hidden_states
+            self.kv = kv_cross_attention_kwargs(context_kv(self.unet, encoder_hidden_states))
+        return self.unet(latents, t, encoder_hidden_states=None, cross_attention_kwargs=self.kv)
+
+    def parameters(self) -> Any:
+        return self.unet.parameters()
 
 
 class GraphedUNet:
@@ -140,11 +112,8 @@ class GraphedUNet:
 
         key = (tuple(latents.shape), tuple(encoder_hidden_states.shape))
         if key not in self.graphs:
-            static = {
-                "latents": latents.clone(),
-                "t": torch.zeros(latents.shape[0], device=latents.device),
-                "context": encoder_hidden_states.clone(),
-            }
+            static = {"latents": latents.clone(), "context": encoder_hidden_states.clone()}
+            static["t"] = torch.zeros(latents.shape[0], device=latents.device)
             static["t"].copy_(torch.as_tensor(t, dtype=torch.float32).expand(latents.shape[0]))
 
             def call() -> Any:
@@ -169,11 +138,12 @@ class GraphedUNet:
         graph.replay()
         return types.SimpleNamespace(sample=out.clone())
 
-    def parameters(self) -> Any:  # denoise reads the dtype and device from the model
+    def parameters(self) -> Any:
         return self.unet.parameters()
 
 
 def unet_variants(unet: Any, args: argparse.Namespace, device: Any) -> list[tuple[str, Any]]:
+    """The UNet variants; kv_once last, since its K/V form rewrites the dual blocks in place (same weights)."""
     import torch
 
     variants: list[tuple[str, Any]] = [("eager", unet)]
@@ -182,20 +152,26 @@ def unet_variants(unet: Any, args: argparse.Namespace, device: Any) -> list[tupl
     if args.compile:
         mode = "reduce-overhead" if device.type == "cuda" else "default"  # reduce-overhead = CUDA graphs
         variants.append((f"compile:{mode}", torch.compile(unet, mode=mode, dynamic=False)))
-    return variants
+    return [*variants, ("kv_once", KVOnceUNet(unet))]
 
 
 def bench_unet(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> None:
     import torch
 
     from brainrecon.sampling import SamplingConfig
+    from brainrecon.train.foundations.dual_unet import DualUNetConfig, build_dual_unet, set_mix_ratio
+    from brainrecon.train.stage2.img2img import denoise, vd_scheduler
 
-    dtype = (
-        torch.float16 if device.type == "cuda" else torch.float32
-    )  # CPU fp16 convolutions are slow or missing
-    unet, config = build_unet(args.tiny, device, dtype)
-    out["unet_parameters"] = sum(p.numel() for p in unet.parameters())
-    out["unet_dtype"] = str(dtype).removeprefix("torch.")
+    # CPU fp16 convolutions are slow or missing
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # the shipped demo UNet: 8x8x4 latents (64 px), 65 vision + 77 text tokens of 128
+    demo = functools.partial(DualUNetConfig, sample_size=8, vision_tokens=65, cross_attention_dim=128)
+    config = {"tiny": DualUNetConfig.tiny, "demo": demo}.get(args.size, vd_unet_config)()
+    unet = build_dual_unet(config).eval()
+    make_distinct(unet, 0)
+    set_mix_ratio(unet, config.mix_ratio)
+    unet = unet.to(device, dtype).requires_grad_(False)
+    out |= {"unet_parameters": sum(p.numel() for p in unet.parameters()), "unet_dtype": str(dtype)[6:]}
     side, tokens = config.sample_size, config.context_tokens
     for batch in args.batches:
         gen = torch.Generator().manual_seed(batch)
@@ -203,22 +179,32 @@ def bench_unet(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> No
         cond = torch.randn(batch, tokens, config.cross_attention_dim, generator=gen).to(device, dtype) * 0.036
         uncond = torch.randn(1, tokens, config.cross_attention_dim, generator=gen).to(device, dtype) * 0.036
         pair = torch.cat([uncond.expand(batch, -1, -1), cond])  # (2B, Nv + Nt, D): the guidance layout
-        t = torch.full((2 * batch,), 981.0, device=device)
+        pair_latents, t = torch.cat([latents, latents]), torch.full((2 * batch,), 981.0, device=device)
         for name, model in unet_variants(unet, args, device):
             key = f"b{batch}/{name}"
-            pair_latents = torch.cat([latents, latents])  # (2B, C, h, w)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             try:
-                step = functools.partial(unet_call, model, pair_latents, t, pair)
-                out["unet_step"][key] = timed(step, device, args.warmup, args.repeats, args.budget_s)
-                out["guided_loop"][key] = {}
-                for steps_of in args.steps_of:
-                    sampling = SamplingConfig(num_inference_steps=steps_of)
-                    loop = functools.partial(guided_loop, model, latents, cond, uncond, sampling)
-                    steps = int(sampling.num_inference_steps * sampling.strength)
-                    timing = timed(loop, device, 1, max(1, args.repeats // 3), args.budget_s)
-                    out["guided_loop"][key][str(steps)] = timing
+                with torch.no_grad():
+                    step = functools.partial(model, pair_latents, t, encoder_hidden_states=pair)
+                    out["unet_step"][key] = gpu_timed(step, device, args)
+                    out["guided_loop"][key] = {}
+                    for steps_of in args.steps_of:
+                        sampling = SamplingConfig(num_inference_steps=steps_of)
+                        noise = torch.zeros_like(latents)
+                        loop = functools.partial(
+                            denoise, model, vd_scheduler(), latents, cond, uncond, sampling, noise
+                        )
+                        steps = int(sampling.num_inference_steps * sampling.strength)
+                        out["guided_loop"][key][str(steps)] = gpu_timed(
+                            loop, device, args, max(1, args.repeats // 3)
+                        )
             except Exception as e:  # a variant this torch or GPU cannot run: record it, measure the rest
                 out["unet_step"][key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            if device.type == "cuda":
+                out["unet_step"][key]["peak_gpu_gb"] = round(
+                    torch.cuda.max_memory_allocated(device) / 2**30, 2
+                )
             print(
                 f"[gpu-bench] unet {key}: step {out['unet_step'][key]}, loop {out['guided_loop'].get(key)}",
                 flush=True,
@@ -228,78 +214,65 @@ def bench_unet(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> No
         torch.cuda.empty_cache()
 
 
-def bench_vae(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> None:
-    """Stable Diffusion's VAE decoder (the last step of every stage-2 image), fp16 on a GPU."""
+def bench_decoders(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> None:
+    """The imagenet64 VDVAE decoder at K = 15 (fp32, and fp16 on a GPU: non-finite images are an error, fp16
+    overflow) and Stable Diffusion's VAE decoder (fp16 on a GPU), per batch."""
     import torch
     from diffusers import AutoencoderKL
-    from real_size import make_distinct, vd_vae_config
-
-    config = vd_vae_config()
-    if args.tiny:
-        config = {**config, "block_out_channels": (8, 8, 16, 16), "norm_num_groups": 4, "sample_size": 32}
-    vae = AutoencoderKL(**config).eval()
-    make_distinct(vae, 0)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    vae = vae.to(device, dtype).requires_grad_(False)
-    side = config["sample_size"] // 8
-    for batch in args.batches:
-        latents = torch.randn(batch, 4, side, side, generator=torch.Generator().manual_seed(batch)).to(
-            device, dtype
-        )
-
-        def run(latents=latents) -> None:
-            with torch.no_grad():
-                vae.decode(latents)
-
-        key = f"b{batch}/{str(dtype).removeprefix('torch.')}"
-        out["vae_decoder"][key] = timed(run, device, args.warmup, args.repeats, args.budget_s)
-        print(f"[gpu-bench] vae_decoder {key}: {out['vae_decoder'][key]}", flush=True)
-
-
-def bench_vdvae(args: argparse.Namespace, device: Any, out: dict[str, Any]) -> None:
-    import torch
-    from real_size import make_distinct
 
     from brainrecon.train.foundations.vdvae import VDVAE, VDVAEDecoder, vdvae_config
 
-    config = vdvae_config("small64" if args.tiny else "imagenet64")
-    vdvae = VDVAE(config).eval()
-    make_distinct(vdvae, 0)
-    layers = 5 if args.tiny else 15
-    dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
-    for dtype in dtypes:
-        decoder = VDVAEDecoder(vdvae, layers).eval().to(device, dtype).requires_grad_(False)
+    tiny = args.size == "tiny"
+    half = [torch.float16] if device.type == "cuda" else []
+    models = []
+    if "vdvae" in args.only:
+        vdvae = VDVAE(vdvae_config("small64" if tiny else "imagenet64")).eval()
+        make_distinct(vdvae, 0)
+        decoder = VDVAEDecoder(vdvae, 5 if tiny else 15).eval()
+        models += [
+            ("vdvae_decoder", decoder, (decoder.latent_dims,), dtype) for dtype in [torch.float32, *half]
+        ]
+    if "vae" in args.only:
+        config = vd_vae_config() | (
+            {"block_out_channels": (8, 8, 16, 16), "norm_num_groups": 4, "sample_size": 32} if tiny else {}
+        )
+        vae = AutoencoderKL(**config).eval()
+        make_distinct(vae, 0)
+        side = config["sample_size"] // 8
+        models += [("vae_decoder", vae, (4, side, side), (half or [torch.float32])[0])]
+    for name, module, shape, dtype in models:
+        module = module.to(device, dtype).requires_grad_(False)
         for batch in args.batches:
-            latents = torch.randn(batch, decoder.latent_dims, generator=torch.Generator().manual_seed(batch))
-            latents = latents.to(device, dtype)
+            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch)).to(device, dtype)
 
-            def run(decoder=decoder, latents=latents, dtype=dtype) -> None:
+            def run(module: Any = module, x: Any = x, name: str = name, dtype: Any = dtype) -> None:
                 with torch.no_grad():
-                    images = decoder(latents)
+                    images = module(x) if name == "vdvae_decoder" else module.decode(x).sample
                 if not torch.isfinite(images).all():
-                    raise FloatingPointError(f"vdvae_decoder {dtype}: non-finite images (fp16 overflow)")
+                    raise FloatingPointError(f"{name} {dtype}: non-finite images (fp16 overflow)")
 
-            key = f"b{batch}/{str(dtype).removeprefix('torch.')}"
+            key = f"b{batch}/{str(dtype)[6:]}"
             try:
-                out["vdvae_decoder"][key] = timed(run, device, args.warmup, args.repeats, args.budget_s)
+                out[name][key] = gpu_timed(run, device, args)
             except FloatingPointError as e:
-                out["vdvae_decoder"][key] = {"error": str(e)}
-            print(f"[gpu-bench] vdvae_decoder {key}: {out['vdvae_decoder'][key]}", flush=True)
+                out[name][key] = {"error": str(e)}
+            print(f"[gpu-bench] {name} {key}: {out[name][key]}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gpu_bench.json")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu/gpu_bench.json"))
     p.add_argument(
         "--device", default="cuda", help="cuda (the benchmark) or cpu (plumbing checks with --tiny)"
     )
-    p.add_argument("--tiny", action="store_true", help="tiny configs: seconds on a CPU")
-    p.add_argument("--batches", default="1,8", help="images per call (the UNet runs 2x rows: the CFG pair)")
     p.add_argument(
-        "--steps-of",
-        default="50,20,14",
-        help="DDIM schedule lengths, comma-separated (strength 0.75 runs 3/4)",
+        "--size", default="real", choices=("real", "demo", "tiny"), help="model sizes (demo: the UNet)"
     )
+    p.add_argument(
+        "--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny: seconds on a CPU"
+    )
+    p.add_argument("--batches", default="1,8", help="images per call (the UNet runs 2x rows: the CFG pair)")
+    p.add_argument("--steps-of", default="50,20,14", help="DDIM schedule lengths (strength 0.75 runs 3/4)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
@@ -310,29 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.steps_of = [int(n) for n in args.steps_of.split(",")]
+    args.only = set(args.only.split(","))
 
     from brainrecon.io import write_json
     from brainrecon.train.device import resolve_device
 
     device = resolve_device(args.device)  # a missing GPU is a one-line DeviceError
-    if device.type == "cpu" and not args.tiny:
+    if device.type == "cpu" and args.size != "tiny":
         print("note: --device cpu without --tiny runs the real-size models on the CPU (tens of minutes)")
     t_start = time.perf_counter()
-    out: dict[str, Any] = {
-        "machine": machine(device),
-        "tiny": args.tiny,
-        "unet_step": {},
-        "guided_loop": {},
-        "vdvae_decoder": {},
-        "vae_decoder": {},
-    }
-    only = set(args.only.split(","))
-    if "unet" in only:
+    out: dict[str, Any] = {"machine": gpu_machine(device), "size": args.size, "tiny": args.size == "tiny"}
+    out |= {"unet_step": {}, "guided_loop": {}, "vdvae_decoder": {}, "vae_decoder": {}}
+    if "unet" in args.only:
         bench_unet(args, device, out)
-    if "vdvae" in only:
-        bench_vdvae(args, device, out)
-    if "vae" in only:
-        bench_vae(args, device, out)
+    bench_decoders(args, device, out)
     if device.type == "cuda":
         import torch
 

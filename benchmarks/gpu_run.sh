@@ -2,8 +2,8 @@
 # The GPU benchmark as run on a lent GPU machine that has CUDA torch but none of this package's other dependencies
 # and no network: diffusers and its dependencies are installed from a folder of wheels (WHEELS, made beforehand
 # with `pip download diffusers safetensors --only-binary=:all: --python-version 3.X ... -d gpu_wheels`), the package
-# is put on the import path without installing it, then benchmarks/gpu_bench.py runs twice: eager + CUDA graphs at
-# batch 1 and 8, then torch.compile at batch 1 (compiling a 1.13 B UNet takes minutes; its own time limit).
+# is put on the import path without installing it, then benchmarks/gpu_bench.py runs twice: eager, K/V once and CUDA
+# graphs at batch 1 and 8, then with torch.compile at batch 1 (compiling a 1.13 B UNet takes minutes; its own limit).
 #     OUT=benchmarks/results/gpu bash benchmarks/gpu_run.sh
 # BENCH_ARGS="--device cpu --tiny" checks the plumbing on a CPU (with WHEELS= to skip the install).
 set -uo pipefail

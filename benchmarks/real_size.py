@@ -1,87 +1,76 @@
-"""The real-size model set with random weights: every exported model at the size users bring, exported (fp32, fp16)
-with parity at the contract's tolerances, loaded by the runtime's ONNX Runtime backend and timed on the CPU.
+"""The real-size model set with random weights: every exported model at the size users bring, exported by the
+export's own routine (fp32, fp16, checked, validated at the contract's tolerances), loaded by the runtime's ONNX
+Runtime backend and timed on the CPU.
 
-    python benchmarks/real_size.py --out benchmarks/results/real_size.json [--only unet,vae_decoder] [--keep DIR]
+    python benchmarks/real_size.py [--only unet,vae_decoder] [--keep] [--steps load]   # → results/real_size.json
+    python benchmarks/real_size.py --table                       # the docs' table of --out
+    python benchmarks/real_size.py --model-dir engines/real-size-model   # a recon-infer folder of --keep's files
+    python benchmarks/real_size.py --curve 1,2,4 --pipelines torch,torch_bf16,ort_fp32,openvino_bf16 --repeats 2
+    python benchmarks/real_size.py --kv-step                     # → results/real_size_unet_kv_step.json
 
 Latency and memory do not depend on the weights' values, so random weights measure what real ones would cost; they
 are made as distinct as real ones (no zero or constant tensors, the dual UNet's text blocks differ from its image
-blocks) so that nothing is folded or deduplicated into smaller files than real weights give.
+blocks) so that nothing is folded or deduplicated into smaller files than real weights give. Sizes from
+Brain-Diffuser (ozcelikfu/brain-diffuser) and the seed paper's GRU (LorenzoVeronese/GRU-Decoding_JNE): ridge_k15 /
+ridge_k31 (15,724 voxels → 13,344 / 91,168 VDVAE latents), gru (12,400,344 parameters), vdvae_decoder_k15 / _k31
+(openai/vdvae imagenet64), clip_text / clip_vision (reduced-rank ridges, rank 256: 77 / 257 tokens of 768),
+vae_encoder / vae_decoder (Stable Diffusion's AutoencoderKL at 512 px), unet (Versatile Diffusion's dual UNet).
 
-Models (sizes from Brain-Diffuser, ozcelikfu/brain-diffuser, and the seed paper's GRU, LorenzoVeronese/GRU-Decoding_JNE):
-    ridge_k15 / ridge_k31         15,724 voxels → 13,344 / 91,168 VDVAE latents (K = 15 / 31 layers)
-    gru                           the bi-GRU mapper, 15,724 → 13,344 (12,400,344 parameters)
-    vdvae_decoder_k15 / _k31      openai/vdvae imagenet64 decoder (125 M with its encoder; the decoder part exported)
-    clip_text / clip_vision       reduced-rank CLIP ridges at rank 256: 77 × 768 and 257 × 768 tokens
-    vae_encoder / vae_decoder     Stable Diffusion's AutoencoderKL as Versatile Diffusion uses it: 512 px ↔ 64×64×4
-    unet                          Versatile Diffusion's dual-guided UNet: 64×64×4 latents, 257 + 77 tokens of 768
-
-Every step runs in its own subprocess, so each peak memory (VmHWM of /proc/self/status) is that step's alone:
-    export     build the model (seeded random weights), export fp32 (TorchScript exporter or the ONNX graph builder),
-               then compute the torch/numpy reference outputs of the validation inputs (cached for both precisions)
-    fp16       ORT's float16 tool (export/fp16.py) with the fp16 fallbacks of onnx_export.export_fp16 (layers that
-               overflow kept fp32), or the graph builder at fp16
-    validate   ONNX checker, TensorRT operator check, validate_onnx against the cached reference
-    load       the runtime's OrtBackend opens the file (load peak), then ORT CPU latency at batch 1 and batch 2
-               (the UNet's classifier-free-guidance pair)
-Results are written atomically after every model, so an interrupted run keeps what it measured.
+Each step runs in its own interpreter, so that its peak memory (VmHWM) is its own:
+    export   build the model, then export/onnx_export.py `stage_contract` (what recon-export runs per model) into
+             --work/<model>/: fp32, fp16, ONNX checker, TensorRT operator table, parity; its `on_step` hook gives
+             each step's seconds and peak memory (reset between steps)
+    load     the runtime's OrtBackend opens one file (load peak), then ORT CPU latency at batch 1 and 2 (the UNet's
+             classifier-free-guidance pair)
+    time     one --curve pipeline on --model: torch (eager, bf16 autocast, torch.compile + bf16) on the module, or
+             the runtime's ONNX Runtime / OpenVINO bf16 backend on the kept fp32 file, over the batch sizes
+Results are written after every step, so an interrupted run keeps what it measured. --kv-step times the K/V-once UNet
+step (`unet_kv`, exported by the same routine) against the kept plain `unet` on one guided step of one image.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import os
-import platform
-import subprocess
+import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from brainrecon.benchmarks.common import ROOT, child, machine, peak_gb, reset_peak, timed
+from brainrecon.choices import FILE_PRECISIONS as PRECISIONS
+
 N_VOXELS = 15724  # NSD subj01 nsdgeneral
-CLIP_RANK = 256
-CLIP_DIM = 768
-TEXT_TOKENS, VISION_TOKENS = 77, 257
-IMAGE_SIZE = 512
-LATENT_SIZE = 64
-VAE_SCALE = 0.18215  # Stable Diffusion / Versatile Diffusion VAE scale factor
-MIX_RATIO = 0.6
-MODELS = (
-    "gru",
-    "ridge_k15",
-    "vdvae_decoder_k15",
-    "vdvae_decoder_k31",
-    "clip_text",
-    "clip_vision",
-    "vae_encoder",
-    "vae_decoder",
-    "unet",
-    "ridge_k31",
-)
+CLIP_RANK, CLIP_DIM, TEXT_TOKENS, VISION_TOKENS = 256, 768, 77, 257
+IMAGE_SIZE, LATENT_SIZE, VAE_SCALE, MIX_RATIO = 512, 64, 0.18215, 0.6  # Versatile Diffusion's VAE and mix
+STEPS_PER_IMAGE = 37  # Versatile Diffusion's guided steps at strength 0.75 of 50 (Brain-Diffuser)
+MODELS = ("gru", "ridge_k15", "vdvae_decoder_k15", "vdvae_decoder_k31", "clip_text", "clip_vision")
+MODELS += ("vae_encoder", "vae_decoder", "unet", "ridge_k31")
+STEPS = ("export", "load")
+PIPELINES = ("torch", "torch_bf16", "torch_compile_bf16", "ort_fp32", "openvino_bf16")
 # The image models and the UNet are validated at batch 1 and at the CFG pair (batch 2) only: a batch-5 torch
 # reference of the real-size UNet takes minutes on 2 cores and adds no coverage of the dynamic batch axis.
-VALIDATE_BATCHES = {"vae_encoder": (1, 2), "vae_decoder": (1, 2), "unet": (1, 2)}
+VALIDATE_BATCHES = {"vae_encoder": (1, 2), "vae_decoder": (1, 2), "unet": (1, 2), "unet_kv": (1, 2)}
+# The kept files a real-size model folder is assembled from: GRU stage 1 at K = 15 and the whole stage 2.
+FOLDER_MODELS = ("gru", "vdvae_decoder_k15", "clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")
 
 
 def vd_vae_config() -> dict[str, Any]:
     """Stable Diffusion's AutoencoderKL (Versatile Diffusion's `vae/config.json`): 83,653,863 parameters."""
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "block_out_channels": (128, 256, 512, 512),
-        "layers_per_block": 2,
-        "latent_channels": 4,
-        "norm_num_groups": 32,
-        "sample_size": IMAGE_SIZE,
-    }
+    blocks = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
+    channels = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": IMAGE_SIZE}
+    return (
+        blocks
+        | channels
+        | {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
+    )
 
 
 def vd_unet_config():
@@ -89,35 +78,11 @@ def vd_unet_config():
     from brainrecon.train.foundations.dual_unet import DualUNetConfig
 
     return DualUNetConfig(
-        sample_size=LATENT_SIZE,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=CLIP_DIM,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        text_tokens=TEXT_TOKENS,
-        vision_tokens=VISION_TOKENS,
-        mix_ratio=MIX_RATIO,
-    )
-
-
-# ----------------------------------------------------------------------------------------- models
-
-
-@dataclass
-class Built:
-    """One real-size model: what onnx_export.ExportSource needs, plus its parameter count."""
-
-    contract: Any
-    parameters: int
-    module: Any = None  # torch module (TorchScript exporter)
-    build: Any = None  # (path, precision, external) -> None (ONNX graph builder)
-    reference: Any = None  # inputs -> outputs
-    stats: dict | None = None
-    pools: dict | None = None
-    weight_bytes: int = 0
+        sample_size=LATENT_SIZE, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), attention_head_dim=8,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=CLIP_DIM,
+        text_tokens=TEXT_TOKENS, vision_tokens=VISION_TOKENS, mix_ratio=MIX_RATIO,
+    )  # fmt: skip
 
 
 def make_distinct(module: Any, seed: int, relative: float = 0.0) -> None:
@@ -135,709 +100,630 @@ def make_distinct(module: Any, seed: int, relative: float = 0.0) -> None:
                 p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
 
 
-def context_pool(seed: int, n: int = 8) -> np.ndarray:
+def real_size_unet(seed: int = 0) -> Any:
+    """The dual UNet at Versatile Diffusion's size (1,126,760,324 parameters), distinct weights, mix ratio set."""
+    from diffusers.models.transformers.dual_transformer_2d import DualTransformer2DModel
+
+    from brainrecon.train.foundations.dual_unet import TEXT_TRANSFORMER, build_dual_unet, set_mix_ratio
+
+    unet = build_dual_unet(vd_unet_config()).eval()
+    make_distinct(unet, seed)
+    # build_dual_unet copies each image block as the text block when no text-UNet state is given: real text
+    # blocks are different weights (Versatile Diffusion's text_unet), so perturb every copy.
+    for k, block in enumerate(m for m in unet.modules() if isinstance(m, DualTransformer2DModel)):
+        make_distinct(block.transformers[TEXT_TRANSFORMER], seed + 1 + k, relative=0.1)
+    set_mix_ratio(unet, MIX_RATIO)
+    return unet.requires_grad_(False)
+
+
+def context_pool(seed: int = 0, n: int = 8) -> np.ndarray:
     """(n, 257 + 77, 768): row 0 the unconditional context, then predicted ones; tokens of about unit norm, as
     Versatile Diffusion's CLIP features (divided by the CLS / pooled token's norm)."""
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, VISION_TOKENS + TEXT_TOKENS, CLIP_DIM)) / np.sqrt(CLIP_DIM)).astype(
-        np.float32
-    )
+    pool = np.random.default_rng(seed).standard_normal((n, VISION_TOKENS + TEXT_TOKENS, CLIP_DIM))
+    return (pool / np.sqrt(CLIP_DIM)).astype(np.float32)
 
 
-def exported_parameters(module: Any) -> list[Any]:
-    """The parameters the exported graph holds: the VAE graphs wrap the whole AutoencoderKL but use one half."""
-    vae = getattr(module, "vae", None)
-    if vae is not None and type(module).__name__ == "VAEDecoderGraph":
-        return [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    if vae is not None and type(module).__name__ == "VAEEncoderGraph":
-        return [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
-    return list(module.parameters())
+# ----------------------------------------------------------------------------------------- models
 
 
-def build_model(name: str, seed: int = 0) -> Built:
-    """The real-size model `name` with seeded random weights."""
+def contract(name: str) -> Any:
+    """The export contract of real-size model `name` (no weights needed), its validation batches as above."""
     from brainrecon.export import contracts as C
+    from brainrecon.train.foundations.vdvae import latent_dims, vdvae_config
 
+    k = int(name.rpartition("_k")[2]) if "_k" in name else 15
+    dims = latent_dims(vdvae_config("imagenet64"), k)
+    tokens = TEXT_TOKENS if name == "clip_text" else VISION_TOKENS
+    contracts = {
+        "ridge": lambda: C.ridge_contract(N_VOXELS, dims),
+        "clip": lambda: C.clip_ridge_contract(name.removeprefix("clip_"), N_VOXELS, tokens, CLIP_DIM),
+        "gru": lambda: C.gru_contract(N_VOXELS, dims),
+        "vdvae": lambda: C.vdvae_decoder_contract(dims, 64),
+        "vae_encoder": lambda: C.vae_encoder_contract(IMAGE_SIZE, 4, LATENT_SIZE, VAE_SCALE),
+        "vae_decoder": lambda: C.vae_decoder_contract(IMAGE_SIZE, 4, LATENT_SIZE, VAE_SCALE),
+        "unet": lambda: C.unet_contract(
+            4, LATENT_SIZE, VISION_TOKENS, TEXT_TOKENS, CLIP_DIM, MIX_RATIO, IMAGE_SIZE
+        ),
+    }
+    if name not in MODELS:
+        raise SystemExit(f"error: model: expected one of {', '.join(MODELS)}, found {name!r}")
+    c = contracts[name if name in contracts else name.split("_")[0]]()
+    return dataclasses.replace(c, validate_batches=VALIDATE_BATCHES.get(name, c.validate_batches))
+
+
+def pools(name: str) -> dict[str, np.ndarray] | None:
+    """The rows the UNet's contexts are drawn from (contracts.INPUT_DRAWS "contexts")."""
+    return {"encoder_hidden_states": context_pool()} if name == "unet" else None
+
+
+def source(name: str, seed: int = 0) -> tuple[Any, int]:
+    """(ExportSource, parameter count) of model `name` with seeded random weights, made as export/stage1.py and
+    export/stage2.py make theirs: an ONNX graph builder with a numpy reference, or a torch module (the export's
+    graph wrappers) that is its own reference."""
+    from brainrecon.export.onnx_export import ExportSource, torch_reference
+
+    c, rng = contract(name), np.random.default_rng(seed)
     if name.startswith("ridge_k"):
         from brainrecon.export.stage1 import build_ridge_onnx
-        from brainrecon.train.foundations.vdvae import latent_dims, vdvae_config
 
-        dims = latent_dims(vdvae_config("imagenet64"), int(name.removeprefix("ridge_k")))
-        rng = np.random.default_rng(seed)
         # ridge at alpha 5e4: small weights (fp16 needs the builder's column scaling), a per-latent intercept
-        coef = rng.standard_normal((N_VOXELS, dims), dtype=np.float32)
+        coef = rng.standard_normal((N_VOXELS, c.outputs[0].shape[1]), dtype=np.float32)
         coef *= np.float32(1e-3)
-        intercept = rng.standard_normal(dims, dtype=np.float32)
-        contract = C.ridge_contract(N_VOXELS, dims)
+        b = rng.standard_normal(coef.shape[1], dtype=np.float32)
 
         def build(path: Path, precision: str, external: bool) -> None:
-            build_ridge_onnx(coef, intercept, path, precision, contract.opset, external)
+            build_ridge_onnx(coef, b, path, precision, c.opset, external)
 
-        return Built(
-            contract,
-            coef.size + intercept.size,
-            build=build,
-            reference=lambda x: {"vdvae_latents": x["betas"] @ coef + intercept},
-            weight_bytes=coef.nbytes + intercept.nbytes,
-        )
+        reference = lambda x: {"vdvae_latents": x["betas"] @ coef + b}  # noqa: E731
+        return ExportSource(
+            c, reference, build=build, weight_bytes=coef.nbytes + b.nbytes
+        ), coef.size + b.size
     if name.startswith("clip_"):
         from brainrecon.export.stage2 import build_clip_ridge_onnx
 
-        tokens = TEXT_TOKENS if name == "clip_text" else VISION_TOKENS
-        rng = np.random.default_rng(seed)
+        t, d = c.outputs[0].shape[1:]
         A = (rng.standard_normal((N_VOXELS, CLIP_RANK), dtype=np.float32) / np.sqrt(N_VOXELS)).astype(
             np.float32
         )
-        B = (
-            rng.standard_normal((CLIP_RANK, tokens * CLIP_DIM), dtype=np.float32) * 0.05 / np.sqrt(CLIP_RANK)
-        ).astype(np.float32)
-        intercept = (rng.standard_normal(tokens * CLIP_DIM, dtype=np.float32) / np.sqrt(CLIP_DIM)).astype(
+        B = (rng.standard_normal((CLIP_RANK, t * d), dtype=np.float32) * 0.05 / np.sqrt(CLIP_RANK)).astype(
             np.float32
         )
-        contract = C.clip_ridge_contract(name.removeprefix("clip_"), N_VOXELS, tokens, CLIP_DIM)
+        b = (rng.standard_normal(t * d, dtype=np.float32) / np.sqrt(d)).astype(np.float32)
 
         def build(path: Path, precision: str, external: bool) -> None:
-            build_clip_ridge_onnx(
-                A, B, intercept, tokens, CLIP_DIM, name, path, precision, contract.opset, external
-            )
+            build_clip_ridge_onnx(A, B, b, t, d, name, path, precision, c.opset, external)
 
-        def reference(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            flat = (x["betas"] @ A) @ B + intercept  # (B, T·D)
-            return {name: flat.reshape(len(flat), tokens, CLIP_DIM)}
-
-        return Built(
-            contract,
-            A.size + B.size + intercept.size,
-            build=build,
-            reference=reference,
-            weight_bytes=A.nbytes + B.nbytes + intercept.nbytes,
-        )
+        reference = lambda x: {name: ((x["betas"] @ A) @ B + b).reshape(-1, t, d)}  # noqa: E731
+        size = A.size + B.size + b.size
+        return ExportSource(c, reference, build=build, weight_bytes=4 * size), size
 
     import torch
 
-    from brainrecon.export.onnx_export import torch_reference
-
     torch.manual_seed(seed)
     if name == "gru":
-        from brainrecon.train.foundations.vdvae import latent_dims, vdvae_config
         from brainrecon.train.stage1.gru import GRUMapper, GRUMapperConfig
 
-        dims = latent_dims(vdvae_config("imagenet64"), 15)
-        module = GRUMapper(GRUMapperConfig(n_voxels=N_VOXELS, n_outputs=dims)).eval()
+        module = exported = GRUMapper(GRUMapperConfig(n_voxels=N_VOXELS, n_outputs=c.outputs[0].shape[1]))
         make_distinct(module, seed)
-        contract = C.gru_contract(N_VOXELS, dims)
     elif name.startswith("vdvae_decoder_k"):
         from brainrecon.train.foundations.vdvae import VDVAE, VDVAEDecoder, vdvae_config
 
-        config = vdvae_config("imagenet64")
-        vdvae = VDVAE(config).eval()
+        vdvae = VDVAE(vdvae_config("imagenet64")).eval()
         # openai/vdvae zero-initialises each residual block's last conv (and the latent biases): trained weights are
         # not zero, and a zero residual path would make the decoder ignore its latents.
         make_distinct(vdvae, seed)
-        module = VDVAEDecoder(vdvae, int(name.removeprefix("vdvae_decoder_k"))).eval()
-        contract = C.vdvae_decoder_contract(module.latent_dims, config.image_size)
-    elif name in ("vae_encoder", "vae_decoder"):
+        module = exported = VDVAEDecoder(vdvae, int(name.removeprefix("vdvae_decoder_k")))
+    elif name.startswith("vae_"):
         from diffusers import AutoencoderKL
 
         from brainrecon.export.stage2 import VAEDecoderGraph, VAEEncoderGraph
 
         vae = AutoencoderKL(**vd_vae_config()).eval()
         make_distinct(vae, seed)
-        if name == "vae_encoder":
-            module = VAEEncoderGraph(vae.eval(), VAE_SCALE).eval()
-            contract = C.vae_encoder_contract(IMAGE_SIZE, 4, LATENT_SIZE, VAE_SCALE)
-        else:
-            module = VAEDecoderGraph(vae.eval(), VAE_SCALE).eval()
-            contract = C.vae_decoder_contract(IMAGE_SIZE, 4, LATENT_SIZE, VAE_SCALE)
-    elif name == "unet":
-        from diffusers.models.transformers.dual_transformer_2d import DualTransformer2DModel
-
-        from brainrecon.export.stage2 import UNetGraph
-        from brainrecon.train.foundations.dual_unet import TEXT_TRANSFORMER, build_dual_unet, set_mix_ratio
-
-        unet = build_dual_unet(vd_unet_config()).eval()
-        make_distinct(unet, seed)
-        # build_dual_unet copies each image block as the text block when no text-UNet state is given: real text
-        # blocks are different weights (Versatile Diffusion's text_unet), so perturb every copy.
-        for k, block in enumerate(m for m in unet.modules() if isinstance(m, DualTransformer2DModel)):
-            make_distinct(block.transformers[TEXT_TRANSFORMER], seed + 1 + k, relative=0.1)
-        set_mix_ratio(unet, MIX_RATIO)
-        module = UNetGraph(unet).eval()
-        contract = C.unet_contract(
-            4, LATENT_SIZE, VISION_TOKENS, TEXT_TOKENS, CLIP_DIM, MIX_RATIO, IMAGE_SIZE
+        encoder = name == "vae_encoder"
+        module = (VAEEncoderGraph if encoder else VAEDecoderGraph)(vae, VAE_SCALE)
+        # the graph wraps the whole AutoencoderKL but uses one half
+        exported = torch.nn.ModuleList(
+            [vae.encoder, vae.quant_conv] if encoder else [vae.decoder, vae.post_quant_conv]
         )
-    else:
-        raise SystemExit(f"error: unknown model {name!r}; expected one of {', '.join(MODELS)}")
-    for p in module.parameters():
-        p.requires_grad_(False)
-    pools = {"encoder_hidden_states": context_pool(seed)} if name == "unet" else None
-    n_params = sum(p.numel() for p in exported_parameters(module))
-    return Built(
-        contract,
-        n_params,
-        module=module,
-        reference=torch_reference(module, contract),
-        pools=pools,
-        weight_bytes=n_params * 4,
-    )
+    else:  # unet
+        from brainrecon.export.stage2 import UNetGraph
+
+        module = exported = UNetGraph(real_size_unet(seed))
+    module = module.eval().requires_grad_(False)
+    n = sum(p.numel() for p in exported.parameters())
+    return ExportSource(
+        c, torch_reference(module, c), module=module, pools=pools(name), weight_bytes=4 * n
+    ), n
 
 
-# ----------------------------------------------------------------------------------------- steps (subprocesses)
+# ----------------------------------------------------------------------------------------- steps (children)
 
 
-def peak_gb() -> float:
-    """This process's peak resident memory so far (VmHWM), GB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 2**20, 3)
-    raise RuntimeError("no VmHWM in /proc/self/status")
+def onnx_path(work: Path, name: str, precision: str) -> Path:
+    """The kept file of `name` (stage_contract names it after its contract: ridge_k15 → ridge.fp32.onnx)."""
+    found = sorted((work / name).glob(f"*.{precision}.onnx"))
+    if not found:
+        raise SystemExit(
+            f"error: {work / name}: expected a kept {precision} export (run with --keep), found none"
+        )
+    return found[0]
 
 
-def _digest(inputs: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(inputs):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(inputs[key]).tobytes())
-    return h.hexdigest()[:16]
+def step_export(name: str, work: Path) -> dict[str, Any]:
+    """Build `name`, then `stage_contract` into `work/name/`: per precision the seconds and peak memory of each step
+    (fp32 export: since the start, so with the build; then each from where the previous one left off). Reference
+    outputs are computed once, during the fp32 validation (`reference_s`), and reused for fp16; the weights are
+    dropped as soon as nothing needs them (a torch module after that, a builder's after the fp16 file), so the fp16
+    steps' peaks are their own."""
+    from brainrecon.export.onnx_export import EXTERNAL_DATA_THRESHOLD, stage_contract
 
-
-def validation_inputs(built: Built, name: str) -> list[dict[str, np.ndarray]]:
-    """The inputs validate_onnx will draw (same seeds), so references computed once serve both precisions."""
-    c = built.contract
-    batches = VALIDATE_BATCHES.get(name, c.validate_batches)
-    return [
-        c.sample_input(batch, kind, seed=1000 * k + b, stats=built.stats, pools=built.pools)
-        for k, kind in enumerate(c.input_kinds)
-        for b, batch in enumerate(batches)
-    ]
-
-
-def files_of(path: Path) -> list[Path]:
-    data = path.with_name(path.name + ".data")
-    return [path, data] if data.exists() else [path]
-
-
-def step_export(name: str, work: Path, precision: str) -> dict[str, Any]:
-    """fp32: build + export (+ references). fp16: the graph builder at fp16, or ORT's float16 tool with the
-    project's overflow handling (onnx_export.export_fp16: activation ranges of the fp32 graph, then fallbacks),
-    checked against the cached reference: its peak includes the range probe and that check."""
-    from brainrecon.export.onnx_export import EXTERNAL_DATA_THRESHOLD, export_fp16, export_torchscript
-
-    torchscript_fp16 = precision == "fp16" and build_contract_only(name).contract.exporter == "torchscript"
     t0 = time.perf_counter()
-    built = build_contract_only(name) if torchscript_fp16 else build_model(name)
-    build_s = time.perf_counter() - t0
-    path = work / f"{name}.{precision}.onnx"
-    for f in files_of(path):
-        f.unlink(missing_ok=True)
-    out: dict[str, Any] = {"build_s": round(build_s, 2)}
-    if built.parameters:
-        out["parameters"] = built.parameters
-    t0 = time.perf_counter()
-    if built.build is not None:
-        bytes_ = built.weight_bytes // (2 if precision == "fp16" else 1)
-        built.build(path, precision, bytes_ > EXTERNAL_DATA_THRESHOLD)
-    elif precision == "fp32":
-        import torch
-
-        with torch.no_grad():
-            export_torchscript(built.module, built.contract, path, EXTERNAL_DATA_THRESHOLD, built.pools)
-    else:
-        fp32_path = work / f"{name}.fp32.onnx"
-        c = built.contract
-        feeds = [
-            c.sample_input(2, kind, seed=k, stats=built.stats, pools=built.pools)
-            for k, kind in enumerate(c.input_kinds)
-        ]
-        external = fp32_path.with_name(fp32_path.name + ".data").exists()
-        # No activation-range probe (feeds=None): ORT held every probed tensor at once and the imagenet64 decoder's
-        # probe was OOM-killed at 20 GB; the parity fallbacks still apply.
-        del feeds
-        _, info = export_fp16(c, fp32_path, path, external, lambda p: checked_validation(name, work, p), None)
-        info["fp32_overflow_nodes"] = len(info["fp32_overflow_nodes"])
-        out["fp16"] = info
-    out["export_s"] = round(time.perf_counter() - t0, 2)
-    out["export_peak_gb"] = peak_gb()
-    if precision == "fp32":
-        t0 = time.perf_counter()
-        cache = {}
-        for inputs in validation_inputs(built, name):
-            for out_name, value in built.reference(inputs).items():
-                cache[f"{_digest(inputs)}/{out_name}"] = np.asarray(value)
-        np.savez(work / f"{name}.reference.npz", **cache)
-        out["reference_s"] = round(time.perf_counter() - t0, 2)
-    return out
-
-
-def cached_validation(name: str, work: Path, path: Path, precision: str = "fp16") -> dict[str, Any]:
-    """validate_onnx of `path` against the reference outputs cached by the fp32 export step."""
-    from brainrecon.export.validate import validate_onnx
-
-    built = build_contract_only(name)
-    cache = np.load(work / f"{name}.reference.npz")
+    src, parameters = source(name)
+    out: dict[str, Any] = {
+        "parameters": parameters,
+        "build_s": round(time.perf_counter() - t0, 2),
+        "fp32": {},
+    }
+    live, cache, clock = src.reference, {}, {"reference_s": 0.0, "step": time.perf_counter()}
 
     def reference(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        key = _digest(inputs)
-        return {n: cache[f"{key}/{n}"] for n in built.contract.output_names}
+        key = hashlib.sha256(b"".join(k.encode() + inputs[k].tobytes() for k in sorted(inputs))).digest()
+        if key not in cache:
+            t = time.perf_counter()
+            cache[key] = live(inputs)
+            clock["reference_s"] += time.perf_counter() - t
+        return cache[key]
 
-    return validate_onnx(
-        built.contract,
-        path,
-        reference,
-        precision,
-        batches=VALIDATE_BATCHES.get(name),
-        stats=built.stats,
-        pools=built.pools,
-    )
+    def on_step(step: str, precision: str) -> None:
+        nonlocal live
+        r = out.setdefault(precision, {})
+        r |= {f"{step}_s": round(time.perf_counter() - clock["step"], 2), f"{step}_peak_gb": peak_gb()}
+        if (step, precision) == ("validate", "fp32"):  # the references are cached: the module is not needed
+            r["reference_s"] = round(clock["reference_s"], 2)
+            src.module = live = None
+        if (step, precision) == ("export", "fp16"):  # nor a builder's weights, once both files are written
+            src.build = None
+        gc.collect()
+        reset_peak()
+        clock["step"] = time.perf_counter()
 
-
-def checked_validation(name: str, work: Path, path: Path, precision: str = "fp16") -> dict[str, Any]:
-    """ONNX checker + TensorRT operator table + parity against the cached reference (as stage_contract does)."""
-    from brainrecon.export.onnx_export import check_onnx
-    from brainrecon.export.trt_support import require_trt_support
-
-    check_onnx(path)
-    require_trt_support(path)
-    return cached_validation(name, work, path, precision)
-
-
-def step_validate(name: str, work: Path, precision: str) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    report = checked_validation(name, work, work / f"{name}.{precision}.onnx", precision)
-    return {
-        "validation": report,
-        "validate_s": round(time.perf_counter() - t0, 2),
-        "validate_peak_gb": peak_gb(),
-    }
-
-
-def build_contract_only(name: str) -> Built:
-    """The contract, stats and pools of `name` without its weights (validation reads outputs from the cache)."""
-    from brainrecon.export import contracts as C
-    from brainrecon.train.foundations.vdvae import latent_dims, vdvae_config
-
-    pools = None
-    if name.startswith("ridge_k"):
-        contract = C.ridge_contract(N_VOXELS, latent_dims(vdvae_config("imagenet64"), int(name[7:])))
-    elif name.startswith("clip_"):
-        tokens = TEXT_TOKENS if name == "clip_text" else VISION_TOKENS
-        contract = C.clip_ridge_contract(name.removeprefix("clip_"), N_VOXELS, tokens, CLIP_DIM)
-    elif name == "gru":
-        contract = C.gru_contract(N_VOXELS, latent_dims(vdvae_config("imagenet64"), 15))
-    elif name.startswith("vdvae_decoder_k"):
-        k = int(name.removeprefix("vdvae_decoder_k"))
-        contract = C.vdvae_decoder_contract(latent_dims(vdvae_config("imagenet64"), k), 64)
-    elif name == "vae_encoder":
-        contract = C.vae_encoder_contract(IMAGE_SIZE, 4, LATENT_SIZE, VAE_SCALE)
-    elif name == "vae_decoder":
-        contract = C.vae_decoder_contract(IMAGE_SIZE, 4, LATENT_SIZE, VAE_SCALE)
-    elif name == "unet":
-        contract = C.unet_contract(
-            4, LATENT_SIZE, VISION_TOKENS, TEXT_TOKENS, CLIP_DIM, MIX_RATIO, IMAGE_SIZE
-        )
-        pools = {"encoder_hidden_states": context_pool(0)}
-    else:
-        raise SystemExit(f"error: unknown model {name!r}; expected one of {', '.join(MODELS)}")
-    return Built(contract, 0, pools=pools)
+    src.reference = reference
+    shutil.rmtree(work / name, ignore_errors=True)
+    (work / name).mkdir(parents=True)
+    for staged in stage_contract(src, work / name, PRECISIONS, True, EXTERNAL_DATA_THRESHOLD, on_step):
+        out[staged.precision]["validation"] = staged.validation
+    return out
 
 
 def step_load(name: str, work: Path, precision: str, threads: int | None) -> dict[str, Any]:
-    """The runtime's ONNX Runtime backend opens the file (load peak), then ORT CPU latency at batch 1 and 2."""
+    """The runtime's OrtBackend opens the file (load peak), then ORT CPU latency at batch 1 and 2."""
     from brainrecon.runtime.backends.ort import OrtBackend
 
-    built = build_contract_only(name)
-    base = peak_gb()
-    t0 = time.perf_counter()
-    backend = OrtBackend(work / f"{name}.{precision}.onnx", device="cpu", threads=threads)
-    out: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 2), "load_peak_gb": peak_gb()}
-    out["baseline_gb"] = base
-    latency = {}
+    c, base, t0 = contract(name), peak_gb(), time.perf_counter()
+    backend = OrtBackend(onnx_path(work, name, precision), device="cpu", threads=threads)
+    out: dict[str, Any] = {
+        "load_s": round(time.perf_counter() - t0, 2),
+        "load_peak_gb": peak_gb(),
+        "latency": {},
+    }
     for batch in (1, 2):
-        inputs = built.contract.sample_input(batch, built.contract.input_kinds[-1], pools=built.pools)
-        t0 = time.perf_counter()
-        backend.session.run(None, inputs)  # warm-up (ORT allocates its arena on the first call)
-        first = time.perf_counter() - t0
-        times = []
-        while len(times) < 5 and sum(times) < max(3.0, first):
-            t0 = time.perf_counter()
-            backend.session.run(None, inputs)
-            times.append(time.perf_counter() - t0)
-        latency[str(batch)] = {"median_s": round(float(np.median(times)), 4), "runs": len(times)}
-    out["latency"] = latency
+        x = c.sample_input(batch, c.input_kinds[-1], pools=pools(name))
+        out["latency"][str(batch)] = timed(lambda x=x: backend.run(x), 5, budget_s=3.0)
     # a shared machine: the 1-minute load average beside the figures says how contended they were
-    out["loadavg_1m"] = round(os.getloadavg()[0], 2)
-    out["run_peak_gb"] = peak_gb()
-    out["providers"] = backend.providers
-    return out
+    out |= {"baseline_gb": base, "loadavg_1m": round(os.getloadavg()[0], 2), "run_peak_gb": peak_gb()}
+    return out | {"providers": backend.providers}
 
 
-# ----------------------------------------------------------------------------------------- model folder
+def runner(name: str, pipeline: str, work: Path, threads: int | None) -> Any:
+    """inputs → the model's (first) output as float32 numpy, in one of PIPELINES."""
+    if pipeline.startswith("torch"):
+        import torch
 
-# The exported files a real-size model folder is assembled from: GRU stage 1 at K = 15 and the whole stage 2.
-FOLDER_MODELS = {
-    "gru": "gru",
-    "vdvae_decoder_k15": "vdvae_decoder",
-    "clip_text": "clip_text",
-    "clip_vision": "clip_vision",
-    "vae_encoder": "vae_encoder",
-    "vae_decoder": "vae_decoder",
-    "unet": "unet",
-}
+        torch.set_num_threads(threads or torch.get_num_threads())
+        module = source(name)[0].module
+        call = torch.compile(module) if pipeline == "torch_compile_bf16" else module
+        names = [spec.name for spec in contract(name).inputs]
+
+        def run(x: dict[str, np.ndarray]) -> np.ndarray:
+            with (
+                torch.no_grad(),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=pipeline.endswith("bf16")),
+            ):
+                out = call(*(torch.from_numpy(x[k]) for k in names))
+            return (out[0] if isinstance(out, tuple | list) else out).float().numpy()
+
+        return run
+    if pipeline == "ort_fp32":
+        from brainrecon.runtime.backends.ort import OrtBackend
+
+        backend = OrtBackend(onnx_path(work, name, "fp32"), device="cpu", threads=threads)
+    elif pipeline == "openvino_bf16":
+        from brainrecon.runtime.backends.openvino import OpenVinoBackend
+
+        backend = OpenVinoBackend(onnx_path(work, name, "fp32"), precision="bf16", threads=threads)
+    else:
+        raise SystemExit(f"error: pipeline: expected one of {', '.join(PIPELINES)}, found {pipeline!r}")
+    return lambda x: next(iter(backend.run(x).values()))
 
 
-def assemble_model_dir(work: Path, out: Path, seed: int = 0) -> Path:
-    """A real-size subject model folder that `recon-infer` runs: the kept ONNX files (hard links into `out/onnx/`),
-    the data files the runtime reads (preprocessing, stage-1/2 summaries and statistics, DDIM tables) and a
-    manifest with every file's sha256, written as export/subject.py writes one. Statistics are neutral (zero
-    mean, unit std); the unconditional contexts are the UNet validation pool's first row."""
-    from brainrecon import model_dir as layout
-    from brainrecon.export.stage2 import scheduler_tables
-    from brainrecon.io import save_npy, write_json
-    from brainrecon.manifest import describe_file, write_manifest
-    from brainrecon.sampling import SamplingConfig
-    from brainrecon.train.foundations.vdvae import latent_dims, vdvae_config
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / layout.ONNX_DIR).mkdir(exist_ok=True)
-    dims = latent_dims(vdvae_config("imagenet64"), 15)
-    sampling = SamplingConfig(seed=seed)
-    write_json(
-        out / layout.PREPROCESS,
-        {
-            "format_version": 1,
-            "producer": "benchmarks/real_size.py (random weights, no recording)",
-            "subject": 1,
-            "config": {"subject": 1, "session_zscore": True, "image_size": IMAGE_SIZE},
-            "n_voxels": N_VOXELS,
-            "mask": {"file": "none", "sha256": "none", "shape": [81, 104, 83], "affine": None},
-            "betas_scale": 300.0,
-            "steps": ["real-size benchmark: inputs are z-scored betas (.npy)"],
-            "files": {},
-        },
-    )
-    save_npy(out / layout.MASK_INDICES, np.arange(N_VOXELS, dtype=np.int64))
-    save_npy(out / layout.VOXEL_MEAN, np.zeros(N_VOXELS, np.float32))
-    save_npy(out / layout.VOXEL_STD, np.ones(N_VOXELS, np.float32))
-    write_json(
-        out / layout.STAGE1_SUMMARY,
-        {"config": {"regressor": "gru", "num_layers": 15, "renormalize": True}, "n_voxels": N_VOXELS},
-    )
-    save_npy(out / layout.LATENT_MEAN, np.zeros(dims, np.float32))
-    save_npy(out / layout.LATENT_STD, np.ones(dims, np.float32))
-    stage2 = all((work / f"{m}.fp32.onnx").exists() for m in STAGE2_SOURCES)
-    if not stage2:  # stage 1 only: what was kept of stage 2 is left out
-        write_manifest(out, stage1_artifacts(work, out, layout), merge=False)
-        return out
-    write_json(
-        out / layout.STAGE2_SUMMARY,
-        {"sampling": dataclasses.asdict(sampling), "config": {"renormalize": True}},
-    )
-    pool = context_pool(seed)
-    for target, tokens in (("text", TEXT_TOKENS), ("vision", VISION_TOKENS)):
-        save_npy(out / layout.clip_target_stat(target, "mean"), np.zeros((tokens, CLIP_DIM), np.float32))
-        save_npy(
-            out / layout.clip_target_stat(target, "std"),
-            np.full((tokens, CLIP_DIM), 1 / np.sqrt(CLIP_DIM), np.float32),
+def step_time(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One pipeline: load, then per batch size (or on the --inputs file) a first call and --repeats timed calls; the
+    first output is saved beside the kept files, to be compared with torch eager's."""
+    t0 = time.perf_counter()
+    run = runner(name, args.pipeline, args.work, args.threads)
+    out: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 1), "batches": {}}
+    for i, b in enumerate(int(b) for b in args.batches.split(",")):
+        c = None if args.inputs else contract(name)
+        x = (
+            dict(np.load(args.inputs))
+            if c is None
+            else c.sample_input(b, c.input_kinds[-1], pools=pools(name))
         )
-        row = pool[:1, :VISION_TOKENS] if target == "vision" else pool[:1, VISION_TOKENS:]
-        save_npy(out / layout.uncond_context(target), np.ascontiguousarray(row))
-    write_json(out / layout.SCHEDULER, scheduler_tables(sampling))
-
-    data_files = (*layout.STAGE2_FILES, layout.SCHEDULER)
-    artifacts = stage1_artifacts(work, out, layout) + [describe_file(out, rel, "data") for rel in data_files]
-    artifacts += onnx_artifacts(work, out, layout, STAGE2_SOURCES)
-    write_manifest(out, artifacts, merge=False)
-    return out
-
-
-STAGE2_SOURCES = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet")
-
-
-def stage1_artifacts(work: Path, out: Path, layout: Any) -> list[Any]:
-    from brainrecon.manifest import describe_file
-
-    data_files = (*layout.PREPROCESS_FILES, *layout.STAGE1_FILES)
-    artifacts = [describe_file(out, rel, "data") for rel in data_files]
-    return artifacts + onnx_artifacts(work, out, layout, ("gru", "vdvae_decoder_k15"))
-
-
-def onnx_artifacts(work: Path, out: Path, layout: Any, sources: tuple[str, ...]) -> list[Any]:
-    """Hard links of the kept exports of `sources` under `out/onnx/` (renamed to the contract names) and their
-    manifest entries; fp32 must exist, fp16 is taken when it does."""
-    from brainrecon.export.onnx_export import StagedFile
-    from brainrecon.export.subject import _onnx_artifact
-
-    artifacts = []
-    for source in sources:
-        name = FOLDER_MODELS[source]
-        contract = build_contract_only(source).contract
-        for precision in ("fp32", "fp16"):
-            src = work / f"{source}.{precision}.onnx"
-            if not src.exists():
-                if precision == "fp16":
-                    continue
-                raise SystemExit(f"error: {src}: expected a kept export (run with --keep), found none")
-            staged = []
-            for f in files_of(src):
-                dst = out / layout.ONNX_DIR / f.name.replace(f"{source}.", f"{name}.", 1)
-                dst.unlink(missing_ok=True)
-                os.link(f, dst)
-                staged.append(dst)
-            if len(staged) > 1:  # the .onnx names its data file: the renamed copy must keep that name
-                rewrite_data_location(staged[0], staged[1].name)
-            entries, _ = _onnx_artifact(
-                out, StagedFile(contract, precision, staged[0], staged[1:]), layout.ONNX_DIR
-            )
-            artifacts += entries
-    return artifacts
-
-
-def rewrite_data_location(path: Path, data_name: str) -> None:
-    """Point every external tensor of `path` at `data_name` (the graph file is small; weights are not read)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = data_name
-    path.unlink()  # a hard link: write a new file rather than through the link into the kept export
-    path.write_bytes(model.SerializeToString())
+        last: dict[str, np.ndarray] = {}
+        t = timed(lambda x=x, last=last: last.update(y=run(x)), args.repeats)
+        if i == 0:
+            np.save(args.work / f"curve_{name}_{args.pipeline}.npy", last["y"])
+        row = {
+            "p50_s": round(t["median_s"], 3),
+            "p95_s": round(t["p95_s"], 3),
+            "first_call_s": t["first_call_s"],
+        }
+        out["batches"][str(b)] = row | {"rows_per_s": round(b / t["median_s"], 3)}
+        if name == "unet":
+            out["batches"][str(b)]["s_per_image_37_steps"] = round(2 * STEPS_PER_IMAGE * t["median_s"] / b, 1)
+        print(f"{args.pipeline} B={b}: p50 {t['median_s']:.2f} s", file=sys.stderr, flush=True)
+    return out | {"peak_gb": peak_gb(), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 # ----------------------------------------------------------------------------------------- driver
 
 
-def run_step(
-    step: str, name: str, work: Path, precision: str, threads: int | None, log: Path
-) -> dict[str, Any]:
-    """One step in a fresh interpreter (clean peak memory); its JSON result on the last stdout line."""
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--step",
-        step,
-        "--model",
-        name,
-        "--work",
-        str(work),
-    ]
-    cmd += ["--precision", precision] + (["--threads", str(threads)] if threads else [])
+def step(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    """A step of this script in a fresh interpreter (its output in --work/real_size.log), with its wall time."""
+    cmd = [__file__, *extra, "--work", str(args.work), "--repeats", str(args.repeats)]
     t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = Path(log).read_text().strip().splitlines()[-1:] or ["(no output)"]
-        return {"error": f"{step} {precision} exited {proc.returncode}: {tail[0][:400]}"}
-    result = json.loads(lines[-1])
-    result[f"{step}_wall_s"] = round(time.perf_counter() - t0, 2)
-    return result
-
-
-STEPS = ("export", "validate", "load")
+    result = child(
+        cmd + (["--threads", str(args.threads)] if args.threads else []), args.work / "real_size.log"
+    )
+    return result | {"wall_s": round(time.perf_counter() - t0, 2)}
 
 
 def measure_model(
-    name: str,
-    work: Path,
-    threads: int | None,
-    log: Path,
-    save: Any = lambda entry: None,
-    steps: tuple[str, ...] = STEPS,
-    entry: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """`steps` of `name` at both precisions, merged into `entry` (an earlier result: `--steps load` re-times the
-    kept files on a quieter machine); `save(entry)` after each step, so a run stopped midway keeps what it
-    measured."""
-    entry = dict(entry or {})
-    for precision in ("fp32", "fp16"):
-        result: dict[str, Any] = dict(entry.get(precision, {})) if steps != STEPS else {}
-        result.pop("error", None)
-        for step in steps:
-            if step == "validate" and "check" in result.get("fp16", {}):
-                result["validation"] = result["fp16"].pop("check")  # validated inside export_fp16 already
-                continue
-            r = run_step(step, name, work, precision, threads, log)
-            result.update(r)
-            entry.setdefault("parameters", result.get("parameters"))
-            save({**entry, precision: result, "partial": True})
-            if "error" in r:
-                break
-        path = work / f"{name}.{precision}.onnx"
-        if path.exists():
-            result["file_bytes"] = sum(f.stat().st_size for f in files_of(path))
-            result["external_data"] = len(files_of(path)) > 1
-        entry.setdefault("parameters", result.pop("parameters", None))
-        entry[precision] = result
-        if "error" in result and precision == "fp32":
-            break
+    name: str, args: argparse.Namespace, steps: tuple[str, ...], entry: dict, save: Any
+) -> dict:
+    """`steps` of `name` merged into `entry` (an earlier result: `--steps load` re-times the kept files on a quieter
+    machine); `save(entry)` after each step."""
+    if "export" in steps:
+        r = step(args, "--step", "export", "--model", name)
+        if "error" in r:
+            return {"error": r["error"]}
+        entry = {"parameters": r["parameters"], "build_s": r["build_s"], "export_wall_s": r["wall_s"]}
+        save(entry := entry | {p: r[p] for p in PRECISIONS})
+    for precision in PRECISIONS if "load" in steps else ():
+        r = step(args, "--step", "load", "--model", name, "--precision", precision)
+        r["load_wall_s"] = r.pop("wall_s")
+        entry[precision] = entry.get(precision, {}) | r
+        if "error" not in r:
+            files = [onnx_path(args.work, name, precision)]
+            files += [f for f in [files[0].with_name(files[0].name + ".data")] if f.exists()]
+            entry[precision] |= {
+                "file_bytes": sum(f.stat().st_size for f in files),
+                "external_data": len(files) > 1,
+            }
+        save(entry)
     return entry
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The README table: one row per model and precision."""
-
-    def gb(x: Any) -> str:
-        return f"{x:.2f}" if isinstance(x, (int, float)) else "–"
-
+    """The docs' table: one row per model and precision."""
     rows = [
-        "| model | precision | parameters | file size | export s | export peak GB | parity max diff (scale) "
+        "| model | precision | parameters | file size | export s | export peak GB | parity max diff "
         "| ORT CPU s, batch 1 | batch 2 (CFG pair) | load peak GB | fp16: kept fp32 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["models"].items():
-        for precision in ("fp32", "fp16"):
-            r = entry.get(precision)
-            if r is None:
+        for precision in PRECISIONS:
+            r, cells = entry.get(precision, {}), [name, precision, f"{entry.get('parameters') or 0:,}"]
+            if "error" in r or "error" in entry:
+                rows.append("| " + " | ".join([*cells, *["–"] * 7, "not measured"]) + " |")
                 continue
-            if "error" in r:
-                params = f"{entry['parameters']:,}" if entry.get("parameters") else "–"
-                cells = " | ".join(["–"] * 8)
-                rows.append(
-                    f"| {name} | {precision} | {params} | {cells} | not measured: {r['error'].split(':')[0]} |"
-                )
-                continue
-            v = r.get("validation", {})
-            lat = r.get("latency", {})
-            size = (
-                f"{r['file_bytes'] / 1e9:.2f} GB"
-                if r.get("file_bytes", 0) >= 1e8
-                else f"{r.get('file_bytes', 0) / 1e6:.0f} MB"
-            )
-            size += " (external data)" if r.get("external_data") else ""
-            kept = "–"
-            if precision == "fp16" and "fp16" in r:
-                f = r["fp16"]
-                probe = (
-                    f"{f['fp32_overflow_nodes']} nodes (peak {f['activation_peak']:.3g})"
-                    if f.get("activation_peak") is not None
-                    else "no range probe"
-                )
-                kept = probe + (
-                    f", fallback {f['fp32_prefixes']}" if f["fp32_prefixes"] else ", no fallback needed"
-                )
-            parity = (
-                f"{v['max_abs']:.2g} ({v['scale']:.2g})"
-                if "max_abs" in v and "scale" in v
-                else (f"{v['max_abs']:.2g}" if "max_abs" in v else "–")
-            )
+            v, lat, size = r.get("validation") or {}, r.get("latency", {}), r.get("file_bytes", 0)
+            kept = "–" if precision == "fp32" or "fp16_fp32_prefixes" not in v else "no range probe, "
+            if kept != "–":  # the ORT float16 tool's fallbacks (export/fp16.py FP16_FALLBACKS)
+                kept += ", ".join(v["fp16_fp32_prefixes"]) or "no fallback needed"
+            size = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.0f} MB"
+            cells += [size + " (external data)" * bool(r.get("external_data")), r.get("export_s", "–")]
+            cells += [f"{r.get('export_peak_gb', 0):.2f}", f"{v['max_abs']:.2g}" if "max_abs" in v else "–"]
+            cells += [lat.get(b, {}).get("median_s", "–") for b in ("1", "2")]
             rows.append(
-                f"| {name} | {precision} | {entry.get('parameters') or '–':,} | {size} | {r.get('export_s', '–')} | "
-                f"{gb(r.get('export_peak_gb'))} | {parity} | {lat.get('1', {}).get('median_s', '–')} | "
-                f"{lat.get('2', {}).get('median_s', '–')} | {gb(r.get('load_peak_gb'))} | {kept} |"
+                "| " + " | ".join(str(c) for c in [*cells, f"{r.get('load_peak_gb', 0):.2f}", kept]) + " |"
             )
     return "\n".join(rows)
 
 
-def environment() -> dict[str, Any]:
-    import onnx
-    import onnxruntime
+def rel_error(path: Path, ref: np.ndarray) -> dict[str, float]:
+    """max and median |output − ref| over ref's max |value|."""
+    d, scale = np.abs(np.load(path).astype(np.float64) - ref), float(np.abs(ref).max())
+    return {
+        "max_over_scale": float(f"{d.max() / scale:.3g}"),
+        "median_over_scale": float(f"{np.median(d) / scale:.3g}"),
+    }
+
+
+def curve(args: argparse.Namespace) -> dict[str, Any]:
+    """--curve: every pipeline over the batch sizes, one interpreter each (the UNet is 4.5 GB: two side by side would
+    measure the machine's memory); speedups and output errors against torch eager fp32; the plot beside --out."""
+    from brainrecon.benchmarks.runtime_vs_torch import label_axes
+    from brainrecon.io import write_json
+
+    names = [n for n in args.pipelines.split(",") if n]
+    if set(names) - set(PIPELINES) or "torch" not in names:
+        raise SystemExit(
+            f"error: --pipelines: expected torch and some of {','.join(PIPELINES)}, found {names}"
+        )
+    result = {
+        "command": args.command,
+        "machine": machine(args.threads),
+        "model": args.model,
+        "threads": args.threads,
+    }
+    result |= {"repeats": args.repeats, "batches": [int(b) for b in args.curve.split(",")], "pipelines": {}}
+    for name in names:
+        print(f"[{args.model} curve] {name} ...", file=sys.stderr, flush=True)
+        result["pipelines"][name] = step(
+            args, "--step", "time", "--pipeline", name, "--model", args.model, "--batches", args.curve
+        )
+        write_json(args.out, result)  # after every pipeline: an interrupted run keeps what it measured
+    done = [n for n in names if "batches" in result["pipelines"][n]]
+    if "torch" in done:
+        ref = np.load(args.work / f"curve_{args.model}_torch.npy").astype(np.float64)
+        result["error_vs_torch_fp32"] = {
+            n: rel_error(args.work / f"curve_{args.model}_{n}.npy", ref) for n in done
+        }
+        for name in done:
+            for b, r in result["pipelines"][name]["batches"].items():
+                r["speedup_vs_torch"] = round(
+                    result["pipelines"]["torch"]["batches"][b]["p50_s"] / r["p50_s"], 2
+                )
+    write_json(args.out, result)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in done:
+        rows = [result["pipelines"][name]["batches"][str(b)] for b in result["batches"]]
+        (line,) = ax_lat.plot(result["batches"], [r["p50_s"] for r in rows], marker="o", label=name)
+        ax_lat.fill_between(
+            result["batches"],
+            *([r[k] for r in rows] for k in ("p50_s", "p95_s")),
+            color=line.get_color(),
+            alpha=0.15,
+        )
+        ax_thr.plot(result["batches"], [r["rows_per_s"] for r in rows], marker="o", label=name)
+    axes = ((ax_lat, "seconds per call (p50; band to p95)"), (ax_thr, "rows / s (at p50)"))
+    label_axes(axes, result["batches"], "batch (rows per call; a guided UNet step of one image = 2)")
+    ax_thr.legend(fontsize=8)
+    fig.suptitle(f"Real-size {args.model}, CPU, {args.threads} threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=110)
+    return result
+
+
+def kv_step(args: argparse.Namespace) -> dict[str, Any]:
+    """--kv-step: `unet_kv` (exported and validated by stage_contract unless kept) against the kept `unet`, one
+    guided step of one image (2 rows: the unconditional and a predicted context; the K/V of the same contexts
+    computed in torch); ONNX Runtime fp32, the two graphs alternating --rounds times, one interpreter each (a
+    session of the 1.13 B UNet holds about 14 GB: two cannot be open side by side on 24 GB)."""
     import torch
 
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in ln
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
+    from brainrecon.export import contracts as C
+    from brainrecon.export.kv_once import context_kv
+    from brainrecon.export.onnx_export import EXTERNAL_DATA_THRESHOLD as LIMIT
+    from brainrecon.export.onnx_export import ExportSource, stage_contract, torch_reference
+    from brainrecon.export.stage2 import UNetKVGraph, kv_pool, unet_kv_shapes
+
+    onnx_path(args.work, "unet", "fp32")  # kept by --only unet --keep
+    unet = real_size_unet()
+    context = context_pool()[[0, 3]]  # the unconditional context, then a predicted one
+    with torch.no_grad():
+        kv = [t.numpy() for t in context_kv(unet, torch.from_numpy(context))]
+    x = {
+        "sample": np.random.default_rng(0)
+        .standard_normal((2, 4, LATENT_SIZE, LATENT_SIZE))
+        .astype(np.float32)
     }
+    x["timestep"] = np.full((2,), 801, np.float32)
+    np.savez(args.work / "kv_step_unet.npz", **x, encoder_hidden_states=context)
+    np.savez(args.work / "kv_step_unet_kv.npz", **x, **dict(zip(C.kv_names(len(kv) // 2), kv, strict=True)))
+    export = None
+    if not list((args.work / "unet_kv").glob("*.fp32.onnx")):
+        c = C.unet_kv_contract(4, LATENT_SIZE, unet_kv_shapes(unet), MIX_RATIO, IMAGE_SIZE)
+        c = dataclasses.replace(c, validate_batches=VALIDATE_BATCHES["unet_kv"])
+        module = UNetKVGraph(unet).eval()
+        src = ExportSource(c, torch_reference(module, c), module=module, pools=kv_pool(unet, context_pool()))
+        (args.work / "unet_kv").mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        staged = stage_contract(src, args.work / "unet_kv", ("fp32",), True, LIMIT)
+        export = {"export_s": round(time.perf_counter() - t0, 1), "validation": staged[0].validation}
+    del unet, kv
+    times: dict[str, list[float]] = {"unet": [], "unet_kv": []}
+    for _ in range(args.rounds):
+        for model in times:
+            inputs = str(args.work / f"kv_step_{model}.npz")
+            cmd = ["--step", "time", "--pipeline", "ort_fp32", "--model", model, "--batches", "2"]
+            r = step(args, *cmd, "--inputs", inputs)
+            if "error" in r:
+                raise SystemExit(f"error: {r['error']}")
+            times[model].append(r["batches"]["2"]["p50_s"])
+    medians = {g: round(float(np.median(t)), 3) for g, t in times.items()}
+    ref = np.load(args.work / "curve_unet_ort_fp32.npy").astype(np.float64)
+    result = {"command": args.command, "machine": machine(args.threads), "rows": 2, "export": export}
+    result |= {"round_p50_s": times, "median_s": medians}
+    result["kv_speedup_over_plain"] = round(medians["unet"] / medians["unet_kv"], 3)
+    return result | {"kv_vs_plain_error": rel_error(args.work / "curve_unet_kv_ort_fp32.npy", ref)}
+
+
+def assemble_model_dir(work: Path, out: Path, seed: int = 0) -> Path:
+    """A real-size subject model folder that `recon-infer` runs: the kept ONNX files of FOLDER_MODELS (hard links
+    into `out/onnx/`), the data files the runtime reads and a manifest, as recon-export writes them. Statistics are
+    neutral (zero mean, unit std); the unconditional contexts are the UNet validation pool's first row."""
+    from brainrecon import model_dir as layout
+    from brainrecon.config import config_to_dict
+    from brainrecon.export.onnx_export import StagedFile
+    from brainrecon.export.stage2 import write_scheduler_json
+    from brainrecon.export.subject import _onnx_artifact
+    from brainrecon.io import save_npy, write_json
+    from brainrecon.manifest import describe_file, write_manifest
+    from brainrecon.sampling import SamplingConfig
+
+    mask = {"file": "none", "sha256": "none", "shape": [81, 104, 83], "affine": None}
+    prep = {
+        "format_version": 1,
+        "producer": "benchmarks/real_size.py (random weights)",
+        "subject": 1,
+        "mask": mask,
+    }
+    prep |= {"config": {"subject": 1, "session_zscore": True, "image_size": IMAGE_SIZE}, "n_voxels": N_VOXELS}
+    stage1 = {"config": {"regressor": "gru", "num_layers": 15, "renormalize": True}, "n_voxels": N_VOXELS}
+    stage2 = {"sampling": config_to_dict(SamplingConfig(seed=seed)), "config": {"renormalize": True}}
+    files = {
+        layout.PREPROCESS: prep | {"betas_scale": 300.0, "steps": ["z-scored betas (.npy)"], "files": {}}
+    }
+    files |= {layout.STAGE1_SUMMARY: stage1, layout.STAGE2_SUMMARY: stage2}
+    files |= {layout.MASK_INDICES: np.arange(N_VOXELS), layout.VOXEL_MEAN: np.zeros(N_VOXELS, np.float32)}
+    files |= {layout.VOXEL_STD: np.ones(N_VOXELS, np.float32)}
+    dims = contract("gru").outputs[0].shape[1]
+    files |= {layout.LATENT_MEAN: np.zeros(dims, np.float32), layout.LATENT_STD: np.ones(dims, np.float32)}
+    for target, rows in (("vision", slice(0, VISION_TOKENS)), ("text", slice(VISION_TOKENS, None))):
+        uncond = np.ascontiguousarray(context_pool(seed)[:1, rows])
+        std = np.full(uncond.shape[1:], 1 / np.sqrt(CLIP_DIM), np.float32)
+        files |= {layout.uncond_context(target): uncond, layout.clip_target_stat(target, "std"): std}
+        files |= {layout.clip_target_stat(target, "mean"): np.zeros_like(std)}
+    for rel, content in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (save_npy if isinstance(content, np.ndarray) else write_json)(out / rel, content)
+    artifacts = [describe_file(out, rel, "data") for rel in (*files, write_scheduler_json(out))]
+    (out / layout.ONNX_DIR).mkdir(exist_ok=True)
+    for name, precision in ((n, p) for n in FOLDER_MODELS for p in PRECISIONS):
+        staged = []
+        for f in sorted((work / name).glob(f"*.{precision}.onnx*")) or [onnx_path(work, name, precision)]:
+            (out / layout.ONNX_DIR / f.name).unlink(missing_ok=True)
+            os.link(f, out / layout.ONNX_DIR / f.name)  # the names stay: an .onnx names its .data file
+            staged.append(out / layout.ONNX_DIR / f.name)
+        entries, _ = _onnx_artifact(
+            out, StagedFile(contract(name), precision, staged[0], staged[1:]), layout.ONNX_DIR
+        )
+        artifacts += entries
+    write_manifest(out, artifacts, merge=False)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/real_size.json")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default: benchmarks/results/<mode>.json)"
+    )
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument(
         "--work", type=Path, default=ROOT / "engines/real-size", help="ONNX files (GBs; not committed)"
     )
-    p.add_argument("--keep", action="store_true", help="keep the ONNX files (recon-infer's real-size folder)")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
     p.add_argument(
-        "--model-dir",
-        type=Path,
-        help="assemble a real-size model folder for recon-infer from the kept files in --work, then exit",
+        "--keep", action="store_true", help="keep the ONNX files (--model-dir, --curve, --kv-step)"
     )
-    p.add_argument("--table", action="store_true", help="print the README table of --out and exit")
+    p.add_argument("--threads", type=int, default=None, help="ORT and torch threads (default: all cores)")
     p.add_argument(
-        "--steps",
-        default=",".join(STEPS),
-        help="steps to run (export,validate,load); e.g. --steps load re-times the files kept by --keep",
+        "--steps", default=",".join(STEPS), help="export,load; --steps load re-times the kept files"
     )
-    p.add_argument("--step", choices=("export", "validate", "load"), help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help=argparse.SUPPRESS)
+    p.add_argument("--table", action="store_true", help="print the docs' table of --out and exit")
+    p.add_argument("--model-dir", type=Path, help="assemble a recon-infer folder of the kept files and exit")
+    p.add_argument("--curve", default="", help="batch sizes (rows per call) to time --model at, e.g. 1,2,4")
+    p.add_argument("--model", default="unet", help="--curve's model (one with a torch module)")
+    p.add_argument("--pipelines", default=",".join(PIPELINES), help="--curve's pipelines, torch among them")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per figure of --curve and --kv-step")
+    p.add_argument("--kv-step", action="store_true", help="the K/V-once UNet step against the plain one")
+    p.add_argument("--rounds", type=int, default=2, help="--kv-step: rounds of the two graphs, alternating")
+    p.add_argument(
+        "--step", choices=("export", "load", "time"), help=argparse.SUPPRESS
+    )  # a child of the driver
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=argparse.SUPPRESS)
+    p.add_argument("--pipeline", help=argparse.SUPPRESS)
+    p.add_argument("--batches", default="", help=argparse.SUPPRESS)
+    p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
-    if args.step:  # a subprocess of the driver
-        if args.step == "export":
-            result = step_export(args.model, args.work, args.precision)
-        elif args.step == "validate":
-            result = step_validate(args.model, args.work, args.precision)
-        else:
-            result = step_load(args.model, args.work, args.precision, args.threads)
-        print(json.dumps(result))
+    args.command = "python benchmarks/real_size.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.step == "export":
+        print(json.dumps(step_export(args.model, args.work)))
+    elif args.step == "load":
+        print(json.dumps(step_load(args.model, args.work, args.precision, args.threads)))
+    elif args.step == "time":
+        print(json.dumps(step_time(args.model, args)))
+    if args.step:
         return 0
 
     from brainrecon.io import write_json
 
+    mode = "real_size_unet_curve" if args.curve else "real_size_unet_kv_step" if args.kv_step else "real_size"
+    args.out = args.out or ROOT / f"benchmarks/results/{mode}.json"
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())))
-        return 0
-    if args.model_dir:
+    elif args.model_dir:
         print(f"model folder: {assemble_model_dir(args.work, args.model_dir)}")
-        return 0
+    elif args.curve or args.kv_step:
+        args.threads = args.threads or len(os.sched_getaffinity(0))  # torch and the engines alike
+        write_json(args.out, curve(args) if args.curve else kv_step(args))
+        print(f"-> {args.out}")
+    else:
+        return measure_models(args, p)
+    return 0
+
+
+def measure_models(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    """The model set (--only), --steps of each, results merged into --out after every step."""
+    from brainrecon.io import write_json
+
     steps = tuple(s for s in STEPS if s in args.steps.split(","))
     if not steps or set(args.steps.split(",")) - set(STEPS):
         p.error(f"--steps: expected some of {','.join(STEPS)}, found {args.steps!r}")
     names = [n for n in args.only.split(",") if n] or list(MODELS)
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        p.error(f"--only: unknown models {unknown}; expected some of {','.join(MODELS)}")
+    if set(names) - set(MODELS):
+        p.error(f"--only: expected some of {','.join(MODELS)}, found {sorted(set(names) - set(MODELS))}")
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results.setdefault("models", {})
-    results["environment"] = environment()
-    results["command"] = "python benchmarks/real_size.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    log = args.work / "real_size.log"
+    results = {k: v for k, v in results.items() if k != "environment"}  # `machine` in the earlier layout
+    results |= {
+        "command": args.command,
+        "machine": machine(args.threads),
+        "models": results.get("models", {}),
+    }
     for name in names:
         print(f"[real-size] {name} ...", flush=True)
         t0 = time.perf_counter()
 
-        def save(partial: dict[str, Any], name: str = name) -> None:
-            results["models"][name] = partial
+        def save(entry: dict[str, Any], name: str = name) -> None:
+            results["models"][name] = entry | {"partial": True}
             write_json(args.out, results)
 
-        earlier = results["models"].get(name) if steps != STEPS else None
-        entry = measure_model(name, args.work, args.threads, log, save, steps, earlier)
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entry = measure_model(
+            name, args, steps, dict(results["models"].get(name, {})) if steps != STEPS else {}, save
+        )
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if steps == STEPS:
-            entry["wall_s"] = round(time.perf_counter() - t0, 1)
-            entry["measured_at"] = now
+            entry |= {"wall_s": round(time.perf_counter() - t0, 1), "measured_at": at}
         else:  # the earlier run's wall time and date stay; say what was re-run when
-            entry["rerun"] = {"steps": list(steps), "at": now, "wall_s": round(time.perf_counter() - t0, 1)}
+            entry["rerun"] = {"steps": list(steps), "at": at, "wall_s": round(time.perf_counter() - t0, 1)}
         results["models"][name] = entry
         write_json(args.out, results)
         print(f"[real-size] {name}: {json.dumps(entry)[:600]}", flush=True)
         if not args.keep and steps == STEPS:  # a partial re-run reads kept files and leaves them
-            for f in args.work.glob(f"{name}.*"):
-                f.unlink(missing_ok=True)
-    failed = [n for n in names if any("error" in results["models"][n].get(p, {}) for p in ("fp32", "fp16"))]
+            shutil.rmtree(args.work / name, ignore_errors=True)
+    failed = [n for n, e in results["models"].items() if n in names and "error" in json.dumps(e)]
     if failed:
-        print(f"error: real-size models failed: {', '.join(failed)} (details in {args.out}, log {log})")
+        print(
+            f"error: real-size models failed: {', '.join(failed)} (details in {args.out}, log in {args.work})"
+        )
         return 1
     return 0
 

@@ -1,8 +1,9 @@
-"""Two-stage benchmark (`recon-bench`, benchmarks/bench_stage2_runtime.py): the torch-free runtime against the torch
-reference on the same exported model directory, betas and sampling, with the per-stage split, in one process.
+"""`recon-bench`, the two-stage benchmark: the torch-free runtime against the torch reference on the same exported
+model directory, betas and sampling, with the per-part split, in one process.
 
-Pipelines (PIPELINES; `bench` runs the chosen ones interleaved, so they share the machine's load):
-    torch            the torch reference (`Stage2Model.reconstruct`'s steps), eager fp32
+Pipelines (PIPELINES; every chosen one runs once per repeat, interleaved, so that they share the machine's load):
+    torch            the torch reference (train/stage2/img2img.py `img2img`, the loop `Stage2Model.reconstruct`
+                     runs), eager fp32
     torch_best       the same in torch's fastest CPU mode found by `torch_modes` (bf16 autocast, channels-last,
                      torch.compile and combinations, measured on the UNet first; recorded with its pixel error)
     ort_fp32_plain   ONNX Runtime fp32, the plain UNet at every step (the runtime before K/V once)
@@ -11,20 +12,18 @@ Pipelines (PIPELINES; `bench` runs the chosen ones interleaved, so they share th
     openvino_fp32    OpenVINO at f32 on the fp32 files, K/V once
     openvino_bf16    OpenVINO at bf16 (AMX) on the fp32 files, K/V once
 
-Each repeat runs every pipeline once, back to back, and medians and their ratios are reported (compare ratios, not
-seconds: the machines here are shared). `curves` does the same per batch size (one reconstruction of B images per
-call, B per model call) with p50/p95 per stage, images/s and the peak resident memory added during a call; `plot`
-draws latency and throughput against B. `check` compares speedups with the floors of a targets file (CI's
-regression check, `make bench-check`). Both frameworks get the same thread count and images per UNet call.
+Medians and their ratios are reported (compare ratios, not seconds: the machines here are shared). `curves` does the
+same per batch size (one reconstruction of B images per call, B per model call) with p50/p95 per part, images/s and
+the peak resident memory added during a call; `plot` draws latency and throughput against B. `check` compares
+speedups with the floors of a targets file (CI's regression check, `make bench-check`). Both frameworks get the same
+thread count and images per UNet call.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from brainrecon.benchmarks.common import machine, peak_gb, reset_peak
 from brainrecon.io import read_json
-from brainrecon.manifest import producer_versions
 from brainrecon.model_dir import STAGE2_SUMMARY
 
-STAGES = ("stage1_s", "clip_s", "vae_encode_s", "unet_s", "vae_decode_s", "total_s")
+PARTS = ("stage1_s", "clip_s", "vae_encode_s", "unet_s", "vae_decode_s", "total_s")
 # name -> RuntimeOptions keywords of the runtime pipelines
 RUNTIME_PIPELINES: dict[str, dict[str, str]] = {
     "ort_fp32_plain": {"engine": "ort", "precision": "fp32", "unet_graph": "plain"},
@@ -49,7 +48,9 @@ PIPELINES = ("torch", "torch_best", *RUNTIME_PIPELINES)
 DEFAULT_PIPELINES = ("torch", "torch_best", "ort_fp32_plain", "ort_fp32", "openvino_fp32", "openvino_bf16")
 CI_PIPELINES = ("torch", "ort_fp32_plain", "ort_fp32")  # make bench-check: quick, and what the floors name
 TORCH_MODES = ("eager", "channels_last", "bf16", "compile", "compile_bf16")
-
+Run = Callable[
+    [np.ndarray, int | None], tuple[np.ndarray, dict[str, float]]
+]  # (betas, batch) → images, timings
 
 # ----------------------------------------------------------------------------------------- torch
 
@@ -62,13 +63,10 @@ class _ModeUNet:
 
         if mode not in TORCH_MODES:
             raise ValueError(f"torch mode: expected one of {TORCH_MODES}, found {mode!r}")
-        self.mode = mode
-        self.bf16 = mode.endswith("bf16")
-        self.channels_last = mode == "channels_last"
-        if self.channels_last:
-            unet = unet.to(memory_format=torch.channels_last)
-        self.unet = torch.compile(unet) if mode.startswith("compile") else unet
-        self.config = unet.config
+        self.bf16, self.channels_last = mode.endswith("bf16"), mode == "channels_last"
+        self.inner = unet.to(memory_format=torch.channels_last) if self.channels_last else unet
+        self.unet = torch.compile(self.inner) if mode.startswith("compile") else self.inner
+        self.config, self.parameters, self.modules = unet.config, self.inner.parameters, self.inner.modules
 
     def __call__(self, x: Any, t: Any, encoder_hidden_states: Any) -> Any:
         from types import SimpleNamespace
@@ -82,66 +80,72 @@ class _ModeUNet:
         return SimpleNamespace(sample=out.float().contiguous())
 
 
+class _AutocastVAE:
+    """The VAE under bf16 autocast, for the bf16 torch modes. `encode_images` scales the posterior mean in bf16 and
+    the loop gets it in float32 (`_Bf16Mean`), so that only the VAE and the UNet calls run in bf16."""
+
+    def __init__(self, vae: Any):
+        self.vae, self.config, self.parameters = vae, vae.config, vae.parameters
+
+    def encode(self, x: Any) -> Any:
+        from types import SimpleNamespace
+
+        import torch
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean = self.vae.encode(x).latent_dist.mean
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=_Bf16Mean(mean)))
+
+    def decode(self, z: Any) -> Any:
+        import torch
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.vae.decode(z)
+
+
+class _Bf16Mean:
+    def __init__(self, mean: Any):
+        self.mean = mean
+
+    def __mul__(self, scale: float) -> Any:
+        return (self.mean * scale).float()
+
+
 class TorchReference:
-    """`Stage2Model.reconstruct`, stage by stage, so its time splits like the runtime's (same calls inside), with
-    the UNet and the VAE in torch CPU mode `mode` (TORCH_MODES; "eager" is the reference itself)."""
+    """The torch reference, part by part so that its time splits like the runtime's: stage 1, the CLIP ridges, then
+    train/stage2/img2img.py `img2img` (the loop `Stage2Model.reconstruct` runs; it times its VAE and UNet phases),
+    with the UNet and the VAE in torch CPU mode `mode` (TORCH_MODES; "eager" is the reference itself)."""
 
     def __init__(self, model_dir: Path, mode: str = "eager", model: Any = None):
-        from brainrecon.train.foundations.dual_unet import set_mix_ratio
-        from brainrecon.train.stage2.fit import Stage2Model
+        from brainrecon.train.reference import Stage2Model
 
         self.model = model if model is not None else Stage2Model.load(model_dir)
-        self.mode = mode
-        set_mix_ratio(self.model.unet, self.model.sampling.mix_ratio)
         self.unet = self.model.unet if mode == "eager" else _ModeUNet(self.model.unet, mode)
+        self.vae = _AutocastVAE(self.model.vae) if mode.endswith("bf16") else self.model.vae
 
     def run(self, betas: np.ndarray, batch: int) -> tuple[np.ndarray, dict[str, float]]:
         """`batch` images per VAE/UNet call (the UNet sees 2 x batch rows), as the runtime splits them."""
         import torch
 
         from brainrecon.images import resize
-        from brainrecon.noise import img2img_noise
-        from brainrecon.train.foundations.dual_unet import dual_context
-        from brainrecon.train.stage2.img2img import decode_latents, denoise, encode_images, vd_scheduler
+        from brainrecon.train.stage2.img2img import img2img, vd_scheduler
 
-        m, s = self.model, self.model.sampling
-        bf16 = self.mode.endswith("bf16")
-        parts = [slice(i, i + batch) for i in range(0, len(betas), batch)]
-        t: dict[str, float] = {}
+        m, t = self.model, {}
         with torch.no_grad():
             t_all = t0 = time.perf_counter()
             # a single trial has no set to re-normalise over: skipped, as the runtime does
             renorm = None if len(betas) > 1 else False
             stage1 = m.stage1.reconstruct(betas, renorm)
             t["stage1_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-            contexts = (
-                m.predict_contexts(betas)
-                if renorm is None
-                else {k: ridge.predict(betas, renormalize=False) for k, ridge in m.clip.items()}
-            )
-            cond = dual_context(
-                torch.from_numpy(contexts["vision"]), torch.from_numpy(contexts["text"]), m.dual_config
-            )
+            ctx = {k: ridge.predict(betas, renormalize=renorm) for k, ridge in m.clip.items()}
             t["clip_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-            init = resize(stage1, m.image_size)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                latents = torch.cat(
-                    [encode_images(m.vae, init[p], s.vae_scale_factor) for p in parts]
-                ).float()
-            t["vae_encode_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-            uncond = dual_context(
-                torch.from_numpy(m.uncond["vision"]), torch.from_numpy(m.uncond["text"]), m.dual_config
-            )
-            noise = torch.from_numpy(img2img_noise(tuple(latents.shape), s.seed))
-            latents = torch.cat(
-                [denoise(self.unet, vd_scheduler(), latents[p], cond[p], uncond, s, noise[p]) for p in parts]
-            )
-            t["unet_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                images = np.concatenate(
-                    [decode_latents(m.vae, latents[p], s.vae_scale_factor) for p in parts]
-                )
-            t["vae_decode_s"] = time.perf_counter() - t0
+            init, resize_s = resize(stage1, m.image_size), time.perf_counter() - t0
+            images = img2img(
+                self.unet, self.vae, vd_scheduler(), init,
+                *(torch.from_numpy(x) for x in (ctx["vision"], ctx["text"], m.uncond["vision"], m.uncond["text"])),
+                m.sampling, dual_config=m.dual_config, batch_size=batch, timings=t,
+            )  # fmt: skip
+            t["vae_encode_s"] += resize_s  # the runtime's encode part resizes too
             t["total_s"] = time.perf_counter() - t_all
         return images, t
 
@@ -153,13 +157,11 @@ def torch_modes(
     |difference| from eager fp32 over its scale, and the first call's seconds (torch.compile's compile time)."""
     import torch
 
-    from brainrecon.train.stage2.fit import Stage2Model
+    from brainrecon.train.reference import Stage2Model
 
     torch.set_num_threads(threads)
     model = Stage2Model.load(model_dir)
-    unet = model.unet.eval()
-    cfg = model.dual_config
-    g = torch.Generator().manual_seed(0)
+    unet, cfg, g = model.unet.eval(), model.dual_config, torch.Generator().manual_seed(0)
     x = torch.randn(
         rows, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g
     )
@@ -172,12 +174,8 @@ def torch_modes(
         scale = float(reference.abs().max())
         for mode in modes:
             try:
-                wrapped = _ModeUNet(unet, mode) if mode != "eager" else None
-                call = (
-                    (lambda w=wrapped: w(x, t, encoder_hidden_states=ctx).sample)
-                    if wrapped is not None
-                    else (lambda: unet(x, t, encoder_hidden_states=ctx).sample)
-                )
+                wrapped = _ModeUNet(unet, mode) if mode != "eager" else unet
+                call = lambda w=wrapped: w(x, t, encoder_hidden_states=ctx).sample  # noqa: E731
                 t0 = time.perf_counter()
                 first = call()
                 first_s = time.perf_counter() - t0
@@ -195,54 +193,23 @@ def torch_modes(
                 t0 = time.perf_counter()
                 call()
                 times[mode].append(time.perf_counter() - t0)
-    for mode, ts in times.items():
-        out["modes"][mode]["median_s"] = round(statistics.median(ts), 5)
-        out["modes"][mode]["speedup_vs_eager"] = round(
-            statistics.median(times["eager"]) / statistics.median(ts), 3
-        )
-    out["best"] = min(times, key=lambda m: statistics.median(times[m]))
-    return out
+    medians = {mode: statistics.median(ts) for mode, ts in times.items()}
+    for mode, median in medians.items():
+        out["modes"][mode] |= {
+            "median_s": round(median, 5),
+            "speedup_vs_eager": round(medians["eager"] / median, 3),
+        }
+    return out | {"best": min(medians, key=medians.__getitem__)}
 
 
 # ----------------------------------------------------------------------------------------- runtime
 
 
-class _PeakRSS:
-    """The peak resident memory a block adds over its start, sampled every 2 ms (native allocations included)."""
+def _open_pipelines(model_dir: Path, names: tuple[str, ...], threads: int, torch_best: str) -> dict[str, Run]:
+    """name -> run(betas, batch) → (final images, part timings)."""
+    from brainrecon.runtime import Reconstructor, RuntimeOptions
 
-    def __enter__(self) -> _PeakRSS:
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def added_mb(self) -> float:
-        return round((self.peak - self.base) / 2**20, 1)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _open_pipelines(
-    model_dir: Path, names: tuple[str, ...], threads: int, torch_best: str
-) -> dict[str, Callable[[np.ndarray, int | None], tuple[np.ndarray, dict[str, float]]]]:
-    """name -> run(betas, batch) → (final images, stage timings)."""
-    from brainrecon.runtime.api import Reconstructor, RuntimeOptions
-
-    runs: dict[str, Callable[[np.ndarray, int | None], tuple[np.ndarray, dict[str, float]]]] = {}
+    runs: dict[str, Run] = {}
     reference = None
     for name in names:
         if name in ("torch", "torch_best"):
@@ -257,7 +224,7 @@ def _open_pipelines(
 
             def run(b: np.ndarray, n: int | None, rec: Any = rec) -> tuple[np.ndarray, dict[str, float]]:
                 r = rec.reconstruct(b, batch_size=n)
-                return r.images, {k: r.timings[k] for k in STAGES} | {"unet_batch": r.batch_sizes["unet"]}
+                return r.images, {k: r.timings[k] for k in PARTS} | {"unet_batch": r.batch_sizes["unet"]}
 
             runs[name] = run
     return runs
@@ -269,8 +236,8 @@ def unet_flops(model_dir: Path) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from brainrecon.train.foundations.dual_unet import context_kv, kv_cross_attention_kwargs
-    from brainrecon.train.stage2.fit import Stage2Model
+    from brainrecon.export.kv_once import context_kv, kv_cross_attention_kwargs
+    from brainrecon.train.reference import Stage2Model
 
     model = Stage2Model.load(model_dir)
     unet, cfg = model.unet.eval(), model.dual_config
@@ -315,10 +282,6 @@ def matmul_ceilings(threads: int, n: int = 2048, repeats: int = 5, budget_s: flo
     return out
 
 
-def median_timings(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(statistics.median(r[k] for r in runs), 4) for k in STAGES}
-
-
 def bench(
     model_dir: Path,
     betas: np.ndarray,
@@ -339,25 +302,22 @@ def bench(
     for i in range(
         repeats + 1
     ):  # the first round warms up (sessions, caches, compilation) and is not counted
-        for name, run in runs.items():
-            if name.startswith("torch"):
-                continue
-            images[name], t = run(betas, None)
-            batch = int(t.pop("unet_batch"))  # the runtime's images per UNet call: torch gets the same
+        for name in sorted(
+            runs, key=lambda n: n.startswith("torch")
+        ):  # the runtime first: torch gets its batch
+            images[name], t = runs[name](betas, batch if name.startswith("torch") else None)
+            batch = t.pop("unet_batch", batch)  # the runtime's images per UNet call
             if i:
                 times[name].append(t)
-        for name in ("torch", "torch_best"):
-            if name in runs:
-                images[name], t = runs[name](betas, batch)
-                if i:
-                    times[name].append(t)
-    medians = {name: median_timings(r) for name, r in times.items()}
+    medians = {
+        name: {k: round(statistics.median(r[k] for r in ts), 4) for k in PARTS} for name, ts in times.items()
+    }
     out: dict[str, Any] = {"median_s": medians, "unet_images_per_call": batch, "torch_best_mode": torch_best}
     for name in runs:
         diff = np.abs(images[name].astype(int) - images["torch"].astype(int))
         out[name] = {
             "speedup_vs_torch": {
-                k: round(medians["torch"][k] / max(medians[name][k], 1e-9), 2) for k in STAGES
+                k: round(medians["torch"][k] / max(medians[name][k], 1e-9), 2) for k in PARTS
             },
             "pixel_diff_vs_torch": {
                 "mean": round(float(diff.mean()), 4),
@@ -367,10 +327,9 @@ def bench(
             },
         }
         if "torch_best" in runs:
-            out[name]["speedup_vs_torch_best"] = {
-                k: round(medians["torch_best"][k] / max(medians[name][k], 1e-9), 2)
-                for k in ("unet_s", "total_s")
-            }
+            best = medians["torch_best"]
+            speedup = {k: round(best[k] / max(medians[name][k], 1e-9), 2) for k in ("unet_s", "total_s")}
+            out[name]["speedup_vs_torch_best"] = speedup
     out["images_per_second"] = {name: round(len(betas) / medians[name]["total_s"], 2) for name in runs}
     return out
 
@@ -384,16 +343,13 @@ def unet_throughput(
     out = {}
     for name, med in inference["median_s"].items():
         rows = 2 * n_images * steps
-        useful = flops["plain"] * rows / med["unet_s"] / 1e9
-        executed = (
-            flops["plain"] if name in ("torch", "torch_best", "ort_fp32_plain") else flops["kv_step"]
-        ) * rows
-        executed_gflops = executed / med["unet_s"] / 1e9
+        plain = name in ("torch", "torch_best", "ort_fp32_plain")
+        executed = (flops["plain"] if plain else flops["kv_step"]) * rows / med["unet_s"] / 1e9
         out[name] = {
-            "useful_gflops": round(useful, 1),
-            "executed_gflops": round(executed_gflops, 1),
-            "executed_fraction_of_fp32_ceiling": round(executed_gflops / ceilings["fp32"], 3),
-            "executed_fraction_of_bf16_ceiling": round(executed_gflops / ceilings["bf16"], 3),
+            "useful_gflops": round(flops["plain"] * rows / med["unet_s"] / 1e9, 1),
+            "executed_gflops": round(executed, 1),
+            "executed_fraction_of_fp32_ceiling": round(executed / ceilings["fp32"], 3),
+            "executed_fraction_of_bf16_ceiling": round(executed / ceilings["bf16"], 3),
         }
     return out
 
@@ -411,8 +367,8 @@ def curves(
     torch_best: str = "eager",
 ) -> dict[str, Any]:
     """Per batch size B: B images reconstructed in one call (B images per model call), every pipeline once per
-    repeat, interleaved, after a warm-up round (at the first B; at every B for torch.compile): p50/p95 per stage,
-    images/s at p50, peak resident memory added per call."""
+    repeat, interleaved, after a warm-up round (at the first B; at every B for torch.compile): p50/p95 per part,
+    images/s at p50, peak resident memory added per call (VmHWM after the call over the resident memory before)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -421,36 +377,27 @@ def curves(
     for b in batches:
         if b > len(betas):
             raise ValueError(f"curves: batch {b} needs {b} betas, found {len(betas)}")
-        x = betas[:b]
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-        peaks: dict[str, list[float]] = {name: [] for name in runs}
         for i in range(repeats + 1):
             for name, run in runs.items():
                 # one warm-up round at the first batch size; torch.compile also re-specialises on a new batch
-                if (
-                    i == 0
-                    and b != batches[0]
-                    and not (name == "torch_best" and torch_best.startswith("compile"))
-                ):
+                compiled = name == "torch_best" and torch_best.startswith("compile")
+                if i == 0 and b != batches[0] and not compiled:
                     continue
-                with _PeakRSS() as mem:
-                    _, t = run(x, b)
-                t.pop("unet_batch", None)
+                reset_peak()
+                base = peak_gb()
+                _, t = run(betas[:b], b)
+                t["peak_added_gb"] = peak_gb() - base
                 if i:
                     samples[name].append(t)
-                    peaks[name].append(mem.added_mb)
-        for name in runs:
-            stages = {
-                k: {
-                    "p50": round(float(np.percentile([s[k] for s in samples[name]], 50)), 4),
-                    "p95": round(float(np.percentile([s[k] for s in samples[name]], 95)), 4),
-                }
-                for k in STAGES
+        for name, ts in samples.items():
+            parts = {
+                k: {q: round(float(np.percentile([s[k] for s in ts], q)), 4) for q in (50, 95)} for k in PARTS
             }
             out["pipelines"][name][str(b)] = {
-                "stages_s": stages,
-                "images_per_second": round(b / stages["total_s"]["p50"], 2),
-                "peak_added_rss_mb": max(peaks[name]),
+                "stages_s": {k: {"p50": v[50], "p95": v[95]} for k, v in parts.items()},
+                "images_per_second": round(b / parts["total_s"][50], 2),
+                "peak_added_rss_mb": round(max(s["peak_added_gb"] for s in ts) * 1024, 1),
             }
     return out
 
@@ -460,8 +407,7 @@ def label_axes(axes_labels: tuple[tuple[Any, str], ...], batches: list[int], xla
     for ax, ylabel in axes_labels:
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
 
 
@@ -475,18 +421,14 @@ def plot(curve: dict[str, Any], path: Path, title: str) -> None:
     batches = curve["batches"]
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, per_batch in curve["pipelines"].items():
-        p50 = [per_batch[str(b)]["stages_s"]["total_s"]["p50"] for b in batches]
-        p95 = [per_batch[str(b)]["stages_s"]["total_s"]["p95"] for b in batches]
+        p50, p95 = ([per_batch[str(b)]["stages_s"]["total_s"][q] for b in batches] for q in ("p50", "p95"))
         (line,) = ax_lat.plot(batches, p50, marker="o", label=name)
         ax_lat.fill_between(batches, p50, p95, color=line.get_color(), alpha=0.15)
         ax_thr.plot(
             batches, [per_batch[str(b)]["images_per_second"] for b in batches], marker="o", label=name
         )
-    label_axes(
-        ((ax_lat, "end-to-end latency, s (p50; band to p95)"), (ax_thr, "images / s (at p50)")),
-        batches,
-        "batch size (images per call)",
-    )
+    axes = ((ax_lat, "end-to-end latency, s (p50; band to p95)"), (ax_thr, "images / s (at p50)"))
+    label_axes(axes, batches, "batch size (images per call)")
     ax_lat.set_yscale("log")
     ax_thr.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -516,89 +458,24 @@ def check(results: dict[str, Any], targets_path: Path) -> list[str]:
 
     for name, floors in targets["stage2_speedup_floor"].items():
         if benchmarked(name):
-            for stage, floor in floors.items():
-                found = inference[name]["speedup_vs_torch"][stage]
+            for part, floor in floors.items():
+                found = inference[name]["speedup_vs_torch"][part]
                 if found < floor:
-                    misses.append(f"{name} {stage}: speedup vs torch {found} < floor {floor}")
+                    misses.append(f"{name} {part}: speedup vs torch {found} < floor {floor}")
     for name, spec in targets.get("stage2_speedup_over", {}).items():
         base = spec["over"]
         if benchmarked(name) and benchmarked(base):
-            for stage, floor in spec.items():
-                if stage == "over":
-                    continue
-                found = round(inference["median_s"][base][stage] / inference["median_s"][name][stage], 2)
+            for part, floor in ((p, f) for p, f in spec.items() if p != "over"):
+                found = round(inference["median_s"][base][part] / inference["median_s"][name][part], 2)
                 if found < floor:
-                    misses.append(f"{name} {stage}: speedup vs {base} {found} < floor {floor}")
+                    misses.append(f"{name} {part}: speedup vs {base} {found} < floor {floor}")
     return misses
-
-
-def run_benchmark(
-    model_dir: Path,
-    betas: np.ndarray,
-    repeats: int,
-    threads: int,
-    note: str = "",
-    pipelines: tuple[str, ...] = DEFAULT_PIPELINES,
-    modes_record: dict[str, Any] | None = None,
-    torch_candidates: tuple[str, ...] = TORCH_MODES,
-) -> dict[str, Any]:
-    """The whole results record: machine, versions, sampling, torch modes (measured here, or `modes_record` from
-    an earlier `torch_modes` on this machine), medians, speedups, pixel differences, UNet GFLOP/s against the
-    matmul ceilings."""
-    stage2 = read_json(model_dir / STAGE2_SUMMARY, "stage-2 summary")
-    record: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "threads": threads,
-        },
-        "versions": producer_versions() | _openvino_version(),
-        "model_dir": str(model_dir),
-        "note": note,
-        "betas": {"shape": list(betas.shape)},
-        "sampling": stage2["sampling"],
-        "repeats": repeats,
-    }
-    torch_best = "eager"
-    if "torch_best" in pipelines:
-        record["torch_modes"] = modes_record or torch_modes(model_dir, 32, threads, modes=torch_candidates)
-        torch_best = record["torch_modes"]["best"]
-    record["loadavg_1m_before"] = round(os.getloadavg()[0], 2)
-    record["inference"] = bench(model_dir, betas, repeats, threads, pipelines, torch_best)
-    record["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
-    steps = _unet_steps(stage2["sampling"])
-    record["unet_flops_per_row"] = unet_flops(model_dir)
-    record["matmul_ceiling_gflops"] = matmul_ceilings(threads)
-    record["unet_loop_gflops"] = unet_throughput(
-        record["inference"], record["unet_flops_per_row"], len(betas), steps, record["matmul_ceiling_gflops"]
-    )
-    return record
 
 
 def _unet_steps(sampling: dict[str, Any]) -> int:
     from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
 
     return len(DDIMScheduler(DDIMConfig()).timesteps(sampling["num_inference_steps"], sampling["strength"]))
-
-
-def _openvino_version() -> dict[str, str | None]:
-    try:
-        import openvino
-
-        return {"openvino": openvino.__version__}
-    except ImportError:
-        return {"openvino": None}
-
-
-def summary_line(results: dict[str, Any]) -> str:
-    inf = results["inference"]
-    med = inf["median_s"]
-    parts = [f"{results['betas']['shape'][0]} images: torch {med['torch']['total_s']:.2f} s"]
-    for name in med:
-        if name != "torch":
-            parts.append(f"{name} {med[name]['total_s']:.2f} s ({inf[name]['speedup_vs_torch']['total_s']}x)")
-    return " | ".join(parts)
 
 
 def bench_and_write(
@@ -617,38 +494,52 @@ def bench_and_write(
     torch_candidates: tuple[str, ...] = TORCH_MODES,
     curve_pipelines: tuple[str, ...] | None = None,
 ) -> tuple[str, list[str]]:
-    """What `recon-bench` and benchmarks/bench_stage2_runtime.py do: benchmark, write `out` (and, with
-    `curve_batches`, the curves into it and a PNG beside it), compare with the floors of `targets` when given.
-    Returns (summary line, floor misses)."""
+    """What `recon-bench` does: the results record (machine, sampling, torch modes measured here or `modes_record`
+    from an earlier `torch_modes` on this machine, medians, speedups, pixel differences, UNet GFLOP/s against the
+    matmul ceilings) written to `out`; with `curve_batches` the curves into it and a PNG beside it; the floors of
+    `targets` checked when given. Returns (summary line, floor misses)."""
     from brainrecon.io import load_npy, write_json
 
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
         raise ValueError(f"pipelines: expected names from {PIPELINES}, found {unknown}")
-    betas = load_npy(betas_path, "z-scored betas")
-    threads = threads or len(os.sched_getaffinity(0))
-    results = run_benchmark(
-        model_dir, betas[:limit], repeats, threads, note, pipelines, modes_record, torch_candidates
-    )
-    results["betas"]["path"] = str(betas_path)
+    all_betas = load_npy(betas_path, "z-scored betas")
+    betas, threads = all_betas[:limit], threads or len(os.sched_getaffinity(0))
+    sampling = read_json(model_dir / STAGE2_SUMMARY, "stage-2 summary")["sampling"]
+    results: dict[str, Any] = {"machine": machine(threads), "model_dir": str(model_dir), "note": note}
+    results |= {"betas": {"shape": list(betas.shape), "path": str(betas_path)}, "sampling": sampling}
+    results |= {"repeats": repeats}
+    torch_best = "eager"
+    if "torch_best" in pipelines:
+        results["torch_modes"] = modes_record or torch_modes(model_dir, 32, threads, modes=torch_candidates)
+        torch_best = results["torch_modes"]["best"]
+    results["inference"] = bench(model_dir, betas, repeats, threads, pipelines, torch_best)
+    results["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+    results["unet_flops_per_row"] = unet_flops(model_dir)
+    results["matmul_ceiling_gflops"] = ceilings = matmul_ceilings(threads)
+    flops, steps = results["unet_flops_per_row"], _unet_steps(sampling)
+    results["unet_loop_gflops"] = unet_throughput(results["inference"], flops, len(betas), steps, ceilings)
     write_json(out, results)  # the main run is kept if the curves are interrupted
     if curve_batches:
-        results["curves"] = curves(
+        curve = curves(
             model_dir,
-            betas,
+            all_betas,
             curve_batches,
             curve_repeats,
             threads,
             curve_pipelines or pipelines,
-            results["inference"]["torch_best_mode"],
+            torch_best,
         )
         png = out.with_name(out.stem + "_curves.png")
-        plot(
-            results["curves"],
-            png,
-            f"two-stage reconstruction, {threads} threads, {_unet_steps(results['sampling'])} guided UNet steps "
-            f"(torch_best = {results['inference']['torch_best_mode']})",
-        )
-        results["curves"]["plot"] = png.name
-    write_json(out, results)
-    return f"{summary_line(results)} -> {out}", check(results, targets) if targets is not None else []
+        title = f"two-stage reconstruction, {threads} threads, {steps} guided UNet steps (torch_best = {torch_best})"
+        plot(curve, png, title)
+        results["curves"] = curve | {"plot": png.name}
+        write_json(out, results)
+    med, inf = results["inference"]["median_s"], results["inference"]
+    line = [f"{len(betas)} images: torch {med['torch']['total_s']:.2f} s"]
+    line += [
+        f"{n} {m['total_s']:.2f} s ({inf[n]['speedup_vs_torch']['total_s']}x)"
+        for n, m in med.items()
+        if n != "torch"
+    ]
+    return f"{' | '.join(line)} -> {out}", check(results, targets) if targets is not None else []

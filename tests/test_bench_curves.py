@@ -1,10 +1,14 @@
-"""recon-bench's record helpers (benchmarks/runtime_vs_torch.py) on made-up numbers: the floors check, the UNet
-GFLOP/s arithmetic and the curves plot. The benchmark itself runs in tests/test_runtime_stage2.py."""
+"""recon-bench (benchmarks/runtime_vs_torch.py): its record helpers on made-up numbers (the floors check, the UNet
+GFLOP/s arithmetic, the curves plot), its torch reference against the reference's own reconstruction, and its
+--check defaults on the tiny subject. The benchmark's speedups and floors run in tests/test_runtime_stage2.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 
+import numpy as np
 import pytest
 
 from brainrecon.benchmarks.runtime_vs_torch import check, plot, unet_throughput
@@ -76,3 +80,40 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "curves.png"
     plot(curve, path, "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_reference_runs_the_reference_loop_part_by_part(tiny2, betas, one_thread):
+    """TorchReference is Stage2Model.reconstruct (train/stage2/img2img.py `img2img`, one loop) with its time split
+    by part: the same images, byte for byte, at the runtime's batch; a single trial skips the re-normalisation."""
+    from brainrecon.benchmarks.runtime_vs_torch import PARTS, TorchReference
+
+    reference = TorchReference(tiny2["model"])
+    images, timings = reference.run(betas[:5], 2)
+    expected = reference.model.reconstruct(betas[:5], batch_size=2, progress=False)["final"]
+    assert images.dtype == np.uint8 and np.array_equal(images, expected)
+    assert set(timings) == set(PARTS) and sum(timings[k] for k in PARTS[:-1]) <= timings["total_s"] * 1.01
+    single, _ = reference.run(betas[:1], 1)
+    m = reference.model
+    contexts = {k: ridge.predict(betas[:1], renormalize=False) for k, ridge in m.clip.items()}
+    stage1 = dataclasses.replace(m.stage1, config=dataclasses.replace(m.stage1.config, renormalize=False))
+    expected = dataclasses.replace(m, stage1=stage1).reconstruct(betas[:1], contexts=contexts, progress=False)
+    assert np.array_equal(single, expected["final"])
+
+
+def test_recon_bench_check_runs_the_floors_pipelines_and_records_the_note(tiny2, tmp_path, monkeypatch):
+    """With --check and no --pipelines, recon-bench runs what the floors name (CI's `make bench-check`); --note and
+    the machine (date, CPU, cores) are recorded with the results."""
+    from brainrecon.benchmarks.runtime_vs_torch import CI_PIPELINES
+    from brainrecon.cli.deploy import bench_main
+
+    out, targets = tmp_path / "bench.json", tmp_path / "targets.json"
+    targets.write_text(json.dumps({"stage2_speedup_floor": {"ort_fp32": {"total_s": 0.01}}}))
+    args = [str(tiny2["prep"] / "test_betas.npy"), "--model-dir", str(tiny2["model"]), "--limit", "2"]
+    args += ["--repeats", "1", "--threads", "1", "--out", str(out), "--check", str(targets), "--note", "tiny"]
+    monkeypatch.setattr(sys, "argv", ["recon-bench", *args])
+    with pytest.raises(SystemExit) as e:
+        bench_main()
+    assert e.value.code == 0
+    results = json.loads(out.read_text())
+    assert tuple(results["inference"]["median_s"]) == CI_PIPELINES
+    assert results["note"] == "tiny" and results["machine"]["cores"] > 0 and results["machine"]["date"]

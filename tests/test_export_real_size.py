@@ -1,11 +1,10 @@
-"""Real size (benchmarks/real_size.py): the fp16 fallback on a tiny overflowing graph (fast), and the real-size models
-built, exported and validated through the command's own steps (slow: `pytest -m slow`, minutes and GBs each)."""
+"""Real size (benchmarks/real_size.py): the fp16 fallback on a tiny overflowing graph and the export routine's step
+hook (fast), and the real-size models built, exported and validated through the command's own steps (slow: `pytest -m
+slow`, minutes and GBs each)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_real_size():
-    spec = importlib.util.spec_from_file_location("real_size", ROOT / "benchmarks" / "real_size.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["real_size"] = module
-    spec.loader.exec_module(module)
-    return module
+    from brainrecon.benchmarks import real_size
+
+    return real_size
 
 
 class Overflowing(torch.nn.Module):
@@ -143,6 +140,21 @@ def test_fp16_fallback_retries_with_prefixes_after_a_parity_error(tmp_path, monk
         export_fp16(contract, fp32, tmp_path / "plain.fp16.onnx", external=False, check=check)
 
 
+def test_export_routine_reports_each_step_to_its_hook(tmp_path):
+    """stage_contract's `on_step` (what benchmarks/real_size.py times and measures memory with): the fp32 file
+    written, then validated; the fp16 file converted (checked and validated inside the conversion, torchscript)."""
+    from brainrecon.export.onnx_export import ExportSource, stage_contract, torch_reference
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8)).eval()
+    contract = toy_contract()
+    source = ExportSource(contract, torch_reference(module, contract), module=module)
+    steps = []
+    staged = stage_contract(source, tmp_path, ("fp32", "fp16"), True, 2**31, lambda *step: steps.append(step))
+    assert steps == [("export", "fp32"), ("validate", "fp32"), ("export", "fp16")]
+    assert [f.precision for f in staged] == ["fp32", "fp16"] and all(f.validation for f in staged)
+
+
 def onnx_graph(path):
     import onnx
 
@@ -217,9 +229,9 @@ def test_vd_unet_has_the_real_parameter_count_and_distinct_text_blocks():
     from diffusers.models.transformers.dual_transformer_2d import DualTransformer2DModel
 
     rs = load_real_size()
-    built = rs.build_model("unet")
-    assert built.parameters == 1_126_760_324
-    unet = built.module.unet
+    source, parameters = rs.source("unet")
+    assert parameters == 1_126_760_324
+    unet = source.module.unet
     blocks = [m for m in unet.modules() if isinstance(m, DualTransformer2DModel)]
     assert len(blocks) == 16
     for block in blocks:
@@ -231,32 +243,43 @@ def test_vd_unet_has_the_real_parameter_count_and_distinct_text_blocks():
 @pytest.mark.slow
 def test_real_size_command_measures_the_clip_regressor(tmp_path):
     """The command's steps end to end on the CLIP-text ridge (rank 256, 77 x 768): export, fp16, parity, load,
-    latency, memory and file sizes in the results file."""
+    latency, memory and file sizes in the results file, per step of the export routine."""
     rs = load_real_size()
-    out = tmp_path / "real_size.json"
-    assert rs.main(["--out", str(out), "--only", "clip_text", "--work", str(tmp_path / "work")]) == 0
-    entry = json.loads(out.read_text())["models"]["clip_text"]
+    out, work = tmp_path / "real_size.json", tmp_path / "work"
+    assert rs.main(["--out", str(out), "--only", "clip_text", "--work", str(work)]) == 0
+    results = json.loads(out.read_text())
+    assert results["machine"]["cores"] and results["machine"]["date"]
+    entry = results["models"]["clip_text"]
     assert entry["parameters"] == 15724 * 256 + 256 * 77 * 768 + 77 * 768
     for precision, bound in (("fp32", 1e-5), ("fp16", 2e-3)):
         r = entry[precision]
         assert "error" not in r, r
         assert r["validation"]["max_abs"] <= bound * r["validation"].get("scale", 1) + 1e-6 or r["validation"]
         assert r["file_bytes"] > entry["parameters"] * (4 if precision == "fp32" else 2) * 0.99
-        assert r["export_peak_gb"] > 0 and r["load_peak_gb"] > 0
+        # the builder's steps: the file written, then checked and validated, each with its time and peak
+        assert (
+            r["export_s"] > 0
+            and r["export_peak_gb"] > 0
+            and r["validate_s"] > 0
+            and r["validate_peak_gb"] > 0
+        )
+        assert r["load_peak_gb"] > 0
         assert r["latency"]["1"]["median_s"] > 0 and r["latency"]["2"]["median_s"] > 0
-    assert not list((tmp_path / "work").glob("clip_text.*.onnx"))  # removed without --keep
+    assert entry["fp32"]["reference_s"] > 0  # the numpy reference, computed once for both precisions
+    assert not (work / "clip_text").exists()  # removed without --keep
     assert np.isfinite(entry["wall_s"])
 
 
 @pytest.mark.slow
 def test_real_size_steps_load_retimes_kept_files_and_keeps_the_rest(tmp_path):
     """`--keep` then `--steps load`: the latency and load figures are measured again on the kept files, the export
-    and parity figures of the first run stay, and the files stay."""
+    and parity figures of the first run stay, and the files stay; --table renders the result."""
     rs = load_real_size()
     out, work = tmp_path / "real_size.json", tmp_path / "work"
     base = ["--out", str(out), "--only", "gru", "--work", str(work)]
     assert rs.main([*base, "--keep"]) == 0
     first = json.loads(out.read_text())["models"]["gru"]
+    assert first["fp16"]["validation"]["fp16_fp32_prefixes"] == []  # the fp16 conversion's record
     assert rs.main([*base, "--steps", "load"]) == 0
     again = json.loads(out.read_text())["models"]["gru"]
     assert again["rerun"]["steps"] == ["load"] and again["wall_s"] == first["wall_s"]
@@ -264,37 +287,24 @@ def test_real_size_steps_load_retimes_kept_files_and_keeps_the_rest(tmp_path):
         assert again[precision]["validation"] == first[precision]["validation"]
         assert again[precision]["export_s"] == first[precision]["export_s"]
         assert again[precision]["latency"]["1"]["median_s"] > 0
-        assert (work / f"gru.{precision}.onnx").is_file()
+        assert (work / "gru" / f"gru.{precision}.onnx").is_file()
     with pytest.raises(SystemExit):
         rs.main([*base, "--steps", "load,fit"])
+    table = rs.markdown_table(json.loads(out.read_text())).splitlines()
+    assert len(table) == 4 and table[2].startswith("| gru | fp32 | 12,400,344 | 50 MB |")
 
 
 @pytest.mark.slow
 def test_real_size_curve_times_every_pipeline_and_compares_with_torch(tmp_path):
-    """benchmarks/real_size_curve.py on the real-size GRU (the UNet's command, minutes less): every pipeline at
-    every batch, rows/s, peak memory, speedups over torch eager, output errors against it, and the plot."""
+    """`--curve` on the real-size GRU (the UNet's command, minutes less): every pipeline at every batch, rows/s,
+    peak memory, speedups over torch eager, output errors against it, and the plot; the timing step also runs on
+    given inputs (what --kv-step feeds it)."""
     rs = load_real_size()
     work, out = tmp_path / "work", tmp_path / "curve.json"
     assert rs.main(["--out", str(tmp_path / "rs.json"), "--only", "gru", "--work", str(work), "--keep"]) == 0
-    spec = importlib.util.spec_from_file_location(
-        "real_size_curve", ROOT / "benchmarks" / "real_size_curve.py"
-    )
-    curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curve)
     pipelines = "torch,torch_bf16,ort_fp32,openvino_bf16"
-    args = [
-        "--model",
-        "gru",
-        "--pipelines",
-        pipelines,
-        "--batches",
-        "1,3",
-        "--repeats",
-        "2",
-        "--threads",
-        "1",
-    ]
-    assert curve.main([*args, "--work", str(work), "--out", str(out)]) == 0
+    args = ["--curve", "1,3", "--model", "gru", "--pipelines", pipelines, "--repeats", "2", "--threads", "1"]
+    assert rs.main([*args, "--work", str(work), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert list(result["pipelines"]) == pipelines.split(",")
     for name, r in result["pipelines"].items():
@@ -306,7 +316,10 @@ def test_real_size_curve_times_every_pipeline_and_compares_with_torch(tmp_path):
     assert err["torch"]["max_over_scale"] == 0 and err["ort_fp32"]["max_over_scale"] < 1e-5
     assert 0 < err["torch_bf16"]["max_over_scale"] < 0.1 and 0 < err["openvino_bf16"]["max_over_scale"] < 0.1
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SystemExit):
-        curve.main(
-            ["--pipelines", "ort_fp32", "--work", str(work), "--out", str(out)]
-        )  # torch is the reference
+    with pytest.raises(SystemExit):  # torch is the reference
+        rs.main(["--curve", "1", "--pipelines", "ort_fp32", "--work", str(work), "--out", str(out)])
+    inputs = tmp_path / "x.npz"
+    np.savez(inputs, betas=np.ones((2, 15724), np.float32))
+    step = ["--step", "time", "--pipeline", "ort_fp32", "--model", "gru", "--batches", "2", "--repeats", "1"]
+    assert rs.main([*step, "--work", str(work), "--inputs", str(inputs)]) == 0
+    assert np.load(work / "curve_gru_ort_fp32.npy").shape == (2, 13344)

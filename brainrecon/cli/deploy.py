@@ -300,14 +300,29 @@ def bench(
         Path | None, typer.Option(help="Targets JSON (benchmarks/targets.json); exit 1 below a floor.")
     ] = None,
     pipelines: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Comma-separated: torch, torch_best, ort_fp32_plain, ort_fp32, ort_fp16, openvino_fp32, "
-            "openvino_bf16."
+            "openvino_bf16. Default: torch,ort_fp32_plain,ort_fp32 with --check (what the floors name), else all "
+            "but ort_fp16."
         ),
-    ] = "torch,torch_best,ort_fp32_plain,ort_fp32,openvino_fp32,openvino_bf16",
+    ] = None,
     curves: Annotated[
         str, typer.Option(help="Batch sizes for latency/throughput curves and their PNG, e.g. 1,4,16,64.")
+    ] = "",
+    curve_repeats: Annotated[int, typer.Option(help="Timed repeats per batch size of the curves.")] = 3,
+    curve_pipelines: Annotated[
+        str | None, typer.Option(help="Pipelines of the curves (default: --pipelines).")
+    ] = None,
+    torch_candidates: Annotated[
+        str, typer.Option(help="torch CPU modes tried for torch_best.")
+    ] = "eager,channels_last,bf16,compile,compile_bf16",
+    torch_modes: Annotated[
+        Path | None,
+        typer.Option(help="torch_best's modes measured earlier on this machine (a results JSON)."),
+    ] = None,
+    note: Annotated[
+        str, typer.Option(help="How the model folder was made (recorded with the results).")
     ] = "",
 ) -> None:
     """Two-stage reconstruction: the runtime (ONNX Runtime with and without the K/V-once UNet, OpenVINO f32/bf16)
@@ -315,9 +330,16 @@ def bench(
 
     Example: recon-bench data/subj01/test_betas.npy --model-dir engines/subj01 --limit 32 --curves 1,4,16,64
     """
-    from brainrecon.benchmarks.runtime_vs_torch import bench_and_write
+    import json
+
+    from brainrecon.benchmarks.runtime_vs_torch import CI_PIPELINES, DEFAULT_PIPELINES, bench_and_write
     from brainrecon.errors import BrainReconError
 
+    def names(value: str) -> tuple[str, ...]:
+        return tuple(p for p in value.split(",") if p)
+
+    default = CI_PIPELINES if check is not None else DEFAULT_PIPELINES
+    modes = json.loads(torch_modes.read_text()) if torch_modes else None
     line, misses = bench_and_write(
         model_dir,
         betas,
@@ -326,12 +348,19 @@ def bench(
         repeats,
         threads,
         check,
-        pipelines=tuple(p for p in pipelines.split(",") if p),
-        curve_batches=tuple(int(b) for b in curves.split(",") if b),
+        note,
+        names(pipelines) if pipelines else default,
+        tuple(int(b) for b in curves.split(",") if b),
+        curve_repeats,
+        modes.get("torch_modes", modes) if modes else None,
+        names(torch_candidates),
+        names(curve_pipelines) if curve_pipelines else None,
     )
     console.print(line)
     if misses:
         raise BrainReconError(f"speed regression against {check}: " + "; ".join(misses))
+    if check is not None:
+        console.print(f"speedups at or above the floors of {check}")
 
 
 export_main = run_app(export_app)
