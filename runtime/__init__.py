@@ -7,10 +7,12 @@ Never imports torch, diffusers or transformers (tests/test_runtime.py enforces i
     with Reconstructor.open("engines/subj01", RuntimeOptions(engine="ort", precision="fp32")) as rec:
         out = rec.reconstruct(betas)  # out.images (N, S, S, 3) uint8, out.stage1_images, out.timings
 
-Modules: api (Reconstructor, RuntimeOptions, Reconstruction), stage1 (Stage1Pipeline), stage2 (Stage2Pipeline:
-stage 1 + img2img refinement), ddim (DDIMScheduler, numpy), inputs (betas readers and recorded preprocessing),
-artifacts (manifest entries → verified backends), backends/ (base: Backend, ModelIO; ort: OrtBackend;
-tensorrt: EngineKey, TrtBackend), infer (recon-infer's output folder). Imports are lazy.
+Modules, in the order a call goes through them: api (Reconstructor), types (RuntimeOptions, CheckedInputs,
+Reconstruction), model_folder (read_model_folder: the folder read and verified once), artifacts (load_model:
+manifest entry → verified backend), inputs (check_betas; betas readers and recorded preprocessing), stage1
+(Stage1Pipeline), stage2 (Stage2Pipeline: stage 1 + img2img refinement), ddim (DDIMScheduler, numpy), backends/
+(base: Backend, ModelIO; ort: OrtBackend; openvino; tensorrt: EngineKey, TrtBackend), infer (recon-infer's output
+folder). Imports are lazy.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from typing import Any
 
 _EXPORTS = {
     "Reconstructor": "brainrecon.runtime.api",
-    "RuntimeOptions": "brainrecon.runtime.api",
-    "Reconstruction": "brainrecon.runtime.api",
+    "RuntimeOptions": "brainrecon.runtime.types",
+    "Reconstruction": "brainrecon.runtime.types",
+    "CheckedInputs": "brainrecon.runtime.types",
+    "read_model_folder": "brainrecon.runtime.model_folder",
+    "default_stage": "brainrecon.runtime.model_folder",
     "SamplingConfig": "brainrecon.sampling",
     "Stage1Pipeline": "brainrecon.runtime.stage1",
     "Stage2Pipeline": "brainrecon.runtime.stage2",

@@ -28,9 +28,9 @@ from brainrecon.errors import InputError
 from brainrecon.images import check_images, contact_sheet, png_name, save_png
 from brainrecon.io import atomic_dir, load_npy, save_npy, write_json
 from brainrecon.manifest import producer_versions
-from brainrecon.runtime.api import Reconstruction, Reconstructor, RuntimeOptions
+from brainrecon.runtime.api import Reconstructor
 from brainrecon.runtime.inputs import parse_trials
-from brainrecon.runtime.stage1 import Progress
+from brainrecon.runtime.types import Progress, Reconstruction, RuntimeOptions
 
 OPTION_NAMES = {  # sampling field -> recon-infer option, for error messages
     "seed": "--seed",
@@ -129,7 +129,9 @@ def run_inference(
         if not isinstance(betas, np.ndarray) or betas.ndim != 2:
             rec.check(betas, chosen, source=str(betas_path))  # the one-line error for a wrong rank or type
         selected = parse_trials(trials, len(betas))
-        checked = rec.check(betas[selected], chosen, None, renormalize, batch_size, str(betas_path))
+        checked = rec.check(
+            betas[selected], chosen, renormalize=renormalize, batch_size=batch_size, source=str(betas_path)
+        )
         ground_truth = read_ground_truth(stimuli, len(betas), selected)
         with progress_bars(progress) as report:
             result = rec.run_checked(checked, report)

@@ -1,6 +1,7 @@
-"""Betas for `recon-infer`: z-scored `.npy` rows, or raw NIfTI / NSD-style HDF5 sessions preprocessed exactly as
-`recon-prepare` did (the recorded `preprocess.json`, `mask_indices.npy`, `voxel_mean.npy`, `voxel_std.npy` of
-the model directory, hash-verified through the manifest). Torch-free; nibabel and h5py are imported on use.
+"""Betas into the runtime: the check every run's betas pass once (`check_betas`), and, for `recon-infer`, z-scored
+`.npy` rows or raw NIfTI / NSD-style HDF5 sessions preprocessed exactly as `recon-prepare` did (the recorded
+`preprocess.json`, `mask_indices.npy`, `voxel_mean.npy`, `voxel_std.npy` of the model directory, hash-verified
+through the manifest). Torch-free; nibabel and h5py are imported on use.
 
 Raw sessions go through the reader's own functions (`brainrecon.data.nsd.read_session`, `zscore_session`; both
 torch-free), steps 1, 2, 3 and 5 of `recon-prepare` (step 4, averaging repeats, needs the design and is skipped:
@@ -23,9 +24,38 @@ from brainrecon import model_dir as layout
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.io import load_npy, read_json
 from brainrecon.manifest import Manifest, load_manifest
-from brainrecon.runtime.artifacts import verify_files
+from brainrecon.runtime.model_folder import verify_files
 
 CHUNK_TRIALS = 50  # trials read at a time: a real session slice stays < 100 MB (brainrecon/data/nsd.py)
+
+
+def check_betas(betas: Any, n_voxels: int, source: str = "betas") -> np.ndarray:
+    """(N, V) float32/float64 z-scored betas, finite as float32 → float32; anything else is a one-line InputError.
+    The one scan of a run's betas (`Reconstructor.check`)."""
+    if not isinstance(betas, np.ndarray):
+        raise InputError(source, "a numpy array of z-scored betas", type(betas).__name__)
+    if betas.ndim != 2:
+        raise InputError(source, f"(N, {n_voxels}) z-scored betas (rank 2)", f"shape {betas.shape}")
+    if betas.dtype.kind != "f":
+        raise InputError(source, "float32 or float64 z-scored betas", f"dtype {betas.dtype}")
+    if betas.shape[1] != n_voxels:
+        raise InputError(source, f"{n_voxels} voxels per row (the model's mask)", f"{betas.shape[1]}")
+    if betas.shape[0] < 1:
+        raise InputError(source, "at least one row of betas", "none")
+    # cast, then check: a float64 beyond float32's range (1e300) is finite before the cast and inf after it
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.ascontiguousarray(betas, dtype=np.float32)  # (N, V)
+    bad = ~np.isfinite(cast)
+    if bad.any():
+        row, voxel = np.argwhere(bad)[0]
+        value = float(betas[row, voxel])
+        overflow = f": {value!r}, beyond float32's range" if np.isfinite(value) else ""
+        raise InputError(
+            source,
+            "finite betas",
+            f"{int(bad.sum())} NaN/Inf values (first at row {row}, voxel {voxel}{overflow})",
+        )
+    return cast
 
 
 def parse_trials(spec: str | None, n: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Stage-2 runtime (numpy): Brain-Diffuser's Versatile Diffusion img2img refinement of the stage-1 image.
 
-The torch reference is `brainrecon.train.stage2.fit.Stage2Model.reconstruct` (and `train/stage2/img2img.py img2img`,
+The torch reference is `brainrecon.train.reference.Stage2Model.reconstruct` (and `train/stage2/img2img.py img2img`,
 `denoise`, `encode_images`, `decode_latents`); this pipeline runs the exported ONNX files or TensorRT engines
 listed in `model_dir/manifest.json`, after re-hashing every file it reads, with the numpy DDIM of `ddim.py`.
 No torch, diffusers or transformers import, here or below (a test enforces it).
@@ -8,9 +8,9 @@ No torch, diffusers or transformers import, here or below (a test enforces it).
     betas (N, V) ──Stage1Pipeline──► stage-1 images (N, s, s, 3) uint8 ──resize (PIL bicubic)──► (N, S, S, 3)
       ──/127.5 − 1, NCHW──► vae_encoder ──► init latents (N, 4, h, w), already × vae_scale_factor
     betas ──clip_text / clip_vision──► (N, Nt, D), (N, Nv, D) ──renormalize over the set──► cond context
-      (N, Nv + Nt, D), vision tokens first
+      (N, Nv + Nt, D), vision tokens first (`dual_context`)
     noise = img2img_noise((N, 4, h, w), seed), drawn once for the whole set ──add_noise(t0)──► x
-      K/V once (when exported): unet_context(uncond) once at load, unet_context(cond chunk) once per chunk
+      K/V once (when exported): unet_context(uncond) once, at the first run; unet_context(cond chunk) once per chunk
       for t in timesteps: unet([x; x], t, K/V of [uncond × b; cond]) → eps_u, eps_c   (unet_kv; plain: the contexts)
                           eps = eps_u + guidance_scale (eps_c − eps_u); x = ddim.step(eps, t, x)
       ──vae_decoder──► (N, 3, S, S) ≈ [−1, 1] ──((x + 1) · 127.5).round().clip(0, 255)──► uint8 (N, S, S, 3)
@@ -29,64 +29,37 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from brainrecon import model_dir as layout
-from brainrecon.config import config_from_dict
-from brainrecon.errors import ConfigError, InputError, MissingFileError
+from brainrecon.errors import ConfigError, InputError
 from brainrecon.images import resize
-from brainrecon.io import load_npy, read_json
-from brainrecon.manifest import MANIFEST_FILE, Manifest, load_manifest
+from brainrecon.manifest import Manifest
 from brainrecon.noise import img2img_noise, img2img_noise_per_row
 from brainrecon.normalize import renormalize_predictions
-from brainrecon.runtime.artifacts import check_engine, file_precision, load_model, verify_files
+from brainrecon.runtime.artifacts import load_model
 from brainrecon.runtime.backends.base import Backend, ModelIO
 from brainrecon.runtime.backends.ort import OrtBackend
-from brainrecon.runtime.ddim import DDIMConfig, DDIMScheduler
-from brainrecon.runtime.stage1 import (
-    Progress,
-    Stage1Pipeline,
-    Stage1Result,
-    check_betas,
-)
+from brainrecon.runtime.model_folder import ModelFolder
+from brainrecon.runtime.stage1 import Stage1Pipeline
+from brainrecon.runtime.types import CheckedInputs, Progress, Reconstruction
 from brainrecon.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from brainrecon.runtime.types import RuntimeOptions
 
 CLIP_TARGETS = layout.CLIP_TARGETS
 MODELS = layout.STAGE2_MODELS
-KV_MODELS = layout.STAGE2_KV_MODELS  # unet_context + unet_kv: the K/V-once UNet (export/contracts.py)
-# "kv": the cross-attention K/V of the contexts computed once (unet_context), the step on them (unet_kv);
-# "plain": the context-taking `unet` at every step; "auto": kv when the model folder has it, else plain.
-UNET_GRAPHS = ("auto", "kv", "plain")
-SUMMARY = layout.STAGE2_SUMMARY
-SCHEDULER = layout.SCHEDULER
-SCHEDULER_FORMAT = ("brainrecon.ddim_tables", 1)
-# What the pipeline reads besides the models (all hash-verified through the manifest first); scheduler.json is
-# written by recon-export: diffusers' DDIM tables for the fitted sampling.
-STAGE2_DATA = (*layout.STAGE2_FILES, SCHEDULER)
 # A CPU UNet session holds its weights plus ONNX Runtime's pre-packed copies of them: budget twice the file size.
 SESSION_MEMORY_FACTOR = 2
-# diffusers DDIMScheduler settings that runtime/ddim.py implements and does not take as parameters
-SCHEDULER_FIXED = {"clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"}
-# numpy's float32 table path lands within 6e-8 of diffusers' (runtime/ddim.py docstring)
-ALPHA_ATOL = 1e-6
 
 
-@dataclass(frozen=True)
-class Stage2Result:
-    stage1: Stage1Result  # .images (N, s, s, 3) uint8, .timings: the stage-1 split
-    images: np.ndarray  # (N, S, S, 3) uint8, the final reconstructions
-    latents: np.ndarray  # (N, 4, h, w) float32, scaled: what the VAE decoder got (init latents at strength 0)
-    sampling: SamplingConfig  # as run (overrides applied)
-    timesteps: np.ndarray  # (T,) int64, the UNet timesteps (empty at strength 0)
-    timings: dict[str, float]  # seconds: stage1_s, clip_s, vae_encode_s, unet_s, vae_decode_s, total_s
-    providers: dict[str, list[str]]  # model -> providers actually used
-    renormalized: dict[str, bool]  # "stage1", "clip": whether the transductive re-normalisation ran
-    batch_sizes: dict[str, int]  # images per call; the UNet gets twice its value
-    fallback: dict[str, str]  # model -> GPU provider fallback, when allowed and it happened
+def dual_context(vision: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """(N, Nv, D), (N, Nt, D) → (N, Nv + Nt, D) float32: vision tokens first, then text, as the UNet's dual
+    cross-attention blocks split the context (train/foundations/dual_unet.py)."""
+    return np.concatenate([vision, text], axis=1, dtype=np.float32)
 
 
 def default_memory_budget() -> int:
@@ -111,46 +84,37 @@ def unet_session_count(cores: int, weight_bytes: int, budget_bytes: int) -> int:
     return max(1, min(cores, budget_bytes // per_session))
 
 
-def _not_exported(model_dir: Path, what: str) -> MissingFileError:
-    return MissingFileError(
-        model_dir / MANIFEST_FILE,
-        what,
-        f"stage 2 is not exported; export it with: recon-export --model-dir {model_dir} --stage all",
-    )
-
-
 def _shape(io: ModelIO, which: str, index: int = 0) -> tuple[int | str, ...]:
     return (io.inputs if which == "in" else io.outputs)[index][1]
 
 
 class Stage2Pipeline:
-    """Stage 1 + stage 2 over exported models. Build with `from_model_dir`; `run(betas)` → `Stage2Result`."""
+    """Stage 1 + stage 2 over exported models. Build with `open`; `run(checked)` → `Reconstruction`.
+
+    `backends` maps each role (clip_text, clip_vision, vae_encoder, vae_decoder, unet, and unet_context for K/V
+    once) to a Backend; "unet" is the UNet step, the exported `unet_kv` when "unet_context" is there too (K/V
+    once: the contexts' cross-attention K/V computed once, export/contracts.py), else the plain `unet`. Building
+    one runs no model."""
 
     def __init__(
         self,
+        folder: ModelFolder,
         stage1: Stage1Pipeline,
         backends: dict[str, Backend],
-        ios: dict[str, ModelIO],
-        target_stats: dict[str, tuple[np.ndarray, np.ndarray]],
-        uncond: dict[str, np.ndarray],
-        sampling: SamplingConfig,
-        scheduler: DDIMScheduler,
-        renormalize: bool = True,
-        info: dict[str, Any] | None = None,
         unet_workers: list[Backend] | None = None,
     ):
+        assert folder.stage2 is not None
+        data = folder.stage2
         self.stage1 = stage1
-        self.backends, self.ios = backends, ios
-        # UNet sessions that denoise image chunks in parallel (see `from_model_dir`); one by default
-        # backends["unet"] is the UNet step: the exported `unet_kv` when "unet_context" is loaded too (K/V once:
-        # the contexts' cross-attention K/V computed once, see export/contracts.py), else the plain `unet`
+        self.backends = backends
+        self.ios = {role: backend.io for role, backend in backends.items()}
+        ios = self.ios
         self.kv_once = "unet_context" in backends
+        # UNet sessions that denoise image chunks in parallel (see `open`); one by default
         self.unet_workers = unet_workers or [backends["unet"]]
-        self.sampling = sampling
-        self.scheduler = scheduler
-        self.renormalize = renormalize
-        self.info = info or {}
-        source = self.info.get("model_dir", "model directory")
+        self.sampling = data.sampling
+        self.scheduler = data.scheduler
+        source = folder.path
         # geometry from the exported contracts; every pair of models must agree
         self.tokens = {name: int(_shape(ios[f"clip_{name}"], "out")[1]) for name in CLIP_TARGETS}
         self.clip_dim = int(_shape(ios["clip_text"], "out")[2])
@@ -180,24 +144,23 @@ class Stage2Pipeline:
                 )
         for name in CLIP_TARGETS:
             shape = (self.tokens[name], self.clip_dim)
-            mean, std = target_stats[name]
+            mean, std = data.target_stats[name]
             if mean.shape != shape or std.shape != shape:
                 raise InputError(
                     f"{source}/stage2/clip_{name}_target_{{mean,std}}.npy",
                     f"shape {shape} (clip_{name} output)",
                     f"{mean.shape}, {std.shape}",
                 )
-            if uncond[name].shape != (1, *shape):
+            if data.uncond[name].shape != (1, *shape):
                 raise InputError(
-                    f"{source}/stage2/uncond_{name}.npy", f"shape {(1, *shape)}", f"{uncond[name].shape}"
+                    f"{source}/stage2/uncond_{name}.npy", f"shape {(1, *shape)}", f"{data.uncond[name].shape}"
                 )
         # (T·D,) float32, the layout of train/stage2/clip_ridge.py's flattened predictions
         self.target_stats = {
             name: (np.asarray(m, np.float32).ravel(), np.asarray(s, np.float32).ravel())
-            for name, (m, s) in target_stats.items()
+            for name, (m, s) in data.target_stats.items()
         }
-        # (1, Nv + Nt, D), vision tokens first as the UNet's dual blocks split them
-        self.uncond_context = np.concatenate([uncond["vision"], uncond["text"]], axis=1, dtype=np.float32)
+        self.uncond_context = dual_context(data.uncond["vision"], data.uncond["text"])  # (1, Nv + Nt, D)
         if self.kv_once:
             context_outputs = [name for name, _, _ in ios["unet_context"].outputs]
             step_inputs = [name for name, _, _ in ios["unet"].inputs][2:]
@@ -206,163 +169,47 @@ class Stage2Pipeline:
                     f"{source}: exported stage-2 models disagree: expected unet_kv K/V inputs {context_outputs} "
                     f"(unet_context outputs), found {step_inputs}"
                 )
-            # the unconditional context's K/V, (1, ...) each: computed once, repeated per chunk
-            self.uncond_kv = backends["unet_context"].run({"encoder_hidden_states": self.uncond_context})
+        self._uncond_kv: dict[str, np.ndarray] | None = None
+        self._uncond_kv_lock = threading.Lock()
 
     @classmethod
-    def from_model_dir(
-        cls,
-        model_dir: str | Path,
-        engine: str = "ort",
-        precision: str = "fp32",
-        device: str = "cpu",
-        allow_cpu_fallback: bool = False,
-        threads: int | None = None,
-        manifest: Manifest | None = None,
-        memory_budget_bytes: int | None = None,
-        unet_graph: str = "auto",
-    ) -> Stage2Pipeline:
-        """Load stage 1 and the five stage-2 models of `model_dir` after verifying the hash of every file read
-        (against `manifest` when the caller has parsed it already). On the CPU the UNet runs as several sessions
-        (`unet_session_count`), as many as `memory_budget_bytes` allows (default: half the machine's memory).
-        `unet_graph` (UNET_GRAPHS) picks the K/V-once UNet pair or the plain UNet."""
-        model_dir = Path(model_dir)
-        check_engine(engine, precision)
-        if unet_graph not in UNET_GRAPHS:
-            raise InputError("unet_graph", f"one of {UNET_GRAPHS}", repr(unet_graph))
-        if not (model_dir / SUMMARY).is_file():
-            raise MissingFileError(
-                model_dir / SUMMARY,
-                "stage-2 model (CLIP regressors)",
-                f"fit it with: recon-train subject --stage clip, then export with: "
-                f"recon-export --model-dir {model_dir} --stage all",
-            )
-        manifest = manifest or load_manifest(model_dir)
-        # a UNet graph of any precision says stage 2 was exported: the plain unet, or the K/V-once pair alone
-        # (recon-export --unet-graph kv)
-        has_unet = manifest.find("onnx", "unet") is not None or all(
-            manifest.find("onnx", name) is not None for name in KV_MODELS
-        )
-        if manifest.get(SUMMARY) is None or not has_unet:
-            raise _not_exported(
-                model_dir,
-                "stage-2 entries (stage2/stage2.json, unet or unet_context + unet_kv, vae, clip models)",
-            )
-        has_kv = all(manifest.find("onnx", name, file_precision(precision)) is not None for name in KV_MODELS)
-        if unet_graph == "kv" and not has_kv:
-            raise _not_exported(
-                model_dir, f"unet_context and unet_kv {precision} entries (the K/V-once UNet)"
-            )
-        if unet_graph == "plain" and manifest.find("onnx", "unet", file_precision(precision)) is None:
-            raise MissingFileError(
-                model_dir / MANIFEST_FILE,
-                f"a unet {precision} entry (the plain UNet), found "
-                + ("unet_context and unet_kv only" if has_kv else "none"),
-                f"export it with: recon-export --model-dir {model_dir} --stage stage2 --unet-graph plain"
-                + (", or run the pair: unet_graph auto or kv" if has_kv else ""),
-            )
-        use_kv = has_kv and unet_graph != "plain"
-        unet = "unet_kv" if use_kv else "unet"  # the UNet step's file; its role is "unet" either way
-        roles = {
-            **{m: m for m in MODELS},
-            **({"unet_context": "unet_context", "unet": unet} if use_kv else {}),
-        }
-        verify_files(manifest, model_dir, STAGE2_DATA)
-        summary = read_json(model_dir / SUMMARY, "stage-2 summary")
-        sampling = config_from_dict(SamplingConfig, summary["sampling"], str(model_dir / SUMMARY))
-        scheduler = load_scheduler(model_dir, sampling)
-        stage1 = Stage1Pipeline.from_model_dir(
-            model_dir, engine, precision, device, allow_cpu_fallback, threads, manifest
-        )
+    def open(cls, folder: ModelFolder, options: RuntimeOptions) -> Stage2Pipeline:
+        """Load stage 1 and the stage-2 models of `folder` (each file hash-verified first) as `options` say. On the
+        CPU the UNet runs as several sessions (`unet_session_count`), as many as `options.memory_budget_bytes`
+        allows (default: half the machine's memory)."""
+        assert folder.stage2 is not None
+        models = folder.stage2.models
+        stage1 = Stage1Pipeline.open(folder, options)
         unet_sessions = 1
-        if engine in ("ort", "openvino") and device == "cpu":
+        if options.engine in ("ort", "openvino") and options.device == "cpu":
             unet_sessions = unet_session_count(
-                threads or len(os.sched_getaffinity(0)),
-                model_bytes(manifest, unet, file_precision(precision)),
-                memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(),
+                options.threads or len(os.sched_getaffinity(0)),
+                model_bytes(folder.manifest, models["unet"], folder.precision),
+                options.memory_budget_bytes
+                if options.memory_budget_bytes is not None
+                else default_memory_budget(),
             )
-        backends, ios, files = {}, {}, {}
-        for name, artifact in roles.items():
-            model_threads = 1 if name == "unet" and unet_sessions > 1 else threads
-            backends[name], ios[name], files[name], constants = load_model(
-                manifest, model_dir, artifact, engine, precision, device, allow_cpu_fallback, model_threads
-            )
-            # what a graph has baked in must be what stage2.json says the model samples with
-            for key, value in constants.items():
-                if key in ("mix_ratio", "vae_scale_factor") and not math.isclose(
-                    value, getattr(sampling, key), rel_tol=1e-6
-                ):
-                    raise ConfigError(
-                        f"{model_dir / files[name]}: expected {key} {getattr(sampling, key)} (stage2/stage2.json), "
-                        f"found {value} baked in (re-export with: recon-export --model-dir {model_dir} --stage all)"
-                    )
+        unet_options = dataclasses.replace(options, threads=1) if unet_sessions > 1 else options
+        backends = {
+            role: load_model(folder, name, unet_options if role == "unet" else options)
+            for role, name in models.items()
+        }
+        unet = backends["unet"]
 
         # the file is verified once (load_model above); the further sessions open the same verified file
         def unet_worker() -> Backend:
-            if engine == "openvino":
+            if options.engine == "openvino":
                 from brainrecon.runtime.backends.openvino import OpenVinoBackend
 
-                return OpenVinoBackend(model_dir / files["unet"], ios["unet"], precision, 1)
-            return OrtBackend(model_dir / files["unet"], ios["unet"], device, allow_cpu_fallback, 1)
+                return OpenVinoBackend(unet.path, unet.io, options.precision, 1)
+            return OrtBackend(unet.path, unet.io, options.device, options.allow_cpu_fallback, 1)
 
-        workers = [backends["unet"]] + [unet_worker() for _ in range(unet_sessions - 1)]
-        return cls(
-            stage1,
-            backends,
-            ios,
-            target_stats={
-                name: tuple(
-                    load_npy(model_dir / layout.clip_target_stat(name, stat), f"CLIP-{name} target {stat}")
-                    for stat in ("mean", "std")
-                )
-                for name in CLIP_TARGETS
-            },
-            uncond={
-                name: load_npy(model_dir / layout.uncond_context(name), f"unconditional CLIP-{name} context")
-                for name in CLIP_TARGETS
-            },
-            sampling=sampling,
-            scheduler=scheduler,
-            renormalize=bool(summary.get("config", {}).get("renormalize", True)),
-            info={**stage1.info, "files": {**stage1.info["files"], **files}, "model_dir": str(model_dir)},
-            unet_workers=workers,
-        )
-
-    # ------------------------------------------------------------------------- checks
-
-    def sampling_for(
-        self,
-        seed: int | None = None,
-        num_inference_steps: int | None = None,
-        strength: float | None = None,
-        guidance_scale: float | None = None,
-        mix_ratio: float | None = None,
-    ) -> SamplingConfig:
-        """The fitted sampling with overrides. The mix ratio is baked into the exported UNet: only its value."""
-        if mix_ratio is not None and not math.isclose(mix_ratio, self.sampling.mix_ratio, abs_tol=1e-9):
-            raise ConfigError(
-                f"{self.info.get('files', {}).get('unet', 'unet')}: expected mix ratio "
-                f"{self.sampling.mix_ratio} (baked into the exported UNet graph), found {mix_ratio} "
-                "(a different ratio needs a re-export of the UNet)"
-            )
-        overrides = {
-            "seed": seed,
-            "num_inference_steps": num_inference_steps,
-            "strength": strength,
-            "guidance_scale": guidance_scale,
-        }
-        sampling = dataclasses.replace(self.sampling, **{k: v for k, v in overrides.items() if v is not None})
-        # a schedule the scheduler cannot build (too many steps for the offset, ...) fails here, before any work
-        self.scheduler.timesteps(sampling.num_inference_steps, sampling.strength)
-        return sampling
+        return cls(folder, stage1, backends, [unet] + [unet_worker() for _ in range(unet_sessions - 1)])
 
     def batch_limits(self) -> dict[str, tuple[int, int]]:
         """Images per call allowed by each model's profile, [lo, hi]; the UNet sees twice the image batch."""
         limits = {
-            "stage1": (
-                max(self.stage1.regressor_io.min_batch, self.stage1.decoder_io.min_batch),
-                self.stage1.max_batch(),
-            ),
+            "stage1": self.stage1.batch_limits(),
             **{
                 name: (self.ios[name].min_batch, self.ios[name].max_batch)
                 for name in MODELS
@@ -373,19 +220,9 @@ class Stage2Pipeline:
         limits["unet"] = ((unet.min_batch + 1) // 2, unet.max_batch // 2)
         return limits
 
-    def check_inputs(
-        self,
-        betas: Any,
-        batch_size: int | None = None,
-        renormalize: bool | None = None,
-        source: str = "betas",
-    ) -> tuple[np.ndarray, dict[str, int], dict[str, bool]]:
-        """Validate before any work: betas, the batch against every profile, the set size for re-normalisation.
-
-        `renormalize=None` applies what each stage was fitted with, except for a single trial, where the
-        statistics over the set do not exist and it is skipped (as `--no-renormalize`; recorded in the result).
-        """
-        betas = check_betas(betas, self.stage1.n_voxels, source)
+    def batch_sizes(self, batch_size: int | None) -> dict[str, int]:
+        """Images per call of each model: `batch_size` for all, within every profile (else a one-line InputError),
+        or by default each model's profile max, and the UNet's at its profile's opt."""
         limits = self.batch_limits()
         if batch_size is None:
             batches = {name: hi for name, (_, hi) in limits.items()}
@@ -394,70 +231,46 @@ class Stage2Pipeline:
             unet = self.ios["unet"]
             opt_rows = unet.profile[unet.inputs[0][0]]["opt"][0]
             batches["unet"] = max(limits["unet"][0], min(limits["unet"][1], opt_rows // 2))
-        else:
-            lo = max(lo for lo, _ in limits.values())
-            hi = min(hi for _, hi in limits.values())
-            if not lo <= int(batch_size) <= hi:
-                raise InputError(
-                    "batch size",
-                    f"{lo}..{hi} images (the engines' shape profiles; the UNet runs 2 x batch)",
-                    f"{batch_size}",
-                )
-            batches = dict.fromkeys(limits, int(batch_size))
-        if renormalize and len(betas) < 2:
+            return batches
+        lo = max(lo for lo, _ in limits.values())
+        hi = min(hi for _, hi in limits.values())
+        if not lo <= int(batch_size) <= hi:
             raise InputError(
-                source,
-                "at least 2 trials (re-normalisation takes statistics over the set; or disable it)",
-                f"{len(betas)}",
+                "batch size",
+                f"{lo}..{hi} images (the engines' shape profiles; the UNet runs 2 x batch)",
+                f"{batch_size}",
             )
-        single = len(betas) < 2
-        renorm = {
-            "stage1": (self.stage1.renormalize if renormalize is None else renormalize) and not single,
-            "clip": (self.renormalize if renormalize is None else renormalize) and not single,
-        }
-        return betas, batches, renorm
+        return dict.fromkeys(limits, int(batch_size))
+
+    def uncond_kv(self) -> dict[str, np.ndarray]:
+        """The unconditional context's cross-attention K/V (K/V once), (1, ...) each: computed by `unet_context` at
+        the first run that needs it, not when the pipeline is built (so building runs no model: Triton's BLS calls
+        work only inside `execute`), then repeated per chunk by every run."""
+        with self._uncond_kv_lock:
+            if self._uncond_kv is None:
+                self._uncond_kv = self.backends["unet_context"].run(
+                    {"encoder_hidden_states": self.uncond_context}
+                )
+            return self._uncond_kv
 
     # ------------------------------------------------------------------------- run
 
-    def run(
-        self,
-        betas: np.ndarray,
-        seed: int | None = None,
-        num_inference_steps: int | None = None,
-        strength: float | None = None,
-        guidance_scale: float | None = None,
-        mix_ratio: float | None = None,
-        batch_size: int | None = None,
-        renormalize: bool | None = None,
-        progress: Progress | None = None,
-    ) -> Stage2Result:
-        """(N, V) z-scored betas → stage-1 and final images. Sampling defaults to the fitted one (`stage2.json`);
+    def run(self, checked: CheckedInputs, progress: Progress | None = None) -> Reconstruction:
+        """Stage 1 and 2 on what `Reconstructor.check` accepted (nothing is checked again). The img2img noise is
+        drawn once for the whole set from `sampling.seed`, or, with `seeds` (N,), per row from its own seed
+        (`brainrecon.noise`): then a row's image does not depend on the other rows or on batching.
         `progress(step, done, total)` is called for the steps regressor, decoder (stage 1), clip_text,
         clip_vision, vae_encoder, unet (one tick per UNet call), vae_decoder."""
-        sampling = self.sampling_for(seed, num_inference_steps, strength, guidance_scale, mix_ratio)
-        return self.run_checked(
-            *self.check_inputs(betas, batch_size, renormalize), sampling, progress=progress
-        )
-
-    def run_checked(
-        self,
-        betas: np.ndarray,
-        batches: dict[str, int],
-        renorm: dict[str, bool],
-        sampling: SamplingConfig,
-        seeds: np.ndarray | None = None,
-        progress: Progress | None = None,
-    ) -> Stage2Result:
-        """`run` on what `check_inputs` and `sampling_for` returned (nothing is checked again). The img2img noise
-        is drawn once for the whole set from `sampling.seed`, or, with `seeds` (N,), per row from its own seed
-        (`brainrecon.noise`): then a row's image does not depend on the other rows or on batching."""
+        betas, batches, renorm = checked.betas, checked.batch_sizes, checked.renormalize
+        sampling, seeds = checked.sampling, checked.seeds
+        assert sampling is not None
         n = len(betas)
         timesteps = self.scheduler.timesteps(sampling.num_inference_steps, sampling.strength)  # (T,) int64
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
 
         t0 = time.perf_counter()
-        stage1 = self.stage1.run_checked(betas, batches["stage1"], renorm["stage1"], progress)
+        stage1 = self.stage1.run(checked, progress)
         timings["stage1_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -465,11 +278,11 @@ class Stage2Pipeline:
             name: self._predict_clip(name, betas, batches[f"clip_{name}"], renorm["clip"], progress)
             for name in CLIP_TARGETS
         }
-        cond_context = np.concatenate([contexts["vision"], contexts["text"]], axis=1)  # (N, Nv + Nt, D)
+        cond_context = dual_context(contexts["vision"], contexts["text"])  # (N, Nv + Nt, D)
         timings["clip_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        init_images = resize(stage1.images, self.image_size)  # (N, S, S, 3) uint8
+        init_images = resize(stage1.stage1_images, self.image_size)  # (N, S, S, 3) uint8
         init_latents = self._encode(init_images, batches["vae_encoder"], progress)  # (N, 4, h, w)
         timings["vae_encode_s"] = time.perf_counter() - t0
 
@@ -490,14 +303,14 @@ class Stage2Pipeline:
         timings["total_s"] = time.perf_counter() - t_all
         timings["per_image_ms"] = 1000.0 * timings["total_s"] / n
 
-        return Stage2Result(
-            stage1=stage1,
-            images=images,
+        return Reconstruction(
+            stage1_images=stage1.stage1_images,
+            final_images=images,
             latents=latents,
+            timings={**{k: round(v, 6) for k, v in timings.items()}, "stage1_split": stage1.timings},
+            providers={**stage1.providers, **{k: list(b.providers) for k, b in self.backends.items()}},
             sampling=sampling,
             timesteps=timesteps,
-            timings={k: round(v, 6) for k, v in timings.items()},
-            providers={**stage1.providers, **{k: list(b.providers) for k, b in self.backends.items()}},
             renormalized=renorm,
             batch_sizes=batches,
             fallback={
@@ -592,10 +405,11 @@ class Stage2Pipeline:
         b = len(x)
         guidance = np.float32(sampling.guidance_scale)
         if self.kv_once:
-            # K/V once: the chunk's contexts → K/V here, the unconditional K/V were computed at load
+            # K/V once: the unconditional K/V computed once for all runs, the chunk's contexts → K/V here
+            uncond_kv = self.uncond_kv()
             cond_kv = self.backends["unet_context"].run({"encoder_hidden_states": cond_context})
             conditioning = {
-                name: np.concatenate([np.repeat(self.uncond_kv[name], b, axis=0), kv])  # (2b, ...)
+                name: np.concatenate([np.repeat(uncond_kv[name], b, axis=0), kv])  # (2b, ...)
                 for name, kv in cond_kv.items()
             }
         else:
@@ -617,40 +431,3 @@ class Stage2Pipeline:
             )
             tick()
         return x
-
-
-def load_scheduler(model_dir: Path, sampling: SamplingConfig) -> DDIMScheduler:
-    """The numpy DDIM of `stage2/scheduler.json` (hash-verified by the caller), checked against the diffusers
-    tables recorded there for the fitted sampling: same timesteps, alphas within ALPHA_ATOL."""
-    path = model_dir / SCHEDULER
-    data = read_json(path, "stage-2 DDIM tables (recon-export)")
-    found = (data.get("format"), data.get("version"))
-    if found != SCHEDULER_FORMAT:
-        raise ConfigError(f"{path}: expected format/version {SCHEDULER_FORMAT}, found {found}")
-    settings = dict(data["scheduler"])
-    for key, want in SCHEDULER_FIXED.items():
-        if settings.pop(key, want) != want:
-            raise ConfigError(
-                f"{path}: expected scheduler {key} {want!r} (what runtime/ddim.py implements), "
-                f"found {data['scheduler'][key]!r}"
-            )
-    scheduler = DDIMScheduler(DDIMConfig.from_dict(settings, str(path)))
-    recorded = config_from_dict(SamplingConfig, data["sampling"], str(path))
-    if (recorded.num_inference_steps, recorded.strength) != (sampling.num_inference_steps, sampling.strength):
-        raise ConfigError(
-            f"{path}: expected the tables of stage2/stage2.json's sampling ({sampling.num_inference_steps} steps, "
-            f"strength {sampling.strength}), found {recorded.num_inference_steps} steps, strength "
-            f"{recorded.strength} (re-export with: recon-export --model-dir {model_dir} --stage all)"
-        )
-    tables = scheduler.tables(sampling.num_inference_steps, sampling.strength)
-    if tables["timesteps"].tolist() != list(data["timesteps"]):
-        raise ConfigError(
-            f"{path}: expected timesteps {tables['timesteps'].tolist()} (runtime/ddim.py), found {data['timesteps']}"
-        )
-    for key in ("alpha_t", "alpha_prev"):
-        diff = float(np.abs(tables[key] - np.asarray(data[key], np.float64)).max(initial=0.0))
-        if diff > ALPHA_ATOL:
-            raise ConfigError(
-                f"{path}: expected {key} within {ALPHA_ATOL} of runtime/ddim.py's, found a difference of {diff:.3g}"
-            )
-    return scheduler

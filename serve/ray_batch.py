@@ -142,7 +142,7 @@ def check_input(path: Path, model_dir: Path, n_voxels: int) -> int:
         if betas.dtype.kind != "f":
             raise InputError(path, "float32 or float64 z-scored betas", f"dtype {betas.dtype}")
     else:
-        from brainrecon.runtime.inputs import load_betas
+        from brainrecon.runtime import load_betas
 
         betas = load_betas(path, model_dir)[0]
     if betas.ndim != 2 or betas.shape[1] != n_voxels or betas.shape[0] < 1:
@@ -156,7 +156,7 @@ def check_input(path: Path, model_dir: Path, n_voxels: int) -> int:
 def image_settings(model_dir: Path, options: BatchOptions) -> dict[str, Any]:
     """Everything besides the input and the model files that changes the images of a run (run.json
     "images")."""
-    from brainrecon.runtime.api import default_stage
+    from brainrecon.runtime import default_stage
 
     stage = default_stage(model_dir)
     sampling = None
@@ -367,10 +367,8 @@ class ShardWorker:
             import dataclasses
 
             self.sampling = dataclasses.replace(self.sampling, num_inference_steps=o.num_inference_steps)
-        stage1 = self.rec.pipeline.stage1 if self.rec.stage == 2 else self.rec.pipeline
-        side = int(stage1.decoder_io.outputs[0][1][1])  # decoder images (batch, s, s, 3)
-        final = int(self.rec.pipeline.image_size) if self.rec.stage == 2 else side
-        self.sizes = {"stage1": [side, side], "final": [final, final]}  # PIL's (width, height)
+        # PIL's (width, height) of each kind of image
+        self.sizes = {kind: [side, side] for kind, side in self.rec.image_sizes.items()}
         self.hooks = json.loads(os.environ.get(TEST_HOOKS_ENV, "[]"))
         self._cache: dict[str, np.ndarray] = {}
 

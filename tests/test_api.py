@@ -12,8 +12,8 @@ import pytest
 
 from brainrecon.errors import ConfigError, InputError
 from brainrecon.manifest import MANIFEST_FILE, describe_file, load_manifest, write_manifest
-from brainrecon.runtime import Reconstructor, RuntimeOptions
-from brainrecon.runtime.stage2 import Stage2Pipeline, unet_session_count
+from brainrecon.runtime import CheckedInputs, Reconstructor, RuntimeOptions
+from brainrecon.runtime.stage2 import unet_session_count
 from tests.fixtures import FAST_STEPS
 
 
@@ -35,7 +35,7 @@ def test_options_are_validated_when_made():
         RuntimeOptions(threads=True)
 
 
-def test_reconstruct_matches_the_pipeline_and_reports_what_ran(rec, tiny2, betas):
+def test_reconstruct_is_check_then_run_checked_and_reports_what_ran(rec, betas):
     out = rec.reconstruct(betas, fast(rec))
     assert rec.stage == 2 and rec.n_voxels == betas.shape[1]
     assert out.images is out.final_images and out.final_images.dtype == np.uint8
@@ -45,10 +45,14 @@ def test_reconstruct_matches_the_pipeline_and_reports_what_ran(rec, tiny2, betas
         "clip": True,
     }
     assert set(out.timings) >= {"stage1_s", "clip_s", "unet_s", "total_s", "stage1_split"}
-    direct = Stage2Pipeline.from_model_dir(tiny2["model"], threads=1).run(
-        betas, num_inference_steps=FAST_STEPS
-    )
-    np.testing.assert_array_equal(out.final_images, direct.images)
+    assert set(out.timings["stage1_split"]) >= {"regressor_s", "renormalize_s", "decoder_s"}
+    checked = rec.check(betas, fast(rec))
+    assert checked.betas.dtype == np.float32 and checked.seeds is None and checked.sampling == fast(rec)
+    direct = rec.run_checked(checked)
+    np.testing.assert_array_equal(out.final_images, direct.final_images)
+    np.testing.assert_array_equal(out.stage1_images, direct.stage1_images)
+    with pytest.raises(InputError, match="what Reconstructor.check returned"):
+        rec.run_checked(betas)
 
 
 def test_per_row_seeds_do_not_depend_on_batching_and_match_single_trials(rec, betas):
@@ -67,6 +71,28 @@ def test_per_row_seeds_do_not_depend_on_batching_and_match_single_trials(rec, be
     np.testing.assert_array_equal(other.final_images[1:], together.final_images[1:])  # the others did not
 
 
+def test_checks_of_several_requests_run_as_one_call(rec, betas):
+    """A server checks each request once and runs the valid ones together (serve/triton_requests.py):
+    `CheckedInputs.concat` of per-request checks gives the images of one call on all the rows (per-row seeds, no
+    re-normalisation: a row does not depend on its neighbours); parts with other settings are refused."""
+    parts = [
+        rec.check(betas[:1], fast(rec), seeds=[5], renormalize=False),
+        rec.check(betas[1:4], fast(rec), seeds=[6, 7, 8], renormalize=False),
+    ]
+    together = rec.run_checked(CheckedInputs.concat(parts))
+    whole = rec.reconstruct(betas[:4], fast(rec), seeds=[5, 6, 7, 8], renormalize=False)
+    np.testing.assert_array_equal(together.final_images, whole.final_images)
+    for other in (
+        rec.check(betas[1:4], fast(rec, seed=9), seeds=[6, 7, 8], renormalize=False),  # another sampling
+        rec.check(betas[1:4], fast(rec), renormalize=False),  # no per-row seeds
+        rec.check(betas[1:4], fast(rec), seeds=[6, 7, 8], renormalize=False, batch_size=2),
+    ):
+        with pytest.raises(InputError, match="checked inputs"):
+            CheckedInputs.concat([parts[0], other])
+    with pytest.raises(InputError, match="renormalize=False"):
+        CheckedInputs.concat([rec.check(betas[:2], fast(rec))] * 2)
+
+
 def test_inputs_are_checked_before_any_model_runs(rec, betas):
     calls = []
     rec.pipeline.stage1.regressor.run = lambda inputs: calls.append(1)  # instance attribute, this test only
@@ -82,7 +108,7 @@ def test_inputs_are_checked_before_any_model_runs(rec, betas):
                 rec.reconstruct(bad)
         with pytest.raises(InputError, match="seeds"):
             rec.reconstruct(betas, seeds=[1, 2])
-        with pytest.raises(ConfigError, match="mix ratio"):
+        with pytest.raises(ConfigError, match="mix_ratio"):
             rec.reconstruct(betas, dataclasses.replace(rec.sampling, mix_ratio=0.3))
         with pytest.raises(ConfigError, match="vae_scale_factor"):
             rec.reconstruct(betas, dataclasses.replace(rec.sampling, vae_scale_factor=1.0))

@@ -126,20 +126,20 @@ def test_export_killed_mid_publish_keeps_the_old_manifest_aside_and_the_reexport
 ):
     """SIGKILL after the old manifest went aside and the new files moved in, before the new manifest: no manifest
     (the runtime says to re-export), the old one kept aside intact; the re-export merges its entries back."""
-    from brainrecon.runtime.stage1 import Stage1Pipeline
+    from brainrecon.runtime import Reconstructor
 
     old_manifest, listed = (model_dir / MANIFEST_FILE).read_bytes(), entries(model_dir)
     kill_at(model_dir, "publishing", tmp_path)
     assert not (model_dir / MANIFEST_FILE).exists()
     assert (model_dir / MANIFEST_PREVIOUS).read_bytes() == old_manifest  # kept aside, not deleted
     with pytest.raises(MissingFileError, match="recon-export"):
-        Stage1Pipeline.from_model_dir(model_dir)
+        Reconstructor.open(model_dir, stage=1)
 
     export_model_dir(model_dir, stage="gru", precision="fp16", validate=False)  # the same command, again
     assert entries(model_dir) == listed  # the engine, vdvae_decoder fp32/fp16 and gru fp32 came back
     assert not (model_dir / MANIFEST_PREVIOUS).exists() and not list(model_dir.glob(".export-*.tmp"))
     verify_manifest(model_dir)
-    Stage1Pipeline.from_model_dir(model_dir)
+    Reconstructor.open(model_dir, stage=1).close()
 
 
 def test_merging_from_the_kept_aside_manifest_drops_entries_whose_file_was_replaced(model_dir):

@@ -307,7 +307,7 @@ def test_failed_engine_build_leaves_the_previous_export_loadable(tiny, tmp_path,
     """A failure after the ONNX files and scheduler are staged (here: the TensorRT build) publishes nothing."""
     import brainrecon.export.tensorrt as tensorrt
     from brainrecon.export.tensorrt import EngineBuildError
-    from brainrecon.runtime.stage1 import Stage1Pipeline
+    from brainrecon.runtime import Reconstructor
 
     model_dir = copy_model_dir(tiny["gru"], tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (model_dir / "onnx").iterdir()}
@@ -323,13 +323,13 @@ def test_failed_engine_build_leaves_the_previous_export_loadable(tiny, tmp_path,
     assert {p.name: p.read_bytes() for p in (model_dir / "onnx").iterdir()} == before
     assert (model_dir / MANIFEST_FILE).read_bytes() == manifest_before
     assert not list(model_dir.glob(".export-*"))
-    Stage1Pipeline.from_model_dir(model_dir)  # verifies every hash: the old export still loads
+    Reconstructor.open(model_dir, stage=1).close()  # verifies every hash: the old export still loads
 
 
 def test_crash_while_publishing_leaves_no_manifest_not_a_mixed_export(tiny, tmp_path, monkeypatch):
     import brainrecon.export.subject as subject
     from brainrecon.errors import MissingFileError
-    from brainrecon.runtime.stage1 import Stage1Pipeline
+    from brainrecon.runtime import Reconstructor
 
     model_dir = copy_model_dir(tiny["gru"], tmp_path / "m")
     real_replace, moved = subject.os.replace, []
@@ -346,7 +346,7 @@ def test_crash_while_publishing_leaves_no_manifest_not_a_mixed_export(tiny, tmp_
         export_model_dir(model_dir, stage="gru", precision="both", validate=False)
     assert moved and not (model_dir / MANIFEST_FILE).exists()
     with pytest.raises(MissingFileError, match="recon-export"):
-        Stage1Pipeline.from_model_dir(model_dir)
+        Reconstructor.open(model_dir, stage=1)
 
 
 def test_reexport_drops_entries_of_files_that_are_gone_and_keeps_the_others(tiny, tmp_path):
@@ -467,15 +467,15 @@ def test_select_engine_prefers_the_matching_entry():
 
 @pytest.mark.trt
 def test_tensorrt_engines_build_and_match_onnx_runtime(tiny, tmp_path):
-    from brainrecon.runtime.stage1 import Stage1Pipeline
+    from brainrecon.runtime import Reconstructor, RuntimeOptions
 
     model_dir = copy_model_dir(tiny["gru"], tmp_path / "m")
     summary = export_model_dir(model_dir, stage="all", precision="both")
     assert len(summary["engines"]["built"]) == 4 and summary["engines"]["skipped"] is None
     betas = np.load(tiny["prep"] / "test_betas.npy")
     for precision, mean_tol in (("fp32", 0.05), ("fp16", 0.5)):
-        ort = Stage1Pipeline.from_model_dir(model_dir, "ort", precision).run(betas)
-        trt = Stage1Pipeline.from_model_dir(model_dir, "trt", precision).run(betas)
+        ort = Reconstructor.open(model_dir, RuntimeOptions(precision=precision), stage=1).reconstruct(betas)
+        trt = Reconstructor.open(model_dir, RuntimeOptions("trt", precision), stage=1).reconstruct(betas)
         assert np.abs(ort.images.astype(int) - trt.images.astype(int)).mean() <= mean_tol
     again = export_model_dir(model_dir, stage="all", precision="both")  # reused: same key, intact bytes
     assert again["engines"]["reused"] == summary["engines"]["built"] and again["engines"]["built"] == []

@@ -30,7 +30,7 @@ from brainrecon.export.contracts import kv_names, unet_context_contract, unet_kv
 from brainrecon.export.kv_once import context_kv, kv_cross_attention_kwargs, kv_layout
 from brainrecon.export.stage2 import context_pool, unet_kv_shapes
 from brainrecon.manifest import MANIFEST_FILE, load_manifest, write_manifest
-from brainrecon.runtime.stage2 import Stage2Pipeline
+from brainrecon.runtime import Reconstructor, RuntimeOptions
 from brainrecon.train.foundations.dual_unet import DualUNetConfig, build_dual_unet, convert_to_dual_attention
 from tests.fixtures import FAST_STEPS, build_tiny_stage2
 
@@ -201,13 +201,18 @@ def _pixels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a.astype(np.int16) - b.astype(np.int16))
 
 
+def _open(model_dir, unet_graph: str = "auto") -> Reconstructor:
+    return Reconstructor.open(model_dir, RuntimeOptions(threads=1, unet_graph=unet_graph))
+
+
 def test_runtime_kv_matches_plain_and_the_torch_reference(tiny2, model, betas):
     import dataclasses
 
-    kv_pipe = Stage2Pipeline.from_model_dir(tiny2["model"], threads=1, unet_graph="kv")
-    plain_pipe = Stage2Pipeline.from_model_dir(tiny2["model"], threads=1, unet_graph="plain")
-    assert kv_pipe.kv_once and not plain_pipe.kv_once
-    assert Stage2Pipeline.from_model_dir(tiny2["model"], threads=1).kv_once  # "auto" takes the pair
+    kv, plain_rec = _open(tiny2["model"], "kv"), _open(tiny2["model"], "plain")
+    kv_pipe = kv.pipeline
+    assert kv_pipe.kv_once and not plain_rec.pipeline.kv_once
+    assert _open(tiny2["model"]).pipeline.kv_once  # "auto" takes the pair
+    short = dataclasses.replace(kv.sampling, num_inference_steps=FAST_STEPS)
 
     calls = []
     context_backend = kv_pipe.backends["unet_context"]
@@ -219,33 +224,36 @@ def test_runtime_kv_matches_plain_and_the_torch_reference(tiny2, model, betas):
             calls.append(len(inputs["encoder_hidden_states"]))
             return context_backend.run(inputs)
 
-    kv_pipe.backends["unet_context"] = Counting()
-    fast = kv_pipe.run(betas, num_inference_steps=FAST_STEPS, batch_size=3)  # chunks 3 + 3 + 3 + 1
-    # K/V of the predicted contexts once per chunk, never per step; the unconditional ones were made at load
-    assert calls == [3, 3, 3, 1] and kv_pipe.uncond_kv["key_0"].shape[0] == 1
-    plain = plain_pipe.run(betas, num_inference_steps=FAST_STEPS, batch_size=3)
+    kv_pipe.backends["unet_context"] = Counting()  # after open: opening ran no model
+    fast = kv.reconstruct(betas, short, batch_size=3)  # chunks 3 + 3 + 3 + 1
+    # the unconditional K/V once, at the first run; those of the predicted contexts once per chunk, never per step
+    assert calls == [1, 3, 3, 3, 1] and kv_pipe.uncond_kv()["key_0"].shape[0] == 1
+    calls.clear()
+    again = kv.reconstruct(betas, short, batch_size=3)
+    assert calls == [3, 3, 3, 1]  # the unconditional K/V are kept
+    np.testing.assert_array_equal(again.final_images, fast.final_images)
+    plain = plain_rec.reconstruct(betas, short, batch_size=3)
     np.testing.assert_allclose(fast.latents, plain.latents, rtol=0, atol=1e-4)
     d = _pixels(fast.images, plain.images)
     assert d.mean() <= PIXELS_FP32["mean"] and d.max() <= PIXELS_FP32["max"]
 
-    sampling = dataclasses.replace(model.sampling, num_inference_steps=FAST_STEPS)
-    expected = model.reconstruct(betas, sampling, progress=False)["final"]
+    expected = model.reconstruct(betas, short, progress=False)["final"]
     d = _pixels(fast.images, expected)
     assert d.mean() <= PIXELS_FP32["mean"] and d.max() <= PIXELS_FP32["max"], (d.mean(), d.max())
 
 
 def test_kv_required_but_not_exported_and_bad_choice(tiny2, tmp_path):
     with pytest.raises(InputError, match="unet_graph"):
-        Stage2Pipeline.from_model_dir(tiny2["model"], unet_graph="fast")
+        RuntimeOptions(unet_graph="fast")
     model_dir = tmp_path / "model"
     shutil.copytree(tiny2["model"], model_dir)
     kept = [a for a in load_manifest(model_dir).artifacts if a.model not in ("unet_context", "unet_kv")]
     (model_dir / MANIFEST_FILE).unlink()
     write_manifest(model_dir, kept, merge=False)
     with pytest.raises(MissingFileError, match="unet_context and unet_kv"):
-        Stage2Pipeline.from_model_dir(model_dir, threads=1, unet_graph="kv")
+        _open(model_dir, "kv")
     # an export from before K/V once still runs, on the plain UNet
-    assert not Stage2Pipeline.from_model_dir(model_dir, threads=1).kv_once
+    assert not _open(model_dir).pipeline.kv_once
 
 
 def test_kv_forward_refuses_dual_blocks_with_different_norms():
@@ -316,9 +324,9 @@ def test_export_of_the_pair_only_runs_as_the_folder_with_both(tiny2, tmp_path, m
     # Intel Xeon), as for the copies in tests/test_runtime_checks.py.
     assert finals["kv"].shape == finals["both"].shape and finals["kv"].shape[0] == 4
     assert np.abs(finals["kv"].astype(int) - finals["both"].astype(int)).max() <= 1
-    assert Stage2Pipeline.from_model_dir(model_dir, threads=1, unet_graph="kv").kv_once
+    assert _open(model_dir, "kv").pipeline.kv_once
 
     with pytest.raises(MissingFileError) as e:
-        Stage2Pipeline.from_model_dir(model_dir, threads=1, unet_graph="plain")
+        _open(model_dir, "plain")
     assert "unet fp32 entry (the plain UNet), found unet_context and unet_kv only" in str(e.value)
     assert "--unet-graph plain" in str(e.value) and "\n" not in str(e.value)

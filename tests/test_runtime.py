@@ -24,12 +24,12 @@ import pytest
 
 from brainrecon.errors import InputError, MissingFileError
 from brainrecon.manifest import MANIFEST_FILE, ManifestError, load_manifest, verify_manifest
+from brainrecon.runtime import Reconstructor, RuntimeOptions
 from brainrecon.runtime.backends.base import ModelIO
 from brainrecon.runtime.backends.ort import OrtBackend, ProviderError
 from brainrecon.runtime.backends.tensorrt import EngineKey, EngineMismatchError, MachineInfo
 from brainrecon.runtime.infer import run_inference
 from brainrecon.runtime.inputs import parse_trials
-from brainrecon.runtime.stage1 import Stage1Pipeline
 from tests.fixtures import build_tiny_stage1
 
 PIXEL_TOLERANCE = {"fp32": (0.01, 0.9999), "fp16": (0.25, 0.99)}  # (mean |diff| levels, share within 1 level)
@@ -43,6 +43,11 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def test_betas(tiny) -> np.ndarray:
     return np.load(tiny["prep"] / "test_betas.npy")
+
+
+def stage1(model_dir: Path, engine: str = "ort", precision: str = "fp32") -> Reconstructor:
+    """The runtime's stage 1 on `model_dir` (a stage-1 folder, or the stage-1 half of a stage-2 one)."""
+    return Reconstructor.open(model_dir, RuntimeOptions(engine=engine, precision=precision), stage=1)
 
 
 def run_cli(monkeypatch, *args: str) -> int:
@@ -78,14 +83,32 @@ def test_pipeline_matches_torch_reference(tiny, regressor):
     sets = [np.load(tiny["prep"] / f"{split}_betas.npy") for split in ("test", "train")]
     expected = [reference.reconstruct(b) for b in sets]
     for precision, (mean_tol, within_tol) in PIXEL_TOLERANCE.items():
-        pipe = Stage1Pipeline.from_model_dir(tiny[regressor], "ort", precision)
+        rec = stage1(tiny[regressor], "ort", precision)
         for betas, ref in zip(sets, expected, strict=True):
-            result = pipe.run(betas, batch_size=7)  # several batches, a ragged last one
+            result = rec.reconstruct(betas, batch_size=7)  # several batches, a ragged last one
             assert result.images.shape == ref.shape and result.images.dtype == np.uint8
+            assert result.images is result.stage1_images and result.final_images is None
             diff = np.abs(result.images.astype(int) - ref.astype(int))
             assert diff.mean() <= mean_tol and (diff <= 1).mean() >= within_tol, (precision, diff.mean())
-            assert result.renormalized and result.providers[regressor] == ["CPUExecutionProvider"]
+            assert result.renormalized == {"stage1": True}
+            assert result.providers[regressor] == ["CPUExecutionProvider"]
+            assert result.batch_sizes == {"regressor": 7, "decoder": 7}
             assert set(result.timings) >= {"regressor_s", "renormalize_s", "decoder_s", "total_s"}
+
+
+def test_single_trial_skips_the_renormalisation(tiny, test_betas):
+    """The rule of both stages (stage 2's: tests/test_runtime_stage2.py): renormalize=None skips the
+    re-normalisation for a single trial (a set of one has no statistics) and records it, giving the images of
+    renormalize=False; renormalize=True refuses a single trial in one line, before any model runs."""
+    rec = stage1(tiny["gru"])
+    one = rec.reconstruct(test_betas[4:5])
+    assert one.renormalized == {"stage1": False}
+    np.testing.assert_array_equal(one.images, rec.reconstruct(test_betas[4:5], renormalize=False).images)
+    calls = []
+    with pytest.raises(InputError, match="at least 2 trials") as e:
+        rec.reconstruct(test_betas[4:5], renormalize=True, progress=lambda *a: calls.append(a))
+    assert "\n" not in str(e.value) and calls == []
+    assert rec.reconstruct(test_betas[4:6]).renormalized == {"stage1": True}
 
 
 def test_recon_infer_npy_with_stimuli_and_trial_selection(tiny, test_betas, tmp_path, monkeypatch, capsys):
@@ -108,7 +131,7 @@ def test_recon_infer_npy_with_stimuli_and_trial_selection(tiny, test_betas, tmp_
         "vdvae_decoder": ["CPUExecutionProvider"],
     }
     assert summary["timings"]["decoder_s"] > 0 and summary["cpu_fallback"] is None
-    expected = Stage1Pipeline.from_model_dir(tiny["gru"]).run(test_betas[[0, 2, 3, 4]]).images
+    expected = stage1(tiny["gru"]).reconstruct(test_betas[[0, 2, 3, 4]]).images
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(out / "stage1_00003.png")), expected[2])
@@ -131,7 +154,7 @@ def test_recon_infer_nifti_and_hdf5_apply_the_recorded_preprocessing(tiny, tmp_p
     voxel_mean, voxel_std = np.load(model_dir / "voxel_mean.npy"), np.load(model_dir / "voxel_std.npy")
     expected_betas = (zscore_session(masked) - voxel_mean) / voxel_std
     trials = [1, 4, 5, 6, 9]
-    expected = Stage1Pipeline.from_model_dir(model_dir).run(expected_betas[trials].astype(np.float32)).images
+    expected = stage1(model_dir).reconstruct(expected_betas[trials].astype(np.float32)).images
 
     h5_txyz, h5_tzyx = tmp_path / "betas_txyz.hdf5", tmp_path / "betas_session01.hdf5"
     with h5py.File(h5_txyz, "w") as f:
@@ -216,7 +239,7 @@ def test_batch_outside_the_engine_profile(tiny, test_betas, tmp_path, monkeypatc
     assert_one_line_failure(
         monkeypatch, capsys, tmp_path / "out", *args, "--batch-size", "0", match="batch size"
     )
-    pipe = Stage1Pipeline.from_model_dir(tiny["gru"])
+    pipe = stage1(tiny["gru"]).pipeline
     with pytest.raises(InputError, match=r"a batch in \[1, 64\]"):  # the backend itself refuses too
         pipe.decoder.run({"vdvae_latents": np.zeros((65, pipe.latent_dims), np.float32)})
     with pytest.raises(InputError, match="dtype float32"):
@@ -244,7 +267,7 @@ def test_tampered_onnx_is_refused(tiny, tmp_path, monkeypatch, capsys):
     err = assert_one_line_failure(monkeypatch, capsys, tmp_path / "out", *args, match="sha256")
     assert "ridge.fp32.onnx" in err and f"recon-export --model-dir {model_dir} --stage all" in err
     with pytest.raises(InputError, match="modified file"):
-        Stage1Pipeline.from_model_dir(model_dir)
+        stage1(model_dir)
 
 
 def test_unknown_manifest_version_is_refused(tiny, tmp_path):
@@ -305,7 +328,7 @@ def test_engine_built_for_another_machine(tiny, tmp_path, monkeypatch, capsys):
     assert "compute capability: engine 8.0, this machine 9.0" in err and "TensorRT: engine 10.9.0" in err
     assert "rebuild it on this machine with: recon-export" in err
     with pytest.raises(EngineMismatchError):
-        Stage1Pipeline.from_model_dir(model_dir, "trt", "fp16")
+        stage1(model_dir, "trt", "fp16")
 
 
 def test_trt_engine_missing_or_tensorrt_absent(tiny, tmp_path, monkeypatch, capsys):
@@ -360,8 +383,8 @@ def test_trt_pipeline_runs_on_this_gpu(tiny, tmp_path, test_betas):
 
     model_dir = shutil.copytree(tiny["ridge"], tmp_path / "m")
     export_model_dir(model_dir, stage="all", precision="fp32")
-    ort = Stage1Pipeline.from_model_dir(model_dir, "ort").run(test_betas)
-    trt = Stage1Pipeline.from_model_dir(model_dir, "trt").run(test_betas)
+    ort = stage1(model_dir, "ort").reconstruct(test_betas)
+    trt = stage1(model_dir, "trt").reconstruct(test_betas)
     assert np.abs(ort.images.astype(int) - trt.images.astype(int)).mean() <= 0.05
     assert "TensorRT" in trt.providers["ridge"][0]
 

@@ -31,9 +31,9 @@ import pytest
 
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.manifest import load_manifest, write_manifest
-from brainrecon.runtime.api import default_stage
+from brainrecon.runtime import Reconstructor, RuntimeOptions
 from brainrecon.runtime.infer import run_inference
-from brainrecon.runtime.stage2 import Stage2Pipeline, load_scheduler
+from brainrecon.runtime.model_folder import default_stage, load_scheduler
 from tests.fixtures import FAST_STEPS
 
 FINAL_TOLERANCE = {"fp32": {"mean": 0.01, "max": 1}, "fp16": {"mean": 0.5, "within_2": 0.98}}
@@ -42,14 +42,20 @@ SAME_ATOL = 1e-5  # re-runs, batch splits: same kernels, possibly another blocki
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny2) -> Stage2Pipeline:
-    return Stage2Pipeline.from_model_dir(tiny2["model"], "ort", "fp32", threads=1)
+def rec(tiny2):
+    with Reconstructor.open(tiny2["model"], RuntimeOptions(threads=1)) as r:
+        yield r
+
+
+def short(rec: Reconstructor, **changes):
+    """The fitted sampling on the short schedule FAST_STEPS, with `changes`."""
+    return dataclasses.replace(rec.sampling, num_inference_steps=FAST_STEPS, **changes)
 
 
 @pytest.fixture(scope="module")
-def fast(pipe, betas):
-    """The fp32 pipeline on the test betas with the short schedule (shared by several tests)."""
-    return pipe.run(betas, num_inference_steps=FAST_STEPS)
+def fast(rec, betas):
+    """The fp32 runtime on the test betas with the short schedule (shared by several tests)."""
+    return rec.reconstruct(betas, short(rec))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,7 @@ def pixel_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_fp32_and_fp16_match_the_torch_reference(tiny2, reference, betas, fast):
     sampling = dataclasses.replace(reference.sampling, num_inference_steps=FAST_STEPS)  # the fitted, shorter
     expected = reference.reconstruct(betas, sampling, progress=False)
-    d1 = pixel_diff(fast.stage1.images, expected["stage1"])  # stage 1 alone: tests/test_runtime.py
+    d1 = pixel_diff(fast.stage1_images, expected["stage1"])  # stage 1 alone: tests/test_runtime.py
     assert d1.mean() <= FINAL_TOLERANCE["fp32"]["mean"] and d1.max() <= 1, (d1.mean(), d1.max())
 
     d = pixel_diff(fast.images, expected["final"])
@@ -103,7 +109,7 @@ def test_fp32_and_fp16_match_the_torch_reference(tiny2, reference, betas, fast):
         d.max(),
     )
     # stage 2 alone: the reference refines the runtime's stage-1 images (a rint tie there moves the latents)
-    latents = torch_latents(reference, fast.stage1.images, reference.predict_contexts(betas), sampling)
+    latents = torch_latents(reference, fast.stage1_images, reference.predict_contexts(betas), sampling)
     np.testing.assert_allclose(fast.latents, latents, rtol=0, atol=LATENT_ATOL_FP32)
     assert list(fast.timesteps) == [626, 501, 376, 251, 126, 1]  # 8 steps, strength 0.75, offset 1
     assert fast.renormalized == {"stage1": True, "clip": True}
@@ -111,24 +117,23 @@ def test_fp32_and_fp16_match_the_torch_reference(tiny2, reference, betas, fast):
     # stage 1's two models, the CLIP ridges, the VAE pair, the K/V-once UNet pair (unet_context, unet = unet_kv)
     assert all(p == ["CPUExecutionProvider"] for p in fast.providers.values()) and len(fast.providers) == 8
 
-    fp16 = Stage2Pipeline.from_model_dir(tiny2["model"], "ort", "fp16", threads=1).run(
-        betas, num_inference_steps=FAST_STEPS
-    )
+    with Reconstructor.open(tiny2["model"], RuntimeOptions(precision="fp16", threads=1)) as rec16:
+        fp16 = rec16.reconstruct(betas, short(rec16))
     d16 = pixel_diff(fp16.images, expected["final"])
     tol = FINAL_TOLERANCE["fp16"]
     assert d16.mean() <= tol["mean"] and (d16 <= 2).mean() >= tol["within_2"], (d16.mean(), d16.max())
 
 
-def test_same_seed_same_images_other_seed_other_images(pipe, betas, fast):
-    again = pipe.run(betas, num_inference_steps=FAST_STEPS)
+def test_same_seed_same_images_other_seed_other_images(rec, betas, fast):
+    again = rec.reconstruct(betas, short(rec))
     np.testing.assert_array_equal(again.images, fast.images)
-    other = pipe.run(betas, seed=1, num_inference_steps=FAST_STEPS)
-    np.testing.assert_array_equal(other.stage1.images, fast.stage1.images)  # stage 1 draws no noise
+    other = rec.reconstruct(betas, short(rec, seed=1))
+    np.testing.assert_array_equal(other.stage1_images, fast.stage1_images)  # stage 1 draws no noise
     assert other.sampling.seed == 1 and pixel_diff(other.images, fast.images).mean() > 1.0
 
 
-def test_result_does_not_depend_on_batch_splitting(pipe, betas, fast):
-    split = pipe.run(betas, num_inference_steps=FAST_STEPS, batch_size=3)  # 3 + 3 + 3 + 1; UNet batch 6
+def test_result_does_not_depend_on_batch_splitting(rec, betas, fast):
+    split = rec.reconstruct(betas, short(rec), batch_size=3)  # 3 + 3 + 3 + 1; UNet batch 6
     assert split.batch_sizes["unet"] == 3
     np.testing.assert_allclose(split.latents, fast.latents, rtol=0, atol=SAME_ATOL)
     assert pixel_diff(split.images, fast.images).max() <= 1
@@ -136,21 +141,22 @@ def test_result_does_not_depend_on_batch_splitting(pipe, betas, fast):
 
 def test_parallel_unet_sessions_give_the_single_session_result(tiny2, betas, fast):
     """On the CPU the UNet loop runs one 1-thread session per thread, each on its own chunk of images."""
-    parallel = Stage2Pipeline.from_model_dir(tiny2["model"], "ort", "fp32", threads=2)
-    assert len(parallel.unet_workers) == 2
     progress = []
-    result = parallel.run(betas, num_inference_steps=FAST_STEPS, progress=lambda *a: progress.append(a))
+    with Reconstructor.open(tiny2["model"], RuntimeOptions(threads=2)) as parallel:
+        assert len(parallel.pipeline.unet_workers) == 2
+        result = parallel.reconstruct(betas, short(parallel), progress=lambda *a: progress.append(a))
     np.testing.assert_allclose(result.latents, fast.latents, rtol=0, atol=SAME_ATOL)
     assert pixel_diff(result.images, fast.images).max() <= 1
     unet_calls = [done for step, done, _ in progress if step == "unet"]
     assert sorted(unet_calls) == list(range(1, 2 * len(result.timesteps) + 1))  # 2 chunks of 5 images
 
 
-def test_strength_zero_is_the_vae_round_trip_of_stage1(pipe, reference, betas):
+def test_strength_zero_is_the_vae_round_trip_of_stage1(rec, reference, betas):
     from brainrecon.images import resize
     from brainrecon.train.stage2.img2img import decode_latents, encode_images
 
     calls = []
+    pipe = rec.pipeline
     unet = pipe.backends["unet"]
 
     class Counting:
@@ -162,23 +168,26 @@ def test_strength_zero_is_the_vae_round_trip_of_stage1(pipe, reference, betas):
 
     pipe.backends["unet"] = Counting()
     try:
-        result = pipe.run(betas[:3], strength=0.0)
+        result = rec.reconstruct(betas[:3], rec.sampling.with_overrides(strength=0.0))
     finally:
         pipe.backends["unet"] = unet
     assert calls == [] and len(result.timesteps) == 0
     scale = pipe.sampling.vae_scale_factor
     expected = decode_latents(
         reference.vae,
-        encode_images(reference.vae, resize(result.stage1.images, pipe.image_size), scale),
+        encode_images(reference.vae, resize(result.stage1_images, pipe.image_size), scale),
         scale,
     )
     d = pixel_diff(result.images, expected)
     assert d.mean() <= FINAL_TOLERANCE["fp32"]["mean"] and d.max() <= 1
 
 
-def test_single_trial_skips_the_renormalisation(pipe, reference, betas):
-    one = pipe.run(betas[4:5], num_inference_steps=FAST_STEPS)
-    assert one.images.shape == (1, pipe.image_size, pipe.image_size, 3)
+def test_single_trial_skips_the_renormalisation(rec, reference, betas):
+    """The rule of both stages (stage 1's: tests/test_runtime.py): renormalize=None skips the re-normalisation for
+    a single trial (a set of one has no statistics) and records it; renormalize=True refuses a single trial."""
+    one = rec.reconstruct(betas[4:5], short(rec))
+    size = rec.image_sizes["final"]
+    assert one.images.shape == (1, size, size, 3)
     assert one.renormalized == {"stage1": False, "clip": False}
     # the reference with re-normalisation off (its regressors refuse a set of one otherwise)
     reference = dataclasses.replace(
@@ -194,28 +203,37 @@ def test_single_trial_skips_the_renormalisation(pipe, reference, betas):
         contexts=contexts,
         progress=False,
     )
-    assert pixel_diff(one.stage1.images, expected["stage1"]).max() <= 1
+    assert pixel_diff(one.stage1_images, expected["stage1"]).max() <= 1
     assert pixel_diff(one.images, expected["final"]).max() <= 1
-    with pytest.raises(InputError, match="at least 2 trials"):
-        pipe.run(betas[4:5], renormalize=True)
+    off = rec.reconstruct(betas[4:5], short(rec), renormalize=False)
+    np.testing.assert_array_equal(off.images, one.images)
+    calls = []
+    with pytest.raises(InputError, match="at least 2 trials") as e:
+        rec.reconstruct(betas[4:5], short(rec), renormalize=True, progress=lambda *a: calls.append(a))
+    assert "\n" not in str(e.value) and calls == []
 
 
 # ----------------------------------------------------------------------------------------- refusals
 
 
-def test_sampling_overrides_are_checked(pipe, betas):
-    assert pipe.sampling_for(mix_ratio=pipe.sampling.mix_ratio).mix_ratio == pipe.sampling.mix_ratio
-    with pytest.raises(ConfigError, match="baked into the exported UNet"):
-        pipe.run(betas, mix_ratio=0.5)
+def test_sampling_overrides_are_checked(rec, betas):
+    fitted = rec.sampling
+    same = dataclasses.replace(fitted, mix_ratio=fitted.mix_ratio)
+    assert rec.check(betas, same).sampling.mix_ratio == fitted.mix_ratio
+    with pytest.raises(ConfigError, match="mix_ratio .*baked into the exported UNet"):
+        rec.reconstruct(betas, fitted.with_overrides(mix_ratio=0.5))
     with pytest.raises(ConfigError, match="strength in"):
-        pipe.run(betas, strength=1.5)
+        rec.reconstruct(betas, fitted.with_overrides(strength=1.5))
     with pytest.raises(ConfigError, match="num_inference_steps"):
-        pipe.run(betas, num_inference_steps=0)
+        rec.reconstruct(betas, fitted.with_overrides(num_inference_steps=0))
     with pytest.raises(ConfigError, match="seed"):
-        pipe.run(betas, seed=-1)
-    unet_max = pipe.ios["unet"].max_batch // 2
+        rec.reconstruct(betas, fitted.with_overrides(seed=-1))
+    # a schedule the numpy DDIM cannot build is refused by `check`, before any model runs
+    with pytest.raises(ConfigError, match="DDIM: expected num_inference_steps"):
+        rec.check(betas, fitted.with_overrides(num_inference_steps=5000))
+    unet_max = rec.pipeline.ios["unet"].max_batch // 2
     with pytest.raises(InputError, match="UNet runs 2 x batch"):
-        pipe.run(betas, batch_size=unet_max + 1)
+        rec.reconstruct(betas, batch_size=unet_max + 1)
 
 
 def test_model_without_stage2_says_what_to_run(tiny2, tmp_path):
@@ -223,7 +241,7 @@ def test_model_without_stage2_says_what_to_run(tiny2, tmp_path):
 
     stage1_only = build_tiny_stage1(tiny2["prep"].parent)["ridge"]  # the stage-1 half of the fixture
     with pytest.raises(MissingFileError, match="recon-train subject --stage clip"):
-        Stage2Pipeline.from_model_dir(stage1_only)
+        Reconstructor.open(stage1_only, stage=2)
     assert default_stage(stage1_only) == 1 and default_stage(tiny2["model"]) == 2
 
     copy = tmp_path / "not-exported"
@@ -233,7 +251,7 @@ def test_model_without_stage2_says_what_to_run(tiny2, tmp_path):
     (copy / "manifest.json").unlink()
     write_manifest(copy, kept, merge=False)
     with pytest.raises(MissingFileError, match="recon-export --model-dir .* --stage all"):
-        Stage2Pipeline.from_model_dir(copy)
+        Reconstructor.open(copy)
 
 
 def test_tampered_stage2_file_is_refused(tiny2, tmp_path):
@@ -242,13 +260,14 @@ def test_tampered_stage2_file_is_refused(tiny2, tmp_path):
     uncond = np.load(copy / "stage2" / "uncond_text.npy")
     np.save(copy / "stage2" / "uncond_text.npy", uncond + 1)
     with pytest.raises(InputError, match="uncond_text.npy.*modified file"):
-        Stage2Pipeline.from_model_dir(copy)
+        Reconstructor.open(copy)
 
 
-def test_scheduler_tables_of_the_export_are_checked(tiny2, pipe, tmp_path):
+def test_scheduler_tables_of_the_export_are_checked(tiny2, rec, tmp_path):
     """stage2/scheduler.json holds diffusers' DDIM tables; the numpy scheduler must reproduce them."""
     data = json.loads((tiny2["model"] / "stage2" / "scheduler.json").read_text())
-    assert data["timesteps"] == pipe.scheduler.timesteps(50, 0.75).tolist()  # the fitted sampling: 37 steps
+    fitted = rec.pipeline.scheduler.timesteps(50, 0.75)  # the fitted sampling: 37 steps
+    assert data["timesteps"] == fitted.tolist()
     for change, match in (
         ({"scheduler": {**data["scheduler"], "clip_sample": True}}, "clip_sample"),
         ({"scheduler": {**data["scheduler"], "steps_offset": 0}}, "expected timesteps"),
@@ -258,7 +277,7 @@ def test_scheduler_tables_of_the_export_are_checked(tiny2, pipe, tmp_path):
         (tmp_path / "stage2").mkdir(exist_ok=True)
         (tmp_path / "stage2" / "scheduler.json").write_text(json.dumps({**data, **change}))
         with pytest.raises(ConfigError, match=match):
-            load_scheduler(tmp_path, pipe.sampling)
+            load_scheduler(tmp_path, rec.sampling)
 
 
 # ----------------------------------------------------------------------------------------- recon-infer
@@ -297,7 +316,7 @@ def test_recon_infer_stage2_with_stimuli(tiny2, fast, tmp_path, monkeypatch, cap
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(out / "final_00003.png")), fast.images[3])
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "stage1_00003.png")), fast.stage1.images[3])
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "stage1_00003.png")), fast.stage1_images[3])
     assert Image.open(out / "contact_sheet.png").size[1] > 3 * 90  # ground truth, stage 1, final
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == n and set(metrics) == {"n", "stage1", "final"}
@@ -346,7 +365,7 @@ def test_recon_infer_stage1_still_runs_on_a_stage2_model(tiny2, fast, tmp_path):
         ("mix", None),
     ],
 )
-def test_bad_inputs_are_one_line_errors(tiny2, betas, tmp_path, monkeypatch, capsys, case, match):
+def test_bad_inputs_are_one_line_errors(tiny2, rec, betas, tmp_path, monkeypatch, capsys, case, match):
     path = tmp_path / "betas.npy"
     bad = {"nan": betas.copy(), "shape": betas[:, :-1], "int": betas.astype(np.int32)}.get(case, betas)
     if case == "nan":
@@ -357,7 +376,7 @@ def test_bad_inputs_are_one_line_errors(tiny2, betas, tmp_path, monkeypatch, cap
     np.save(path, bad)
     if case == "mix":  # no CLI option: the mix ratio is baked into the UNet, a change is refused by the API
         with pytest.raises(ConfigError, match="baked"):
-            Stage2Pipeline.from_model_dir(tiny2["model"]).run(betas, mix_ratio=0.3)
+            rec.reconstruct(betas, rec.sampling.with_overrides(mix_ratio=0.3))
         return
     out = tmp_path / "out"
     extra = {

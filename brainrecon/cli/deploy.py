@@ -237,7 +237,13 @@ def infer(
     from brainrecon.runtime.api import RuntimeOptions
     from brainrecon.runtime.infer import run_inference
 
-    options = RuntimeOptions(engine, precision, device, threads, allow_cpu_fallback)
+    options = RuntimeOptions(
+        engine=engine,
+        precision=precision,
+        device=device,
+        threads=threads,
+        allow_cpu_fallback=allow_cpu_fallback,
+    )
     sampling = {"seed": seed, "num_inference_steps": steps, "strength": strength, "guidance_scale": guidance}
     with output_dir(out, RECON_INFER_OUTPUT, overwrite, inputs=(betas, model_dir, stimuli)):
         summary = run_inference(

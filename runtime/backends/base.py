@@ -14,6 +14,9 @@ from brainrecon.errors import InputError
 
 
 class Backend(Protocol):
+    """One exported model, runnable: numpy in, numpy out, each call checked against `io`."""
+
+    io: ModelIO
     providers: list[str]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...

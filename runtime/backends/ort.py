@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from brainrecon.choices import DEVICES
 from brainrecon.errors import BrainReconError, InputError
 from brainrecon.runtime.backends.base import ModelIO
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda", "tensorrt")
 _GPU_PROVIDER = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _WARNED: set[str] = set()
 
