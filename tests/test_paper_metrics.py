@@ -547,6 +547,30 @@ def test_absent_weights_are_named_and_the_rest_computed(tmp_path):
     assert "needs efficientnet_b1_rwightman-bac287d4.pth" in metrics_table(result)
 
 
+def test_one_scorer_over_many_runs_equals_a_scorer_per_run(tmp_path, published):
+    """`PaperScorer` loads the networks and extracts the ground truths' features once for all runs (as the
+    recon-eval stage1/stage2 tables use it): each run's values equal a fresh `paper_metrics` call on that run,
+    exactly (the same computation), and the table lists the runs in order with the missing files below."""
+    from brainrecon.train.evaluation.paper_metrics import PaperScorer, paper_table_rows
+
+    weights = tmp_path / "w"
+    weights.mkdir()
+    alexnet = FEATURE_NETS["alexnet"].file
+    (weights / alexnet).symlink_to(published["folder"] / alexnet)
+    gt = _images(4, 64, seed=11)
+    runs = {"same": gt.copy(), "reversed": gt[::-1].copy(), "other": _images(4, 64, seed=12)}
+    scorer = PaperScorer(gt, weights)
+    scored = {name: scorer.score(recon, name) for name, recon in runs.items()}
+    for name, recon in runs.items():
+        alone = paper_metrics(gt, recon, weights)
+        assert scored[name].values == alone.values, name
+    assert scored["same"].values["alexnet2"] == 1.0 and scored["same"].values["pixcorr"] > 0.999
+    assert scorer.info()["computed"] == ["pixcorr", "ssim", "alexnet2", "alexnet5"]
+    lines = paper_table_rows(list(scored.items()))
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| same", "| reversed", "| other"]
+    assert lines[2].split(" | ")[3] == "100.0%" and any("SwAV" in line and "needs" in line for line in lines)
+
+
 def test_bad_runs_and_stimuli_fail_in_one_line(tmp_path):
     """No folder, no reconstructions of the kind, a non-RGB PNG, two sizes in one folder, too few or non-uint8
     stimuli, an unknown metric name, a missing weights folder: each a one-line error naming the file or option."""

@@ -176,6 +176,16 @@ def test_compare_stage2_writes_the_results_table(tiny, tmp_path):
     assert runs[-1] == "control: VAE round trip of the ground truth"
     for row in result["rows"]:
         assert -1 <= row["pixcorr"] <= 1 and 0 <= row["clip_2way"] <= 1 and row["recurring_error"] >= 1
+        # Brain-Diffuser's columns: without --weights PixCorr and SSIM, the same values as the row's own
+        assert set(row["paper"]) == {"pixcorr", "ssim"}
+        assert (
+            abs(row["paper"]["pixcorr"] - row["pixcorr"]) <= 1e-4
+            and abs(row["paper"]["ssim"] - row["ssim"]) <= 1e-4
+        )
+    paper = result["paper_metrics"]
+    assert paper["computed"] == ["pixcorr", "ssim"] and "alexnet-owt" in paper["missing"]["alexnet2"]
+    table = (tmp_path / "results" / "stage2.md").read_text()
+    assert "| run | PixCorr ↑ | SSIM ↑ | AlexNet(2) ↑ |" in table and "- SwAV ↓ not computed: needs" in table
     ridge = {r["model"].split(",")[0]: r for r in result["sizes"] if "ridge," in r["model"]}
     assert ridge["CLIP-vision ridge"]["parameters"] < ridge["CLIP-vision ridge"]["full_rank_parameters"]
     assert result["real_size_clip_ridge"]["compression"] > 10

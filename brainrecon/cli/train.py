@@ -16,6 +16,12 @@ from brainrecon.cli import print_summary, run_app
 DEVICE_HELP = "Torch device: cpu or cuda (no GPU: a one-line error, never a silent CPU run)."
 DeviceOption = Annotated[TorchDevice, typer.Option(help=DEVICE_HELP)]
 EncodeBatchOption = Annotated[int, typer.Option(help="Images per VDVAE encoder call.")]
+WeightsOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of the metric networks' weights (docs/metrics.md); without it: PixCorr and SSIM."
+    ),
+]
 
 
 def check_device(device: str) -> None:
@@ -449,8 +455,10 @@ def eval_stage1(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOption = "cpu",
     encode_batch: EncodeBatchOption = 64,
+    weights: WeightsOption = None,
 ) -> None:
-    """Stage-1 PixCorr/SSIM of ridge vs GRU at several K, beside mean-image and shuffled-betas controls.
+    """Stage-1 PixCorr/SSIM of ridge vs GRU at several K, beside mean-image and shuffled-betas controls, and
+    Brain-Diffuser's eight metrics as far as --weights holds their networks (docs/metrics.md).
 
     Example: recon-eval stage1 --data data/subj01 --out benchmarks/results/stage1
     """
@@ -467,6 +475,7 @@ def eval_stage1(
         seed=seed,
         device=device,
         encode_batch=encode_batch,
+        weights=weights,
     )
     Console().print((out / "stage1.md").read_text())
 
@@ -477,15 +486,17 @@ def eval_stage2(
     data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],
     out: Annotated[Path, typer.Option(help="Results folder: stage2.json, stage2.md, stage2_sheet.png.")],
     device: DeviceOption = "cpu",
+    weights: WeightsOption = None,
 ) -> None:
-    """Stage 1 vs stage 1+2 (PixCorr, SSIM, CLIP 2-way identification) with guidance, oracle and shuffle controls.
+    """Stage 1 vs stage 1+2 (PixCorr, SSIM, CLIP 2-way identification) with guidance, oracle and shuffle controls,
+    and Brain-Diffuser's eight metrics as far as --weights holds their networks (docs/metrics.md).
 
     Example: recon-eval stage2 --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/stage2
     """
     check_device(device)
     from brainrecon.train.evaluation.stage2 import compare_stage2
 
-    compare_stage2(model_dir, data, out, device=device)
+    compare_stage2(model_dir, data, out, device=device, weights=weights)
     Console().print((out / "stage2.md").read_text())
 
 

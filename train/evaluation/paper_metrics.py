@@ -261,6 +261,104 @@ class PaperMetrics:
         }
 
 
+def _check_images(what: str, images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise InputError(what, "(N, H, W, 3) uint8 images", f"shape {images.shape}, dtype {images.dtype}")
+    return images
+
+
+class PaperScorer:
+    """The requested metrics against one set of ground truths `gt` ((N, H, W, 3) uint8), for many runs: every
+    network file is loaded (and so checked) once, when the scorer is made, and the ground truths' features are
+    extracted once. A network whose file is absent from `weights` is skipped and named in `missing`; a file that is
+    there but wrong fails in one line, before any feature is extracted. `score(recon)` → PaperMetrics."""
+
+    def __init__(
+        self,
+        gt: np.ndarray,
+        weights: str | Path | None,
+        metrics: Sequence[str] = METRICS,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        show_progress: bool = False,
+        require_vit_l14: bool = True,
+    ):
+        self.names = check_metric_names(metrics)
+        self.gt = _check_images("stimuli", gt)
+        if len(self.gt) < 2:
+            raise InputError(
+                "stimuli", "at least 2 ground truths (two-way identification)", f"{len(self.gt)}"
+            )
+        if batch_size < 1:
+            raise InputError("batch_size", "a positive integer", str(batch_size))
+        weights = Path(weights) if weights is not None else None
+        if weights is not None and not weights.is_dir():
+            raise MissingFileError(weights, "weights folder", "see docs/metrics.md for its files")
+        self.device, self.batch_size, self.show_progress = device, batch_size, show_progress
+        self.missing: dict[str, str] = {}
+        self.files: dict[str, str] = {}
+        self.models = {}
+        for network in dict.fromkeys(NETWORK[m] for m in self.names if NETWORK[m] is not None):
+            path = weights_path(weights, network) if weights is not None else None
+            if path is None or not path.exists():
+                self.missing.update({m: required_file(network) for m in _taps(network) if m in self.names})
+                continue
+            if network == "clip":
+                self.models[network] = load_clip_vision(path, device, require_vit_l14)
+            else:
+                self.models[network] = load_feature_net(network, path, device)
+            self.files[network] = str(path)
+        with self._progress() as progress:
+            self.gt_features = {
+                network: extract_features(
+                    network, model, self.gt, batch_size, device, progress, f"{network}: ground truth"
+                )
+                for network, model in self.models.items()
+            }
+
+    def info(self) -> dict:
+        """What a results file says about its `paper` columns: their order and labels, which were computed, the
+        files used and the files the others need."""
+        return {
+            "order": list(METRICS),
+            "labels": dict(LABELS),
+            "computed": [m for m in self.names if m not in self.missing],
+            "missing": dict(self.missing),
+            "files": dict(self.files),
+        }
+
+    def _progress(self) -> Progress:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        return Progress(*columns, disable=not self.show_progress, transient=False)
+
+    def score(self, recon: np.ndarray, label: str = "reconstructions") -> PaperMetrics:
+        recon = _check_images("reconstructions", recon)
+        if len(recon) != len(self.gt):
+            raise InputError(
+                "reconstructions", f"one per ground truth ({len(self.gt)} ground truths)", f"{len(recon)}"
+            )
+        values: dict[str, float | None] = {m: None for m in METRICS}
+        if "pixcorr" in self.names:
+            values["pixcorr"] = float(pixcorr(self.gt, recon))
+        if "ssim" in self.names:
+            values["ssim"] = float(ssim(self.gt, recon))
+        with self._progress() as progress:
+            for network, model in self.models.items():
+                recon_feats = extract_features(
+                    network, model, recon, self.batch_size, self.device, progress, f"{network}: {label}"
+                )
+                gt_feats = self.gt_features[network]
+                for m in _taps(network):
+                    if m not in self.names:
+                        continue
+                    if m in DISTANCE:
+                        values[m] = mean_correlation_distance(gt_feats[m], recon_feats[m])
+                    else:
+                        values[m] = float(two_way_identification(gt_feats[m], recon_feats[m]))
+        return PaperMetrics(len(recon), values, dict(self.missing), dict(self.files))
+
+
 def paper_metrics(
     gt: np.ndarray,
     recon: np.ndarray,
@@ -272,64 +370,28 @@ def paper_metrics(
     require_vit_l14: bool = True,
 ) -> PaperMetrics:
     """The requested metrics of reconstructions `recon` against ground truths `gt` (both (N, H, W, 3) uint8, row i
-    the same stimulus). A network whose file is absent from `weights` is skipped and named in `missing`; a file
-    that is there but wrong fails in one line, before any feature is extracted."""
-    names = check_metric_names(metrics)
-    gt = np.asarray(gt)
-    recon = np.asarray(recon)
-    for what, a in (("stimuli", gt), ("reconstructions", recon)):
-        if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
-            raise InputError(what, "(N, H, W, 3) uint8 images", f"shape {a.shape}, dtype {a.dtype}")
-    if len(gt) != len(recon) or len(gt) < 2:
+    the same stimulus); one run of `PaperScorer`."""
+    recon = _check_images("reconstructions", recon)
+    if len(np.asarray(gt)) != len(recon) or len(recon) < 2:
         raise InputError(
-            "reconstructions", f"one per ground truth, at least 2 ({len(gt)} ground truths)", f"{len(recon)}"
+            "reconstructions",
+            f"one per ground truth, at least 2 ({len(np.asarray(gt))} ground truths)",
+            f"{len(recon)}",
         )
-    if batch_size < 1:
-        raise InputError("batch_size", "a positive integer", str(batch_size))
-    weights = Path(weights) if weights is not None else None
-    if weights is not None and not weights.is_dir():
-        raise MissingFileError(weights, "weights folder", "see docs/metrics.md for its files")
+    scorer = PaperScorer(gt, weights, metrics, device, batch_size, show_progress, require_vit_l14)
+    return scorer.score(recon)
 
-    values: dict[str, float | None] = {m: None for m in METRICS}
-    missing: dict[str, str] = {}
-    files: dict[str, str] = {}
-    networks = list(dict.fromkeys(NETWORK[m] for m in names if NETWORK[m] is not None))
-    models = {}
-    for network in networks:  # load (and so check) every file before the long part
-        path = weights_path(weights, network) if weights is not None else None
-        if path is None or not path.exists():
-            for m in _taps(network):
-                if m in names:
-                    missing[m] = required_file(network)
-            continue
-        if network == "clip":
-            models[network] = load_clip_vision(path, device, require_vit_l14)
-        else:
-            models[network] = load_feature_net(network, path, device)
-        files[network] = str(path)
 
-    if "pixcorr" in names:
-        values["pixcorr"] = float(pixcorr(gt, recon))
-    if "ssim" in names:
-        values["ssim"] = float(ssim(gt, recon))
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, disable=not show_progress, transient=False) as progress:
-        for network, model in models.items():
-            gt_feats = extract_features(
-                network, model, gt, batch_size, device, progress, f"{network}: ground truth"
-            )
-            recon_feats = extract_features(
-                network, model, recon, batch_size, device, progress, f"{network}: reconstructions"
-            )
-            for m in _taps(network):
-                if m not in names:
-                    continue
-                if m in DISTANCE:
-                    values[m] = mean_correlation_distance(gt_feats[m], recon_feats[m])
-                else:
-                    values[m] = float(two_way_identification(gt_feats[m], recon_feats[m]))
-            del gt_feats, recon_feats
-    return PaperMetrics(len(gt), values, missing, files)
+def paper_table_rows(rows: Sequence[tuple[str, PaperMetrics]]) -> list[str]:
+    """Markdown lines: the eight columns in the papers' order, one row per run ("–" where not computed), then one
+    line per metric that was not computed and the file it needs."""
+    lines = ["| run | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines += [
+        f"| {name} | " + " | ".join(format_value(m, r.values[m]) for m in METRICS) + " |" for name, r in rows
+    ]
+    if rows:
+        lines += [f"- {LABELS[m]} not computed: needs {need}" for m, need in rows[0][1].missing.items()]
+    return lines
 
 
 # ----------------------------------------------------------------------------- reading a run, and the table
@@ -386,11 +448,4 @@ def format_value(metric: str, value: float | None) -> str:
 
 def metrics_table(result: PaperMetrics, title: str = "this run") -> str:
     """A Markdown table in the papers' column order, then one line per metric that was not computed."""
-    header = "| | " + " | ".join(LABELS[m] for m in METRICS) + " |"
-    rule = "|---|" + "---|" * len(METRICS)
-    row = (
-        f"| {title} (n={result.n}) | " + " | ".join(format_value(m, result.values[m]) for m in METRICS) + " |"
-    )
-    lines = [header, rule, row]
-    lines += [f"- {LABELS[m]} not computed: needs {need}" for m, need in result.missing.items()]
-    return "\n".join(lines)
+    return "\n".join(paper_table_rows([(f"{title} (n={result.n})", result)]))

@@ -12,6 +12,7 @@ import torch
 from brainrecon.images import contact_sheet, png_name, save_png
 from brainrecon.io import atomic_dir, load_npy, save_npy, write_json, write_text
 from brainrecon.metrics import pixcorr, ssim
+from brainrecon.train.evaluation.paper_metrics import PaperScorer, paper_table_rows
 from brainrecon.train.reference import Stage1Model
 from brainrecon.train.stage1.fit import Stage1Config, fit_stage1, load_prepared
 
@@ -56,23 +57,28 @@ def compare_stage1(
     seed: int = 0,
     device: str | torch.device = "cpu",
     encode_batch: int = 64,
+    weights: str | Path | None = None,
 ) -> list[dict]:
     """Ridge vs GRU at each K, plus controls, on a subject's test set -> out/stage1.{json,md}, stage1_sheet.png.
 
-    `device` and `encode_batch` as `fit_stage1`; the reconstructions run on `device` too.
+    `device` and `encode_batch` as `fit_stage1`; the reconstructions run on `device` too. Each row also has `paper`:
+    Brain-Diffuser's eight metrics, as many as `weights` has files for (PixCorr and SSIM always).
     """
     data_dir, out = Path(data_dir), Path(out)
     test_betas, test_images = load_prepared(data_dir, "test")
     gt = np.asarray(test_images)
-    rows, sheet = [], [("ground truth", gt)]
+    rows, sheet, paper = [], [("ground truth", gt)], []
+    scorer = PaperScorer(gt, weights, device=device, show_progress=weights is not None)
 
     def score(name: str, recon: np.ndarray, **extra) -> None:
+        paper.append((name, scorer.score(recon, name)))
         rows.append(
             {
                 "model": name,
                 "pixcorr": round(float(pixcorr(gt, recon)), 4),
                 "ssim": round(float(ssim(gt, recon)), 4),
                 **extra,
+                "paper": {m: round(v, 4) for m, v in paper[-1][1].values.items() if v is not None},
             }
         )
 
@@ -112,11 +118,22 @@ def compare_stage1(
     shuffled = Stage1Model.load(model_dir, device).reconstruct(test_betas)
     score(f"control: ridge K={k}, shuffled betas", shuffled)
     contact_sheet(sheet, out / "stage1_sheet.png")
-    write_json(out / "stage1.json", {"data": str(data_dir), "n_test": len(gt), "vdvae": vdvae, "rows": rows})
+    write_json(
+        out / "stage1.json",
+        {
+            "data": str(data_dir),
+            "n_test": len(gt),
+            "vdvae": vdvae,
+            "rows": rows,
+            "paper_metrics": scorer.info(),
+        },
+    )
     lines = ["| model | latent dims | regressor parameters | PixCorr | SSIM |", "|---|---|---|---|---|"]
     lines += [
         f"| {r['model']} | {r.get('latent_dims', '')} | {r.get('parameters', '')} | {r['pixcorr']:.3f} | {r['ssim']:.3f} |"
         for r in rows
     ]
+    lines += ["", "Brain-Diffuser's eight metrics, in the papers' order (identification as %):", ""]
+    lines += paper_table_rows(paper)
     write_text(out / "stage1.md", "\n".join(lines) + "\n")
     return rows

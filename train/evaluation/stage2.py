@@ -18,6 +18,7 @@ from brainrecon.io import atomic_dir, load_npy, save_npy, write_json, write_text
 from brainrecon.metrics import pixcorr, ssim, two_way_identification
 from brainrecon.model_dir import CLIP_TARGETS
 from brainrecon.sampling import SamplingConfig
+from brainrecon.train.evaluation.paper_metrics import PaperScorer, paper_table_rows
 from brainrecon.train.foundations.loaders import load_clip
 from brainrecon.train.reference import Stage2Model
 from brainrecon.train.stage1.fit import load_prepared
@@ -142,6 +143,7 @@ def compare_stage2(
     out: str | Path,
     sheet_images: int = 12,
     device: str | torch.device = "cpu",
+    weights: str | Path | None = None,
 ) -> dict:
     """Stage 1 vs stage 1+2 on a subject's test set, beside controls that say where stage 2's gains come from.
 
@@ -150,8 +152,11 @@ def compare_stage2(
     generation from them: how well the UNet follows its conditioning); shuffled predicted contexts (conditioning
     that belongs to other images); strength 0 (the VAE round trip of stage 1, no diffusion); the VAE round trip of
     the ground truth (the VAE's own ceiling). Every row also has `recurring_error`, the max / median of the error
-    map averaged over the images (`recurring_error`): a fixed-position artifact raises it. Writes
-    out/stage2.{json,md}, out/stage2_sheet.png. The torch models (the subject's and the CLIP) run on `device`.
+    map averaged over the images (`recurring_error`): a fixed-position artifact raises it, and `paper`, Brain-Diffuser's
+    eight metrics (`paper_metrics.py`): PixCorr and SSIM always, the six feature-network columns when `weights` holds
+    their files (the rest are named in `paper_metrics.missing`). `clip_2way` is ours, on the subject's own CLIP (the
+    small one for the demo), not comparable with the papers' CLIP column. Writes out/stage2.{json,md},
+    out/stage2_sheet.png. The torch models (the subject's, the CLIP and the feature networks) run on `device`.
     """
     data_dir, out = Path(data_dir), Path(out)
     model = Stage2Model.load(model_dir, device)
@@ -161,6 +166,7 @@ def compare_stage2(
     predicted = model.predict_contexts(betas)
     true = clip_targets(data_dir, "test", extractor, gt)
     gt_embeddings = clip_image_embeddings(extractor, gt)
+    scorer = PaperScorer(gt, weights, device=device, show_progress=weights is not None)
     shuffle = np.random.default_rng(model.sampling.seed).permutation(len(gt))
     base = model.sampling
     runs = {
@@ -176,11 +182,12 @@ def compare_stage2(
         "control: shuffled predicted contexts": (base, {k: v[shuffle] for k, v in predicted.items()}),
         "control: strength 0 (VAE round trip)": (dataclasses.replace(base, strength=0.0), predicted),
     }
-    rows, sheet = [], [("ground truth", gt[:sheet_images])]
+    rows, sheet, paper = [], [("ground truth", gt[:sheet_images])], []
     t0 = time.perf_counter()
     stage1 = model.stage1.reconstruct(betas)
 
     def score(name: str, recon: np.ndarray, seconds: float | None = None) -> None:
+        paper.append((name, scorer.score(recon, name)))
         rows.append(
             {
                 "run": name,
@@ -189,6 +196,7 @@ def compare_stage2(
                 "clip_2way": round(clip_identification(extractor, gt_embeddings, recon), 4),
                 "recurring_error": recurring_error(gt, recon)["ratio"],
                 "seconds": None if seconds is None else round(seconds, 1),
+                "paper": {m: round(v, 4) for m, v in paper[-1][1].values.items() if v is not None},
             }
         )
 
@@ -214,6 +222,7 @@ def compare_stage2(
         "n_test": len(gt),
         "sampling": config_to_dict(base),
         "rows": rows,
+        "paper_metrics": scorer.info(),
         "sizes": sizes,
         "clip_ridge": model.info["clip_ridge"],
         "real_size_clip_ridge": real_size_parameter_report(rank=max(rank, 256)),
@@ -222,7 +231,7 @@ def compare_stage2(
     contact_sheet(sheet, out / "stage2_sheet.png")
     write_json(out / "stage2.json", result)
     lines = [
-        "| run | PixCorr ↑ | SSIM ↑ | CLIP 2-way ↑ | recurring error ↓ | seconds |",
+        "| run | PixCorr ↑ | SSIM ↑ | CLIP 2-way ↑ (subject's CLIP, ours) | recurring error ↓ | seconds |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
@@ -230,6 +239,8 @@ def compare_stage2(
         f"{r['recurring_error']:.2f} | {r['seconds']} |"
         for r in rows
     ]
+    lines += ["", "Brain-Diffuser's eight metrics, in the papers' order (identification as %):", ""]
+    lines += paper_table_rows(paper)
     lines += ["", "| model | parameters | full-rank parameters |", "|---|---|---|"]
     lines += [f"| {r['model']} | {r['parameters']:,} | {r.get('full_rank_parameters', '')} |" for r in sizes]
     write_text(out / "stage2.md", "\n".join(lines) + "\n")
