@@ -89,17 +89,10 @@ class Server:
         return time.monotonic() - t0
 
 
-def make_inputs(httpclient, row: np.ndarray, seed: int) -> list:
-    betas = httpclient.InferInput("betas", [1, row.shape[0]], "FP32")
-    betas.set_data_from_numpy(row[None].astype(np.float32))
-    seeds = httpclient.InferInput("seed", [1, 1], "INT64")
-    seeds.set_data_from_numpy(np.array([[seed]], np.int64))
-    return [betas, seeds]
-
-
 def load_level(server: Server, betas: np.ndarray, clients: int, requests: int, cap_s: float) -> dict:
-    """`requests` one-trial requests from `clients` threads; latency percentiles, throughput, errors."""
-    import tritonclient.http as httpclient
+    """`requests` one-trial requests from `clients` threads (one `brainrecon.serve.client.ReconClient` each, the
+    client users get); latency percentiles, throughput, errors."""
+    from brainrecon.serve.client import ReconClient
 
     latencies: list[float] = []
     errors: list[str] = []
@@ -108,8 +101,7 @@ def load_level(server: Server, betas: np.ndarray, clients: int, requests: int, c
     deadline = time.monotonic() + cap_s
 
     def client_loop() -> None:
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=cap_s)
-        try:
+        with ReconClient(f"127.0.0.1:{server.port}", timeout_s=cap_s) as client:
             while time.monotonic() < deadline:
                 with lock:
                     i = next(counter, None)
@@ -117,17 +109,14 @@ def load_level(server: Server, betas: np.ndarray, clients: int, requests: int, c
                     return
                 t0 = time.perf_counter()
                 try:
-                    result = client.infer("brainrecon", make_inputs(httpclient, betas[i % len(betas)], i))
-                    assert result.as_numpy("final_image").dtype == np.uint8
+                    final, _ = client.reconstruct(betas[i % len(betas)], seed=i)
+                    assert final.dtype == np.uint8
                     with lock:
                         latencies.append(time.perf_counter() - t0)
                 except Exception as e:  # counted, reported
                     with lock:
                         errors.append(f"{type(e).__name__}: {str(e)[:120]}")
-        finally:
-            client.close()
 
-    port = server.port
     before = model_counts(server.log)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
@@ -231,31 +220,25 @@ def fault_malformed(port: int, row: np.ndarray) -> dict:
     for name, body in cases.items():
         status, message = post(port, body)
         results[name] = {"status": status, "error": one_line(message), "next_ok": healthy(port, row)}
-    # NaN has no JSON spelling: the binary protocol of tritonclient
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
+    # NaN has no JSON spelling: the binary protocol of tritonclient (ReconClient)
+    from brainrecon.serve.client import ReconClient, ServeError
 
     bad = row.copy()
     bad[3] = np.nan
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
-    try:
-        client.infer("brainrecon", make_inputs(httpclient, bad, 0))
-        results["NaN betas"] = {"status": 200, "error": "", "next_ok": healthy(port, row)}
-    except InferenceServerException as e:
-        results["NaN betas"] = {
-            "status": int(e.status() or 0),
-            "error": one_line(e.message() or ""),
-            "next_ok": healthy(port, row),
-        }
-    finally:
-        client.close()
+    with ReconClient(f"127.0.0.1:{port}") as client:
+        try:
+            client.reconstruct(bad, seed=0)
+            results["NaN betas"] = {"status": 200, "error": ""}
+        except ServeError as e:
+            results["NaN betas"] = {"status": int(e.status or 0), "error": str(e)}
+    results["NaN betas"]["next_ok"] = healthy(port, row)
     return {"cases": results, "server_kept_serving": all(r["next_ok"] for r in results.values())}
 
 
 def fault_restart(server: Server, row: np.ndarray, requests: int = 6) -> dict:
     """A client sends `requests` requests, retrying each until it succeeds (0.2 s back-off, 60 s cap), while the
     server is stopped (SIGTERM) and started again after its second answer."""
-    import tritonclient.http as httpclient
+    from brainrecon.serve.client import ReconClient
 
     log: list[dict] = []
     done = threading.Event()
@@ -266,17 +249,10 @@ def fault_restart(server: Server, row: np.ndarray, requests: int = 6) -> dict:
             while time.perf_counter() - t0 < 60:
                 attempts += 1
                 try:
-                    c = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=30)
-                    final = c.infer("brainrecon", make_inputs(httpclient, row, 7)).as_numpy("final_image")
-                    c.close()
-                    log.append(
-                        {
-                            "request": i,
-                            "attempts": attempts,
-                            "ms": round((time.perf_counter() - t0) * 1000),
-                            "final": final,
-                        }
-                    )
+                    with ReconClient(f"127.0.0.1:{server.port}", timeout_s=30) as c:
+                        final, _ = c.reconstruct(row, seed=7)
+                    ms = round((time.perf_counter() - t0) * 1000)
+                    log.append({"request": i, "attempts": attempts, "ms": ms, "final": final})
                     break
                 except Exception:
                     time.sleep(0.2)

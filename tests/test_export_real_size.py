@@ -181,6 +181,36 @@ def test_make_distinct_leaves_no_constant_tensor():
             assert torch.equal(b, p)  # random tensors untouched unless relative > 0
 
 
+def test_model_dir_assembles_the_kept_files_with_a_verified_manifest(tmp_path):
+    """`--model-dir`: the kept files of the folder's models linked under onnx/ with their names (an .onnx names its
+    .data), the data files the runtime reads, scheduler.json from the sampling, and a manifest that verifies. The
+    files here are stand-ins (the folder's layout and hashes are what is checked; recon-infer on the real files is
+    the docs' two-stage run)."""
+    from brainrecon import model_dir as layout
+    from brainrecon.manifest import verify_manifest
+
+    rs, work = load_real_size(), tmp_path / "work"
+    for name in rs.FOLDER_MODELS:
+        (work / name).mkdir(parents=True)
+        for precision in ("fp32", "fp16"):
+            path = work / name / f"{rs.contract(name).name}.{precision}.onnx"
+            path.write_bytes(f"{name} {precision}".encode())
+            if name == "unet":
+                path.with_name(path.name + ".data").write_bytes(b"weights")
+    out = rs.assemble_model_dir(work, tmp_path / "model")
+    manifest = verify_manifest(out)
+    onnx = {a.path for a in manifest.artifacts if a.kind == "onnx"}
+    assert onnx == {
+        f"onnx/{rs.contract(n).name}.{p}.onnx" for n in rs.FOLDER_MODELS for p in ("fp32", "fp16")
+    }
+    assert {a.path for a in manifest.artifacts if a.kind == "onnx_data"} == {
+        f"onnx/unet.{p}.onnx.data" for p in ("fp32", "fp16")
+    }
+    for rel in (*layout.PREPROCESS_FILES, *layout.STAGE1_FILES, *layout.STAGE2_FILES, layout.SCHEDULER):
+        assert (out / rel).is_file(), rel
+    assert np.load(out / layout.uncond_context("vision")).shape == (1, 257, 768)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("num_layers", [31])
 def test_imagenet64_decoder_exports_with_parity(tmp_path, num_layers):
