@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -124,8 +125,49 @@ class _Page:
 METRIC_COLUMNS: list[Column] = [
     ("pixcorr", "PixCorr ↑", "num"),
     ("ssim", "SSIM ↑", "num"),
-    ("clip_2way", "CLIP 2-way ↑", "num"),
+    ("clip_2way", "CLIP 2-way ↑ (subject's CLIP, ours)", "num"),
 ]
+# The repository's guides, linked from the page when the package runs from a checkout (not from a wheel)
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+GUIDES = (
+    ("architecture", "architecture.md"),
+    ("experiments", "experiments.md"),
+    ("metrics", "metrics.md"),
+    ("speed", "speed.md"),
+)
+
+
+def _guides_note(out: Path) -> str:
+    """Links from the report folder to the repository's guides, or "" when there is no checkout beside it."""
+    if not DOCS.is_dir():
+        return ""
+    links = [
+        f'<a href="{html.escape(Path(os.path.relpath(DOCS / name, out)).as_posix())}">{label}</a>'
+        for label, name in GUIDES
+        if (DOCS / name).is_file()
+    ]
+    return f" Guides: {' · '.join(links)}." if links else ""
+
+
+def _paper_table(page: _Page, data: dict, name_key: str, table_id: str) -> None:
+    """Brain-Diffuser's eight metrics of every row, in the papers' order, when the results file has them
+    (recon-eval stage1|stage2 since 2026-12-05), and which files the missing columns need."""
+    info = data.get("paper_metrics")
+    if not info:
+        return
+    order, labels = info["order"], info["labels"]
+    rows = [
+        {name_key: r[name_key], **{f"paper_{m}": r.get("paper", {}).get(m) for m in order}}
+        for r in data["rows"]
+    ]
+    page.p(
+        "Brain-Diffuser's eight metrics, in the papers' order (identification as a fraction; docs/metrics.md): "
+        f"computed {', '.join(labels[m] for m in info['computed'])}."
+        + "".join(f" {labels[m]}: needs {need}." for m, need in info["missing"].items())
+    )
+    page.table(
+        rows, [(name_key, name_key, "text"), *((f"paper_{m}", labels[m], "num") for m in order)], table_id
+    )
 
 
 def build_report(
@@ -161,7 +203,7 @@ def build_report(
             f"<title>brainrecon report: {html.escape(model_dir.name)}</title><style>{_CSS}</style></head>"
             f'<body data-sections="{" ".join(shown)}"><h1>brainrecon report: {html.escape(str(model_dir))}</h1>'
             f'<p class="note">Generated {stamp} by recon-eval report from {html.escape(str(model_dir))} and '
-            f"{html.escape(str(results))}. Sections: {nav}</p>"
+            f"{html.escape(str(results))}. Sections: {nav}.{_guides_note(out.resolve())}</p>"
             + "\n".join(page.parts)
             + f"<script>{_SCRIPT}</script></body></html>\n"
         )
@@ -279,6 +321,7 @@ def _stage1_section(page: _Page, folder: Path) -> bool:
         ],
         "stage1-table",
     )
+    _paper_table(page, data, "model", "stage1-paper-table")
     page.image(folder / "stage1_sheet.png", "stage-1 reconstructions per regressor and K")
     return True
 
@@ -301,6 +344,7 @@ def _stage2_section(page: _Page, folder: Path) -> bool:
         [("run", "run", "text"), *METRIC_COLUMNS, *recurring, ("seconds", "seconds", "num")],
         "stage2-table",
     )
+    _paper_table(page, data, "run", "stage2-paper-table")
     page.image(folder / "stage2_sheet.png", "stage 1, stage 1+2 and oracle rows (first 12 test images)")
     return True
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from brainrecon import model_dir as layout
+from brainrecon.choices import IMAGE_KINDS
 from brainrecon.errors import BrainReconError, InputError
 from brainrecon.images import png_name, save_png
 from brainrecon.io import load_npy, read_json, sha256_file, write_json
@@ -52,7 +53,6 @@ WRITES_LOG = "writes.log"
 SUMMARY = "summary.json"
 RUN = "run.json"
 RUN_VERSION = 1
-KINDS = ("stage1", "final")
 # A shard is the unit of resuming and of the per-shard deadline; its rows are read into memory at once
 # (1024 x 15,724 voxels x 4 B = 64 MB at NSD size).
 MAX_SHARD_SIZE = 1024
@@ -261,7 +261,7 @@ def png_whole(path: Path, size: tuple[int, int] | None = None) -> bool:
 
 
 def trial_whole(out_dir: Path, trial: int, sizes: dict[str, Any] | None) -> bool:
-    return all(png_whole(out_dir / png_name(kind, trial), (sizes or {}).get(kind)) for kind in KINDS)
+    return all(png_whole(out_dir / png_name(kind, trial), (sizes or {}).get(kind)) for kind in IMAGE_KINDS)
 
 
 def marker_sizes(path: Path) -> dict[str, Any] | None:
