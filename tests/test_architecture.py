@@ -34,7 +34,12 @@ ALLOWED = {
     "brainrecon.train": {"brainrecon.runtime"},
     "brainrecon.export": {"brainrecon.train.*", "brainrecon.runtime.*"},
     "brainrecon.serve": {"brainrecon.runtime", "brainrecon.export.triton"},
-    "brainrecon.benchmarks": {"brainrecon.train.*", "brainrecon.export.*", "brainrecon.runtime.*", "brainrecon.serve.*"},
+    "brainrecon.benchmarks": {
+        "brainrecon.train.*",
+        "brainrecon.export.*",
+        "brainrecon.runtime.*",
+        "brainrecon.serve.*",
+    },
 }
 HEAVY = {"torch", "torchvision", "diffusers", "transformers"}
 FORBIDDEN_THIRD_PARTY = {
