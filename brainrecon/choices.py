@@ -78,6 +78,12 @@ ImageKind = Literal["stage1", "final"]
 IMAGE_KINDS: tuple[ImageKind, ...] = get_args(ImageKind)
 
 
+# Stage-2 samplers: DDIM (eta 0, Brain-Diffuser's), DPM-Solver++ 2M (multistep, data prediction; Lu et al. 2022,
+# diffusers' DPMSolverMultistepScheduler with algorithm_type "dpmsolver++", solver_order 2).
+Sampler = Literal["ddim", "dpmpp_2m"]
+SAMPLERS: tuple[Sampler, ...] = get_args(Sampler)
+
+
 def check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:
     """One-line InputError ("name: expected one of (...), found 'x'") unless `value` is one of `allowed`."""
     if value not in allowed:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from brainrecon.choices import SAMPLERS, Sampler
 from brainrecon.errors import ConfigError, InputError
 
 # seeds travel as int64: Triton's `seed` input, recon-batch's `--seed + row`
@@ -86,6 +87,10 @@ class SamplingConfig:
     seed: int = 0
     vae_scale_factor: float = 0.18215
     mix_ratio: float = 0.6  # vision weight of the dual cross-attention (text weight 1 - mix_ratio)
+    sampler: Sampler = "ddim"  # brainrecon.choices.SAMPLERS; the noise schedule is DDIM_SCHEDULER's for both
+    # Fraction of the denoising steps run with classifier-free guidance; the steps after it run the conditional pass
+    # alone (half the UNet rows). 1.0, Brain-Diffuser's: guidance at every step.
+    guidance_stop: float = 1.0
 
     def __post_init__(self) -> None:
         if not (_is_int(self.num_inference_steps) and self.num_inference_steps >= 1):
@@ -106,6 +111,10 @@ class SamplingConfig:
             )
         if not (_is_finite_real(self.mix_ratio) and 0.0 <= self.mix_ratio <= 1.0):
             raise ConfigError(f"sampling: expected mix_ratio in [0, 1], found {self.mix_ratio!r}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampling: expected sampler one of {SAMPLERS}, found {self.sampler!r}")
+        if not (_is_finite_real(self.guidance_stop) and 0.0 <= self.guidance_stop <= 1.0):
+            raise ConfigError(f"sampling: expected guidance_stop in [0, 1], found {self.guidance_stop!r}")
 
     def with_overrides(self, **overrides: Any) -> SamplingConfig:
         """A copy with the given fields replaced; None values are ignored (an option the user did not set)."""
