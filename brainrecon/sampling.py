@@ -116,6 +116,13 @@ class SamplingConfig:
         if not (_is_finite_real(self.guidance_stop) and 0.0 <= self.guidance_stop <= 1.0):
             raise ConfigError(f"sampling: expected guidance_stop in [0, 1], found {self.guidance_stop!r}")
 
+    def guided_steps(self, steps: int) -> int:
+        """How many of the `steps` denoising steps a run takes (int(num_inference_steps × strength)) use
+        classifier-free guidance, the first ones: ceil(guidance_stop × steps), the product rounded to 6 decimals
+        first so that a decimal fraction counts as written (0.7 × 10 is 7.000000000000001 in binary: 7 steps, not
+        8). 1.0 guides every step, 0.0 none. The one rule of the runtime and the torch reference."""
+        return math.ceil(round(self.guidance_stop * steps, 6))
+
     def with_overrides(self, **overrides: Any) -> SamplingConfig:
         """A copy with the given fields replaced; None values are ignored (an option the user did not set)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -7,7 +7,10 @@ predicted CLIP-vision (257 tokens) and CLIP-text (77 tokens) embeddings, mixed 0
 classifier-free guidance 7.5 against CLIP-text of "" and CLIP-vision of a black image.
 
 The schedule follows diffusers' img2img pipelines (`get_timesteps`, `prepare_latents`) so the numpy runtime can be
-checked against this file step by step. Two deliberate differences from diffusers:
+checked against this file step by step. Beyond the paper's recipe (`SamplingConfig` defaults: DDIM, guidance at
+every step), `config.sampler` "dpmpp_2m" runs diffusers' DPM-Solver++(2M) on the same noise schedule (`dpm_solver`)
+and `config.guidance_stop` < 1 runs the last steps on the conditional pass alone (`SamplingConfig.guided_steps`).
+Two deliberate differences from diffusers:
 - the init latents are the VAE posterior *mean*, not a sample, so encoding is deterministic and reproducible by a
   runtime that only exports the encoder;
 - the noise is drawn once for the whole latent batch by numpy from the seed (`brainrecon.noise`; or passed in as
@@ -20,7 +23,7 @@ import time
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from rich.progress import Progress
 
 from brainrecon.errors import ConfigError, InputError
@@ -32,20 +35,45 @@ from brainrecon.train.foundations.dual_unet import (
     set_mix_ratio,
 )
 
+# DPM-Solver++(2M) as diffusers recommends it for guided sampling (multistep, data prediction, second order), its
+# final step to sigma 0; runtime/samplers.py implements exactly these settings in numpy.
+DPM_SOLVER = {
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "final_sigmas_type": "zero",
+    "use_karras_sigmas": False,
+}
+DDIM_ONLY = ("clip_sample", "set_alpha_to_one")  # DDIM_SCHEDULER keys that DPMSolverMultistepScheduler lacks
+
+Scheduler = DDIMScheduler | DPMSolverMultistepScheduler
+
 
 def vd_scheduler() -> DDIMScheduler:
     """Versatile Diffusion's DDIM (brainrecon.sampling.DDIM_SCHEDULER, the one table of its constants)."""
     return DDIMScheduler(**DDIM_SCHEDULER)
 
 
-def denoising_timesteps(scheduler: DDIMScheduler, steps: int, strength: float) -> torch.Tensor:
-    """The timesteps img2img denoises, as diffusers' `get_timesteps`: 50 steps, strength 0.75 -> 37 (721 ... 1).
+def dpm_solver(scheduler: Scheduler) -> DPMSolverMultistepScheduler:
+    """A fresh DPM-Solver++(2M) on `scheduler`'s noise schedule (its DDIM_SCHEDULER keys but the DDIM-only ones,
+    + DPM_SOLVER). Fresh: it keeps the previous step's data prediction, so every chain needs its own."""
+    schedule = {key: scheduler.config[key] for key in DDIM_SCHEDULER if key not in DDIM_ONLY}
+    return DPMSolverMultistepScheduler(**schedule, **DPM_SOLVER)
 
-    Sets the scheduler's timesteps (like the pipelines do); empty for strength 0.
+
+def denoising_timesteps(scheduler: Scheduler, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps img2img denoises, as diffusers' `get_timesteps`: 50 steps, strength 0.75 -> 37 (721 ... 1
+    for DDIM; 704 ... 20 for DPM-Solver++, whose "leading" spacing divides by steps + 1).
+
+    Sets the scheduler's timesteps and, where it has one (DPM-Solver++), its begin index, like the pipelines do;
+    empty for strength 0.
     """
     scheduler.set_timesteps(steps)
     init_timestep = min(int(steps * strength), steps)
     t_start = max(steps - init_timestep, 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
     return scheduler.timesteps[t_start * scheduler.order :]
 
 
@@ -122,19 +150,23 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 @torch.no_grad()
 def denoise(
     unet: UNet2DConditionModel,
-    scheduler: DDIMScheduler,
+    scheduler: Scheduler,  # the noise schedule: VD's DDIM (`vd_scheduler`)
     init_latents: torch.Tensor,  # (B, 4, h, w), scaled
     cond_ctx: torch.Tensor,  # (B, Nv + Nt, D)
     uncond_ctx: torch.Tensor,  # (1, Nv + Nt, D)
     config: SamplingConfig,
     noise: torch.Tensor | None = None,  # (B, 4, h, w)
 ) -> torch.Tensor:
-    """Noise the init latents to the start of the truncated schedule, then DDIM-denoise with guidance.
+    """Noise the init latents to the start of the truncated schedule, then denoise with guidance: DDIM on
+    `scheduler`, or for `config.sampler` "dpmpp_2m" a fresh DPM-Solver++(2M) on its noise schedule (`dpm_solver`).
 
     Classifier-free guidance runs both branches in one UNet batch laid out `[uncond; cond]`:
     `torch.cat([uncond_ctx.expand(B), cond_ctx])` -> (2B, Nv + Nt, D); the UNet output is split in that order and
-    `noise_pred = uncond + guidance_scale * (cond - uncond)`.
+    `noise_pred = uncond + guidance_scale * (cond - uncond)`. Only the first `config.guided_steps(T)` of the T steps
+    do; the rest run the conditional branch alone (B rows) and take its prediction.
     """
+    if config.sampler == "dpmpp_2m":
+        scheduler = dpm_solver(scheduler)
     timesteps = denoising_timesteps(scheduler, config.num_inference_steps, config.strength)
     latents = init_latents
     if len(timesteps) == 0:  # strength 0: nothing is re-noised, the VAE round trip comes back
@@ -146,12 +178,17 @@ def denoise(
 
     batch = latents.shape[0]
     context = torch.cat([uncond_ctx.expand(batch, -1, -1), cond_ctx])  # (2B, Nv + Nt, D)
-    for t in timesteps:
-        latent_in = torch.cat([latents, latents])  # (2B, 4, h, w)
-        out = unet(latent_in, t, encoder_hidden_states=context).sample  # (2B, 4, h, w)
-        uncond_pred, cond_pred = out.chunk(2)  # each (B, 4, h, w)
-        noise_pred = uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
-        latents = scheduler.step(noise_pred, t, latents, eta=config.eta).prev_sample
+    guided = config.guided_steps(len(timesteps))
+    step_options = {"eta": config.eta} if isinstance(scheduler, DDIMScheduler) else {}  # DPM-Solver++: no eta
+    for i, t in enumerate(timesteps):
+        if i < guided:
+            latent_in = torch.cat([latents, latents])  # (2B, 4, h, w)
+            out = unet(latent_in, t, encoder_hidden_states=context).sample  # (2B, 4, h, w)
+            uncond_pred, cond_pred = out.chunk(2)  # each (B, 4, h, w)
+            noise_pred = uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
+        else:  # guidance stopped: the conditional branch alone
+            noise_pred = unet(latents, t, encoder_hidden_states=cond_ctx).sample  # (B, 4, h, w)
+        latents = scheduler.step(noise_pred, t, latents, **step_options).prev_sample
     return latents
 
 
@@ -159,7 +196,7 @@ def denoise(
 def img2img(
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
-    scheduler: DDIMScheduler,
+    scheduler: Scheduler,  # the noise schedule: VD's DDIM (`vd_scheduler`); see `denoise`
     init_images: np.ndarray,  # uint8 (B, H, W, 3), the stage-1 reconstructions
     vision_ctx: torch.Tensor,  # (B, Nv, D) predicted CLIP-vision tokens
     text_ctx: torch.Tensor,  # (B, Nt, D) predicted CLIP-text tokens
