@@ -10,7 +10,8 @@ Never imports torch, diffusers or transformers (tests/test_runtime.py enforces i
 Modules, in the order a call goes through them: api (Reconstructor), types (RuntimeOptions, CheckedInputs,
 Reconstruction), model_folder (read_model_folder: the folder read and verified once), artifacts (load_model:
 manifest entry → verified backend), inputs (check_betas; betas readers and recorded preprocessing), stage1
-(Stage1Pipeline), stage2 (Stage2Pipeline: stage 1 + img2img refinement), ddim (DDIMScheduler, numpy), backends/
+(Stage1Pipeline), stage2 (Stage2Pipeline: stage 1 + img2img refinement), ddim (DDIMScheduler, numpy), samplers
+(DPMSolverScheduler, numpy; the step function of either), backends/
 (base: Backend, ModelIO; ort: OrtBackend; openvino; tensorrt: EngineKey, TrtBackend), infer (recon-infer's output
 folder). Imports are lazy.
 """

@@ -164,7 +164,9 @@ class Reconstructor:
                     f"a re-export), found {getattr(sampling, key)}"
                 )
         # a schedule the scheduler cannot build (too many steps for the offset, ...) fails here, before any work
-        self.folder.stage2.scheduler.timesteps(sampling.num_inference_steps, sampling.strength)
+        self.folder.stage2.schedulers[sampling.sampler].timesteps(
+            sampling.num_inference_steps, sampling.strength
+        )
         return sampling
 
     def reconstruct(

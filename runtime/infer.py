@@ -37,6 +37,8 @@ OPTION_NAMES = {  # sampling field -> recon-infer option, for error messages
     "num_inference_steps": "--steps",
     "strength": "--strength",
     "guidance_scale": "--guidance",
+    "sampler": "--sampler",
+    "guidance_stop": "--guidance-stop",
 }
 PROGRESS_LABELS = {
     "regressor": "stage 1 regressor",
@@ -105,8 +107,8 @@ def run_inference(
     """Reconstruct the selected trials of `betas_path` with the exported models of `model_dir` into `out`.
 
     `stage` None: 2 when stage 2 is fitted. `sampling` overrides fields of the fitted stage-2 sampling (seed,
-    num_inference_steps, strength, guidance_scale; None values are ignored). Returns the summary that is also
-    written to `out/summary.json`.
+    num_inference_steps, strength, guidance_scale, sampler, guidance_stop; None values are ignored). Returns the
+    summary that is also written to `out/summary.json`.
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -216,6 +218,10 @@ def describe_run(
     if result.sampling is not None:
         assert result.timesteps is not None
         summary["seed"] = result.sampling.seed
-        summary["sampling"] = {**result.sampling.to_dict(), "timesteps": [int(t) for t in result.timesteps]}
+        summary["sampling"] = {
+            **result.sampling.to_dict(),
+            "timesteps": [int(t) for t in result.timesteps],
+            "guided_steps": result.sampling.guided_steps(len(result.timesteps)),
+        }
         summary["final_images"] = [png_name("final", t) for t in selected]
     return summary

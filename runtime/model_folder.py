@@ -7,7 +7,8 @@ model, the benchmarks and the report take from a folder besides the model files 
       stage1/stage1.json            the fitted regressor and its re-normalisation; latent_{mean,std}.npy
       stage2/stage2.json            the fitted sampling and CLIP re-normalisation; CLIP target statistics;
                                     the unconditional contexts of classifier-free guidance
-      stage2/scheduler.json         → the numpy DDIM, checked against the diffusers tables recorded there
+      stage2/scheduler.json         → the numpy DDIM, checked against the diffusers tables recorded there, and
+                                    DPM-Solver++ on the same noise schedule (runtime/samplers.py)
       the manifest's UNet entries   which UNet graphs were exported ("kv" pair, "plain"), the one this run uses
       the graphs' constants         mix_ratio, vae_scale_factor baked in at export == stage2.json's, checked here once
 
@@ -29,6 +30,7 @@ from brainrecon.choices import (
     FilePrecision,
     Precision,
     ResolvedUnetGraph,
+    Sampler,
     Stage,
     UnetGraph,
     check_choice,
@@ -46,6 +48,7 @@ from brainrecon.manifest import (
 )
 from brainrecon.runtime.backends.base import ModelIO
 from brainrecon.runtime.ddim import DDIM_FIXED, DDIMConfig, DDIMScheduler
+from brainrecon.runtime.samplers import DPMSolverScheduler, schedulers
 from brainrecon.sampling import SamplingConfig
 
 # The sampling fields that recon-export bakes into the graphs as constants (the UNet's dual mix, the VAE's scale):
@@ -92,7 +95,8 @@ class Stage2Data:
     renormalize: bool  # fitted: re-normalise the predicted CLIP contexts over the input set
     target_stats: dict[str, tuple[np.ndarray, np.ndarray]]  # "text" | "vision" → (mean, std), each (T, D)
     uncond: dict[str, np.ndarray]  # "text" | "vision" → (1, T, D) unconditional context
-    scheduler: DDIMScheduler  # the numpy DDIM of scheduler.json
+    # sampler → its numpy scheduler: "ddim" the DDIM of scheduler.json, "dpmpp_2m" DPM-Solver++ on its noise schedule
+    schedulers: dict[Sampler, DDIMScheduler | DPMSolverScheduler]
     unet_graph: ResolvedUnetGraph  # the UNet step this run uses
     # role → exported model: clip_text, clip_vision, vae_encoder, vae_decoder; "unet" the step (unet_kv for "kv",
     # else the plain unet); "unet_context" the K/V of a context (for "kv" only)
@@ -231,7 +235,7 @@ def _read_stage2(
             t: load_npy(model_dir / layout.uncond_context(t), f"unconditional CLIP-{t} context")
             for t in layout.CLIP_TARGETS
         },
-        scheduler=load_scheduler(model_dir, sampling),
+        schedulers=schedulers(load_scheduler(model_dir, sampling)),
         unet_graph=graph,
         models=models,
     )
@@ -239,7 +243,9 @@ def _read_stage2(
 
 def load_scheduler(model_dir: Path, sampling: SamplingConfig) -> DDIMScheduler:
     """The numpy DDIM of `stage2/scheduler.json` (hash-verified by the caller), checked against the diffusers
-    tables recorded there for the fitted sampling: same timesteps, alphas within ALPHA_ATOL."""
+    tables recorded there for the fitted sampling: same timesteps, alphas within ALPHA_ATOL. The file records
+    DDIM's tables only (a folder exported before DPM-Solver++ existed is the same): `samplers.schedulers` builds
+    DPM-Solver++ from this DDIM's config, i.e. from the checked ᾱ table."""
     path = model_dir / layout.SCHEDULER
     data = read_json(path, "stage-2 DDIM tables (recon-export)")
     found = (data.get("format"), data.get("version"))

@@ -2,7 +2,8 @@
 
 The torch reference is `brainrecon.train.reference.Stage2Model.reconstruct` (and `train/stage2/img2img.py img2img`,
 `denoise`, `encode_images`, `decode_latents`); this pipeline runs the exported ONNX files or TensorRT engines
-listed in `model_dir/manifest.json`, after re-hashing every file it reads, with the numpy DDIM of `ddim.py`.
+listed in `model_dir/manifest.json`, after re-hashing every file it reads, with the numpy DDIM of `ddim.py` or
+DPM-Solver++(2M) of `samplers.py` (`sampling.sampler`).
 No torch, diffusers or transformers import, here or below (a test enforces it).
 
     betas (N, V) ──Stage1Pipeline──► stage-1 images (N, s, s, 3) uint8 ──resize (PIL bicubic)──► (N, S, S, 3)
@@ -11,8 +12,11 @@ No torch, diffusers or transformers import, here or below (a test enforces it).
       (N, Nv + Nt, D), vision tokens first (`dual_context`)
     noise = img2img_noise((N, 4, h, w), seed), drawn once for the whole set ──add_noise(t0)──► x
       K/V once (when exported): unet_context(uncond) once, at the first run; unet_context(cond chunk) once per chunk
-      for t in timesteps: unet([x; x], t, K/V of [uncond × b; cond]) → eps_u, eps_c   (unet_kv; plain: the contexts)
-                          eps = eps_u + guidance_scale (eps_c − eps_u); x = ddim.step(eps, t, x)
+      for t in timesteps, the first sampling.guided_steps(T) of them:
+                          unet([x; x], t, K/V of [uncond × b; cond]) → eps_u, eps_c   (unet_kv; plain: the contexts)
+                          eps = eps_u + guidance_scale (eps_c − eps_u)
+                      the rest (guidance_stop < 1): eps = unet(x, t, K/V of cond)     (b rows: the cond pass alone)
+                      x = step(eps, t, x)      (DDIM, or the chunk's own DPM-Solver++ chain: samplers.chain)
       ──vae_decoder──► (N, 3, S, S) ≈ [−1, 1] ──((x + 1) · 127.5).round().clip(0, 255)──► uint8 (N, S, S, 3)
 
 Every image's noise and CLIP statistics are computed over the whole input set before any batching, so the result
@@ -42,7 +46,9 @@ from brainrecon.normalize import renormalize_predictions
 from brainrecon.runtime.artifacts import load_model
 from brainrecon.runtime.backends.base import Backend, ModelIO
 from brainrecon.runtime.backends.ort import OrtBackend
+from brainrecon.runtime.ddim import DDIMScheduler
 from brainrecon.runtime.model_folder import ModelFolder
+from brainrecon.runtime.samplers import DPMSolverScheduler, chain
 from brainrecon.runtime.stage1 import Stage1Pipeline
 from brainrecon.runtime.types import CheckedInputs, Progress, Reconstruction
 from brainrecon.sampling import SamplingConfig
@@ -113,7 +119,7 @@ class Stage2Pipeline:
         # UNet sessions that denoise image chunks in parallel (see `open`); one by default
         self.unet_workers = unet_workers or [backends["unet"]]
         self.sampling = data.sampling
-        self.scheduler = data.scheduler
+        self.schedulers = data.schedulers  # sampler → numpy scheduler, on the folder's one noise schedule
         source = folder.path
         # geometry from the exported contracts; every pair of models must agree
         self.tokens = {name: int(_shape(ios[f"clip_{name}"], "out")[1]) for name in CLIP_TARGETS}
@@ -265,7 +271,8 @@ class Stage2Pipeline:
         sampling, seeds = checked.sampling, checked.seeds
         assert sampling is not None
         n = len(betas)
-        timesteps = self.scheduler.timesteps(sampling.num_inference_steps, sampling.strength)  # (T,) int64
+        scheduler = self.schedulers[sampling.sampler]
+        timesteps = scheduler.timesteps(sampling.num_inference_steps, sampling.strength)  # (T,) int64
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
 
@@ -293,7 +300,7 @@ class Stage2Pipeline:
             else img2img_noise_per_row(init_latents.shape, seeds)
         )
         latents = self._denoise(
-            init_latents, noise, cond_context, sampling, timesteps, batches["unet"], progress
+            init_latents, noise, cond_context, sampling, scheduler, timesteps, batches["unet"], progress
         )
         timings["unet_s"] = time.perf_counter() - t0
 
@@ -355,17 +362,19 @@ class Stage2Pipeline:
         noise: np.ndarray,  # (N, 4, h, w)
         cond_context: np.ndarray,  # (N, Nv + Nt, D)
         sampling: SamplingConfig,
+        scheduler: DDIMScheduler | DPMSolverScheduler,  # self.schedulers[sampling.sampler]
         timesteps: np.ndarray,  # (T,) int64
         batch: int,
         progress: Progress | None,
     ) -> np.ndarray:
-        """`train/stage2/img2img.py denoise`: noise to timesteps[0], then eta-0 DDIM with classifier-free guidance.
+        """`train/stage2/img2img.py denoise`: noise to timesteps[0], then the sampler's steps with classifier-free
+        guidance for the first `sampling.guided_steps(T)`.
 
         Image chunks of at most `batch` are denoised independently, in parallel over `self.unet_workers`."""
         if len(timesteps) == 0:  # strength 0: nothing is re-noised, the VAE round trip comes back
             return init_latents
         n = len(init_latents)
-        latents = self.scheduler.add_noise(init_latents, noise, int(timesteps[0]))  # (N, 4, h, w)
+        latents = scheduler.add_noise(init_latents, noise, int(timesteps[0]))  # (N, 4, h, w)
         chunk = min(batch, math.ceil(n / len(self.unet_workers)))  # every worker gets work when n allows
         parts = [slice(i, i + chunk) for i in range(0, n, chunk)]
         free: queue.SimpleQueue[Backend] = queue.SimpleQueue()
@@ -383,7 +392,7 @@ class Stage2Pipeline:
             backend = free.get()
             try:
                 return self._denoise_chunk(
-                    backend, latents[part], cond_context[part], sampling, timesteps, tick
+                    backend, latents[part], cond_context[part], sampling, scheduler, timesteps, tick
                 )
             finally:
                 free.put(backend)
@@ -399,35 +408,39 @@ class Stage2Pipeline:
         x: np.ndarray,  # (b, 4, h, w) noised latents
         cond_context: np.ndarray,  # (b, Nv + Nt, D)
         sampling: SamplingConfig,
+        scheduler: DDIMScheduler | DPMSolverScheduler,
         timesteps: np.ndarray,
         tick: Callable[[], None],
     ) -> np.ndarray:
         b = len(x)
         guidance = np.float32(sampling.guidance_scale)
+        guided = sampling.guided_steps(len(timesteps))  # the first `guided` steps run both passes
+        step = chain(scheduler, sampling.num_inference_steps, sampling.strength)  # this chunk's own chain
         if self.kv_once:
             # K/V once: the unconditional K/V computed once for all runs, the chunk's contexts → K/V here
-            uncond_kv = self.uncond_kv()
-            cond_kv = self.backends["unet_context"].run({"encoder_hidden_states": cond_context})
-            conditioning = {
-                name: np.concatenate([np.repeat(uncond_kv[name], b, axis=0), kv])  # (2b, ...)
-                for name, kv in cond_kv.items()
-            }
+            uncond = self.uncond_kv() if guided else {}  # (1, ...) each
+            cond = self.backends["unet_context"].run({"encoder_hidden_states": cond_context})  # (b, ...) each
         else:
+            uncond = {"encoder_hidden_states": self.uncond_context}  # (1, Nv + Nt, D)
+            cond = {"encoder_hidden_states": cond_context}  # (b, Nv + Nt, D)
+        conditioning = {}  # the guided steps' [uncond; cond], (2b, ...) each
+        if guided:
             conditioning = {
-                "encoder_hidden_states": np.concatenate(
-                    [np.repeat(self.uncond_context, b, axis=0), cond_context]
-                )  # (2b, Nv + Nt, D)
+                name: np.concatenate([np.repeat(uncond[name], b, axis=0), kv]) for name, kv in cond.items()
             }
-        for t in timesteps:
-            inputs = {
-                "sample": np.concatenate([x, x]),  # (2b, 4, h, w), [uncond; cond]
-                "timestep": np.full((2 * b,), t, dtype=np.float32),  # (2b,)
-                **conditioning,
-            }
-            eps = backend.run(inputs)["noise_pred"]  # (2b, 4, h, w)
-            eps_uncond, eps_cond = eps[:b], eps[b:]
-            x = self.scheduler.step(
-                eps_uncond + guidance * (eps_cond - eps_uncond), int(t), x, sampling.num_inference_steps
-            )
+        for i, t in enumerate(timesteps):
+            if i < guided:
+                inputs = {
+                    "sample": np.concatenate([x, x]),  # (2b, 4, h, w), [uncond; cond]
+                    "timestep": np.full((2 * b,), t, dtype=np.float32),  # (2b,)
+                    **conditioning,
+                }
+                eps = backend.run(inputs)["noise_pred"]  # (2b, 4, h, w)
+                eps_uncond, eps_cond = eps[:b], eps[b:]
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            else:  # guidance stopped: the conditional pass alone, half the rows
+                inputs = {"sample": x, "timestep": np.full((b,), t, dtype=np.float32), **cond}
+                eps = backend.run(inputs)["noise_pred"]  # (b, 4, h, w)
+            x = step(eps, int(t), x)
             tick()
         return x

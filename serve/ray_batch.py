@@ -42,17 +42,18 @@ from typing import Any
 import numpy as np
 
 from brainrecon import model_dir as layout
-from brainrecon.choices import IMAGE_KINDS
+from brainrecon.choices import IMAGE_KINDS, SAMPLERS, Sampler
 from brainrecon.errors import BrainReconError, InputError
 from brainrecon.images import png_name, save_png
 from brainrecon.io import load_npy, read_json, sha256_file, write_json
-from brainrecon.sampling import SEED_MAX
+from brainrecon.sampling import SEED_MAX, SamplingConfig
 
 SHARDS_DIR = ".shards"
 WRITES_LOG = "writes.log"
 SUMMARY = "summary.json"
 RUN = "run.json"
 RUN_VERSION = 1
+SAMPLING_DEFAULTS = SamplingConfig().to_dict()
 # A shard is the unit of resuming and of the per-shard deadline; its rows are read into memory at once
 # (1024 x 15,724 voxels x 4 B = 64 MB at NSD size).
 MAX_SHARD_SIZE = 1024
@@ -77,6 +78,8 @@ class BatchOptions:
     threads: int | None = 1  # ONNX Runtime threads per actor: actors already use the cores in parallel
     retries: int = 3  # retries of a shard whose actor died; 0: none
     num_inference_steps: int | None = None  # stage 2: override the fitted schedule length
+    sampler: Sampler | None = None  # stage 2: override the fitted sampler
+    guidance_stop: float | None = None  # stage 2: override the fitted share of guided steps
     num_cpus: int | None = None  # a local Ray instance's CPUs (default: all)
     rows_per_call: int = 4  # trials per runtime call; their PNGs are written as soon as the call returns
     shard_timeout: float | None = None  # seconds a shard may take before its actor is killed; None: no limit
@@ -101,6 +104,19 @@ class BatchOptions:
             raise InputError("--retries", "an integer >= 0", str(self.retries))
         if self.shard_timeout is not None and not self.shard_timeout > 0:
             raise InputError("--shard-timeout", "seconds > 0", str(self.shard_timeout))
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise InputError("--sampler", f"one of {SAMPLERS}", repr(self.sampler))
+        if self.guidance_stop is not None and not 0.0 <= self.guidance_stop <= 1.0:  # NaN refused too
+            raise InputError("--guidance-stop", "a share of the steps in [0, 1]", str(self.guidance_stop))
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        """The stage-2 sampling fields these options set (--steps, --sampler, --guidance-stop), by name."""
+        overrides = {
+            "num_inference_steps": self.num_inference_steps,
+            "sampler": self.sampler,
+            "guidance_stop": self.guidance_stop,
+        }
+        return {k: v for k, v in overrides.items() if v is not None}
 
 
 def marker(out_dir: Path, start: int, stop: int) -> Path:
@@ -162,11 +178,15 @@ def image_settings(model_dir: Path, options: BatchOptions) -> dict[str, Any]:
     sampling = None
     if (
         stage == 2
-    ):  # the fitted sampling (stage2/stage2.json, covered by the manifest's hash) with --steps applied
+    ):  # the fitted sampling (stage2/stage2.json, covered by the manifest's hash), overrides applied
         sampling = dict(read_json(model_dir / layout.STAGE2_SUMMARY, "stage-2 summary")["sampling"])
         sampling.pop("seed", None)  # unused: every trial has its own seed (seed_rule)
-        if options.num_inference_steps is not None:
-            sampling["num_inference_steps"] = options.num_inference_steps
+        sampling |= options.sampling_overrides()
+        # sampler and guidance_stop came after run.json's version 1: at their defaults (the only behaviour
+        # then) they are left out, so a record written before them still matches the same run
+        for key in ("sampler", "guidance_stop"):
+            if sampling.get(key) == SAMPLING_DEFAULTS[key]:
+                del sampling[key]
     return {
         "stage": stage,
         "seed": options.seed,
@@ -363,10 +383,8 @@ class ShardWorker:
             RuntimeOptions(engine=o.engine, precision=o.precision, device=o.device, threads=o.threads),
         )
         self.sampling = self.rec.sampling
-        if self.sampling is not None and o.num_inference_steps is not None:
-            import dataclasses
-
-            self.sampling = dataclasses.replace(self.sampling, num_inference_steps=o.num_inference_steps)
+        if self.sampling is not None:
+            self.sampling = self.sampling.with_overrides(**o.sampling_overrides())
         # PIL's (width, height) of each kind of image
         self.sizes = {kind: [side, side] for kind, side in self.rec.image_sizes.items()}
         self.hooks = json.loads(os.environ.get(TEST_HOOKS_ENV, "[]"))

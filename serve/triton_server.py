@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from brainrecon.choices import SAMPLERS, Sampler
 from brainrecon.errors import BrainReconError, InputError
 
 log = logging.getLogger("brainrecon.serve")
@@ -79,7 +80,9 @@ class ServeOptions:
     precision: str = "fp32"
     device: str = "cpu"
     threads: int | None = None
-    num_inference_steps: int | None = None  # override the fitted DDIM schedule length (stage 2)
+    num_inference_steps: int | None = None  # override the fitted schedule length (stage 2)
+    sampler: Sampler | None = None  # override the fitted sampler (stage 2)
+    guidance_stop: float | None = None  # override the fitted share of guided steps (stage 2)
     verbose: bool = False  # Triton's log on stderr, one line per model execution
 
     def __post_init__(self) -> None:
@@ -96,6 +99,10 @@ class ServeOptions:
             )
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise InputError("--steps", "an integer >= 1", str(self.num_inference_steps))
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise InputError("--sampler", f"one of {SAMPLERS}", repr(self.sampler))
+        if self.guidance_stop is not None and not 0.0 <= self.guidance_stop <= 1.0:  # NaN refused too
+            raise InputError("--guidance-stop", "a share of the steps in [0, 1]", str(self.guidance_stop))
         ports = [self.http_port, self.grpc_port, self.metrics_port]
         if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
             raise InputError("ports", "three distinct ports in 1..65535 (http, grpc, metrics)", str(ports))
@@ -120,6 +127,8 @@ def model_config(options: ServeOptions, fail_load: str = "") -> str:
         "device": options.device,
         "threads": "" if options.threads is None else str(options.threads),
         "steps": "" if options.num_inference_steps is None else str(options.num_inference_steps),
+        "sampler": options.sampler or "",
+        "guidance_stop": "" if options.guidance_stop is None else repr(options.guidance_stop),
         "verbose": "1" if options.verbose else "0",
     }
     if fail_load:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import pytest
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.manifest import load_manifest, write_manifest
 from brainrecon.runtime import Reconstructor, RuntimeOptions
+from brainrecon.runtime.ddim import DDIM_FIXED, DDIMConfig
 from brainrecon.runtime.infer import run_inference
 from brainrecon.runtime.model_folder import default_stage, load_scheduler
 from tests.fixtures import FAST_STEPS
@@ -122,6 +124,72 @@ def test_fp32_and_fp16_match_the_torch_reference(tiny2, reference, betas, fast):
     d16 = pixel_diff(fp16.images, expected["final"])
     tol = FINAL_TOLERANCE["fp16"]
     assert d16.mean() <= tol["mean"] and (d16 <= 2).mean() >= tol["within_2"], (d16.mean(), d16.max())
+
+
+@pytest.mark.filterwarnings(
+    "ignore:__array__ implementation:DeprecationWarning"
+)  # diffusers' DPM set_timesteps
+@pytest.mark.parametrize(
+    ("sampler", "steps", "guidance_stop"),
+    [
+        ("dpmpp_2m", FAST_STEPS, 1.0),
+        ("dpmpp_2m", 5, 1.0),
+        ("ddim", FAST_STEPS, 0.6),
+        ("dpmpp_2m", FAST_STEPS, 0.6),
+    ],
+)
+def test_samplers_and_guidance_stop_match_the_torch_reference(
+    reference, rec, betas, fast, sampler, steps, guidance_stop
+):
+    """DPM-Solver++ and guidance_stop (runtime/samplers.py, stage2.py) against the torch reference's
+    (train/stage2/img2img.py: diffusers' DPMSolverMultistepScheduler, the same guided-steps rule), with the fp32
+    tolerances of the DDIM parity above (measured: pixels mean 1.1e-4 level, max 1; latents max 1.7e-5)."""
+    sampling = dataclasses.replace(
+        rec.sampling, num_inference_steps=steps, sampler=sampler, guidance_stop=guidance_stop
+    )
+    result = rec.reconstruct(betas, sampling)
+    assert result.sampling == sampling  # what ran is recorded
+    np.testing.assert_array_equal(
+        result.timesteps, rec.pipeline.schedulers[sampler].timesteps(steps, sampling.strength)
+    )
+    expected = reference.reconstruct(betas, sampling, progress=False)
+    d = pixel_diff(result.images, expected["final"])
+    assert d.mean() <= FINAL_TOLERANCE["fp32"]["mean"] and d.max() <= FINAL_TOLERANCE["fp32"]["max"], (
+        d.mean(),
+        d.max(),
+    )
+    latents = torch_latents(reference, result.stage1_images, reference.predict_contexts(betas), sampling)
+    np.testing.assert_allclose(result.latents, latents, rtol=0, atol=LATENT_ATOL_FP32)
+    assert pixel_diff(result.images, fast.images).mean() > 0.05  # not the default path's images
+
+
+def test_guidance_stop_runs_the_conditional_pass_alone(tiny2, rec, betas):
+    """After ceil(guidance_stop × T) steps the UNet gets the chunk's rows once (cond), not twice; progress ticks
+    once per UNet call; the plain UNet and the K/V-once pair agree."""
+    sampling = short(rec, guidance_stop=0.5)  # 6 steps: the first 3 guided
+    pipe = rec.pipeline
+    workers = pipe.unet_workers
+    rows, progress = [], []
+
+    class Counting:
+        def run(self, inputs):
+            rows.append(len(inputs["sample"]))
+            return workers[0].run(inputs)
+
+    pipe.unet_workers = [Counting()]
+    try:
+        result = rec.reconstruct(betas, sampling, batch_size=5, progress=lambda *a: progress.append(a))
+    finally:
+        pipe.unet_workers = workers
+    assert rows == ([10] * 3 + [5] * 3) * 2  # two chunks of 5 images
+    assert [done for step, done, _ in progress if step == "unet"] == list(range(1, 13))
+    assert result.timings["unet_s"] > 0
+    whole = rec.reconstruct(betas, sampling)
+    np.testing.assert_allclose(result.latents, whole.latents, rtol=0, atol=SAME_ATOL)
+    with Reconstructor.open(tiny2["model"], RuntimeOptions(threads=1, unet_graph="plain")) as plain:
+        assert plain.folder.stage2.unet_graph == "plain"
+        other = plain.reconstruct(betas, sampling)
+    np.testing.assert_allclose(other.latents, whole.latents, rtol=0, atol=LATENT_ATOL_FP32)
 
 
 def test_same_seed_same_images_other_seed_other_images(rec, betas, fast):
@@ -231,6 +299,14 @@ def test_sampling_overrides_are_checked(rec, betas):
     # a schedule the numpy DDIM cannot build is refused by `check`, before any model runs
     with pytest.raises(ConfigError, match="DDIM: expected num_inference_steps"):
         rec.check(betas, fitted.with_overrides(num_inference_steps=5000))
+    with pytest.raises(
+        ConfigError, match="DPM-Solver\\+\\+: expected num_inference_steps"
+    ):  # DDIM's 999 would do
+        rec.check(betas, fitted.with_overrides(num_inference_steps=999, sampler="dpmpp_2m"))
+    with pytest.raises(ConfigError, match="sampler one of"):
+        rec.check(betas, fitted.with_overrides(sampler="euler"))
+    with pytest.raises(ConfigError, match="guidance_stop in"):
+        rec.check(betas, fitted.with_overrides(guidance_stop=-0.1))
     unet_max = rec.pipeline.ios["unet"].max_batch // 2
     with pytest.raises(InputError, match="UNet runs 2 x batch"):
         rec.reconstruct(betas, batch_size=unet_max + 1)
@@ -264,10 +340,20 @@ def test_tampered_stage2_file_is_refused(tiny2, tmp_path):
 
 
 def test_scheduler_tables_of_the_export_are_checked(tiny2, rec, tmp_path):
-    """stage2/scheduler.json holds diffusers' DDIM tables; the numpy scheduler must reproduce them."""
+    """stage2/scheduler.json holds diffusers' DDIM tables; the numpy scheduler must reproduce them. DPM-Solver++
+    is built on the DDIM read from it (the file records no table of its own, as from every export)."""
     data = json.loads((tiny2["model"] / "stage2" / "scheduler.json").read_text())
-    fitted = rec.pipeline.scheduler.timesteps(50, 0.75)  # the fitted sampling: 37 steps
+    fitted = rec.pipeline.schedulers["ddim"].timesteps(50, 0.75)  # the fitted sampling: 37 steps
     assert data["timesteps"] == fitted.tolist()
+    ddim, dpm = rec.folder.stage2.schedulers["ddim"], rec.folder.stage2.schedulers["dpmpp_2m"]
+    assert (
+        dpm.config
+        == ddim.config
+        == DDIMConfig.from_dict({k: v for k, v in data["scheduler"].items() if k not in DDIM_FIXED})
+    )
+    assert dpm.config == DDIMConfig()  # the export records DDIM_SCHEDULER
+    np.testing.assert_array_equal(dpm.alphas_cumprod, ddim.alphas_cumprod)
+    np.testing.assert_allclose(dpm.alphas_cumprod[fitted], data["alpha_t"], rtol=0, atol=1e-6)
     for change, match in (
         ({"scheduler": {**data["scheduler"], "clip_sample": True}}, "clip_sample"),
         ({"scheduler": {**data["scheduler"], "steps_offset": 0}}, "expected timesteps"),
@@ -333,6 +419,25 @@ def test_recon_infer_stage2_with_stimuli(tiny2, fast, tmp_path, monkeypatch, cap
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stage"] == 2 and summary["sampling"]["num_inference_steps"] == FAST_STEPS
     assert summary["metrics"] == metrics and summary["seed"] == 0
+    assert (summary["sampling"]["sampler"], summary["sampling"]["guidance_stop"]) == ("ddim", 1.0)
+    assert summary["sampling"]["guided_steps"] == 6
+
+
+def test_recon_infer_sampler_and_guidance_stop(tiny2, rec, betas, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = [str(tiny2["prep"] / "test_betas.npy"), "--model-dir", str(tiny2["model"]), "--out", str(out)]
+    args += ["--trials", "0-3", "--steps", str(FAST_STEPS), "--threads", "1"]
+    assert run_cli(monkeypatch, *args, "--sampler", "dpmpp_2m", "--guidance-stop", "0.5") == 0
+    assert "dpmpp_2m" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    sampling = short(rec, sampler="dpmpp_2m", guidance_stop=0.5)
+    assert {k: summary["sampling"][k] for k in sampling.to_dict()} == sampling.to_dict()
+    assert summary["sampling"]["guided_steps"] == 3 and len(summary["sampling"]["timesteps"]) == 6
+    np.testing.assert_array_equal(
+        np.load(out / "final_images.npy"), rec.reconstruct(betas[:4], sampling).images
+    )
+    assert run_cli(monkeypatch, *args, "--sampler", "euler", "--overwrite") == 2  # typer: not a choice
+    assert "euler" in capsys.readouterr().err
 
 
 def test_recon_infer_stage1_still_runs_on_a_stage2_model(tiny2, fast, tmp_path):
@@ -348,6 +453,14 @@ def test_recon_infer_stage1_still_runs_on_a_stage2_model(tiny2, fast, tmp_path):
             stage=1,
             sampling={"num_inference_steps": 4},
         )
+    with pytest.raises(InputError, match="--sampler, --guidance-stop"):
+        run_inference(
+            tiny2["prep"] / "test_betas.npy",
+            tiny2["model"],
+            tmp_path / "x",
+            stage=1,
+            sampling={"sampler": "dpmpp_2m", "guidance_stop": 0.5},
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -360,6 +473,7 @@ def test_recon_infer_stage1_still_runs_on_a_stage2_model(tiny2, fast, tmp_path):
         ("strength", "strength in [0, 1]"),
         ("strength nan", "expected strength in [0, 1], found nan"),
         ("guidance inf", "expected a finite guidance_scale, found inf"),
+        ("guidance stop", "expected guidance_stop in [0, 1], found 1.5"),
         ("negative seed", "expected a seed in [0, 9223372036854775807], found -1"),
         ("float64 1e300", "voxel 5: 1e+300, beyond float32's range"),
         ("mix", None),
@@ -383,6 +497,7 @@ def test_bad_inputs_are_one_line_errors(tiny2, rec, betas, tmp_path, monkeypatch
         "strength": ["--strength", "1.5"],
         "strength nan": ["--strength", "nan"],
         "guidance inf": ["--guidance", "inf"],
+        "guidance stop": ["--guidance-stop", "1.5"],
         "negative seed": ["--seed", "-1"],
     }.get(case, [])
     code = run_cli(monkeypatch, str(path), "--model-dir", str(tiny2["model"]), "--out", str(out), *extra)
@@ -431,6 +546,71 @@ print(json.dumps({{"code": code, "heavy": heavy}}))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}, proc.stderr
     assert (out / "final_images.npy").is_file() and (out / "metrics.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------- recon-serve, recon-batch
+
+
+def test_recon_serve_and_recon_batch_pass_the_sampling_through(tiny2, rec, betas, tmp_path, monkeypatch):
+    """--steps, --sampler and --guidance-stop reach the runtime's sampling: recon-serve's config parameters and its
+    Python-backend model (a stand-in for Triton's `triton_python_backend_utils`), recon-batch's actor and run.json.
+    Bad values are refused with one line naming the option. Triton and Ray themselves: tests/test_serve_triton.py,
+    tests/test_ray_batch.py."""
+    import types
+
+    from brainrecon.serve import ray_batch
+    from brainrecon.serve.triton_server import TEMPLATE, ServeOptions, model_config
+
+    changes = {"num_inference_steps": FAST_STEPS, "sampler": "dpmpp_2m", "guidance_stop": 0.5}
+    expected = short(rec, sampler="dpmpp_2m", guidance_stop=0.5)
+    text = model_config(ServeOptions(model_dir=tiny2["model"], threads=1, **changes))
+    params = dict(re.findall(r'key: "(\w+)"\n  value: \{ string_value: "([^"]*)" \}', text))
+    assert (params["steps"], params["sampler"], params["guidance_stop"]) == (
+        str(FAST_STEPS),
+        "dpmpp_2m",
+        "0.5",
+    )
+    monkeypatch.setitem(
+        sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils")
+    )
+    namespace: dict = {}
+    exec(compile(TEMPLATE.read_text(), str(TEMPLATE), "exec"), namespace)  # the model.py recon-serve writes
+    model = namespace["TritonPythonModel"]()
+    model.initialize(
+        {"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}})}
+    )
+    try:
+        assert model.sampling == expected
+    finally:
+        model.finalize()
+    for option, value, message in (
+        ("sampler", "euler", "--sampler: expected one of ('ddim', 'dpmpp_2m'), found 'euler'"),
+        ("guidance_stop", 1.5, "--guidance-stop: expected a share of the steps in [0, 1], found 1.5"),
+        (
+            "guidance_stop",
+            float("nan"),
+            "--guidance-stop: expected a share of the steps in [0, 1], found nan",
+        ),
+    ):
+        for make in (lambda **o: ServeOptions(model_dir=tmp_path, **o), ray_batch.BatchOptions):
+            with pytest.raises(InputError) as refused:
+                make(**{option: value})
+            assert str(refused.value) == message
+
+    options = ray_batch.BatchOptions(threads=1, **changes)
+    worker = ray_batch.ShardWorker(str(tiny2["model"]), dataclasses.asdict(options))
+    try:
+        assert worker.sampling == expected
+    finally:
+        worker.rec.close()
+    record = ray_batch.image_settings(tiny2["model"], options)["sampling"]
+    assert {k: record[k] for k in changes} == changes
+    # at their defaults the two fields are left out of run.json, as in a record written before they existed
+    default = ray_batch.image_settings(
+        tiny2["model"], ray_batch.BatchOptions(sampler="ddim", guidance_stop=1.0)
+    )
+    assert not {"sampler", "guidance_stop"} & set(default["sampling"])
+    assert default == ray_batch.image_settings(tiny2["model"], ray_batch.BatchOptions())
 
 
 # ----------------------------------------------------------------------------------------- recon-bench

@@ -20,6 +20,7 @@ from brainrecon.choices import (
     ExportStage,
     ExportUnetGraph,
     Precision,
+    Sampler,
     Stage,
     TritonVariant,
 )
@@ -188,7 +189,7 @@ def infer(
         typer.Option(help="Stage-2 noise seed (default: the fitted one; stage 1 is deterministic)."),
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Stage 2: DDIM schedule length (default: the fitted one, 50).")
+        int | None, typer.Option(help="Stage 2: schedule length (default: the fitted one, 50).")
     ] = None,
     strength: Annotated[
         float | None,
@@ -198,6 +199,21 @@ def infer(
     ] = None,
     guidance: Annotated[
         float | None, typer.Option(help="Stage 2: classifier-free guidance scale (default: fitted, 7.5).")
+    ] = None,
+    sampler: Annotated[
+        Sampler | None,
+        typer.Option(
+            help="Stage 2: ddim (the paper's) or dpmpp_2m (DPM-Solver++ 2M, for fewer steps) (default: fitted, "
+            "ddim)."
+        ),
+    ] = None,
+    guidance_stop: Annotated[
+        float | None,
+        typer.Option(
+            help="Stage 2: share of the denoising steps run with classifier-free guidance, 0..1 (the first "
+            "ceil(share x steps)); the rest run the conditional pass alone, at half the UNet rows (default: "
+            "fitted, 1.0)."
+        ),
     ] = None,
     stimuli: Annotated[
         Path | None, typer.Option(help="Ground-truth images .npy, one per betas row (test_images.npy).")
@@ -230,6 +246,7 @@ def infer(
     Examples:
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stimuli data/subj01/test_images.npy
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --seed 3 --steps 25 --guidance 5
+      recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --sampler dpmpp_2m --steps 20 --guidance-stop 0.6
       recon-infer betas_session01.nii.gz --model-dir engines/subj01 --out out/ --trials 0,5,10-20 --engine trt
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stage 1
     """
@@ -244,7 +261,14 @@ def infer(
         threads=threads,
         allow_cpu_fallback=allow_cpu_fallback,
     )
-    sampling = {"seed": seed, "num_inference_steps": steps, "strength": strength, "guidance_scale": guidance}
+    sampling = {
+        "seed": seed,
+        "num_inference_steps": steps,
+        "strength": strength,
+        "guidance_scale": guidance,
+        "sampler": sampler,
+        "guidance_stop": guidance_stop,
+    }
     with output_dir(out, RECON_INFER_OUTPUT, overwrite, inputs=(betas, model_dir, stimuli)):
         summary = run_inference(
             betas,
@@ -271,8 +295,9 @@ def infer(
     else:
         sampling = summary["sampling"]
         rows["sampling"] = (
-            f"seed {sampling['seed']}, {len(sampling['timesteps'])} of {sampling['num_inference_steps']} steps "
-            f"(strength {sampling['strength']}), guidance {sampling['guidance_scale']}"
+            f"{sampling['sampler']}, seed {sampling['seed']}, {len(sampling['timesteps'])} of "
+            f"{sampling['num_inference_steps']} steps (strength {sampling['strength']}), guidance "
+            f"{sampling['guidance_scale']} on {sampling['guided_steps']} of them"
         )
         rows |= {
             f"{name} s": round(timings[f"{name}_s"], 3)

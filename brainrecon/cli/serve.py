@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from brainrecon.choices import Sampler
 from brainrecon.cli import print_summary, run_app
 from brainrecon.errors import BrainReconError
 
@@ -57,7 +58,18 @@ def serve(
     device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Stage 2: DDIM schedule length (default: the fitted one).")
+        int | None, typer.Option(help="Stage 2: schedule length (default: the fitted one).")
+    ] = None,
+    sampler: Annotated[
+        Sampler | None,
+        typer.Option(help="Stage 2: ddim or dpmpp_2m (DPM-Solver++ 2M) (default: the fitted one, ddim)."),
+    ] = None,
+    guidance_stop: Annotated[
+        float | None,
+        typer.Option(
+            help="Stage 2: share of the denoising steps run with classifier-free guidance, 0..1 (default: the "
+            "fitted one, 1.0)."
+        ),
     ] = None,
     verbose: Annotated[
         bool, typer.Option(help="Triton's log on stderr, a line per model execution.")
@@ -95,6 +107,8 @@ def serve(
         device=device,
         threads=threads,
         num_inference_steps=steps,
+        sampler=sampler,
+        guidance_stop=guidance_stop,
         verbose=verbose,
     )
     run_server(options)
@@ -126,7 +140,18 @@ def batch(
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per actor.")] = 1,
     retries: Annotated[int, typer.Option(help="Times a shard whose actor died is retried.")] = 3,
     steps: Annotated[
-        int | None, typer.Option(help="Stage 2: DDIM schedule length (default: the fitted one).")
+        int | None, typer.Option(help="Stage 2: schedule length (default: the fitted one).")
+    ] = None,
+    sampler: Annotated[
+        Sampler | None,
+        typer.Option(help="Stage 2: ddim or dpmpp_2m (DPM-Solver++ 2M) (default: the fitted one, ddim)."),
+    ] = None,
+    guidance_stop: Annotated[
+        float | None,
+        typer.Option(
+            help="Stage 2: share of the denoising steps run with classifier-free guidance, 0..1 (default: the "
+            "fitted one, 1.0)."
+        ),
     ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")] = None,
     rows_per_call: Annotated[
@@ -142,8 +167,8 @@ def batch(
         bool,
         typer.Option(
             "--new-run",
-            help="When a file's folder holds another run (other input, model, seed, steps, engine, precision or "
-            "device: see its run.json), write to a new folder X-2, X-3, ... instead of refusing.",
+            help="When a file's folder holds another run (other input, model, seed, sampling, engine, precision "
+            "or device: see its run.json), write to a new folder X-2, X-3, ... instead of refusing.",
         ),
     ] = False,
 ) -> None:
@@ -171,6 +196,8 @@ def batch(
         threads=threads,
         retries=retries,
         num_inference_steps=steps,
+        sampler=sampler,
+        guidance_stop=guidance_stop,
         num_cpus=num_cpus,
         rows_per_call=rows_per_call,
         shard_timeout=shard_timeout,

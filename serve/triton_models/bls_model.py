@@ -6,7 +6,8 @@ cannot be a Triton ensemble (ensembles are DAGs), so this model runs it with Bus
 (triton-inference-server/python_backend README, "Business Logic Scripting": `pb_utils.InferenceRequest(...).exec()`).
 
 The loop is brainrecon.runtime's own (`Reconstructor` over `Stage1Pipeline` / `Stage2Pipeline` on the copied
-folder read by `read_model_folder`, numpy DDIM and guidance), with each model call going to a Triton model instead of
+folder read by `read_model_folder`, the numpy sampler and guidance of the folder's fitted sampling: stage2.json's
+`sampler` and `guidance_stop` as well), with each model call going to a Triton model instead of
 an ONNX Runtime session (`BlsBackend`), so the images are those of `recon-infer` on the same ONNX files. The
 config's parameter `unet_graph` says which UNet the repository serves: "kv" (K/V once: `unet_context` on the
 unconditional context once, on each chunk's predicted contexts once, `unet_kv` at every step, as recon-infer on a

@@ -2,7 +2,8 @@
 
 recon-serve (serve/triton_server.py) writes this file as `brainrecon/1/model.py` of a private model repository, with
 a `config.pbtxt` whose parameters say what to open: `model_dir`, `engine`, `precision`, `device`, `threads`,
-`steps` (a shorter DDIM schedule, "" for the fitted one), `verbose` ("1": one log line per execution). Each
+`steps`, `sampler`, `guidance_stop` (the stage-2 sampling's overrides, "" for the fitted value), `verbose` ("1": one
+log line per execution). Each
 instance (`instance_group` count) is its own stub process with its own loaded Reconstructor. The interface is the
 python_backend README's (triton-inference-server/python_backend: `TritonPythonModel.initialize / execute`).
 
@@ -13,7 +14,6 @@ one line); the valid requests of the same batch run and are answered (serve/trit
 serve/triton_models/bls_model.py).
 """
 
-import dataclasses
 import json
 
 import numpy as np
@@ -41,8 +41,12 @@ class TritonPythonModel:
         )
         self.rec = Reconstructor.open(params["model_dir"], options)
         self.sampling = self.rec.sampling
-        if self.sampling is not None and params["steps"]:
-            self.sampling = dataclasses.replace(self.sampling, num_inference_steps=int(params["steps"]))
+        if self.sampling is not None:  # the fitted sampling with recon-serve's overrides ("": fitted)
+            self.sampling = self.sampling.with_overrides(
+                num_inference_steps=int(params["steps"]) if params["steps"] else None,
+                sampler=params.get("sampler") or None,
+                guidance_stop=float(params["guidance_stop"]) if params.get("guidance_stop") else None,
+            )
         self.verbose = params.get("verbose") == "1"
         self.executions = 0
         # the first call pays ONNX Runtime's lazy allocations, not the first client
