@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from brainrecon.choices import IMAGE_KINDS, ImageKind, Regressor, Stage, TorchDevice, TrainStage
+from brainrecon.choices import (
+    IMAGE_KINDS,
+    Engine,
+    ImageKind,
+    Precision,
+    Regressor,
+    Stage,
+    TorchDevice,
+    TrainStage,
+)
 from brainrecon.cli import print_summary, run_app
 
 # torch devices of the training and reference commands (train/device.py checks that a GPU is there)
@@ -548,6 +557,72 @@ def eval_noise(
     )
     result = noise_sensitivity(model_dir, data, out, config, log=Console(stderr=True).print, device=device)
     Console().print(noise_table(result))
+
+
+@eval_app.command("quality")
+def eval_quality(
+    model_dir: Annotated[
+        Path, typer.Option(help="Exported subject model folder (recon-export --stage all).")
+    ],
+    data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject; its test set is used.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Results folder: quality.json, quality.md, quality.png, quality_sheet.png, sheets/."
+        ),
+    ],
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=key=value,key=value: SamplingConfig fields (num_inference_steps, strength, guidance_scale, "
+            "sampler, guidance_stop, ...) and RuntimeOptions fields (engine, precision, ...); repeat for more. "
+            "'paper' (the fitted sampling, first) is the reference; a setting named paper changes it."
+        ),
+    ] = None,
+    settings: Annotated[
+        Path | None,
+        typer.Option(help="JSON file {NAME: {key: value, ...}, ...}, run before the --setting ones."),
+    ] = None,
+    images: Annotated[int, typer.Option(help="Use the first N test images (0: all).")] = 0,
+    real_size_times: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSON of real-size seconds per call: {"machine", "unet_rows_s": {"ort fp32": {"1": s, "2": s}}, '
+            '"vae_encode_s", "vae_decode_s", "stage1_s"}; adds the estimated real-size seconds per image.'
+        ),
+    ] = None,
+    engine: Annotated[Engine, typer.Option(help="Engine of the settings that name none.")] = "ort",
+    precision: Annotated[Precision, typer.Option(help="Precision of the settings that name none.")] = "fp32",
+    device: DeviceOption = "cpu",
+    weights: WeightsOption = None,
+) -> None:
+    """The quality map: the torch-free runtime on the test set once per setting; seconds per image, UNet calls,
+    PixCorr, SSIM, CLIP 2-way (ours), the difference from the paper setting's images, and which settings stay
+    within 0.01 CLIP 2-way and 0.02 PixCorr and SSIM of it. --device runs the CLIP and the metric networks.
+
+    Example: recon-eval quality --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/quality
+    --setting ddim20=num_inference_steps=20 --setting dpm20=sampler=dpmpp_2m,num_inference_steps=20
+    --setting ov-bf16=engine=openvino,precision=bf16
+    """
+    check_device(device)
+    from brainrecon.train.experiments.quality import parse_setting, quality_map, quality_table, read_settings
+
+    specs = (read_settings(settings) if settings is not None else []) + [
+        parse_setting(s) for s in setting or []
+    ]
+    result = quality_map(
+        model_dir,
+        data,
+        out,
+        specs,
+        n_images=images or None,
+        real_size_times=real_size_times,
+        weights=weights,
+        engine=engine,
+        precision=precision,
+        device=device,
+    )
+    Console().print(quality_table(result), highlight=False, markup=False, soft_wrap=True)
 
 
 @eval_app.command("layers")
