@@ -250,7 +250,7 @@ def onnx_path(work: Path, name: str, precision: str) -> Path:
     return found[0]
 
 
-def step_export(name: str, work: Path) -> dict[str, Any]:
+def step_export(name: str, work: Path, precisions: tuple[str, ...] = PRECISIONS) -> dict[str, Any]:
     """Build `name`, then `stage_contract` into `work/name/`: per precision the seconds and peak memory of each step
     (fp32 export: since the start, so with the build; then each from where the previous one left off). Reference
     outputs are computed once, during the fp32 validation (`reference_s`), and reused for fp16; the weights are
@@ -291,7 +291,7 @@ def step_export(name: str, work: Path) -> dict[str, Any]:
     src.reference = reference
     shutil.rmtree(work / name, ignore_errors=True)
     (work / name).mkdir(parents=True)
-    for staged in stage_contract(src, work / name, PRECISIONS, True, EXTERNAL_DATA_THRESHOLD, on_step):
+    for staged in stage_contract(src, work / name, precisions, True, EXTERNAL_DATA_THRESHOLD, on_step):
         out[staged.precision]["validation"] = staged.validation
     return out
 
@@ -382,6 +382,7 @@ def step_time(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def step(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
     """A step of this script in a fresh interpreter (its output in --work/real_size.log), with its wall time."""
     cmd = [__file__, *extra, "--work", str(args.work), "--repeats", str(args.repeats)]
+    cmd += ["--precisions", ",".join(args.precisions)]
     t0 = time.perf_counter()
     result = child(
         cmd + (["--threads", str(args.threads)] if args.threads else []), args.work / "real_size.log"
@@ -399,8 +400,8 @@ def measure_model(
         if "error" in r:
             return {"error": r["error"]}
         entry = {"parameters": r["parameters"], "build_s": r["build_s"], "export_wall_s": r["wall_s"]}
-        save(entry := entry | {p: r[p] for p in PRECISIONS})
-    for precision in PRECISIONS if "load" in steps else ():
+        save(entry := entry | {p: r[p] for p in args.precisions})
+    for precision in args.precisions if "load" in steps else ():
         r = step(args, "--step", "load", "--model", name, "--precision", precision)
         r["load_wall_s"] = r.pop("wall_s")
         entry[precision] = entry.get(precision, {}) | r
@@ -637,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--steps", default=",".join(STEPS), help="export,load; --steps load re-times the kept files"
     )
+    p.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help="the files to export: fp32 (always) and/or fp16"
+    )
     p.add_argument("--table", action="store_true", help="print the docs' table of --out and exit")
     p.add_argument("--model-dir", type=Path, help="assemble a recon-infer folder of the kept files and exit")
     p.add_argument("--curve", default="", help="batch sizes (rows per call) to time --model at, e.g. 1,2,4")
@@ -654,8 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.command = "python benchmarks/real_size.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.precisions = tuple(x for x in PRECISIONS if x in args.precisions.split(",") or x == "fp32")
     if args.step == "export":
-        print(json.dumps(step_export(args.model, args.work)))
+        print(json.dumps(step_export(args.model, args.work, args.precisions)))
     elif args.step == "load":
         print(json.dumps(step_load(args.model, args.work, args.precision, args.threads)))
     elif args.step == "time":

@@ -196,6 +196,14 @@ def test_report_tables_show_the_json_numbers(report, dom):
     assert _check_cells(dom.tables["stage2-table"], stage2["rows"], ["pixcorr", "ssim", "clip_2way"]) >= 27
     oracle = [r for r in dom.tables["stage2-table"] if r["run"][2].startswith("oracle")]
     assert oracle  # the controls are on the page
+    # Brain-Diffuser's eight columns: the committed results carry PixCorr and SSIM (no weights here)
+    computed = stage2["paper_metrics"]["computed"]
+    paper_rows = [{f"paper_{m}": r["paper"].get(m) for m in computed} for r in stage2["rows"]]
+    keys = [f"paper_{m}" for m in computed]
+    assert (
+        _check_cells(dom.tables["stage2-paper-table"], paper_rows, keys) == len(keys) * len(paper_rows) >= 20
+    )
+    assert all(r["paper_swav"][2] == "" for r in dom.tables["stage2-paper-table"])  # not computed: empty
     stage1 = json.loads((results / "stage1" / "stage1.json").read_text())
     assert _check_cells(dom.tables["stage1-table"], stage1["rows"], ["pixcorr", "ssim"]) >= 6
     final = dom.tables["final-metrics"]
