@@ -36,17 +36,20 @@ from brainrecon.io import read_json
 from brainrecon.model_dir import STAGE2_SUMMARY
 
 PARTS = ("stage1_s", "clip_s", "vae_encode_s", "unet_s", "vae_decode_s", "total_s")
-# name -> RuntimeOptions keywords of the runtime pipelines
+# name -> RuntimeOptions keywords of the runtime pipelines (and "preset": a sampling preset of brainrecon/sampling.py
+# PRESETS, against the torch reference's fitted sampling: what the preset saves end to end)
 RUNTIME_PIPELINES: dict[str, dict[str, str]] = {
     "ort_fp32_plain": {"engine": "ort", "precision": "fp32", "unet_graph": "plain"},
     "ort_fp32": {"engine": "ort", "precision": "fp32", "unet_graph": "auto"},
     "ort_fp16": {"engine": "ort", "precision": "fp16", "unet_graph": "auto"},
     "openvino_fp32": {"engine": "openvino", "precision": "fp32", "unet_graph": "auto"},
     "openvino_bf16": {"engine": "openvino", "precision": "bf16", "unet_graph": "auto"},
+    "ort_fp32_fast": {"engine": "ort", "precision": "fp32", "unet_graph": "auto", "preset": "fast"},
 }
 PIPELINES = ("torch", "torch_best", *RUNTIME_PIPELINES)
 DEFAULT_PIPELINES = ("torch", "torch_best", "ort_fp32_plain", "ort_fp32", "openvino_fp32", "openvino_bf16")
-CI_PIPELINES = ("torch", "ort_fp32_plain", "ort_fp32")  # make bench-check: quick, and what the floors name
+# make bench-check: quick, and what the floors name
+CI_PIPELINES = ("torch", "ort_fp32_plain", "ort_fp32", "ort_fp32_fast")
 TORCH_MODES = ("eager", "channels_last", "bf16", "compile", "compile_bf16")
 Run = Callable[
     [np.ndarray, int | None], tuple[np.ndarray, dict[str, float]]
@@ -218,12 +221,17 @@ def _open_pipelines(model_dir: Path, names: tuple[str, ...], threads: int, torch
             reference = reference or ref
             runs[name] = lambda b, n, ref=ref: ref.run(b, n or 16)
         else:
-            rec = Reconstructor.open(
-                model_dir, RuntimeOptions(threads=threads, **RUNTIME_PIPELINES[name]), stage=2
-            )
+            from brainrecon.sampling import PRESETS
 
-            def run(b: np.ndarray, n: int | None, rec: Any = rec) -> tuple[np.ndarray, dict[str, float]]:
-                r = rec.reconstruct(b, batch_size=n)
+            spec = dict(RUNTIME_PIPELINES[name])
+            preset = PRESETS[spec.pop("preset", "paper")]
+            rec = Reconstructor.open(model_dir, RuntimeOptions(threads=threads, **spec), stage=2)
+            sampling = rec.sampling.with_overrides(**preset)
+
+            def run(
+                b: np.ndarray, n: int | None, rec: Any = rec, sampling: Any = sampling
+            ) -> tuple[np.ndarray, dict[str, float]]:
+                r = rec.reconstruct(b, sampling, batch_size=n)
                 return r.images, {k: r.timings[k] for k in PARTS} | {"unet_batch": r.batch_sizes["unet"]}
 
             runs[name] = run

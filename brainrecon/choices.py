@@ -84,6 +84,12 @@ Sampler = Literal["ddim", "dpmpp_2m"]
 SAMPLERS: tuple[Sampler, ...] = get_args(Sampler)
 
 
+# Named sampling presets (brainrecon/sampling.py PRESETS): Brain-Diffuser's recipe, and the fewer, cheaper steps
+# chosen from the quality map (docs/speed.md).
+Preset = Literal["paper", "fast"]
+PRESET_NAMES: tuple[Preset, ...] = get_args(Preset)
+
+
 def check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:
     """One-line InputError ("name: expected one of (...), found 'x'") unless `value` is one of `allowed`."""
     if value not in allowed:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from brainrecon.choices import SAMPLERS, Sampler
+from brainrecon.choices import PRESET_NAMES, SAMPLERS, Preset, Sampler
 from brainrecon.errors import ConfigError, InputError
 
 # seeds travel as int64: Triton's `seed` input, recon-batch's `--seed + row`
@@ -42,6 +42,27 @@ DDIM_SCHEDULER: Mapping[str, Any] = MappingProxyType(
         "timestep_spacing": "leading",
     }
 )
+
+
+# Named overrides of a model's fitted sampling. "paper": Brain-Diffuser's recipe as fitted (DDIM, 50 steps at
+# strength 0.75 = 37 UNet steps, guidance at every step). "fast": DPM-Solver++ 2M at 10 steps (7 run at strength
+# 0.75), guidance on the first 70% of them (5), the rest the conditional pass alone: the setting the quality map of
+# docs/speed.md chose (its measured cost there).
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "paper": MappingProxyType({}),
+        "fast": MappingProxyType({"sampler": "dpmpp_2m", "num_inference_steps": 10, "guidance_stop": 0.7}),
+    }
+)
+assert tuple(PRESETS) == PRESET_NAMES
+
+
+def preset_overrides(preset: Preset = "paper", **explicit: Any) -> dict[str, Any]:
+    """The sampling overrides of a named preset, with the explicitly given ones (not None) on top: what recon-infer,
+    recon-serve and recon-batch pass for `--preset NAME --steps N ...`."""
+    if preset not in PRESETS:
+        raise ConfigError(f"sampling: expected a preset from {PRESET_NAMES}, found {preset!r}")
+    return {**PRESETS[preset], **{k: v for k, v in explicit.items() if v is not None}}
 
 
 def _is_int(value: Any) -> bool:

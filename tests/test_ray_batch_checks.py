@@ -244,3 +244,23 @@ def test_cli_refuses_bad_input_with_one_line_and_exit_1(model, betas, tmp_path):
         timeout=120,
     )
     assert big.returncode == 1 and "--shard-size: expected an integer in [1, 1024], found 5000" in big.stderr
+
+
+def test_the_fast_preset_reaches_run_json_and_a_paper_rerun_is_refused(model, betas, tmp_path):
+    """recon-batch/recon-serve --preset (cli/serve.py _sampling): the preset's fields, explicit options on top; a run
+    made with the fast preset records them, and the same folder refuses a rerun with the paper's recipe."""
+    from brainrecon.cli.serve import _sampling
+    from brainrecon.sampling import PRESETS
+
+    assert _sampling("paper", None, None, None) == dict.fromkeys(("num_inference_steps", "sampler", "guidance_stop"))
+    assert _sampling("fast", None, None, None) == dict(PRESETS["fast"])
+    assert _sampling("fast", 6, None, 0.5) == {**PRESETS["fast"], "num_inference_steps": 6, "guidance_stop": 0.5}
+    a = save(tmp_path / "a", "sess01.npy", betas)
+    out = tmp_path / "out"
+    fast = BatchOptions(seed=100, **_sampling("fast", None, None, None))
+    folder = fake_previous_run(model, a, out, fast)
+    recorded = json.loads((folder / "run.json").read_text())["images"]["sampling"]
+    assert {k: recorded[k] for k in PRESETS["fast"]} == dict(PRESETS["fast"])
+    with pytest.raises(BrainReconError, match="differs from run.json's") as caught:
+        run_batch([a], model, out, BatchOptions(seed=100, **_sampling("paper", None, None, None)))
+    assert "\n" not in str(caught.value)

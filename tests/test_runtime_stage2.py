@@ -440,6 +440,28 @@ def test_recon_infer_sampler_and_guidance_stop(tiny2, rec, betas, tmp_path, monk
     assert "euler" in capsys.readouterr().err
 
 
+def test_fast_preset_is_its_overrides_and_explicit_options_win(tiny2, rec, betas, tmp_path, monkeypatch):
+    """--preset fast is exactly sampling.PRESETS["fast"] over the fitted sampling (the same images as the explicit
+    options); an explicit option overrides the preset's value; "paper" overrides nothing."""
+    from brainrecon.sampling import PRESETS, preset_overrides
+
+    assert preset_overrides("paper") == {} and preset_overrides("paper", num_inference_steps=None) == {}
+    assert preset_overrides("fast", num_inference_steps=6) == {**PRESETS["fast"], "num_inference_steps": 6}
+    assert PRESETS["fast"]["sampler"] == "dpmpp_2m" and PRESETS["fast"]["guidance_stop"] < 1
+    out = tmp_path / "out"
+    args = [str(tiny2["prep"] / "test_betas.npy"), "--model-dir", str(tiny2["model"]), "--out", str(out)]
+    args += ["--trials", "0-3", "--threads", "1", "--preset", "fast"]
+    assert run_cli(monkeypatch, *args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    expected = rec.sampling.with_overrides(**PRESETS["fast"])
+    assert {k: summary["sampling"][k] for k in expected.to_dict()} == expected.to_dict()
+    np.testing.assert_array_equal(
+        np.load(out / "final_images.npy"), rec.reconstruct(betas[:4], expected).images
+    )
+    assert run_cli(monkeypatch, *args, "--steps", "4", "--overwrite") == 0
+    assert json.loads((out / "summary.json").read_text())["sampling"]["num_inference_steps"] == 4
+
+
 def test_recon_infer_stage1_still_runs_on_a_stage2_model(tiny2, fast, tmp_path):
     out = tmp_path / "out1"
     summary = run_inference(tiny2["prep"] / "test_betas.npy", tiny2["model"], out, stage=1, trials="0-3")
@@ -622,7 +644,7 @@ def test_recon_bench_reports_speedups_and_enforces_floors(tiny2, tmp_path, monke
 
     def bench(*extra: str) -> int:
         args = [str(tiny2["prep"] / "test_betas.npy"), "--model-dir", str(tiny2["model"]), "--limit", "4"]
-        args += ["--pipelines", "torch,ort_fp32_plain,ort_fp32"]
+        args += ["--pipelines", "torch,ort_fp32_plain,ort_fp32,ort_fp32_fast"]
         monkeypatch.setattr(sys, "argv", ["recon-bench", *args, "--repeats", "1", "--threads", "1", *extra])
         with pytest.raises(SystemExit) as e:
             bench_main()
@@ -631,10 +653,12 @@ def test_recon_bench_reports_speedups_and_enforces_floors(tiny2, tmp_path, monke
     out = tmp_path / "bench.json"
     assert bench("--out", str(out)) == 0
     results = json.loads(out.read_text())["inference"]
-    assert set(results["median_s"]) == {"torch", "ort_fp32_plain", "ort_fp32"}
+    assert set(results["median_s"]) == {"torch", "ort_fp32_plain", "ort_fp32", "ort_fp32_fast"}
     assert results["median_s"]["torch"]["unet_s"] > 0
     for name in ("ort_fp32_plain", "ort_fp32"):  # same models, seed and noise; K/V once or not
         assert results[name]["pixel_diff_vs_torch"]["max"] <= 1
+    # the fast preset samples otherwise (DPM-Solver++, fewer steps): other pixels, but images of the same size
+    assert results["ort_fp32_fast"]["pixel_diff_vs_torch"]["max"] > 1
     unreachable = tmp_path / "targets.json"
     unreachable.write_text(json.dumps({"stage2_speedup_floor": {"ort_fp32": {"total_s": 1000.0}}}))
     assert bench("--out", str(out), "--check", str(unreachable)) == 1

@@ -20,6 +20,7 @@ from brainrecon.choices import (
     ExportStage,
     ExportUnetGraph,
     Precision,
+    Preset,
     Sampler,
     Stage,
     TritonVariant,
@@ -200,6 +201,13 @@ def infer(
     guidance: Annotated[
         float | None, typer.Option(help="Stage 2: classifier-free guidance scale (default: fitted, 7.5).")
     ] = None,
+    preset: Annotated[
+        Preset,
+        typer.Option(
+            help="Stage 2: paper (Brain-Diffuser's recipe, as fitted) or fast (DPM-Solver++ 2M, 10 steps, guidance "
+            "on the first 70%: docs/speed.md); the options below override it."
+        ),
+    ] = "paper",
     sampler: Annotated[
         Sampler | None,
         typer.Option(
@@ -246,6 +254,7 @@ def infer(
     Examples:
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stimuli data/subj01/test_images.npy
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --seed 3 --steps 25 --guidance 5
+      recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --preset fast
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --sampler dpmpp_2m --steps 20 --guidance-stop 0.6
       recon-infer betas_session01.nii.gz --model-dir engines/subj01 --out out/ --trials 0,5,10-20 --engine trt
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stage 1
@@ -253,6 +262,7 @@ def infer(
     from brainrecon.io import RECON_INFER_OUTPUT, output_dir
     from brainrecon.runtime.api import RuntimeOptions
     from brainrecon.runtime.infer import run_inference
+    from brainrecon.sampling import preset_overrides
 
     options = RuntimeOptions(
         engine=engine,
@@ -261,14 +271,15 @@ def infer(
         threads=threads,
         allow_cpu_fallback=allow_cpu_fallback,
     )
-    sampling = {
-        "seed": seed,
-        "num_inference_steps": steps,
-        "strength": strength,
-        "guidance_scale": guidance,
-        "sampler": sampler,
-        "guidance_stop": guidance_stop,
-    }
+    sampling = preset_overrides(
+        preset,
+        seed=seed,
+        num_inference_steps=steps,
+        strength=strength,
+        guidance_scale=guidance,
+        sampler=sampler,
+        guidance_stop=guidance_stop,
+    )
     with output_dir(out, RECON_INFER_OUTPUT, overwrite, inputs=(betas, model_dir, stimuli)):
         summary = run_inference(
             betas,

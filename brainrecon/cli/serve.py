@@ -12,9 +12,17 @@ from typing import Annotated
 
 import typer
 
-from brainrecon.choices import Sampler
+from brainrecon.choices import Preset, Sampler
 from brainrecon.cli import print_summary, run_app
 from brainrecon.errors import BrainReconError
+
+
+def _sampling(preset: str, steps: int | None, sampler: str | None, guidance_stop: float | None) -> dict:
+    """The stage-2 overrides of recon-serve and recon-batch: a preset, the explicit options on top."""
+    from brainrecon.sampling import preset_overrides
+
+    found = preset_overrides(preset, num_inference_steps=steps, sampler=sampler, guidance_stop=guidance_stop)
+    return {key: found.get(key) for key in ("num_inference_steps", "sampler", "guidance_stop")}
 
 
 def _require(module: str, command: str) -> None:
@@ -57,6 +65,12 @@ def serve(
     precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
     device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
+    preset: Annotated[
+        Preset,
+        typer.Option(
+            help="Stage 2: paper (as fitted) or fast (docs/speed.md); --steps and the rest override it."
+        ),
+    ] = "paper",
     steps: Annotated[
         int | None, typer.Option(help="Stage 2: schedule length (default: the fitted one).")
     ] = None,
@@ -106,9 +120,7 @@ def serve(
         precision=precision,
         device=device,
         threads=threads,
-        num_inference_steps=steps,
-        sampler=sampler,
-        guidance_stop=guidance_stop,
+        **_sampling(preset, steps, sampler, guidance_stop),
         verbose=verbose,
     )
     run_server(options)
@@ -139,6 +151,12 @@ def batch(
     device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per actor.")] = 1,
     retries: Annotated[int, typer.Option(help="Times a shard whose actor died is retried.")] = 3,
+    preset: Annotated[
+        Preset,
+        typer.Option(
+            help="Stage 2: paper (as fitted) or fast (docs/speed.md); --steps and the rest override it."
+        ),
+    ] = "paper",
     steps: Annotated[
         int | None, typer.Option(help="Stage 2: schedule length (default: the fitted one).")
     ] = None,
@@ -195,9 +213,7 @@ def batch(
         device=device,
         threads=threads,
         retries=retries,
-        num_inference_steps=steps,
-        sampler=sampler,
-        guidance_stop=guidance_stop,
+        **_sampling(preset, steps, sampler, guidance_stop),
         num_cpus=num_cpus,
         rows_per_call=rows_per_call,
         shard_timeout=shard_timeout,
