@@ -310,6 +310,20 @@ def test_the_command_exits_0_and_writes_every_file(tiny2, tmp_path):
         assert row["paper"] == {"pixcorr": row["pixcorr"], "ssim": row["ssim"]}, row["name"]
 
 
+def test_seed_replaces_every_settings_seed_but_a_named_one(tiny2, quality, tmp_path):
+    """--seed: the reference and the settings without a seed of their own draw other img2img noise (other images
+    than the fitted seed's); a setting that names its seed keeps it."""
+    from brainrecon.train.experiments.quality import quality_map
+
+    specs = [SPECS[0], ("own", {"num_inference_steps": FAST_STEPS, "seed": 0})]
+    result = quality_map(tiny2["model"], tiny2["prep"], tmp_path / "q", specs, n_images=4, progress=False, seed=7)
+    rows = _rows(result)
+    assert rows["paper"]["sampling"]["seed"] == 7 and rows["own"]["sampling"]["seed"] == 0
+    fitted_seed = _rows(quality[0])["paper"]["sampling"]["seed"]
+    assert fitted_seed != 7
+    assert rows["own"]["vs_reference"]["max_abs"] > 0  # seed 0 vs seed 7: other noise, other pixels
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

@@ -595,6 +595,10 @@ def eval_quality(
     precision: Annotated[Precision, typer.Option(help="Precision of the settings that name none.")] = "fp32",
     device: DeviceOption = "cpu",
     weights: WeightsOption = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="img2img seed of every setting, the paper's included (default: the fitted one)."),
+    ] = None,
 ) -> None:
     """The quality map: the torch-free runtime on the test set once per setting; seconds per image, UNet calls,
     PixCorr, SSIM, CLIP 2-way (ours), the difference from the paper setting's images, and which settings stay
@@ -621,6 +625,7 @@ def eval_quality(
         engine=engine,
         precision=precision,
         device=device,
+        seed=seed,
     )
     Console().print(quality_table(result), highlight=False, markup=False, soft_wrap=True)
 

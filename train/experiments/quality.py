@@ -271,11 +271,14 @@ def quality_map(
     precision: str = "fp32",
     device: str = "cpu",
     progress: bool = True,
+    seed: int | None = None,
 ) -> dict:
     """Run every setting of `specs` ((name, overrides), after the reference) on the first `n_images` test images
     (None: all) of an exported two-stage model folder → out/quality.{json,md,png} and the contact sheets. Every
     setting, the real-size times file and the samplings against the model folder are checked before any model
-    runs. The subject's CLIP and the metric networks run on the torch `device`."""
+    runs. The subject's CLIP and the metric networks run on the torch `device`. `seed` replaces the fitted img2img
+    seed of every setting, the reference's included (a setting that names its own keeps it): the same map at
+    another noise draw, to see which differences outlast the draw."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -287,6 +290,8 @@ def quality_map(
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     info = read_json(model_dir / STAGE2_SUMMARY, "stage-2 summary (recon-train subject)")
     fitted = config_from_dict(SamplingConfig, info["sampling"], str(model_dir / STAGE2_SUMMARY))
+    if seed is not None:
+        fitted = fitted.with_overrides(seed=seed)
     settings = resolve_settings(specs, fitted, engine, precision)
     times = read_real_size_times(real_size_times, settings) if real_size_times is not None else None
     # recon-prepare's test set, read here rather than by stage1/fit.py's load_prepared, whose imports (torch,
