@@ -316,7 +316,9 @@ def test_seed_replaces_every_settings_seed_but_a_named_one(tiny2, quality, tmp_p
     from brainrecon.train.experiments.quality import quality_map
 
     specs = [SPECS[0], ("own", {"num_inference_steps": FAST_STEPS, "seed": 0})]
-    result = quality_map(tiny2["model"], tiny2["prep"], tmp_path / "q", specs, n_images=4, progress=False, seed=7)
+    result = quality_map(
+        tiny2["model"], tiny2["prep"], tmp_path / "q", specs, n_images=4, progress=False, seed=7
+    )
     rows = _rows(result)
     assert rows["paper"]["sampling"]["seed"] == 7 and rows["own"]["sampling"]["seed"] == 0
     fitted_seed = _rows(quality[0])["paper"]["sampling"]["seed"]
