@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from brainrecon.errors import ConfigError, InputError
@@ -278,8 +279,8 @@ def test_read_settings_keeps_the_order_and_refuses_unknown_keys(tmp_path):
 # ---------------------------------------------------------------------------------------------------- the command
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    cmd = [Path(sys.executable).parent / "recon-eval", "quality", *map(str, args)]
+def _cli(*args, command: str = "quality") -> subprocess.CompletedProcess:
+    cmd = [Path(sys.executable).parent / "recon-eval", command, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
 
 
@@ -344,3 +345,37 @@ def test_the_command_refuses_a_bad_setting_in_one_line(tiny2, tmp_path, setting,
     assert proc.returncode == 1 and not (tmp_path / "q").exists()
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_across_seeds_averages_the_change_from_each_seeds_reference(tiny2, tmp_path, monkeypatch):
+    """recon-eval quality-seeds: the change of a setting is taken against the reference of the same seed and
+    averaged; a setting missing from one map is left out; a partial map or a repeated seed is refused."""
+    from brainrecon.train.experiments.quality import across_seeds, quality_map
+
+    specs = [SPECS[0], SPECS[2]]
+    runs = []
+    for seed in (3, 4):
+        quality_map(
+            tiny2["model"], tiny2["prep"], tmp_path / f"s{seed}", specs, n_images=4, progress=False, seed=seed
+        )
+        runs.append(tmp_path / f"s{seed}")
+    maps = [
+        {r["name"]: r for r in json.loads((run / "quality.json").read_text())["settings"]} for run in runs
+    ]
+    summary = across_seeds(runs)
+    assert summary["seeds"] == [3, 4] and [r["name"] for r in summary["settings"]] == ["paper", "short"]
+    short = summary["settings"][1]
+    for metric in ("pixcorr", "ssim", "clip_2way"):
+        change = [m["short"][metric] - m["paper"][metric] for m in maps]
+        assert short[f"{metric}_change"]["mean"] == pytest.approx(np.mean(change), abs=1e-4)
+        assert short[f"{metric}_change"]["sd"] == pytest.approx(np.std(change, ddof=1), abs=1e-4)
+    assert short["seeds_within"] == sum(m["short"]["within_bounds"] for m in maps)
+    proc = _cli(*runs, "--out", tmp_path / "seeds", command="quality-seeds")
+    assert proc.returncode == 0, proc.stderr
+    assert "| short |" in (tmp_path / "seeds" / "seeds.md").read_text()
+    with pytest.raises(InputError, match="distinct seeds"):
+        across_seeds([runs[0], runs[0]])
+    partial = json.loads((runs[1] / "quality.json").read_text()) | {"complete": False}
+    (runs[1] / "quality.json").write_text(json.dumps(partial))
+    with pytest.raises(InputError, match="a finished quality map"):
+        across_seeds(runs)

@@ -630,6 +630,28 @@ def eval_quality(
     Console().print(quality_table(result), highlight=False, markup=False, soft_wrap=True)
 
 
+@eval_app.command("quality-seeds")
+def eval_quality_seeds(
+    runs: Annotated[list[Path], typer.Argument(help="Quality-map folders of one model, one per --seed.")],
+    out: Annotated[Path, typer.Option(help="Results folder: seeds.json, seeds.md.")],
+) -> None:
+    """The quality maps of one model at several img2img seeds, summarised: per setting the mean ± SD over the seeds
+    of PixCorr, SSIM, CLIP 2-way and of their change from the same seed's reference; how many seeds stay within the
+    bounds, and whether the mean change does.
+
+    Example: recon-eval quality-seeds benchmarks/results/quality benchmarks/results/quality/seed1
+    benchmarks/results/quality/seed2 --out benchmarks/results/quality/seeds
+    """
+    from brainrecon.io import write_json, write_text
+    from brainrecon.train.experiments.quality import across_seeds, across_seeds_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = across_seeds(runs)
+    write_json(out / "seeds.json", summary)
+    write_text(out / "seeds.md", across_seeds_table(summary))
+    Console().print(across_seeds_table(summary), highlight=False, markup=False, soft_wrap=True)
+
+
 @eval_app.command("layers")
 def eval_layers(
     data: Annotated[Path, typer.Option(help="recon-prepare folder of the subject.")],

@@ -530,3 +530,77 @@ def plot_quality(result: dict, path: str | Path) -> None:
         fontsize=9,
     )
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- across seeds
+
+
+def across_seeds(runs: Sequence[str | Path]) -> dict:
+    """The quality maps of one model at several img2img seeds (`recon-eval quality --seed S` into one folder each)
+    → per setting run in all of them: the mean and sample SD over the seeds of each score and of its change from
+    the same seed's reference, how many seeds keep it within the bounds, and whether the mean change does. One
+    seed's ±0.01 CLIP 2-way is within the draw's own spread on 100 images; the mean over seeds is the evidence."""
+    results = [read_json(Path(r) / "quality.json", "quality map (recon-eval quality)") for r in runs]
+    if len(results) < 2:
+        raise InputError("quality-seeds runs", "at least 2 quality maps", str(len(results)))
+    seeds = [res["settings"][0]["sampling"]["seed"] for res in results]
+    if len(set(seeds)) != len(seeds):
+        raise InputError("quality-seeds runs", "maps at distinct seeds", f"seeds {seeds}")
+    for res, run in zip(results, runs, strict=True):
+        if not res["complete"]:
+            raise InputError(run, "a finished quality map", "a partial one (complete: false)")
+        if res["model_dir"] != results[0]["model_dir"] or res["n_test"] != results[0]["n_test"]:
+            raise InputError(
+                run,
+                f"a map of {results[0]['model_dir']} on {results[0]['n_test']} images",
+                f"{res['model_dir']} on {res['n_test']}",
+            )
+    by_name = [{r["name"]: r for r in res["settings"]} for res in results]
+    names = [n for n in by_name[0] if all(n in b for b in by_name)]
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"name": name, "sampling": _describe(by_name[0][name])}
+        for metric in BOUNDS:
+            scores = [b[name][metric] for b in by_name]
+            change = [b[name][metric] - b[REFERENCE][metric] for b in by_name]
+            row[metric] = {
+                "mean": round(float(np.mean(scores)), 4),
+                "sd": round(float(np.std(scores, ddof=1)), 4),
+            }
+            row[f"{metric}_change"] = {
+                "mean": round(float(np.mean(change)), 4),
+                "sd": round(float(np.std(change, ddof=1)), 4),
+            }
+        row["seeds_within"] = sum(b[name]["within_bounds"] for b in by_name)
+        row["mean_within"] = all(row[f"{m}_change"]["mean"] >= -BOUNDS[m] for m in BOUNDS)
+        row["real_size_seconds_per_image"] = by_name[0][name].get("real_size_seconds_per_image")
+        rows.append(row)
+    return {"runs": [str(r) for r in runs], "seeds": seeds, "n_test": results[0]["n_test"],
+            "model_dir": results[0]["model_dir"], "bounds": BOUNDS, "settings": rows}  # fmt: skip
+
+
+def across_seeds_table(summary: dict) -> str:
+    """The Markdown of seeds.md: one row per setting, means ± SD over the seeds."""
+    b = summary["bounds"]
+    lines = [
+        f"Quality map across img2img seeds {summary['seeds']}: {summary['n_test']} test images of "
+        f"{summary['model_dir']}. Change: the setting's score minus the reference's at the same seed, mean ± SD "
+        f"over the seeds. Within: CLIP 2-way at most {b['clip_2way']}, PixCorr and SSIM at most {b['pixcorr']} "
+        "below the reference (per seed: how many seeds; mean: the mean change). Real size: the first run's estimate "
+        "(when it was given a times file).",
+        "",
+        "| setting | sampling | PixCorr | SSIM | CLIP 2-way (ours) | Δ PixCorr | Δ SSIM | Δ CLIP 2-way | "
+        "seeds within | mean within | real-size s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["settings"]:
+        cells = [f"{r[m]['mean']:.3f} ± {r[m]['sd']:.3f}" for m in ("pixcorr", "ssim", "clip_2way")]
+        changes = [f"{r[m + '_change']['mean']:+.4f} ± {r[m + '_change']['sd']:.4f}" for m in ("pixcorr", "ssim", "clip_2way")]  # fmt: skip
+        within = "reference" if r["name"] == REFERENCE else "✓" if r["mean_within"] else "✗"
+        seconds = r["real_size_seconds_per_image"]
+        real = "–" if seconds is None else f"{seconds:.1f}"
+        lines.append(
+            f"| {r['name']} | {r['sampling']} | {' | '.join(cells)} | {' | '.join(changes)} | "
+            f"{r['seeds_within']}/{len(summary['seeds'])} | {within} | {real} |"
+        )
+    return "\n".join(lines) + "\n"
