@@ -255,7 +255,7 @@ def test_the_fast_preset_reaches_run_json_and_a_paper_rerun_is_refused(model, be
     assert _sampling("paper", None, None, None) == dict.fromkeys(
         ("num_inference_steps", "sampler", "guidance_stop")
     )
-    assert _sampling("fast", None, None, None) == dict(PRESETS["fast"])
+    assert _sampling("fast", None, None, None) == {"guidance_stop": None, **PRESETS["fast"]}
     assert _sampling("fast", 6, None, 0.5) == {
         **PRESETS["fast"],
         "num_inference_steps": 6,

@@ -447,7 +447,7 @@ def test_fast_preset_is_its_overrides_and_explicit_options_win(tiny2, rec, betas
 
     assert preset_overrides("paper") == {} and preset_overrides("paper", num_inference_steps=None) == {}
     assert preset_overrides("fast", num_inference_steps=6) == {**PRESETS["fast"], "num_inference_steps": 6}
-    assert PRESETS["fast"]["sampler"] == "dpmpp_2m" and PRESETS["fast"]["guidance_stop"] < 1
+    assert PRESETS["fast"]["sampler"] == "dpmpp_2m" and PRESETS["fast"]["num_inference_steps"] == 10
     out = tmp_path / "out"
     args = [str(tiny2["prep"] / "test_betas.npy"), "--model-dir", str(tiny2["model"]), "--out", str(out)]
     args += ["--trials", "0-3", "--threads", "1", "--preset", "fast"]

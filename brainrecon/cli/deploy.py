@@ -204,8 +204,8 @@ def infer(
     preset: Annotated[
         Preset,
         typer.Option(
-            help="Stage 2: paper (Brain-Diffuser's recipe, as fitted) or fast (DPM-Solver++ 2M, 10 steps, guidance "
-            "on the first 70%: docs/speed.md); the options below override it."
+            help="Stage 2: paper (Brain-Diffuser's recipe, as fitted) or fast (DPM-Solver++ 2M, 10 steps: "
+            "docs/speed.md); the options below override it."
         ),
     ] = "paper",
     sampler: Annotated[
