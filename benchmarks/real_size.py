@@ -608,7 +608,9 @@ def assemble_model_dir(work: Path, out: Path, seed: int = 0) -> Path:
         (save_npy if isinstance(content, np.ndarray) else write_json)(out / rel, content)
     artifacts = [describe_file(out, rel, "data") for rel in (*files, write_scheduler_json(out))]
     (out / layout.ONNX_DIR).mkdir(exist_ok=True)
-    for name, precision in ((n, p) for n in FOLDER_MODELS for p in PRECISIONS):
+    # fp16 files only where they were exported (--precisions fp32 keeps fp32 alone: the OpenVINO bf16 path reads fp32)
+    exported = [p for p in PRECISIONS if all(any((work / n).glob(f"*.{p}.onnx")) for n in FOLDER_MODELS)]
+    for name, precision in ((n, p) for n in FOLDER_MODELS for p in exported):
         staged = []
         for f in sorted((work / name).glob(f"*.{precision}.onnx*")) or [onnx_path(work, name, precision)]:
             (out / layout.ONNX_DIR / f.name).unlink(missing_ok=True)
