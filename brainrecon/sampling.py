@@ -113,6 +113,9 @@ class SamplingConfig:
     # Fraction of the denoising steps run with classifier-free guidance; the steps after it run the conditional pass
     # alone (half the UNet rows). 1.0, Brain-Diffuser's: guidance at every step.
     guidance_stop: float = 1.0
+    # DeepCache step reuse (train/stage2/deepcache.py): the whole UNet every cache_interval-th step (the first
+    # always), the steps between on its shallow branch around the last full step's deep feature. 1: every step full.
+    cache_interval: int = 1
 
     def __post_init__(self) -> None:
         if not (_is_int(self.num_inference_steps) and self.num_inference_steps >= 1):
@@ -137,6 +140,8 @@ class SamplingConfig:
             raise ConfigError(f"sampling: expected sampler one of {SAMPLERS}, found {self.sampler!r}")
         if not (_is_finite_real(self.guidance_stop) and 0.0 <= self.guidance_stop <= 1.0):
             raise ConfigError(f"sampling: expected guidance_stop in [0, 1], found {self.guidance_stop!r}")
+        if not (_is_int(self.cache_interval) and self.cache_interval >= 1):
+            raise ConfigError(f"sampling: expected cache_interval >= 1, found {self.cache_interval!r}")
 
     def guided_steps(self, steps: int) -> int:
         """How many of the `steps` denoising steps a run takes (int(num_inference_steps × strength)) use

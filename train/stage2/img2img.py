@@ -8,8 +8,9 @@ classifier-free guidance 7.5 against CLIP-text of "" and CLIP-vision of a black 
 
 The schedule follows diffusers' img2img pipelines (`get_timesteps`, `prepare_latents`) so the numpy runtime can be
 checked against this file step by step. Beyond the paper's recipe (`SamplingConfig` defaults: DDIM, guidance at
-every step), `config.sampler` "dpmpp_2m" runs diffusers' DPM-Solver++(2M) on the same noise schedule (`dpm_solver`)
-and `config.guidance_stop` < 1 runs the last steps on the conditional pass alone (`SamplingConfig.guided_steps`).
+every step), `config.sampler` "dpmpp_2m" runs diffusers' DPM-Solver++(2M) on the same noise schedule (`dpm_solver`),
+`config.guidance_stop` < 1 runs the last steps on the conditional pass alone (`SamplingConfig.guided_steps`), and
+`config.cache_interval` > 1 reuses the UNet's deep features between full steps (DeepCache, `deepcache.py`).
 Two deliberate differences from diffusers:
 - the init latents are the VAE posterior *mean*, not a sample, so encoding is deterministic and reproducible by a
   runtime that only exports the encoder;
@@ -34,6 +35,7 @@ from brainrecon.train.foundations.dual_unet import (
     dual_context,
     set_mix_ratio,
 )
+from brainrecon.train.stage2.deepcache import unet_step
 
 # DPM-Solver++(2M) as diffusers recommends it for guided sampling (multistep, data prediction, second order), its
 # final step to sigma 0; runtime/samplers.py implements exactly these settings in numpy.
@@ -164,6 +166,10 @@ def denoise(
     `torch.cat([uncond_ctx.expand(B), cond_ctx])` -> (2B, Nv + Nt, D); the UNet output is split in that order and
     `noise_pred = uncond + guidance_scale * (cond - uncond)`. Only the first `config.guided_steps(T)` of the T steps
     do; the rest run the conditional branch alone (B rows) and take its prediction.
+
+    `config.cache_interval` k > 1 (DeepCache, `deepcache.py`): the whole UNet on every k-th step, the first always,
+    its shallow branch on the others around the last full step's deep feature (2B rows while guided; the cond half
+    once guidance stops).
     """
     if config.sampler == "dpmpp_2m":
         scheduler = dpm_solver(scheduler)
@@ -180,14 +186,18 @@ def denoise(
     context = torch.cat([uncond_ctx.expand(batch, -1, -1), cond_ctx])  # (2B, Nv + Nt, D)
     guided = config.guided_steps(len(timesteps))
     step_options = {"eta": config.eta} if isinstance(scheduler, DDIMScheduler) else {}  # DPM-Solver++: no eta
+    feature = None  # DeepCache (cache_interval > 1): the last full step's deep feature, (2B or B, C_f, h, w)
     for i, t in enumerate(timesteps):
         if i < guided:
             latent_in = torch.cat([latents, latents])  # (2B, 4, h, w)
-            out = unet(latent_in, t, encoder_hidden_states=context).sample  # (2B, 4, h, w)
+            # (2B, 4, h, w)
+            out, feature = unet_step(unet, latent_in, t, context, i, config.cache_interval, feature)
             uncond_pred, cond_pred = out.chunk(2)  # each (B, 4, h, w)
             noise_pred = uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
         else:  # guidance stopped: the conditional branch alone
-            noise_pred = unet(latents, t, encoder_hidden_states=cond_ctx).sample  # (B, 4, h, w)
+            if i == guided and feature is not None:
+                feature = feature[batch:]  # the cond rows of the guided steps' feature
+            noise_pred, feature = unet_step(unet, latents, t, cond_ctx, i, config.cache_interval, feature)
         latents = scheduler.step(noise_pred, t, latents, **step_options).prev_sample
     return latents
 
