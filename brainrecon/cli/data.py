@@ -22,18 +22,34 @@ def sim(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing output folder, only if recon-sim wrote it.")
     ] = False,
+    timeseries: Annotated[
+        bool,
+        typer.Option(
+            help="Also write BOLD runs (TR 1.333 s) and design files in NSD's time-series layout; the betas then "
+            "come from a GLM on those runs."
+        ),
+    ] = False,
 ) -> None:
     """Simulate a subject: stimuli with captions, a voxel brain, int16 betas and the NSD design.
 
     Example: recon-sim --out data/sim-demo --preset demo --seed 0
+    Example: recon-sim --out data/sim-tiny-ts --preset tiny --timeseries
     """
     from brainrecon.data.sim import SimConfig, simulate_subject
+    from brainrecon.data.timeseries import TimeseriesConfig
     from brainrecon.io import SIMULATED_SUBJECT, atomic_dir
 
     if preset not in ("tiny", "demo"):
         raise typer.BadParameter(f"expected tiny or demo, found {preset!r}", param_hint="--preset")
     with atomic_dir(out, overwrite=overwrite, kind=SIMULATED_SUBJECT) as tmp:
-        summary = simulate_subject(tmp, SimConfig.preset(preset), seed=seed, subject=subject, progress=True)
+        summary = simulate_subject(
+            tmp,
+            SimConfig.preset(preset),
+            seed=seed,
+            subject=subject,
+            progress=True,
+            timeseries=TimeseriesConfig() if timeseries else None,
+        )
     print_summary(f"recon-sim {preset} -> {out}", summary)
 
 

@@ -11,6 +11,8 @@ reader, training and evaluation code runs on both. The brain model:
   ceiling SNR `ncsnr` spread like NSD's, plus per-session offsets and gain, stored as int16 = % change x 300.
 
 The ground truth (ncsnr, noise ceilings, voxel kinds, receptive fields) goes to `simulation_truth.json`.
+With a `TimeseriesConfig` (`recon-sim --timeseries`), the same brain is also observed as BOLD runs and the betas
+come from a GLM on them instead (`timeseries.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import nibabel as nib
@@ -33,6 +35,9 @@ from scipy.stats import rankdata
 from brainrecon.data import layout
 from brainrecon.data.scenes import SEMANTIC_NAMES, draw_scene, render_scene, scene_captions, scene_semantics
 from brainrecon.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from brainrecon.data.timeseries import TimeseriesConfig
 
 N_SUBJECTS = 8  # rows of NSD's subjectim
 REPEATS_TEST = 3  # every shared image is shown three times, as in NSD
@@ -535,18 +540,35 @@ def _truth(config: SimConfig, seed: int, subject: int, design: Design, brain: Br
     }
 
 
+def simulated_responses(config: SimConfig, seed: int, scratch: Path) -> np.ndarray:
+    """(N, V) standardised noiseless responses of a seed's brain to its images, the ones its betas are drawn
+    around (rendering the stimuli again, into `scratch`)."""
+    _, rng_brain, rng_scenes, rng_captions, *_ = np.random.default_rng(seed).spawn(6)
+    brain = make_brain(config, rng_brain)
+    return _write_stimuli(Path(scratch), config, brain, rng_scenes, rng_captions, lambda k: None)
+
+
 def simulate_subject(
-    out: Path, config: SimConfig, seed: int, subject: int = 1, progress: bool = False
+    out: Path,
+    config: SimConfig,
+    seed: int,
+    subject: int = 1,
+    progress: bool = False,
+    timeseries: TimeseriesConfig | None = None,
 ) -> dict:
     """Write a simulated subject into directory `out` in the NSD layout; deterministic for a seed.
 
-    Returns a summary: n_images, n_test_images, n_trials, n_sessions, n_voxels, grid, seconds.
+    With `timeseries`, also write BOLD runs and design files, and betas estimated from the runs by a GLM in place
+    of the direct ones; stimuli, design, mask and truth are the same as without.
+    Returns a summary: n_images, n_test_images, n_trials, n_sessions, n_voxels, grid, seconds (and n_runs).
     """
     if not 1 <= subject <= N_SUBJECTS:
         raise InputError("subject", f"an NSD subject number in 1..{N_SUBJECTS}", str(subject))
     start = time.perf_counter()
     out = Path(out)
-    rng_design, rng_brain, rng_scenes, rng_captions, rng_noise = np.random.default_rng(seed).spawn(5)
+    # A sixth stream for the time series leaves the first five, and so the default output, unchanged.
+    streams = np.random.default_rng(seed).spawn(6)
+    rng_design, rng_brain, rng_scenes, rng_captions, rng_noise, rng_timeseries = streams
     design = make_design(config, rng_design)
     brain = make_brain(config, rng_brain)
 
@@ -568,9 +590,16 @@ def simulate_subject(
         signal = _write_stimuli(
             out, config, brain, rng_scenes, rng_captions, bar.task("stimuli", config.n_images)
         )
-        _write_sessions(
-            out, config, subject, design, brain, signal, rng_noise, bar.task("sessions", config.n_sessions)
-        )
+        sessions = bar.task("sessions", config.n_sessions)
+        if timeseries is None:
+            _write_sessions(out, config, subject, design, brain, signal, rng_noise, sessions)
+        else:
+            from brainrecon.data.timeseries import write_timeseries
+
+            record = write_timeseries(
+                out, config, timeseries, subject, design, brain, signal, rng_timeseries, sessions
+            )
+            layout.sim_timeseries_path(out).write_text(json.dumps(record) + "\n")
     del signal
     layout.sim_truth_path(out).write_text(json.dumps(_truth(config, seed, subject, design, brain)) + "\n")
     return {
@@ -581,4 +610,5 @@ def simulate_subject(
         "n_voxels": int(brain.early.size),
         "grid": list(config.grid),
         "seconds": round(time.perf_counter() - start, 2),
+        **({"n_runs": len(record["runs"])} if timeseries is not None else {}),
     }
