@@ -219,15 +219,16 @@ def write_timeseries(
         ids = design.trial_images(subject)[(session - 1) * tps : session * tps]
         gain = 1 + rng.normal(0, sim_config.session_gain_sd)
         offset = rng.normal(0, sim_config.session_offset_sd, (n_roi, 1))
-        # The direct betas without their trial noise, percent signal change: (V_brain, trials)
-        amplitude = np.zeros((n_brain, tps))
-        amplitude[in_roi] = baseline + noise_psc * (gain * ncsnr * signal[ids].T + offset)
-        betas = np.zeros((n_brain, tps))
+        # The direct betas without their trial noise, percent signal change: (V_roi, trials); the other brain
+        # voxels do not respond.
+        amplitude = baseline + noise_psc * (gain * ncsnr * signal[ids].T + offset)
+        betas = np.zeros((n_brain, tps), dtype=np.float32)
         for run in (r for r in runs if r.session == session):
             x = design_matrix(run, config, kernel)
             n = len(x)
             trials = run.slot_trial[run.trial_slots]
-            bold = x[:, : len(trials)] @ amplitude[:, trials].T  # (volumes, V_brain) psc
+            bold = np.zeros((n, n_brain))  # (volumes, V_brain) percent signal change
+            bold[:, in_roi] = x[:, : len(trials)] @ amplitude[:, trials].T
             phase = np.pi * (np.arange(n)[:, None] + 0.5) / n
             drift = np.cos(phase * np.arange(1, config.drift_cosines + 1)) @ rng.standard_normal(
                 (config.drift_cosines, n_brain)
@@ -275,7 +276,9 @@ def write_timeseries(
         "tr_s": config.tr,
         "time_zero": "the start of the first volume's acquisition; volume k is at k x tr",
         "units": "volumes: int16 scanner intensity, zeros outside the brain (mask < 0); design rows: the 10k id "
-        "(1-based, as masterordering) of the trial starting at that volume, else 0; one row fewer than volumes",
+        "(1-based, as masterordering) of the trial starting at that volume, else 0; one row fewer than volumes; "
+        "trials: 0-based index into masterordering (betas_sessionNN volume = index mod trials per session); "
+        "trial_kernel: a trial's response (peak 1) at volumes 0, 1, ... after its onset",
         "hrf": "SPM canonical double gamma (gamma(6) - gamma(16)/6) convolved with the stimulus_s boxcar, peak 1",
         "trial_kernel": _round(kernel),
         "glm": f"OLS per run: a regressor per trial (trial_kernel at its onset) + Legendre polynomials "
