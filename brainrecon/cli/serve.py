@@ -1,6 +1,7 @@
-"""Serving commands: `recon-serve` (Triton through PyTriton) and `recon-batch` (Ray Data). Thin wiring; the logic
-lives in `brainrecon.serve`. Both need the serving environment (`make serve-env`, `.venv-serve/bin/...`): PyTriton
-pins numpy < 2. Exit codes: 0 ok, 1 failure (one-line error), 2 usage.
+"""Serving commands: `recon-serve` (Triton through PyTriton), `recon-batch` (Ray Data) and `recon-stream` (volumes
+as they arrive → images). Thin wiring; the logic lives in `brainrecon.serve`. recon-serve and recon-batch need the
+serving environment (`make serve-env`, `.venv-serve/bin/...`): PyTriton pins numpy < 2; recon-stream runs in either.
+Exit codes: 0 ok, 1 failure (one-line error), 2 usage.
 """
 
 from __future__ import annotations
@@ -17,12 +18,25 @@ from brainrecon.cli import print_summary, run_app
 from brainrecon.errors import BrainReconError
 
 
-def _sampling(preset: str, steps: int | None, sampler: str | None, guidance_stop: float | None) -> dict:
+def _sampling(
+    preset: str,
+    steps: int | None,
+    sampler: str | None,
+    guidance_stop: float | None,
+    cache_interval: int | None = None,
+) -> dict:
     """The stage-2 overrides of recon-serve and recon-batch: a preset, the explicit options on top."""
     from brainrecon.sampling import preset_overrides
 
-    found = preset_overrides(preset, num_inference_steps=steps, sampler=sampler, guidance_stop=guidance_stop)
-    return {key: found.get(key) for key in ("num_inference_steps", "sampler", "guidance_stop")}
+    found = preset_overrides(
+        preset,
+        num_inference_steps=steps,
+        sampler=sampler,
+        guidance_stop=guidance_stop,
+        cache_interval=cache_interval,
+    )
+    keys = ("num_inference_steps", "sampler", "guidance_stop", "cache_interval")
+    return {key: found.get(key) for key in keys}
 
 
 def _require(module: str, command: str) -> None:
@@ -85,6 +99,13 @@ def serve(
             "fitted one, 1.0)."
         ),
     ] = None,
+    cache_interval: Annotated[
+        int | None,
+        typer.Option(
+            help="Stage 2: DeepCache, the whole UNet every K-th step and its shallow branch between; 1 = off "
+            "(default: the fitted one, 1). K > 1 needs recon-export --deepcache."
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option(help="Triton's log on stderr, a line per model execution.")
     ] = False,
@@ -120,7 +141,7 @@ def serve(
         precision=precision,
         device=device,
         threads=threads,
-        **_sampling(preset, steps, sampler, guidance_stop),
+        **_sampling(preset, steps, sampler, guidance_stop, cache_interval),
         verbose=verbose,
     )
     run_server(options)
@@ -171,6 +192,13 @@ def batch(
             "fitted one, 1.0)."
         ),
     ] = None,
+    cache_interval: Annotated[
+        int | None,
+        typer.Option(
+            help="Stage 2: DeepCache, the whole UNet every K-th step and its shallow branch between; 1 = off "
+            "(default: the fitted one, 1). K > 1 needs recon-export --deepcache."
+        ),
+    ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")] = None,
     rows_per_call: Annotated[
         int, typer.Option(help="Trials per runtime call; their PNGs are written as soon as it returns.")
@@ -213,7 +241,7 @@ def batch(
         device=device,
         threads=threads,
         retries=retries,
-        **_sampling(preset, steps, sampler, guidance_stop),
+        **_sampling(preset, steps, sampler, guidance_stop, cache_interval),
         num_cpus=num_cpus,
         rows_per_call=rows_per_call,
         shard_timeout=shard_timeout,
@@ -241,5 +269,117 @@ def batch(
         )
 
 
+stream_app = typer.Typer(add_completion=False, help="Reconstruct each trial of a run as its volumes arrive.")
+
+
+@stream_app.command()
+def stream(
+    model_dir: Annotated[Path, typer.Option(help="Exported model folder (recon-export).")],
+    design: Annotated[Path, typer.Option(help="The run's design file: a row per volume, the 10k id or 0.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (a rerun with the same settings resumes it).")
+    ] = None,
+    replay: Annotated[
+        Path | None, typer.Option(help="A recorded 4-D run (.nii.gz), played volume by volume.")
+    ] = None,
+    watch: Annotated[
+        Path | None, typer.Option(help="A folder the scanner writes per-volume 3-D NIfTI files into.")
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="Per-voxel statistics from a --calibrate pass over an earlier run.")
+    ] = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option(help="Write the online betas' statistics over the --replay run to this .npz and stop."),
+    ] = None,
+    speed: Annotated[
+        float, typer.Option(help="Replay pace: 1 the run's TR, X times faster, 0 as fast as possible.")
+    ] = 1.0,
+    tr: Annotated[
+        float | None,
+        typer.Option(help="TR in seconds (default: the replayed run's header; required to watch)."),
+    ] = None,
+    first_number: Annotated[
+        int, typer.Option(help="Watch: the number in the first volume's file name (volume = number - this).")
+    ] = 0,
+    stage: Annotated[
+        int | None, typer.Option(help="1: stage-1 images only (default: 2 when fitted).")
+    ] = None,
+    preset: Annotated[
+        Preset, typer.Option(help="Stage 2: paper (as fitted) or fast (docs/speed.md).")
+    ] = "paper",
+    steps: Annotated[
+        int | None, typer.Option(help="Stage 2: schedule length (default: the preset's).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Trial t gets img2img seed SEED + t.")] = 0,
+    window_volumes: Annotated[
+        int, typer.Option(help="A trial is estimated once volume onset + this has arrived.")
+    ] = 7,
+    late_s: Annotated[float, typer.Option(help="Watch: seconds a gap waits before it is missing.")] = 2.0,
+    idle_s: Annotated[float, typer.Option(help="Watch: seconds without a new file that end the run.")] = 30.0,
+    max_volumes: Annotated[
+        int | None, typer.Option(help="Stop after this many volumes (rerun to resume).")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="ort, openvino or trt.")] = "ort",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
+    device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
+) -> None:
+    """Estimate each trial's beta online (LSS GLM) once its window has passed, normalise it with a calibration
+    run's statistics, and write stage1_TTTTT.png then final_TTTTT.png (TTTTT: the trial in the run), stream.jsonl
+    (one line per event, faults also on stderr) and summary.json (latency p50/p95). docs/real-time.md.
+
+    Examples:
+      recon-stream --replay run01.nii.gz --design run01.tsv --model-dir engines/subj01 --calibrate cal.npz
+      recon-stream --replay run02.nii.gz --design run02.tsv --model-dir engines/subj01 --calibration cal.npz --out out/run02
+      recon-stream --watch /scanner/export --tr 1.333 --design run03.tsv --model-dir engines/subj01 --calibration cal.npz --out out/run03
+    """
+    from brainrecon.runtime import RuntimeOptions
+    from brainrecon.serve.stream import StreamConfig, run_stream
+    from brainrecon.serve.stream import calibrate as run_calibration
+
+    config = StreamConfig(window_volumes=window_volumes, late_s=late_s, idle_s=idle_s)
+    if calibrate is not None:
+        if replay is None:
+            raise typer.BadParameter("--calibrate needs --replay RUN.nii.gz (a recorded run)")
+        found = run_calibration(replay, design, model_dir, calibrate, config, tr)
+        print_summary(f"recon-stream --calibrate -> {calibrate}", found)
+        return
+    if out is None:
+        raise typer.BadParameter("--out is required (unless --calibrate)")
+    options = RuntimeOptions(engine=engine, precision=precision, device=device, threads=threads)
+    summary = run_stream(
+        model_dir,
+        design,
+        out,
+        replay_path=replay,
+        watch_dir=watch,
+        calibration_path=calibration,
+        speed=speed,
+        stage=stage,
+        sampling_overrides=_sampling(preset, steps, None, None),
+        seed=seed,
+        tr=tr,
+        first_number=first_number,
+        max_volumes=max_volumes,
+        config=config,
+        options=options,
+    )
+    latency = summary["latency"]
+    print_summary(
+        f"recon-stream -> {out}",
+        {
+            "trials done now / before / in run": f"{summary['trials_done_now']} / "
+            f"{summary['trials_done_before']} / {summary['trials_in_run']}",
+            "failed trials": summary["trials_failed"] or "none",
+            "faults": summary["faults"] or "none",
+            "stage-1 latency p50 / p95 s": f"{latency['stage1']['p50_s']} / {latency['stage1']['p95_s']}",
+            "final latency p50 / p95 s": f"{latency['final']['p50_s']} / {latency['final']['p95_s']}",
+            "complete": summary["complete"],
+        },
+    )
+
+
 serve_main = run_app(serve_app)
 batch_main = run_app(batch_app)
+stream_main = run_app(stream_app)
