@@ -703,13 +703,14 @@ def run_stream(
                 "none",
             )
         calibration = Calibration.load(calibration_path, len(prep.mask_indices), config)
+    overrides = {k: v for k, v in (sampling_overrides or {}).items() if v is not None}
     settings = {
         "model_dir": str(Path(model_dir).resolve()),
         "design": str(Path(design_path).resolve()),
         "input": str(Path(replay_path or watch_dir).resolve()),
         "calibration": None if calibration_path is None else str(Path(calibration_path).resolve()),
         "stage": stage,
-        "sampling": sampling_overrides or {},
+        "sampling": overrides,
         "seed": seed,
         **config.glm_settings(),
     }
@@ -733,9 +734,7 @@ def run_stream(
         chosen = stage if stage is not None else rec.stage
         sampling = None
         if rec.stage == 2:
-            sampling = rec.sampling.with_overrides(
-                **{k: v for k, v in (sampling_overrides or {}).items() if v is not None}
-            )
+            sampling = rec.sampling.with_overrides(**overrides)
         log = EventLog(out / LOG)
         try:
             stream = Stream(rec, prep, design, tr, config, out, log, calibration, chosen, sampling, seed)
@@ -759,6 +758,8 @@ def run_stream(
                     if vol is not None:
                         stream.add(vol)
                     stream.give_up(time.time())
+                    if stream.frontier >= design.n_volumes:  # every volume in or given up
+                        break
             stopped = max_volumes is not None and int((stream.state != PENDING).sum()) < design.n_volumes
             if not stopped:  # the run ended: what never came is missing, the last trials are processed
                 stream.give_up(time.time(), everything=True)
