@@ -41,7 +41,7 @@ import numpy as np
 from brainrecon.errors import ConfigError, InputError, MissingFileError
 from brainrecon.images import png_name, save_png
 from brainrecon.io import atomic_path, read_json, save_npy, write_json
-from brainrecon.runtime.api import Reconstructor
+from brainrecon.runtime import Reconstructor
 from brainrecon.runtime.inputs import Preprocessing
 
 LOG = "stream.jsonl"

@@ -33,7 +33,8 @@ ALLOWED = {
     "brainrecon.runtime": set(),
     "brainrecon.train": {"brainrecon.runtime"},
     "brainrecon.export": {"brainrecon.train.*", "brainrecon.runtime.*"},
-    "brainrecon.serve": {"brainrecon.runtime", "brainrecon.export.triton"},
+    # runtime.inputs: recon-stream applies the model folder's recorded preprocessing (Preprocessing) to its betas
+    "brainrecon.serve": {"brainrecon.runtime", "brainrecon.runtime.inputs", "brainrecon.export.triton"},
     "brainrecon.benchmarks": {
         "brainrecon.train.*",
         "brainrecon.export.*",
