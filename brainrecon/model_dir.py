@@ -60,6 +60,9 @@ STAGE2_MODELS = ("clip_text", "clip_vision", "vae_encoder", "vae_decoder", "unet
 STAGE2_KV_MODELS = ("unet_context", "unet_kv")
 # The two forms of the UNet step: "kv" (the pair, preferred) and "plain" (the context in, `unet`)
 UNET_GRAPH_MODELS = {"kv": STAGE2_KV_MODELS, "plain": ("unet",)}
+# DeepCache step reuse (train/stage2/deepcache.py): the full step that also returns the deep feature, and the
+# shallow step that takes it; exported on request (recon-export --deepcache), used by runs with cache_interval > 1.
+STAGE2_DEEPCACHE_MODELS = ("unet_deep", "unet_shallow")
 
 ONNX_DIR = "onnx"
 ENGINE_DIR = "trt"

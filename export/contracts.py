@@ -25,10 +25,13 @@ Contracts:
               vae_decoder       latents (B, 4, h, w)            → images (B, 3, S, S)      (unclipped, ~[-1, 1])
               unet              sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, Nv + Nt, D)
                                                                 → noise_pred (B, 4, h, w)
+              unet_deep         unet's inputs                   → noise_pred, feature (B, C_f, h, w)   (DeepCache)
+              unet_shallow      unet's inputs, feature          → noise_pred                           (DeepCache)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -604,4 +607,59 @@ def unet_kv_contract(
             ("kv_layers", len(layers)),
             ("guidance_layout", "[uncond x B; cond x B]"),
         ),
+    )
+
+
+# ----------------------------------------------------------------------------------------- DeepCache
+#
+# DeepCache step reuse (train/stage2/deepcache.py; Ma et al., CVPR 2024): a full step runs the whole UNet and keeps
+# the hidden state entering its last up block (`feature`); the shallow steps after it run conv_in, the time
+# embedding, down_blocks[0], the last up block and the head around that feature. Same weights as `unet`, the mix
+# ratio baked in the same way, the plain context (K/V once is not needed: the shallow steps' cross-attention is in
+# two blocks only). Exported on request (recon-export --deepcache): the UNet weights twice more on disk.
+
+
+def unet_deep_contract(
+    latent_channels: int,
+    latent_size: int,
+    feature_channels: int,
+    vision_tokens: int,
+    text_tokens: int,
+    dim: int,
+    mix_ratio: float,
+    image_size: int,
+) -> ExportContract:
+    """A DeepCache full step: `unet`'s inputs → noise_pred (B, C, h, w), as `unet`'s, and feature (B, C_f, h, w),
+    the hidden state entering the last up block (deepcache.unet_with_feature).
+
+    Tolerances: `unet`'s for both outputs (the same function up to the extra output); on the tiny UNet measured fp32
+    max 1.6e-6, fp16 max 2.7e-3 and median 3.9e-4 (absolute; scale ~1-2)."""
+    unet = unet_contract(latent_channels, latent_size, vision_tokens, text_tokens, dim, mix_ratio, image_size)
+    feature = TensorSpec("feature", (BATCH, feature_channels, latent_size, latent_size))
+    return dataclasses.replace(unet, name="unet_deep", outputs=(*unet.outputs, feature))
+
+
+def unet_shallow_contract(
+    latent_channels: int,
+    latent_size: int,
+    feature_channels: int,
+    vision_tokens: int,
+    text_tokens: int,
+    dim: int,
+    mix_ratio: float,
+    image_size: int,
+) -> ExportContract:
+    """A DeepCache shallow step (deepcache.unet_shallow): `unet`'s inputs and feature (B, C_f, h, w), `unet_deep`'s
+    output of an earlier step for the same rows → noise_pred (B, C, h, w).
+
+    The feature is validated on features the torch UNet computed from the context pool (a "contexts" draw: rows
+    of a pool, export/stage2.py), so it has the scale it runs at. Tolerances: `unet`'s (a subset of its layers); on
+    the tiny UNet measured fp32 max 1.0e-6, fp16 max 2.0e-3 and median 2.9e-4 (absolute; scale ~1-2)."""
+    unet = unet_contract(latent_channels, latent_size, vision_tokens, text_tokens, dim, mix_ratio, image_size)
+    feature = TensorSpec("feature", (BATCH, feature_channels, latent_size, latent_size))
+    return dataclasses.replace(
+        unet,
+        name="unet_shallow",
+        inputs=(*unet.inputs, feature),
+        draws=(*unet.draws, ("feature", "contexts")),
     )

@@ -6,6 +6,8 @@
       unet                   dual-attention UNet  → unet                     (mix ratio baked in)
                                                   → unet_context, unet_kv   (K/V once: the contexts' cross-attention
                                                                              K/V, and the step that takes them)
+                                                  → unet_deep, unet_shallow (DeepCache: the full step with its deep
+                                                                             feature, the shallow step taking it)
       sampling               SamplingConfig        → stage2/scheduler.json    (diffusers DDIMScheduler tables)
 
 The wrappers reproduce `train/stage2/img2img.py` exactly on the graph side of the numpy boundary: `encode_images` after its
@@ -30,7 +32,9 @@ from brainrecon.export.contracts import (
     kv_names,
     unet_context_contract,
     unet_contract,
+    unet_deep_contract,
     unet_kv_contract,
+    unet_shallow_contract,
     vae_decoder_contract,
     vae_encoder_contract,
 )
@@ -42,6 +46,7 @@ from brainrecon.sampling import DDIM_SCHEDULER, SamplingConfig
 from brainrecon.train.foundations.dual_unet import set_mix_ratio
 from brainrecon.train.reference import Stage2Model
 from brainrecon.train.stage2.clip_ridge import ClipRidge
+from brainrecon.train.stage2.deepcache import feature_channels, unet_shallow, unet_with_feature
 from brainrecon.train.stage2.img2img import denoising_timesteps, vae_downsampling, vd_scheduler
 
 CONTEXT_POOL_SEED = 1234  # predicted contexts for validating the UNet (seeded, like every validation input)
@@ -115,6 +120,55 @@ class UNetKVGraph(torch.nn.Module):
             cross_attention_kwargs=kv_cross_attention_kwargs(list(kv)),
             return_dict=False,
         )[0]
+
+
+class UNetDeepGraph(torch.nn.Module):
+    """`UNetGraph`'s inputs → (noise_pred (B, C, h, w), feature (B, C_f, h, w)): a DeepCache full step
+    (train/stage2/deepcache.py unet_with_feature)."""
+
+    def __init__(self, unet: Any):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return unet_with_feature(self.unet, sample, timestep, encoder_hidden_states)
+
+
+class UNetShallowGraph(torch.nn.Module):
+    """`UNetGraph`'s inputs and feature (B, C_f, h, w) → noise_pred (B, C, h, w): a DeepCache shallow step
+    (deepcache.unet_shallow); the exporter drops what it does not reach (down_blocks[0]'s downsampler)."""
+
+    def __init__(self, unet: Any):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        feature: torch.Tensor,
+    ) -> torch.Tensor:
+        return unet_shallow(self.unet, sample, timestep, encoder_hidden_states, feature)
+
+
+def feature_pool(unet: Any, contexts: np.ndarray, seed: int = CONTEXT_POOL_SEED) -> np.ndarray:
+    """(N, C_f, h, w) float32: the deep features of the context pool's rows at seeded N(0, 1) latents and
+    timesteps, what `unet_shallow` is validated on (a feature at the scale it runs at)."""
+    rng = np.random.default_rng(seed)
+    size = int(unet.config.sample_size)
+    sample = rng.standard_normal((len(contexts), int(unet.config.in_channels), size, size))
+    timestep = rng.integers(1, DDIM_SCHEDULER["num_train_timesteps"], size=len(contexts))
+    with torch.no_grad():
+        _, feature = unet_with_feature(
+            unet,
+            torch.from_numpy(sample.astype(np.float32)),
+            torch.from_numpy(timestep.astype(np.float32)),
+            torch.from_numpy(contexts),
+        )
+    return feature.numpy().astype(np.float32)
 
 
 def unet_kv_shapes(unet: Any) -> tuple[tuple[int, int, int], ...]:
@@ -234,7 +288,29 @@ def stage2_sources(model: Stage2Model, names: list[str]) -> list[ExportSource]:
             else:
                 contract = unet_kv_contract(channels, latent_size, layers, sampling.mix_ratio, image_size)
                 sources.append(_torch_source(UNetKVGraph(unet), contract, kv_pool(unet, pool)))
-        else:  # pragma: no cover - contract_names only yields STAGE2_MODELS and STAGE2_KV_MODELS
+        elif name in ("unet_deep", "unet_shallow"):
+            set_mix_ratio(unet, sampling.mix_ratio)
+            args = (
+                channels,
+                latent_size,
+                feature_channels(unet),
+                dual.vision_tokens,
+                dual.text_tokens,
+                dual.cross_attention_dim,
+                sampling.mix_ratio,
+                image_size,
+            )
+            pool = context_pool(model)
+            if name == "unet_deep":
+                sources.append(
+                    _torch_source(
+                        UNetDeepGraph(unet), unet_deep_contract(*args), {"encoder_hidden_states": pool}
+                    )
+                )
+            else:
+                pools = {"encoder_hidden_states": pool, "feature": feature_pool(unet, pool)}
+                sources.append(_torch_source(UNetShallowGraph(unet), unet_shallow_contract(*args), pools))
+        else:  # pragma: no cover - contract_names only yields the stage-2 models of model_dir.py
             raise ConfigError(f"no stage-2 export source for {name!r}")
     return sources
 

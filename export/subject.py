@@ -1,6 +1,6 @@
 """Export one subject model folder: every model of a stage → validated ONNX (+ engines) + manifest, all or nothing.
 
-    export_model_dir(model_dir, stage="all", precision="both", unet_graph="both")
+    export_model_dir(model_dir, stage="all", precision="both", unet_graph="both", deepcache=False)
       sources         stage1.py (regressor, VDVAE decoder), stage2.py (CLIP ridges, VAE, UNet)
       stage           onnx_export.stage_contract per contract (export, fp16, check, validate)  → staging/onnx/
       scheduler       stage 2 only: diffusers' DDIM tables (stage2.py)                        → staging/stage2/
@@ -27,7 +27,9 @@ Stages: "stage1" = the stage-1 regressor + vdvae_decoder; "gru", "ridge", "vdvae
 clip_vision, vae_encoder, vae_decoder and the UNet graphs of `unet_graph` (needs model_dir/stage2/ from recon-train
 subject --stage clip); "all" = stage 1, plus stage 2 when model_dir/stage2/stage2.json exists. UNet graphs: "both"
 = the plain `unet` and the K/V-once pair `unet_context` + `unet_kv` (the UNet weights twice on disk), "kv" = the
-pair only (what the runtime and the Triton repository use when present), "plain" = `unet` only.
+pair only (what the runtime and the Triton repository use when present), "plain" = `unet` only. `deepcache` adds
+the DeepCache pair `unet_deep` + `unet_shallow` to stage 2 (runs with cache_interval > 1 need it; the UNet weights
+twice more on disk, so only on request).
 """
 
 from __future__ import annotations
@@ -65,21 +67,24 @@ def stage1_summary(model_dir: Path) -> dict[str, Any]:
     return read_json(model_dir / layout.STAGE1_SUMMARY, "stage-1 summary (run recon-train subject first)")
 
 
-def stage2_names(unet_graph: str) -> list[str]:
+def stage2_names(unet_graph: str, deepcache: bool = False) -> list[str]:
     """The stage-2 contracts: the CLIP ridges, the VAE, and the UNet graphs of `unet_graph` (EXPORT_UNET_GRAPHS:
-    "both" = the plain `unet`, then the K/V-once pair)."""
+    "both" = the plain `unet`, then the K/V-once pair), then with `deepcache` the DeepCache pair."""
     if unet_graph not in EXPORT_UNET_GRAPHS:
         raise ConfigError(f"export unet_graph: expected one of {EXPORT_UNET_GRAPHS}, found {unet_graph!r}")
     graphs = ("plain", "kv") if unet_graph == "both" else (unet_graph,)
     unets = [m for graph in graphs for m in layout.UNET_GRAPH_MODELS[graph]]
-    return [*(m for m in layout.STAGE2_MODELS if m != "unet"), *unets]
+    deep = layout.STAGE2_DEEPCACHE_MODELS if deepcache else ()
+    return [*(m for m in layout.STAGE2_MODELS if m != "unet"), *unets, *deep]
 
 
-def contract_names(model_dir: Path, stage: str, unet_graph: str = "both") -> list[str]:
+def contract_names(
+    model_dir: Path, stage: str, unet_graph: str = "both", deepcache: bool = False
+) -> list[str]:
     """Contracts exported for `stage` given what the model directory holds."""
     if stage not in EXPORT_STAGES:
         raise ConfigError(f"export stage: expected one of {EXPORT_STAGES}, found {stage!r}")
-    stage2 = stage2_names(unet_graph)
+    stage2 = stage2_names(unet_graph, deepcache)
     has_stage2 = (model_dir / layout.STAGE2_SUMMARY).is_file()
     if stage == "stage2":
         if not has_stage2:
@@ -109,7 +114,7 @@ def load_sources(model_dir: Path, names: list[str]) -> list[ExportSource]:
     stage 2 from `Stage2Model.load` (checks the VAE and UNet hashes), each loaded only when needed."""
     from brainrecon.export.stage1 import load_stage1_sources
 
-    stage2_names = (*layout.STAGE2_MODELS, *layout.STAGE2_KV_MODELS)
+    stage2_names = (*layout.STAGE2_MODELS, *layout.STAGE2_KV_MODELS, *layout.STAGE2_DEEPCACHE_MODELS)
     stage2 = [n for n in names if n in stage2_names]
     stage1 = [n for n in names if n not in stage2_names]
     sources: list[ExportSource] = []
@@ -252,20 +257,22 @@ def export_model_dir(
     engines: bool = True,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     unet_graph: str = "both",
+    deepcache: bool = False,
 ) -> dict[str, Any]:
     """Export the models of `stage` from `model_dir` to `model_dir/onnx/<name>.<precision>.onnx`, validate them
     (unless `validate=False`), build TensorRT engines when TensorRT and a GPU are present (else say why not), and
     record everything in `model_dir/manifest.json`; nothing is published unless all of it succeeded. Returns a
     JSON-able summary. `external_data_threshold` (bytes of weights) decides when weights go to `<file>.data`; lower
-    it to exercise that path on a small model. `unet_graph` (EXPORT_UNET_GRAPHS) picks the stage-2 UNet graphs;
-    entries of an earlier export that this one does not rewrite stay in the manifest (as for every model).
+    it to exercise that path on a small model. `unet_graph` (EXPORT_UNET_GRAPHS) picks the stage-2 UNet graphs,
+    `deepcache` adds the DeepCache pair (unet_deep, unet_shallow) to them; entries of an earlier export that this
+    one does not rewrite stay in the manifest (as for every model).
     """
     model_dir = Path(model_dir)
     t_start = time.perf_counter()
     precisions = _precisions(precision)
     if not model_dir.is_dir():
         raise MissingFileError(model_dir, "model directory", "run recon-train subject first")
-    names = contract_names(model_dir, stage, unet_graph)
+    names = contract_names(model_dir, stage, unet_graph, deepcache)
     with_stage2 = any(n in layout.STAGE2_MODELS for n in names)
     data_files = STAGE1_DATA_FILES + (STAGE2_DATA_FILES if with_stage2 else ())
     for rel in data_files:
@@ -323,6 +330,7 @@ def export_model_dir(
         "model_dir": str(model_dir),
         "stage": stage,
         "unet_graph": unet_graph,
+        "deepcache": deepcache,
         "exported": exported,
         "engines": engine_summary,
         "manifest": str(model_dir / layout.MANIFEST),

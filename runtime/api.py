@@ -167,6 +167,7 @@ class Reconstructor:
         self.folder.stage2.schedulers[sampling.sampler].timesteps(
             sampling.num_inference_steps, sampling.strength
         )
+        self.folder.stage2.check_cache_interval(sampling.cache_interval, self.model_dir)  # DeepCache's graphs
         return sampling
 
     def reconstruct(
@@ -204,7 +205,7 @@ class Reconstructor:
         """Release every session and engine (TensorRT device buffers and streams). Idempotent."""
         backends = [self.stage1.regressor, self.stage1.decoder]
         if isinstance(self.pipeline, Stage2Pipeline):
-            backends += [*self.pipeline.backends.values(), *self.pipeline.unet_workers]
+            backends += self.pipeline.loaded_backends()
         seen: set[int] = set()
         for backend in backends:
             if id(backend) not in seen and hasattr(backend, "close"):

@@ -39,6 +39,7 @@ OPTION_NAMES = {  # sampling field -> recon-infer option, for error messages
     "guidance_scale": "--guidance",
     "sampler": "--sampler",
     "guidance_stop": "--guidance-stop",
+    "cache_interval": "--cache-interval",
 }
 PROGRESS_LABELS = {
     "regressor": "stage 1 regressor",
@@ -107,8 +108,8 @@ def run_inference(
     """Reconstruct the selected trials of `betas_path` with the exported models of `model_dir` into `out`.
 
     `stage` None: 2 when stage 2 is fitted. `sampling` overrides fields of the fitted stage-2 sampling (seed,
-    num_inference_steps, strength, guidance_scale, sampler, guidance_stop; None values are ignored). Returns the
-    summary that is also written to `out/summary.json`.
+    num_inference_steps, strength, guidance_scale, sampler, guidance_stop, cache_interval; None values are
+    ignored). Returns the summary that is also written to `out/summary.json`.
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -222,6 +223,8 @@ def describe_run(
             **result.sampling.to_dict(),
             "timesteps": [int(t) for t in result.timesteps],
             "guided_steps": result.sampling.guided_steps(len(result.timesteps)),
+            # DeepCache: the steps that ran the whole UNet (all of them at cache_interval 1)
+            "full_steps": math.ceil(len(result.timesteps) / result.sampling.cache_interval),
         }
         summary["final_images"] = [png_name("final", t) for t in selected]
     return summary

@@ -9,7 +9,8 @@ model, the benchmarks and the report take from a folder besides the model files 
                                     the unconditional contexts of classifier-free guidance
       stage2/scheduler.json         → the numpy DDIM, checked against the diffusers tables recorded there, and
                                     DPM-Solver++ on the same noise schedule (runtime/samplers.py)
-      the manifest's UNet entries   which UNet graphs were exported ("kv" pair, "plain"), the one this run uses
+      the manifest's UNet entries   which UNet graphs were exported ("kv" pair, "plain"), the one this run uses;
+                                    whether the DeepCache pair (unet_deep, unet_shallow) was (cache_interval > 1)
       the graphs' constants         mix_ratio, vae_scale_factor baked in at export == stage2.json's, checked here once
 
 File names come from `brainrecon/model_dir.py`.
@@ -101,6 +102,18 @@ class Stage2Data:
     # role → exported model: clip_text, clip_vision, vae_encoder, vae_decoder; "unet" the step (unet_kv for "kv",
     # else the plain unet); "unet_context" the K/V of a context (for "kv" only)
     models: dict[str, str]
+    # the DeepCache pair unet_deep + unet_shallow exported at this precision (recon-export --deepcache)
+    deepcache: bool = False
+
+    def check_cache_interval(self, cache_interval: int, model_dir: Path) -> None:
+        """A run with `cache_interval` > 1 needs the DeepCache pair: else a one-line MissingFileError saying how
+        to export it, before any model runs."""
+        if cache_interval > 1 and not self.deepcache:
+            raise MissingFileError(
+                model_dir / MANIFEST_FILE,
+                f"unet_deep and unet_shallow entries (the DeepCache pair) for cache_interval {cache_interval}",
+                f"re-export with: recon-export --model-dir {model_dir} --stage stage2 --deepcache",
+            )
 
 
 @dataclass(frozen=True)
@@ -207,13 +220,14 @@ def _read_stage2(
     models = {m: m for m in layout.STAGE2_MODELS}
     if graph == "kv":
         models |= {"unet": "unet_kv", "unet_context": "unet_context"}
+    deepcache = all(manifest.find("onnx", m, precision) is not None for m in layout.STAGE2_DEEPCACHE_MODELS)
 
     verify_files(manifest, model_dir, (*layout.STAGE2_FILES, layout.SCHEDULER))
     path = model_dir / layout.STAGE2_SUMMARY
     summary = read_json(path, "stage-2 summary")
     sampling = config_from_dict(SamplingConfig, summary["sampling"], str(path))
     # what a graph has baked in must be what stage2.json says the model samples with
-    for name in models.values():
+    for name in (*models.values(), *(layout.STAGE2_DEEPCACHE_MODELS if deepcache else ())):
         onnx = manifest.find("onnx", name, precision)
         for key, value in ((onnx.io or {}).get("constants") or {}).items() if onnx else ():
             if key in BAKED_IN and not math.isclose(value, getattr(sampling, key), rel_tol=BAKED_IN_RTOL):
@@ -238,6 +252,7 @@ def _read_stage2(
         schedulers=schedulers(load_scheduler(model_dir, sampling)),
         unet_graph=graph,
         models=models,
+        deepcache=deepcache,
     )
 
 

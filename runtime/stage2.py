@@ -17,6 +17,10 @@ No torch, diffusers or transformers import, here or below (a test enforces it).
                           eps = eps_u + guidance_scale (eps_c − eps_u)
                       the rest (guidance_stop < 1): eps = unet(x, t, K/V of cond)     (b rows: the cond pass alone)
                       x = step(eps, t, x)      (DDIM, or the chunk's own DPM-Solver++ chain: samplers.chain)
+      DeepCache (sampling.cache_interval k > 1; train/stage2/deepcache.py): every k-th step, the first always,
+                      eps, feature = unet_deep(rows, t, contexts)           (the plain contexts, no K/V once)
+                      the others: eps = unet_shallow(rows, t, contexts, feature)   (the cond half of a guided
+                      step's feature once guidance stops)
       ──vae_decoder──► (N, 3, S, S) ≈ [−1, 1] ──((x + 1) · 127.5).round().clip(0, 255)──► uint8 (N, S, S, 3)
 
 Every image's noise and CLIP statistics are computed over the whole input set before any batching, so the result
@@ -94,13 +98,23 @@ def _shape(io: ModelIO, which: str, index: int = 0) -> tuple[int | str, ...]:
     return (io.inputs if which == "in" else io.outputs)[index][1]
 
 
+@dataclasses.dataclass(frozen=True)
+class DeepCachePair:
+    """One session pair of the DeepCache graphs (export/contracts.py): `deep` the full step that also returns the
+    feature, `shallow` the step that takes it."""
+
+    deep: Backend
+    shallow: Backend
+
+
 class Stage2Pipeline:
     """Stage 1 + stage 2 over exported models. Build with `open`; `run(checked)` → `Reconstruction`.
 
     `backends` maps each role (clip_text, clip_vision, vae_encoder, vae_decoder, unet, and unet_context for K/V
     once) to a Backend; "unet" is the UNet step, the exported `unet_kv` when "unet_context" is there too (K/V
-    once: the contexts' cross-attention K/V computed once, export/contracts.py), else the plain `unet`. Building
-    one runs no model."""
+    once: the contexts' cross-attention K/V computed once, export/contracts.py), else the plain `unet`. Runs with
+    sampling.cache_interval > 1 use the DeepCache pairs that `load_deepcache` opens (`deepcache_workers`) instead.
+    Building one runs no model."""
 
     def __init__(
         self,
@@ -108,9 +122,11 @@ class Stage2Pipeline:
         stage1: Stage1Pipeline,
         backends: dict[str, Backend],
         unet_workers: list[Backend] | None = None,
+        load_deepcache: Callable[[], list[DeepCachePair]] | None = None,
     ):
         assert folder.stage2 is not None
         data = folder.stage2
+        self.folder = folder
         self.stage1 = stage1
         self.backends = backends
         self.ios = {role: backend.io for role, backend in backends.items()}
@@ -177,23 +193,28 @@ class Stage2Pipeline:
                 )
         self._uncond_kv: dict[str, np.ndarray] | None = None
         self._uncond_kv_lock = threading.Lock()
+        # DeepCache session pairs (`deepcache_workers`), loaded at the first run with cache_interval > 1: a run
+        # without it never pays for their memory (the UNet's weights once more)
+        self._load_deepcache = load_deepcache
+        self._deepcache: list[DeepCachePair] = []
+        self._deepcache_lock = threading.Lock()
 
     @classmethod
     def open(cls, folder: ModelFolder, options: RuntimeOptions) -> Stage2Pipeline:
         """Load stage 1 and the stage-2 models of `folder` (each file hash-verified first) as `options` say. On the
         CPU the UNet runs as several sessions (`unet_session_count`), as many as `options.memory_budget_bytes`
-        allows (default: half the machine's memory)."""
+        allows (default: half the machine's memory). The DeepCache pairs, when the folder has them, are loaded at
+        the first run that asks for them (`deepcache_workers`)."""
         assert folder.stage2 is not None
         models = folder.stage2.models
         stage1 = Stage1Pipeline.open(folder, options)
         unet_sessions = 1
+        budget = options.memory_budget_bytes
+        budget = default_memory_budget() if budget is None else budget
+        unet_bytes = model_bytes(folder.manifest, models["unet"], folder.precision)
         if options.engine in ("ort", "openvino") and options.device == "cpu":
             unet_sessions = unet_session_count(
-                options.threads or len(os.sched_getaffinity(0)),
-                model_bytes(folder.manifest, models["unet"], folder.precision),
-                options.memory_budget_bytes
-                if options.memory_budget_bytes is not None
-                else default_memory_budget(),
+                options.threads or len(os.sched_getaffinity(0)), unet_bytes, budget
             )
         unet_options = dataclasses.replace(options, threads=1) if unet_sessions > 1 else options
         backends = {
@@ -202,15 +223,33 @@ class Stage2Pipeline:
         }
         unet = backends["unet"]
 
-        # the file is verified once (load_model above); the further sessions open the same verified file
-        def unet_worker() -> Backend:
+        # the file is verified once (load_model); the further sessions open the same verified file
+        def worker(first: Backend) -> Backend:
             if options.engine == "openvino":
                 from brainrecon.runtime.backends.openvino import OpenVinoBackend
 
-                return OpenVinoBackend(unet.path, unet.io, options.precision, 1)
-            return OrtBackend(unet.path, unet.io, options.device, options.allow_cpu_fallback, 1)
+                return OpenVinoBackend(first.path, first.io, options.precision, 1)
+            return OrtBackend(first.path, first.io, options.device, options.allow_cpu_fallback, 1)
 
-        return cls(folder, stage1, backends, [unet] + [unet_worker() for _ in range(unet_sessions - 1)])
+        load_deepcache = None
+        if folder.stage2.deepcache:
+
+            def load_deepcache() -> list[DeepCachePair]:
+                """As many pairs as the UNet sessions, within what the memory budget leaves beside them."""
+                weights = sum(
+                    model_bytes(folder.manifest, m, folder.precision) for m in layout.STAGE2_DEEPCACHE_MODELS
+                )
+                left = max(0, budget - SESSION_MEMORY_FACTOR * unet_sessions * unet_bytes)
+                pairs = unet_session_count(unet_sessions, weights, left) if unet_sessions > 1 else 1
+                first = DeepCachePair(
+                    *(load_model(folder, m, unet_options) for m in layout.STAGE2_DEEPCACHE_MODELS)
+                )
+                return [first] + [
+                    DeepCachePair(worker(first.deep), worker(first.shallow)) for _ in range(pairs - 1)
+                ]
+
+        unet_workers = [unet] + [worker(unet) for _ in range(unet_sessions - 1)]
+        return cls(folder, stage1, backends, unet_workers, load_deepcache)
 
     def batch_limits(self) -> dict[str, tuple[int, int]]:
         """Images per call allowed by each model's profile, [lo, hi]; the UNet sees twice the image batch."""
@@ -259,6 +298,27 @@ class Stage2Pipeline:
                 )
             return self._uncond_kv
 
+    def deepcache_workers(self) -> list[DeepCachePair]:
+        """The DeepCache session pairs, loaded (hash-verified) at the first call; a one-line MissingFileError
+        when the folder has no DeepCache graphs at this precision."""
+        with self._deepcache_lock:
+            if not self._deepcache:
+                if self._load_deepcache is None:
+                    # no pair in the folder (one line saying how to export it), or a pipeline built without `open`
+                    self.folder.stage2.check_cache_interval(2, self.folder.path)
+                    raise ConfigError(f"{self.folder.path}: expected a DeepCache loader, found none")
+                self._deepcache = self._load_deepcache()
+            return self._deepcache
+
+    def loaded_backends(self) -> list[Backend]:
+        """Every session this pipeline holds (for `Reconstructor.close`): stage 2's, its UNet workers, the
+        DeepCache pairs once loaded."""
+        return [
+            *self.backends.values(),
+            *self.unet_workers,
+            *(b for pair in self._deepcache for b in (pair.deep, pair.shallow)),
+        ]
+
     # ------------------------------------------------------------------------- run
 
     def run(self, checked: CheckedInputs, progress: Progress | None = None) -> Reconstruction:
@@ -270,6 +330,8 @@ class Stage2Pipeline:
         betas, batches, renorm = checked.betas, checked.batch_sizes, checked.renormalize
         sampling, seeds = checked.sampling, checked.seeds
         assert sampling is not None
+        # nothing runs for a cache_interval the folder cannot serve
+        self.folder.stage2.check_cache_interval(sampling.cache_interval, self.folder.path)
         n = len(betas)
         scheduler = self.schedulers[sampling.sampler]
         timesteps = scheduler.timesteps(sampling.num_inference_steps, sampling.strength)  # (T,) int64
@@ -310,19 +372,24 @@ class Stage2Pipeline:
         timings["total_s"] = time.perf_counter() - t_all
         timings["per_image_ms"] = 1000.0 * timings["total_s"] / n
 
+        used = dict(self.backends)
+        if sampling.cache_interval > 1:
+            pair = self.deepcache_workers()[0]
+            used |= {"unet_deep": pair.deep, "unet_shallow": pair.shallow}
+
         return Reconstruction(
             stage1_images=stage1.stage1_images,
             final_images=images,
             latents=latents,
             timings={**{k: round(v, 6) for k, v in timings.items()}, "stage1_split": stage1.timings},
-            providers={**stage1.providers, **{k: list(b.providers) for k, b in self.backends.items()}},
+            providers={**stage1.providers, **{k: list(b.providers) for k, b in used.items()}},
             sampling=sampling,
             timesteps=timesteps,
             renormalized=renorm,
             batch_sizes=batches,
             fallback={
                 **stage1.fallback,
-                **{k: fb for k, b in self.backends.items() if (fb := getattr(b, "fallback", None))},
+                **{k: fb for k, b in used.items() if (fb := getattr(b, "fallback", None))},
             },
         )
 
@@ -370,15 +437,17 @@ class Stage2Pipeline:
         """`train/stage2/img2img.py denoise`: noise to timesteps[0], then the sampler's steps with classifier-free
         guidance for the first `sampling.guided_steps(T)`.
 
-        Image chunks of at most `batch` are denoised independently, in parallel over `self.unet_workers`."""
+        Image chunks of at most `batch` are denoised independently, in parallel over `self.unet_workers` (the
+        DeepCache pairs for cache_interval > 1)."""
         if len(timesteps) == 0:  # strength 0: nothing is re-noised, the VAE round trip comes back
             return init_latents
         n = len(init_latents)
         latents = scheduler.add_noise(init_latents, noise, int(timesteps[0]))  # (N, 4, h, w)
-        chunk = min(batch, math.ceil(n / len(self.unet_workers)))  # every worker gets work when n allows
+        workers = self.deepcache_workers() if sampling.cache_interval > 1 else self.unet_workers
+        chunk = min(batch, math.ceil(n / len(workers)))  # every worker gets work when n allows
         parts = [slice(i, i + chunk) for i in range(0, n, chunk)]
-        free: queue.SimpleQueue[Backend] = queue.SimpleQueue()
-        for worker in self.unet_workers:
+        free: queue.SimpleQueue[Backend | DeepCachePair] = queue.SimpleQueue()
+        for worker in workers:
             free.put(worker)
         lock, calls, total = threading.Lock(), [0], len(parts) * len(timesteps)
 
@@ -397,14 +466,14 @@ class Stage2Pipeline:
             finally:
                 free.put(backend)
 
-        if len(self.unet_workers) == 1 or len(parts) == 1:
+        if len(workers) == 1 or len(parts) == 1:
             return np.concatenate([run(part) for part in parts])
-        with ThreadPoolExecutor(len(self.unet_workers)) as pool:  # ORT releases the GIL while it runs
+        with ThreadPoolExecutor(len(workers)) as pool:  # ORT releases the GIL while it runs
             return np.concatenate(list(pool.map(run, parts)))
 
     def _denoise_chunk(
         self,
-        backend: Backend,
+        worker: Backend | DeepCachePair,  # the UNet step's session, or a DeepCache pair (cache_interval > 1)
         x: np.ndarray,  # (b, 4, h, w) noised latents
         cond_context: np.ndarray,  # (b, Nv + Nt, D)
         sampling: SamplingConfig,
@@ -416,7 +485,8 @@ class Stage2Pipeline:
         guidance = np.float32(sampling.guidance_scale)
         guided = sampling.guided_steps(len(timesteps))  # the first `guided` steps run both passes
         step = chain(scheduler, sampling.num_inference_steps, sampling.strength)  # this chunk's own chain
-        if self.kv_once:
+        cached = isinstance(worker, DeepCachePair)
+        if self.kv_once and not cached:
             # K/V once: the unconditional K/V computed once for all runs, the chunk's contexts → K/V here
             uncond = self.uncond_kv() if guided else {}  # (1, ...) each
             cond = self.backends["unet_context"].run({"encoder_hidden_states": cond_context})  # (b, ...) each
@@ -428,6 +498,19 @@ class Stage2Pipeline:
             conditioning = {
                 name: np.concatenate([np.repeat(uncond[name], b, axis=0), kv]) for name, kv in cond.items()
             }
+        feature = None  # DeepCache: the last full step's, (2b or b, C_f, h, w)
+
+        def unet(step_index: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
+            nonlocal feature
+            if not cached:
+                return worker.run(inputs)["noise_pred"]
+            # deepcache.is_full_step: every cache_interval-th step, the first always
+            if step_index % sampling.cache_interval == 0:
+                out = worker.deep.run(inputs)
+                feature = out["feature"]
+                return out["noise_pred"]
+            return worker.shallow.run({**inputs, "feature": feature})["noise_pred"]
+
         for i, t in enumerate(timesteps):
             if i < guided:
                 inputs = {
@@ -435,12 +518,14 @@ class Stage2Pipeline:
                     "timestep": np.full((2 * b,), t, dtype=np.float32),  # (2b,)
                     **conditioning,
                 }
-                eps = backend.run(inputs)["noise_pred"]  # (2b, 4, h, w)
+                eps = unet(i, inputs)  # (2b, 4, h, w)
                 eps_uncond, eps_cond = eps[:b], eps[b:]
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             else:  # guidance stopped: the conditional pass alone, half the rows
+                if i == guided and feature is not None:
+                    feature = feature[b:]  # the cond rows of the guided steps' feature
                 inputs = {"sample": x, "timestep": np.full((b,), t, dtype=np.float32), **cond}
-                eps = backend.run(inputs)["noise_pred"]  # (b, 4, h, w)
+                eps = unet(i, inputs)  # (b, 4, h, w)
             x = step(eps, int(t), x)
             tick()
         return x

@@ -80,6 +80,7 @@ class BatchOptions:
     num_inference_steps: int | None = None  # stage 2: override the fitted schedule length
     sampler: Sampler | None = None  # stage 2: override the fitted sampler
     guidance_stop: float | None = None  # stage 2: override the fitted share of guided steps
+    cache_interval: int | None = None  # stage 2: DeepCache, a full UNet step every K-th (--deepcache export)
     num_cpus: int | None = None  # a local Ray instance's CPUs (default: all)
     rows_per_call: int = 4  # trials per runtime call; their PNGs are written as soon as the call returns
     shard_timeout: float | None = None  # seconds a shard may take before its actor is killed; None: no limit
@@ -108,13 +109,17 @@ class BatchOptions:
             raise InputError("--sampler", f"one of {SAMPLERS}", repr(self.sampler))
         if self.guidance_stop is not None and not 0.0 <= self.guidance_stop <= 1.0:  # NaN refused too
             raise InputError("--guidance-stop", "a share of the steps in [0, 1]", str(self.guidance_stop))
+        if self.cache_interval is not None and self.cache_interval < 1:
+            raise InputError("--cache-interval", "an integer >= 1", str(self.cache_interval))
 
     def sampling_overrides(self) -> dict[str, Any]:
-        """The stage-2 sampling fields these options set (--steps, --sampler, --guidance-stop), by name."""
+        """The stage-2 sampling fields these options set (--steps, --sampler, --guidance-stop, --cache-interval), by
+        name."""
         overrides = {
             "num_inference_steps": self.num_inference_steps,
             "sampler": self.sampler,
             "guidance_stop": self.guidance_stop,
+            "cache_interval": self.cache_interval,
         }
         return {k: v for k, v in overrides.items() if v is not None}
 
@@ -182,9 +187,9 @@ def image_settings(model_dir: Path, options: BatchOptions) -> dict[str, Any]:
         sampling = dict(read_json(model_dir / layout.STAGE2_SUMMARY, "stage-2 summary")["sampling"])
         sampling.pop("seed", None)  # unused: every trial has its own seed (seed_rule)
         sampling |= options.sampling_overrides()
-        # sampler and guidance_stop came after run.json's version 1: at their defaults (the only behaviour
-        # then) they are left out, so a record written before them still matches the same run
-        for key in ("sampler", "guidance_stop"):
+        # sampler, guidance_stop and cache_interval came after run.json's version 1: at their defaults (the only
+        # behaviour then) they are left out, so a record written before them still matches the same run
+        for key in ("sampler", "guidance_stop", "cache_interval"):
             if sampling.get(key) == SAMPLING_DEFAULTS[key]:
                 del sampling[key]
     return {

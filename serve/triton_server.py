@@ -83,6 +83,7 @@ class ServeOptions:
     num_inference_steps: int | None = None  # override the fitted schedule length (stage 2)
     sampler: Sampler | None = None  # override the fitted sampler (stage 2)
     guidance_stop: float | None = None  # override the fitted share of guided steps (stage 2)
+    cache_interval: int | None = None  # DeepCache: a full UNet step every K-th (stage 2, --deepcache export)
     verbose: bool = False  # Triton's log on stderr, one line per model execution
 
     def __post_init__(self) -> None:
@@ -103,6 +104,8 @@ class ServeOptions:
             raise InputError("--sampler", f"one of {SAMPLERS}", repr(self.sampler))
         if self.guidance_stop is not None and not 0.0 <= self.guidance_stop <= 1.0:  # NaN refused too
             raise InputError("--guidance-stop", "a share of the steps in [0, 1]", str(self.guidance_stop))
+        if self.cache_interval is not None and self.cache_interval < 1:
+            raise InputError("--cache-interval", "an integer >= 1", str(self.cache_interval))
         ports = [self.http_port, self.grpc_port, self.metrics_port]
         if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
             raise InputError("ports", "three distinct ports in 1..65535 (http, grpc, metrics)", str(ports))
@@ -129,6 +132,7 @@ def model_config(options: ServeOptions, fail_load: str = "") -> str:
         "steps": "" if options.num_inference_steps is None else str(options.num_inference_steps),
         "sampler": options.sampler or "",
         "guidance_stop": "" if options.guidance_stop is None else repr(options.guidance_stop),
+        "cache_interval": "" if options.cache_interval is None else str(options.cache_interval),
         "verbose": "1" if options.verbose else "0",
     }
     if fail_load:

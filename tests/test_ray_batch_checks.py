@@ -253,13 +253,18 @@ def test_the_fast_preset_reaches_run_json_and_a_paper_rerun_is_refused(model, be
     from brainrecon.sampling import PRESETS
 
     assert _sampling("paper", None, None, None) == dict.fromkeys(
-        ("num_inference_steps", "sampler", "guidance_stop")
+        ("num_inference_steps", "sampler", "guidance_stop", "cache_interval")
     )
-    assert _sampling("fast", None, None, None) == {"guidance_stop": None, **PRESETS["fast"]}
+    assert _sampling("fast", None, None, None) == {
+        "guidance_stop": None,
+        "cache_interval": None,
+        **PRESETS["fast"],
+    }
     assert _sampling("fast", 6, None, 0.5) == {
         **PRESETS["fast"],
         "num_inference_steps": 6,
         "guidance_stop": 0.5,
+        "cache_interval": None,
     }
     a = save(tmp_path / "a", "sess01.npy", betas)
     out = tmp_path / "out"

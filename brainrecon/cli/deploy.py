@@ -51,6 +51,14 @@ def export(
             "--format triton: the graph the repository serves (both: the pair when exported, else unet)."
         ),
     ] = "both",
+    deepcache: Annotated[
+        bool,
+        typer.Option(
+            "--deepcache",
+            help="Also export the DeepCache pair unet_deep + unet_shallow (stage 2), which recon-infer "
+            "--cache-interval K > 1 runs on: the UNet weights twice more on disk.",
+        ),
+    ] = False,
     validate: Annotated[
         bool, typer.Option("--validate/--no-validate", help="Compare ONNX Runtime with torch after export.")
     ] = True,
@@ -95,6 +103,7 @@ def export(
     Examples:
       recon-export --model-dir engines/subj01 --stage all --precision both
       recon-export --model-dir engines/subj01 --stage all --unet-graph kv
+      recon-export --model-dir engines/subj01 --stage stage2 --deepcache
       recon-export --model-dir engines/subj01 --verify
       recon-export --model-dir engines/subj01 --format triton --out triton-repo --precision fp16
     """
@@ -129,7 +138,13 @@ def export(
     from brainrecon.export.subject import export_model_dir
 
     summary = export_model_dir(
-        model_dir, stage=stage, precision=precision, validate=validate, engines=engines, unet_graph=unet_graph
+        model_dir,
+        stage=stage,
+        precision=precision,
+        validate=validate,
+        engines=engines,
+        unet_graph=unet_graph,
+        deepcache=deepcache,
     )
     rows = {
         f"{e['model']} {e['precision']}": f"{e['path']} ({e['bytes'] / 1e6:.1f} MB, {e['export_seconds']} s, "
@@ -223,6 +238,13 @@ def infer(
             "fitted, 1.0)."
         ),
     ] = None,
+    cache_interval: Annotated[
+        int | None,
+        typer.Option(
+            help="Stage 2: DeepCache step reuse, the whole UNet every K-th step (the first always) and its "
+            "shallow branch on the others; 1 = off (default: fitted, 1). K > 1 needs recon-export --deepcache."
+        ),
+    ] = None,
     stimuli: Annotated[
         Path | None, typer.Option(help="Ground-truth images .npy, one per betas row (test_images.npy).")
     ] = None,
@@ -256,6 +278,7 @@ def infer(
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --seed 3 --steps 25 --guidance 5
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --preset fast
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --sampler dpmpp_2m --steps 20 --guidance-stop 0.6
+      recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --cache-interval 3
       recon-infer betas_session01.nii.gz --model-dir engines/subj01 --out out/ --trials 0,5,10-20 --engine trt
       recon-infer data/subj01/test_betas.npy --model-dir engines/subj01 --out out/ --stage 1
     """
@@ -279,6 +302,7 @@ def infer(
         guidance_scale=guidance,
         sampler=sampler,
         guidance_stop=guidance_stop,
+        cache_interval=cache_interval,
     )
     with output_dir(out, RECON_INFER_OUTPUT, overwrite, inputs=(betas, model_dir, stimuli)):
         summary = run_inference(
@@ -310,6 +334,10 @@ def infer(
             f"{sampling['num_inference_steps']} steps (strength {sampling['strength']}), guidance "
             f"{sampling['guidance_scale']} on {sampling['guided_steps']} of them"
         )
+        if sampling["cache_interval"] > 1:
+            rows["sampling"] += (
+                f", DeepCache every {sampling['cache_interval']} ({sampling['full_steps']} full UNet steps)"
+            )
         rows |= {
             f"{name} s": round(timings[f"{name}_s"], 3)
             for name in ("stage1", "clip", "vae_encode", "unet", "vae_decode")

@@ -2,8 +2,8 @@
 
 recon-serve (serve/triton_server.py) writes this file as `brainrecon/1/model.py` of a private model repository, with
 a `config.pbtxt` whose parameters say what to open: `model_dir`, `engine`, `precision`, `device`, `threads`,
-`steps`, `sampler`, `guidance_stop` (the stage-2 sampling's overrides, "" for the fitted value), `verbose` ("1": one
-log line per execution). Each
+`steps`, `sampler`, `guidance_stop`, `cache_interval` (the stage-2 sampling's overrides, "" for the fitted value),
+`verbose` ("1": one log line per execution). Each
 instance (`instance_group` count) is its own stub process with its own loaded Reconstructor. The interface is the
 python_backend README's (triton-inference-server/python_backend: `TritonPythonModel.initialize / execute`).
 
@@ -46,6 +46,7 @@ class TritonPythonModel:
                 num_inference_steps=int(params["steps"]) if params["steps"] else None,
                 sampler=params.get("sampler") or None,
                 guidance_stop=float(params["guidance_stop"]) if params.get("guidance_stop") else None,
+                cache_interval=int(params["cache_interval"]) if params.get("cache_interval") else None,
             )
         self.verbose = params.get("verbose") == "1"
         self.executions = 0

@@ -36,6 +36,12 @@ def check_unet(unet: UNet2DConditionModel) -> None:
         )
 
 
+def feature_channels(unet: UNet2DConditionModel) -> int:
+    """C_f of the feature: the output channels of up_blocks[-2] (diffusers' up block i outputs
+    reversed(block_out_channels)[i]), at the latent side (its upsampler doubles back to it)."""
+    return int(unet.config.block_out_channels[1])
+
+
 def _embed(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
     """The time embedding `emb` every resnet takes, as `forward` computes it."""
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
