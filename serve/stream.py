@@ -18,8 +18,16 @@ images through the runtime API (torch-free: numpy, nibabel and the runtime).
 
 Everything happens in one thread, in volume order: a volume that arrives while a trial reconstructs waits, and
 the latency counts from its arrival, so the log shows the wait. Each event is one JSON line appended to
-`stream.jsonl` (one os.write per line on an O_APPEND file); PNGs and betas are written atomically; a rerun of the
-same command resumes: trials whose PNGs are all on disk are skipped.
+`stream.jsonl` (one os.write per line on an O_APPEND file); PNGs and betas (`beta_TTTTT.npy`, percent signal
+change) are written atomically; a rerun of the same command resumes: trials whose PNGs are all on disk are
+skipped (after a hard kill, the one trial in flight is done again, its stage-1 PNG rewritten identically).
+
+Faults, each one line in the log and on stderr, none fatal (watch mode, where volumes are numbered by name):
+duplicated (a volume number seen again: ignored); out of order (a number below the highest seen: placed in
+order); missing (a gap still open when a later volume has waited late_s, or at the run's end: given up); late (a
+volume given up, then arrived: used for trials not estimated yet, none redone); bad (wrong shape, NaN/Inf in the
+mask, unreadable: skipped like a missing one). A trial is estimated without its missing volumes, or marked failed
+(no images) when fewer than min_window_share of its window's volumes are present.
 """
 
 from __future__ import annotations
@@ -345,12 +353,14 @@ class Stream:
         out: Path | None,
         log: EventLog | None,
         calibration: Calibration | None = None,
-        stage: int = 2,
         sampling: Any = None,
         seed: int = 0,
     ):
         self.rec, self.prep, self.design, self.config = rec, prep, design, config
-        self.out, self.log, self.calibration, self.stage = out, log, calibration, stage
+        self.out, self.log, self.calibration = out, log, calibration
+        self.stage = (
+            rec.stage if rec is not None else 1
+        )  # the images it writes: stage 1, or stage 1 and final
         self.sampling, self.seed = sampling, seed
         self.kernel = hrf_kernel(tr)
         self.grid = prep.grid
@@ -526,7 +536,7 @@ class Stream:
         )
         assert self.out is not None
         save_npy(self.out / f"beta_{t:05d}.npy", psc)
-        two = self.rec.stage == 2 and self.stage == 2
+        two = self.stage == 2
         checked = self.rec.check(
             x, self.sampling if two else None, seeds=[self.seed + t] if two else None, renormalize=False
         )
@@ -644,7 +654,9 @@ def calibrate(
     for vol in replay(replay_path, tr, 0, None):
         stream.add(vol)
     stream.give_up(time.time(), everything=True)
-    betas = np.stack([stream.betas[t] for t in sorted(stream.betas)])
+    if len(stream.betas) < 2:
+        raise InputError(replay_path, "a calibration run with at least 2 trials", f"{len(stream.betas)}")
+    betas = np.stack([stream.betas[t] for t in sorted(stream.betas)])  # (trials, V)
     cal = Calibration.from_betas(betas, {**config.glm_settings(), "source": str(replay_path), "tr": tr})
     cal.save(out)
     return cal.settings
@@ -731,13 +743,12 @@ def run_stream(
         write_json(out / RUN, settings)
 
     with Reconstructor.open(model_dir, options, stage) as rec:
-        chosen = stage if stage is not None else rec.stage
         sampling = None
         if rec.stage == 2:
             sampling = rec.sampling.with_overrides(**overrides)
         log = EventLog(out / LOG)
         try:
-            stream = Stream(rec, prep, design, tr, config, out, log, calibration, chosen, sampling, seed)
+            stream = Stream(rec, prep, design, tr, config, out, log, calibration, sampling, seed)
             log(
                 "start",
                 resumed=resumed,
