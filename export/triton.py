@@ -42,11 +42,13 @@ from typing import Any
 from brainrecon import model_dir as layout
 from brainrecon.choices import (
     FILE_PRECISIONS,
+    PRESET_NAMES,
     REGRESSORS,
     TRITON_ENGINES,
     TRITON_VARIANTS,
     UNET_GRAPHS,
     FilePrecision,
+    Preset,
     TritonEngine,
     TritonVariant,
     UnetGraph,
@@ -83,12 +85,16 @@ class RepoOptions:
     max_queue_delay_us: int = BLS_QUEUE_DELAY_US  # the BLS model's dynamic batcher
     bls_max_batch: int = 8
     unet_graph: UnetGraph = "auto"  # auto: kv when exported, else plain (as the runtime's unet_graph)
+    preset: Preset = (
+        "paper"  # the BLS model's sampling: the fitted recipe, or brainrecon/sampling.py PRESETS's
+    )
 
     def __post_init__(self) -> None:
         check_choice("--variant", self.variant, TRITON_VARIANTS)
         check_choice("--engine", self.engine, TRITON_ENGINES)
         check_choice("--unet-graph", self.unet_graph, UNET_GRAPHS)
         check_choice("--precision", self.precision, FILE_PRECISIONS)
+        check_choice("--preset", self.preset, PRESET_NAMES)
         if self.variant == "cpu" and self.engine == "trt":
             raise InputError("--engine", "onnx for the cpu variant (TensorRT plans need a GPU)", "trt")
         for name in ("instances", "bls_instances", "bls_max_batch"):
@@ -306,6 +312,7 @@ def bls_parameters(
         "precision": options.precision,
         "models": ",".join(models),
         "unet_graph": unet_graph or "none",
+        "preset": options.preset,  # sampling.PRESETS over the fitted sampling (older repositories: paper)
     }
 
 

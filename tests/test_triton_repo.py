@@ -112,7 +112,7 @@ def repos(model, tmp_path_factory) -> dict[str, Path]:
     for args in (
         ("--out", str(out["gpu"])),
         ("--out", str(out["gpu16"]), "--precision", "fp16", "--instances", "2"),
-        ("--out", str(out["cpu"]), "--variant", "cpu"),
+        ("--out", str(out["cpu"]), "--variant", "cpu", "--preset", "fast"),  # the BLS model samples fast
         ("--out", str(out["plain"]), "--unet-graph", "plain"),
     ):
         run = recon_export("--model-dir", str(model), "--format", "triton", *args)
@@ -151,6 +151,7 @@ def test_configs_parse_with_triton_schema_and_match_the_artifacts(repos, model, 
         assert {o["name"]: o["dims"] for o in bls["output"]} == runtime_layout
         params = {key: p["stringValue"] for key, p in bls["parameters"].items()}
         assert params["unet_graph"] == graph and sorted(params["models"].split(",")) == models[1:]
+        assert params["preset"] == ("fast" if name == "cpu" else "paper")
         for model_name in models[1:]:
             config = configs[model_name]
             assert "dynamicBatching" in config
@@ -246,18 +247,21 @@ def test_cpu_variant_reconstructs_through_bls_in_a_real_tritonserver(
         assert status == 200
         assert {o["name"]: [str(d) for d in o["dims"]] for o in config["output"]} == runtime_layout
         betas = np.load(tiny_betas_file(tmp_path_factory))
-        status, body = infer(ports[0], betas[:2], [3, 4])  # two rows, fitted schedule (37 UNet steps)
+        status, body = infer(ports[0], betas[:2], [3, 4])  # two rows, the repository's fast preset (7 steps)
         assert status == 200, body
         served = images(body)
         # the same through the runtime API in this venv (ONNX Runtime sessions instead of Triton models)
         from brainrecon.runtime import Reconstructor, RuntimeOptions
+        from brainrecon.sampling import PRESETS
 
         with Reconstructor.open(model, RuntimeOptions(threads=1)) as rec:
             assert (
                 rec.pipeline.kv_once
             )  # recon-infer's default on this folder: the K/V pair, as the repository
-            direct = rec.reconstruct(betas[:2], seeds=[3, 4], renormalize=False)
+            fast = rec.sampling.with_overrides(**PRESETS["fast"])
+            direct = rec.reconstruct(betas[:2], fast, seeds=[3, 4], renormalize=False)
             steps = len(direct.timesteps)
+            assert steps < len(rec.reconstruct(betas[:1], seeds=[3], renormalize=False).timesteps)
         assert np.abs(served["final_image"].astype(int) - direct.images).max() <= 1
         assert np.abs(served["stage1_image"].astype(int) - direct.stage1_images).max() <= 1
 

@@ -91,6 +91,10 @@ def export(
     max_queue_delay_us: Annotated[
         int, typer.Option(help="--format triton: the brainrecon model's dynamic-batching queue delay.")
     ] = 5000,
+    preset: Annotated[
+        Preset,
+        typer.Option(help="--format triton: the brainrecon model's sampling, paper (as fitted) or fast."),
+    ] = "paper",
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -106,6 +110,7 @@ def export(
       recon-export --model-dir engines/subj01 --stage stage2 --deepcache
       recon-export --model-dir engines/subj01 --verify
       recon-export --model-dir engines/subj01 --format triton --out triton-repo --precision fp16
+      recon-export --model-dir engines/subj01 --format triton --out triton-repo --variant cpu --preset fast
     """
     if format == "triton":
         from brainrecon.export.triton import RepoOptions, write_triton_repository
@@ -120,6 +125,7 @@ def export(
             instances=instances,
             max_queue_delay_us=max_queue_delay_us,
             unet_graph="auto" if unet_graph == "both" else unet_graph,
+            preset=preset,
         )
         with output_dir(out, TRITON_REPOSITORY, overwrite, inputs=(model_dir,)):
             repo = write_triton_repository(model_dir, out, options, overwrite=overwrite)

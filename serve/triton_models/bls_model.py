@@ -38,6 +38,7 @@ from brainrecon.runtime import (
     Stage2Pipeline,
     read_model_folder,
 )
+from brainrecon.sampling import PRESETS
 from brainrecon.serve.triton_requests import check_requests, run_requests
 
 
@@ -93,9 +94,12 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"] / "model_dir"
         self.rec = open_reconstructor(folder, params["precision"], params["unet_graph"])
+        # the repository's preset over the fitted sampling (recon-export --preset; "paper" overrides nothing)
+        preset = PRESETS[params.get("preset", "paper")]
+        self.sampling = self.rec.sampling.with_overrides(**preset) if self.rec.stage == 2 else None
 
     def execute(self, requests):
-        return run_requests(pb_utils, self.rec, *check_requests(pb_utils, self.rec, requests))
+        return run_requests(pb_utils, self.rec, *check_requests(pb_utils, self.rec, requests, self.sampling))
 
     def finalize(self):
         self.rec = None
