@@ -345,6 +345,21 @@ def test_runtime_matches_the_torch_reference(reference, rec, betas, sampler, cac
     assert pixel_diff(result.images, plain.images).mean() > 0.05  # the shallow steps changed something
 
 
+def test_chunks_and_parallel_pairs_give_the_single_call_result(dc_model, rec, betas):
+    """Each image chunk keeps its own feature: batch splits and two session pairs in parallel (threads 2) give the
+    one-call result within the re-run tolerance of tests/test_runtime_stage2.py (1e-5 on latents)."""
+    sampling = dataclasses.replace(
+        rec.sampling, num_inference_steps=FAST_STEPS, guidance_stop=0.6, cache_interval=2
+    )
+    whole = rec.reconstruct(betas, sampling)
+    split = rec.reconstruct(betas, sampling, batch_size=3)
+    np.testing.assert_allclose(split.latents, whole.latents, rtol=0, atol=1e-5)
+    with Reconstructor.open(dc_model, RuntimeOptions(threads=2)) as two:
+        parallel = two.reconstruct(betas, sampling)
+        assert len(two.pipeline.deepcache_workers()) == 2
+    np.testing.assert_allclose(parallel.latents, whole.latents, rtol=0, atol=1e-5)
+
+
 def test_a_folder_without_the_pair_refuses_before_running(tiny2, betas):
     """cache_interval > 1 on a folder exported without --deepcache: a one-line MissingFileError naming the re-export,
     from `check`, before any model runs; cache_interval 1 runs as ever."""
