@@ -171,6 +171,20 @@ def test_resume_after_stop(subject: dict[str, Path], tmp_path: Path) -> None:
         )  # fmt: skip
 
 
+def test_replay_paces_volumes(subject: dict[str, Path], tmp_path: Path) -> None:
+    """--speed 20: volume k is due at start + k x TR / 20 and is not handed out before."""
+    run = _run(subject)
+    run_stream(
+        subject["model"], run["design_path"], tmp_path / "out", replay_path=run["replay_path"],
+        calibration_path=subject["calibration"], speed=20, stage=1, max_volumes=12,
+    )  # fmt: skip
+    volumes = [e for e in _events(tmp_path / "out") if e["event"] == "volume"]
+    assert [e["volume"] for e in volumes] == list(range(12))
+    due = np.array([e["arrived"] for e in volumes])
+    np.testing.assert_allclose(np.diff(due), 4 / 3 / 20, atol=1e-5)
+    assert all(e["time"] >= e["arrived"] for e in volumes)
+
+
 def _save(folder: Path, name: str, volume: np.ndarray, affine: np.ndarray) -> None:
     """As an exporter that writes a temporary name, then renames."""
     tmp = folder / f".{name}"
@@ -203,7 +217,7 @@ def test_watch_faults(subject: dict[str, Path], tmp_path: Path) -> None:
     data = np.asarray(img.dataobj)  # (X, Y, Z, 181) int16
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
-    config = StreamConfig(late_s=1.0, idle_s=5.0)
+    config = StreamConfig(late_s=2.0, idle_s=6.0)  # late_s: room for 20 to follow 21 on a loaded machine
     summary: dict = {}
 
     def stream() -> None:
