@@ -41,6 +41,7 @@ ROW_FIELDS = {
     "guided_steps",
     "unguided_steps",
     "unet_rows_per_image",
+    "step_kinds",
     "unet_calls",
     "unet_rows",
     "batch_sizes",
@@ -171,14 +172,42 @@ def test_within_bounds_is_a_drop_of_at_most_the_bound():
 
 
 def test_the_real_size_estimate_is_calls_times_per_call_seconds(quality):
-    from brainrecon.train.experiments.quality import real_size_seconds
+    from brainrecon.train.experiments.quality import real_size_seconds, step_kinds
 
     others = TIMES["vae_encode_s"] + TIMES["vae_decode_s"]["ort fp32"] + TIMES["stage1_s"]
     for row in quality[0]["settings"]:
         expected = row["guided_steps"] * 0.875 + row["unguided_steps"] * 0.5 + others
         assert row["real_size_seconds_per_image"] == round(expected, 3), row["name"]
-    assert real_size_seconds(TIMES, "ort fp32", 37, 0) == 37 * 0.875 + 3.75
-    assert real_size_seconds(TIMES, "ort fp32", 10, 5) == 10 * 0.875 + 5 * 0.5 + 3.75
+    guided_only, stopped = step_kinds(37, 37), step_kinds(15, 10)
+    assert real_size_seconds(TIMES, "ort fp32", guided_only) == 37 * 0.875 + 3.75
+    assert real_size_seconds(TIMES, "ort fp32", stopped) == 10 * 0.875 + 5 * 0.5 + 3.75
+
+
+def test_deepcache_steps_are_timed_at_the_shallow_graphs_seconds(tmp_path):
+    from brainrecon.train.experiments.quality import real_size_seconds, step_kinds
+
+    """Every cache_interval-th step (the first included) is full, the others shallow, guided or not; the estimate
+    prices them at unet_rows_s and unet_shallow_rows_s; a DeepCache setting needs the shallow times."""
+    from brainrecon.sampling import SamplingConfig
+    from brainrecon.train.experiments.quality import read_real_size_times, resolve_settings
+
+    kinds = step_kinds(6, 3, 2)  # steps 0 1 2 guided, 3 4 5 not; 0 2 4 full
+    assert kinds == {"guided_full": 2, "guided_shallow": 1, "unguided_full": 1, "unguided_shallow": 2}
+    assert step_kinds(6, 3) == {
+        "guided_full": 3,
+        "guided_shallow": 0,
+        "unguided_full": 3,
+        "unguided_shallow": 0,
+    }
+    times = TIMES | {"unet_shallow_rows_s": {"ort fp32": {"1": 0.125, "2": 0.25}}}
+    assert real_size_seconds(times, "ort fp32", kinds) == 2 * 0.875 + 0.25 + 0.5 + 2 * 0.125 + 3.75
+    settings = resolve_settings([("cache", {"cache_interval": 2})], SamplingConfig())
+    path = tmp_path / "times.json"
+    path.write_text(json.dumps(TIMES))
+    with pytest.raises(InputError, match=r'unet_shallow_rows_s\["ort fp32"\] \(setting .cache., DeepCache\)'):
+        read_real_size_times(path, settings)
+    path.write_text(json.dumps(times))
+    assert read_real_size_times(path, settings)["unet_shallow_rows_s"] == times["unet_shallow_rows_s"]
 
 
 def test_the_files_are_written(quality):

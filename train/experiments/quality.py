@@ -196,18 +196,44 @@ def read_real_size_times(path: str | Path, settings: Sequence[Setting]) -> dict:
             raise InputError(path, f'unet_rows_s["{key}"] (setting {setting.name!r})', "none")
         for n in ("1", "2"):
             check_seconds(rows.get(n), f'unet_rows_s["{key}"]["{n}"]')
+        if setting.sampling.cache_interval > 1:  # DeepCache's shallow steps have their own time
+            shallow = times.get("unet_shallow_rows_s", {}).get(key)
+            if not isinstance(shallow, dict):
+                raise InputError(
+                    path, f'unet_shallow_rows_s["{key}"] (setting {setting.name!r}, DeepCache)', "none"
+                )
+            for n in ("1", "2"):
+                check_seconds(shallow.get(n), f'unet_shallow_rows_s["{key}"]["{n}"]')
         for call in REAL_SIZE_CALLS:
             value = times.get(call)
             check_seconds(value.get(key) if isinstance(value, dict) else value, f"{call} ({key})")
     return times
 
 
-def real_size_seconds(times: Mapping[str, Any], key: str, guided: int, unguided: int) -> float:
-    """Estimated real-size seconds per image: `guided` 2-row and `unguided` 1-row UNet calls + one VAE encoder, one
-    VAE decoder and one stage-1 call, at the per-call times of `times` for engine and precision `key`."""
-    rows = times["unet_rows_s"][key]
+def step_kinds(steps: int, guided: int, cache_interval: int = 1) -> dict[str, int]:
+    """UNet calls per image by kind: {"guided"|"unguided"} x {"full"|"shallow"}: the first `guided` steps run 2 rows,
+    the rest 1; with DeepCache every `cache_interval`-th step (the first included) is full, the others shallow
+    (runtime/stage2.py's rule)."""
+    kinds = dict.fromkeys(("guided_full", "guided_shallow", "unguided_full", "unguided_shallow"), 0)
+    for i in range(steps):
+        kinds[
+            f"{'guided' if i < guided else 'unguided'}_{'full' if i % cache_interval == 0 else 'shallow'}"
+        ] += 1
+    return kinds
+
+
+def real_size_seconds(times: Mapping[str, Any], key: str, kinds: Mapping[str, int]) -> float:
+    """Estimated real-size seconds per image: the UNet calls of `kinds` (step_kinds: 2-row guided, 1-row unguided;
+    full steps at `unet_rows_s`, DeepCache's shallow ones at `unet_shallow_rows_s`) + one VAE encoder, one VAE
+    decoder and one stage-1 call, at the per-call times of `times` for engine and precision `key`."""
+    full, shallow = times["unet_rows_s"][key], times.get("unet_shallow_rows_s", {}).get(key, {})
+    unet = kinds["guided_full"] * float(full["2"]) + kinds["unguided_full"] * float(full["1"])
+    if kinds["guided_shallow"] or kinds["unguided_shallow"]:
+        unet += kinds["guided_shallow"] * float(shallow["2"]) + kinds["unguided_shallow"] * float(
+            shallow["1"]
+        )
     others = (times[c][key] if isinstance(times[c], dict) else times[c] for c in REAL_SIZE_CALLS)
-    return guided * float(rows["2"]) + unguided * float(rows["1"]) + sum(float(s) for s in others)
+    return unet + sum(float(s) for s in others)
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -374,6 +400,7 @@ def quality_map(
                 "guided_steps": guided,
                 "unguided_steps": steps - guided,
                 "unet_rows_per_image": 2 * guided + (steps - guided),
+                "step_kinds": step_kinds(steps, guided, setting.sampling.cache_interval),
                 "unet_calls": calls.get("unet", 0),
                 "unet_rows": n * (2 * guided + (steps - guided)),
                 "batch_sizes": recon.batch_sizes,
@@ -390,9 +417,8 @@ def quality_map(
                 row["paper"] = {m: round(v, 4) for m, v in values.items() if v is not None}
             row |= within_bounds(row, rows[0] if rows else row)
             if times is not None:
-                row["real_size_seconds_per_image"] = round(
-                    real_size_seconds(times, setting.engine_key, guided, steps - guided), 3
-                )
+                seconds = real_size_seconds(times, setting.engine_key, row["step_kinds"])
+                row["real_size_seconds_per_image"] = round(seconds, 3)
             rows.append(row)
             bar.update(task, description=f"{setting.name}: done ({row['seconds_per_image']:.3f} s/image)")
             result = {
@@ -437,6 +463,7 @@ def _write(out: Path, result: dict, gt: np.ndarray, outputs: Mapping[str, np.nda
 def _describe(row: Mapping[str, Any]) -> str:
     s, o = row["sampling"], row["options"]
     stop = f", guidance stop {s['guidance_stop']:g}" if s["guidance_stop"] < 1 else ""
+    stop += f", DeepCache every {s['cache_interval']}" if s.get("cache_interval", 1) > 1 else ""
     return (
         f"{s['sampler']} {s['num_inference_steps']} x {s['strength']:g}, guidance {s['guidance_scale']:g}{stop}, "
         f"{o['engine']} {o['precision']}"
