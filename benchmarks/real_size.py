@@ -7,6 +7,8 @@ Runtime backend and timed on the CPU.
     python benchmarks/real_size.py --model-dir engines/real-size-model   # a recon-infer folder of --keep's files
     python benchmarks/real_size.py --curve 1,2,4 --pipelines torch,torch_bf16,ort_fp32,openvino_bf16 --repeats 2
     python benchmarks/real_size.py --kv-step                     # → results/real_size_unet_kv_step.json
+    python benchmarks/real_size.py --curve 1,2 --pipelines torch,openvino_bf16,openvino_int8,openvino_w8 \
+        --out benchmarks/results/real_size_unet_int8.json         # NNCF INT8 of the kept UNet (INT8_PIPELINES)
 
 Latency and memory do not depend on the weights' values, so random weights measure what real ones would cost; they
 are made as distinct as real ones (no zero or constant tensors, the dual UNet's text blocks differ from its image
@@ -55,6 +57,12 @@ MODELS = ("gru", "ridge_k15", "vdvae_decoder_k15", "vdvae_decoder_k31", "clip_te
 MODELS += ("vae_encoder", "vae_decoder", "unet", "ridge_k31")
 STEPS = ("export", "load")
 PIPELINES = ("torch", "torch_bf16", "torch_compile_bf16", "ort_fp32", "openvino_bf16")
+# Named only when asked (--pipelines torch,openvino_int8): NNCF INT8 of the kept fp32 file, made at the first call and
+# kept beside it (train/experiments/int8.py quantize_onnx), run by OpenVINO with the f32 hint for what stays fp32.
+# int8 calibrates on INT8_CALIBRATION_CALLS of the contract's sample inputs (random draws: a speed figure, not a
+# quality one; the demo's quality is recon-eval int8's); w8 is weight-only INT8 (no calibration).
+INT8_PIPELINES = ("openvino_int8", "openvino_w8")
+INT8_CALIBRATION_CALLS = 8
 # The image models and the UNet are validated at batch 1 and at the CFG pair (batch 2) only: a batch-5 torch
 # reference of the real-size UNet takes minutes on 2 cores and adds no coverage of the dynamic batch axis.
 VALIDATE_BATCHES = {"vae_encoder": (1, 2), "vae_decoder": (1, 2), "unet": (1, 2), "unet_kv": (1, 2)}
@@ -343,7 +351,34 @@ def runner(name: str, pipeline: str, work: Path, threads: int | None) -> Any:
 
         backend = OpenVinoBackend(onnx_path(work, name, "fp32"), precision="bf16", threads=threads)
     else:
-        raise SystemExit(f"error: pipeline: expected one of {', '.join(PIPELINES)}, found {pipeline!r}")
+        return int8_runner(name, pipeline, work, threads)
+    return lambda x: next(iter(backend.run(x).values()))
+
+
+def int8_runner(name: str, pipeline: str, work: Path, threads: int | None) -> Any:
+    """An INT8_PIPELINES runner: the IR beside the kept fp32 file (quantized here at the first call), on OpenVINO."""
+    from brainrecon.runtime.backends.openvino import OpenVinoBackend
+
+    if pipeline not in INT8_PIPELINES:
+        raise SystemExit(
+            f"error: pipeline: expected one of {', '.join(PIPELINES + INT8_PIPELINES)}, found {pipeline!r}"
+        )
+    fp32 = onnx_path(work, name, "fp32")
+    ir = fp32.with_name(f"{name}.{pipeline.removeprefix('openvino_')}.xml")
+    if not ir.is_file():
+        from brainrecon.train.experiments.int8 import quantize_onnx
+
+        c = contract(name)
+        items = [
+            c.sample_input(2, c.input_kinds[-1], seed=i, pools=pools(name))
+            for i in range(INT8_CALIBRATION_CALLS)
+        ]
+        t0 = time.perf_counter()
+        quantize_onnx(fp32, None if pipeline == "openvino_w8" else items, ir)
+        print(
+            f"{pipeline}: quantized in {time.perf_counter() - t0:.0f} s -> {ir}", file=sys.stderr, flush=True
+        )
+    backend = OpenVinoBackend(ir, precision="fp32", threads=threads)
     return lambda x: next(iter(backend.run(x).values()))
 
 
@@ -459,9 +494,9 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
     from brainrecon.io import write_json
 
     names = [n for n in args.pipelines.split(",") if n]
-    if set(names) - set(PIPELINES) or "torch" not in names:
+    if set(names) - set(PIPELINES + INT8_PIPELINES) or "torch" not in names:
         raise SystemExit(
-            f"error: --pipelines: expected torch and some of {','.join(PIPELINES)}, found {names}"
+            f"error: --pipelines: expected torch and some of {','.join(PIPELINES + INT8_PIPELINES)}, found {names}"
         )
     result = {
         "command": args.command,

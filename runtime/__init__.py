@@ -33,6 +33,10 @@ _EXPORTS = {
     "Stage2Pipeline": "brainrecon.runtime.stage2",
     "DDIMScheduler": "brainrecon.runtime.ddim",
     "load_betas": "brainrecon.runtime.inputs",
+    # one model file as a backend, outside a folder's pipelines (recon-eval int8 runs an INT8 IR in place of the UNet)
+    "ModelIO": "brainrecon.runtime.backends.base",
+    "OrtBackend": "brainrecon.runtime.backends.ort",
+    "OpenVinoBackend": "brainrecon.runtime.backends.openvino",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -630,6 +630,49 @@ def eval_quality(
     Console().print(quality_table(result), highlight=False, markup=False, soft_wrap=True)
 
 
+@eval_app.command("int8")
+def eval_int8(
+    model_dir: Annotated[
+        Path, typer.Option(help="Exported subject model folder (recon-export --stage all).")
+    ],
+    data: Annotated[
+        Path, typer.Option(help="recon-prepare folder: training trials calibrate, the test set is scored.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Results folder: int8.json, int8.md, int8_sheet.png, models/ (the IR).")
+    ],
+    recipe: Annotated[
+        list[str] | None, typer.Option(help="Sampling presets to run (brainrecon.sampling.PRESETS).")
+    ] = None,
+    images: Annotated[int, typer.Option(help="Use the first N test images (0: all).")] = 0,
+    calibration: Annotated[int, typer.Option(help="Training trials to calibrate on.")] = 16,
+    static_check: Annotated[
+        bool, typer.Option(help="Also check OpenVINO's static-shape compile on repeated calls.")
+    ] = True,
+    device: DeviceOption = "cpu",
+) -> None:
+    """INT8 on the CPU: NNCF post-training quantization of the stage-2 UNet and VAE (OpenVINO IR, calibrated on
+    training trials), the test set through the runtime beside ORT fp32 and OpenVINO fp32 / bf16, per-call seconds,
+    and OpenVINO's static-shape compile on repeated calls. Needs `pip install "brainrecon[int8]"`.
+
+    Example: recon-eval int8 --model-dir engines/subj01 --data data/subj01 --out benchmarks/results/int8
+    """
+    check_device(device)
+    from brainrecon.train.experiments.int8 import int8_experiment, int8_table
+
+    result = int8_experiment(
+        model_dir,
+        data,
+        out,
+        recipes=recipe or ("paper", "fast"),
+        n_images=images or None,
+        calibration_trials=calibration,
+        device=device,
+        static_check=static_check,
+    )
+    Console().print(int8_table(result), highlight=False, markup=False, soft_wrap=True)
+
+
 @eval_app.command("quality-seeds")
 def eval_quality_seeds(
     runs: Annotated[list[Path], typer.Argument(help="Quality-map folders of one model, one per --seed.")],

@@ -12,7 +12,9 @@ picks the inference precision itself: on CPUs with AMX or AVX-512 BF16 it runs i
     precision "fp32" → INFERENCE_PRECISION_HINT f32   (parity with ONNX Runtime fp32)
     precision "bf16" → INFERENCE_PRECISION_HINT bf16  (AMX bf16 matmuls/convolutions; 8-bit mantissa)
 
-Each call is checked against the model's I/O spec from the manifest, as the ONNX Runtime backend does.
+Each call is checked against the model's I/O spec from the manifest, as the ONNX Runtime backend does. The path
+may also be an OpenVINO IR (`.xml` beside its `.bin`), e.g. the INT8 UNet written by `recon-eval int8`
+(train/experiments/int8.py, NNCF post-training quantization); a model folder's manifest lists only ONNX files.
 """
 
 from __future__ import annotations
@@ -70,7 +72,18 @@ class OpenVinoBackend:
         }
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        if self.path.suffix not in (".onnx", ".xml"):
+            raise InputError(
+                self.path, "an ONNX file (.onnx) or an OpenVINO IR (.xml)", repr(self.path.suffix)
+            )
+        if self.path.suffix == ".xml" and not self.path.with_suffix(".bin").is_file():
+            raise InputError(self.path, f"its weights {self.path.with_suffix('.bin').name} beside it", "none")
+        try:
+            self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        except RuntimeError as exc:  # many lines, "Exception from <source file>" before the one that says why
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if not ln.startswith("Exception from")), type(exc).__name__)
+            raise OpenVinoError(f"{self.path}: OpenVINO could not read or compile it: {why}") from None
         self.request = self.compiled.create_infer_request()
         # a tensor may carry several names in OpenVINO (an output that is also an intermediate): take the ONNX
         # output names, which every output port has among its names
