@@ -35,6 +35,7 @@ error against ONNX Runtime fp32 and against the same model's first call is recor
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -96,6 +97,10 @@ def record_inputs(model_dir: str | Path, betas: np.ndarray, sampling: Any = None
             pipe.backends[role] = _Recorder(pipe.backends[role], calls[role])
         rec.stage1.decoder = _Recorder(rec.stage1.decoder, calls["vdvae_decoder"])
         rec.reconstruct(betas, sampling)
+    # The UNet workers' threads record in any order, and NNCF's result depends on the order (the same calls
+    # reversed gave other weights): sort by chunk (its context, the last input, is the same at every step), then
+    # by step (timesteps fall).
+    calls["unet"].sort(key=lambda c: (float(c[list(c)[-1]].sum(dtype=np.float64)), -float(c["timestep"][0])))
     return calls
 
 
@@ -359,9 +364,9 @@ def int8_experiment(
         "ov-fp32": ("openvino", "fp32", {}),
         "ov-bf16": ("openvino", "bf16", {}),
         "ov-int8": ("openvino", "fp32", unet_only),
-        "ov-int8+bf16": ("openvino", "bf16", unet_only),
+        "ov-int8+bf": ("openvino", "bf16", unet_only),  # names of at most 10 characters: the sheet's labels
         "ov-w8": ("openvino", "fp32", {"unet": irs["unet w8"]}),
-        "ov-int8-unet+vae": ("openvino", "fp32", {role: irs[role] for role in QUANTIZABLE}),
+        "ov-int8all": ("openvino", "fp32", {role: irs[role] for role in QUANTIZABLE}),
     }
     rows, outputs = [], {}
     for name, (engine, precision, files) in settings.items():
@@ -418,6 +423,9 @@ def int8_experiment(
         "settings": rows,
         "static_shape": static,
         "seconds": round(time.perf_counter() - t_start, 1),
+        "loadavg_1m_end": round(
+            os.getloadavg()[0], 2
+        ),  # a shared machine: the load beside machine's at the start
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "int8.json", result)
@@ -436,7 +444,8 @@ def int8_table(result: dict) -> str:
     lines = [
         f"INT8 (NNCF post-training quantization, OpenVINO CPU): {result['n_test']} test images of "
         f"{result['model_dir']}, the torch-free runtime, on {m['cpu']} ({m['affinity']} of {m['cores']} cores, "
-        f"flags {', '.join(m['cpu_flags'])}), {m['date']}. Calibration: {len(result['calibration']['rows'])} "
+        f"flags {', '.join(m['cpu_flags'])}; 1-min load {m['loadavg_1m']} at the start, "
+        f"{result.get('loadavg_1m_end')} at the end), {m['date']}. Calibration: {len(result['calibration']['rows'])} "
         f"training trials (never a test image). vs ref: the {result['reference']} images, grey levels (0-255). "
         "Within: CLIP 2-way at most 0.01, PixCorr and SSIM at most 0.02 below the reference's.",
         "",
