@@ -602,6 +602,45 @@ def kv_step(args: argparse.Namespace) -> dict[str, Any]:
     return result | {"kv_vs_plain_error": rel_error(args.work / "curve_unet_kv_ort_fp32.npy", ref)}
 
 
+def deepcache_step(args: argparse.Namespace) -> dict[str, Any]:
+    """--deepcache-step: the DeepCache shallow step (train/stage2/deepcache.py unet_shallow) against the full step
+    with its feature (unet_with_feature) on the real-size UNet, one guided step of one image (2 rows), in torch eager
+    fp32 and bf16 autocast, --repeats timed calls each after a warm-up, one interpreter: the share of a full step a
+    shallow one costs at this size (the runtime's graphs are these functions exported)."""
+    import torch
+
+    from brainrecon.train.stage2.deepcache import unet_shallow, unet_with_feature
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    unet = real_size_unet().eval().requires_grad_(False)
+    rng = np.random.default_rng(0)
+    sample = torch.from_numpy(rng.standard_normal((2, 4, LATENT_SIZE, LATENT_SIZE)).astype(np.float32))
+    t, context = torch.full((2,), 801.0), torch.from_numpy(context_pool()[[0, 3]])
+    result: dict[str, Any] = {"command": args.command, "machine": machine(args.threads), "rows": 2}
+    for mode in ("eager", "bf16"):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=mode == "bf16"):
+            eps, feature = unet_with_feature(unet, sample, t, context)
+            calls = {
+                "full": lambda: unet_with_feature(unet, sample, t, context),
+                "shallow": lambda feature=feature: unet_shallow(unet, sample, t, context, feature),
+            }
+            seconds = {}
+            for name, call in calls.items():
+                call()  # warm-up
+                runs = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    call()
+                    runs.append(time.perf_counter() - t0)
+                seconds[name] = round(float(np.median(runs)), 3)
+            error = (unet_shallow(unet, sample, t, context, feature) - eps).abs().max() / eps.abs().max()
+        result[mode] = seconds | {
+            "shallow_over_full": round(seconds["shallow"] / seconds["full"], 3),
+            "shallow_vs_full_same_feature_error": float(error),
+        }
+    return result
+
+
 def assemble_model_dir(work: Path, out: Path, seed: int = 0) -> Path:
     """A real-size subject model folder that `recon-infer` runs: the kept ONNX files of FOLDER_MODELS (hard links
     into `out/onnx/`), the data files the runtime reads and a manifest, as recon-export writes them. Statistics are
@@ -685,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipelines", default=",".join(PIPELINES), help="--curve's pipelines, torch among them")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per figure of --curve and --kv-step")
     p.add_argument("--kv-step", action="store_true", help="the K/V-once UNet step against the plain one")
+    p.add_argument(
+        "--deepcache-step", action="store_true", help="DeepCache's shallow step against the full one"
+    )
     p.add_argument("--rounds", type=int, default=2, help="--kv-step: rounds of the two graphs, alternating")
     p.add_argument(
         "--step", choices=("export", "load", "time"), help=argparse.SUPPRESS
@@ -707,15 +749,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from brainrecon.io import write_json
 
-    mode = "real_size_unet_curve" if args.curve else "real_size_unet_kv_step" if args.kv_step else "real_size"
+    modes = {"curve": "real_size_unet_curve", "kv_step": "real_size_unet_kv_step"}
+    modes["deepcache_step"] = "real_size_unet_deepcache_step"
+    mode = next((m for flag, m in modes.items() if getattr(args, flag)), "real_size")
     args.out = args.out or ROOT / f"benchmarks/results/{mode}.json"
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())))
     elif args.model_dir:
         print(f"model folder: {assemble_model_dir(args.work, args.model_dir)}")
-    elif args.curve or args.kv_step:
+    elif args.curve or args.kv_step or args.deepcache_step:
         args.threads = args.threads or len(os.sched_getaffinity(0))  # torch and the engines alike
-        write_json(args.out, curve(args) if args.curve else kv_step(args))
+        run = curve if args.curve else kv_step if args.kv_step else deepcache_step
+        write_json(args.out, run(args))
         print(f"-> {args.out}")
     else:
         return measure_models(args, p)
