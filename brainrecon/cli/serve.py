@@ -17,6 +17,35 @@ from brainrecon.choices import Preset, Sampler
 from brainrecon.cli import print_summary, run_app
 from brainrecon.errors import BrainReconError
 
+# The stage-2 sampling options of recon-serve, recon-batch and recon-stream (one definition for the three)
+PresetOption = Annotated[
+    Preset,
+    typer.Option(
+        help="Stage 2: paper (as fitted) or fast (docs/speed.md); --steps and the rest override it."
+    ),
+]
+StepsOption = Annotated[int | None, typer.Option(help="Stage 2: schedule length (default: the preset's).")]
+SamplerOption = Annotated[
+    Sampler | None,
+    typer.Option(
+        help="Stage 2: ddim or dpmpp_2m (DPM-Solver++ 2M) (default: the preset's; the fitted ddim)."
+    ),
+]
+GuidanceStopOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Stage 2: share of the denoising steps run with classifier-free guidance, 0..1 (default: the "
+        "fitted one, 1.0)."
+    ),
+]
+CacheIntervalOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Stage 2: DeepCache, the whole UNet every K-th step and its shallow branch between; 1 = off "
+        "(default: the fitted one, 1). K > 1 needs recon-export --deepcache."
+    ),
+]
+
 
 def _sampling(
     preset: str,
@@ -79,33 +108,11 @@ def serve(
     precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
     device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
-    preset: Annotated[
-        Preset,
-        typer.Option(
-            help="Stage 2: paper (as fitted) or fast (docs/speed.md); --steps and the rest override it."
-        ),
-    ] = "paper",
-    steps: Annotated[
-        int | None, typer.Option(help="Stage 2: schedule length (default: the fitted one).")
-    ] = None,
-    sampler: Annotated[
-        Sampler | None,
-        typer.Option(help="Stage 2: ddim or dpmpp_2m (DPM-Solver++ 2M) (default: the fitted one, ddim)."),
-    ] = None,
-    guidance_stop: Annotated[
-        float | None,
-        typer.Option(
-            help="Stage 2: share of the denoising steps run with classifier-free guidance, 0..1 (default: the "
-            "fitted one, 1.0)."
-        ),
-    ] = None,
-    cache_interval: Annotated[
-        int | None,
-        typer.Option(
-            help="Stage 2: DeepCache, the whole UNet every K-th step and its shallow branch between; 1 = off "
-            "(default: the fitted one, 1). K > 1 needs recon-export --deepcache."
-        ),
-    ] = None,
+    preset: PresetOption = "paper",
+    steps: StepsOption = None,
+    sampler: SamplerOption = None,
+    guidance_stop: GuidanceStopOption = None,
+    cache_interval: CacheIntervalOption = None,
     verbose: Annotated[
         bool, typer.Option(help="Triton's log on stderr, a line per model execution.")
     ] = False,
@@ -172,33 +179,11 @@ def batch(
     device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per actor.")] = 1,
     retries: Annotated[int, typer.Option(help="Times a shard whose actor died is retried.")] = 3,
-    preset: Annotated[
-        Preset,
-        typer.Option(
-            help="Stage 2: paper (as fitted) or fast (docs/speed.md); --steps and the rest override it."
-        ),
-    ] = "paper",
-    steps: Annotated[
-        int | None, typer.Option(help="Stage 2: schedule length (default: the fitted one).")
-    ] = None,
-    sampler: Annotated[
-        Sampler | None,
-        typer.Option(help="Stage 2: ddim or dpmpp_2m (DPM-Solver++ 2M) (default: the fitted one, ddim)."),
-    ] = None,
-    guidance_stop: Annotated[
-        float | None,
-        typer.Option(
-            help="Stage 2: share of the denoising steps run with classifier-free guidance, 0..1 (default: the "
-            "fitted one, 1.0)."
-        ),
-    ] = None,
-    cache_interval: Annotated[
-        int | None,
-        typer.Option(
-            help="Stage 2: DeepCache, the whole UNet every K-th step and its shallow branch between; 1 = off "
-            "(default: the fitted one, 1). K > 1 needs recon-export --deepcache."
-        ),
-    ] = None,
+    preset: PresetOption = "paper",
+    steps: StepsOption = None,
+    sampler: SamplerOption = None,
+    guidance_stop: GuidanceStopOption = None,
+    cache_interval: CacheIntervalOption = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")] = None,
     rows_per_call: Annotated[
         int, typer.Option(help="Trials per runtime call; their PNGs are written as soon as it returns.")
@@ -305,12 +290,8 @@ def stream(
     stage: Annotated[
         int | None, typer.Option(help="1: stage-1 images only (default: 2 when fitted).")
     ] = None,
-    preset: Annotated[
-        Preset, typer.Option(help="Stage 2: paper (as fitted) or fast (docs/speed.md).")
-    ] = "paper",
-    steps: Annotated[
-        int | None, typer.Option(help="Stage 2: schedule length (default: the preset's).")
-    ] = None,
+    preset: PresetOption = "paper",
+    steps: StepsOption = None,
     seed: Annotated[int, typer.Option(help="Trial t gets img2img seed SEED + t.")] = 0,
     window_volumes: Annotated[
         int, typer.Option(help="A trial is estimated once volume onset + this has arrived.")

@@ -308,11 +308,11 @@ def int8_experiment(
     images; per-call seconds; the static-shape check → out/int8.{json,md}, out/int8_sheet.png."""
     from brainrecon.config import config_from_dict
     from brainrecon.images import contact_sheet
-    from brainrecon.io import load_npy, read_json, write_json, write_text
+    from brainrecon.io import read_json, write_json, write_text
     from brainrecon.metrics import pixcorr, ssim
     from brainrecon.model_dir import STAGE2_SUMMARY
     from brainrecon.sampling import PRESETS, SamplingConfig
-    from brainrecon.train.experiments.quality import image_difference, machine, within_bounds
+    from brainrecon.train.experiments.quality import image_difference, load_test_set, machine, within_bounds
 
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     unknown = sorted(set(recipes) - set(PRESETS))
@@ -321,16 +321,8 @@ def int8_experiment(
     info = read_json(model_dir / STAGE2_SUMMARY, "stage-2 summary (recon-train subject)")
     fitted = config_from_dict(SamplingConfig, info["sampling"], str(model_dir / STAGE2_SUMMARY))
     samplings = {r: fitted.with_overrides(**PRESETS[r]) for r in recipes}
-    betas = load_npy(data_dir / "test_betas.npy", "test betas from recon-prepare")
-    images = load_npy(data_dir / "test_images.npy", "test images from recon-prepare", mmap=True)
-    if len(images) != len(betas):
-        raise InputError(
-            data_dir / "test_images.npy", f"as many test images as betas ({len(betas)})", str(len(images))
-        )
-    n = len(betas) if not n_images else min(n_images, len(betas))
-    if n < 2:
-        raise InputError(data_dir / "test_betas.npy", "at least 2 test trials (2-way identification)", str(n))
-    betas, gt = np.ascontiguousarray(betas[:n]), np.asarray(images[:n])
+    betas, gt = load_test_set(data_dir, n_images)
+    n = len(betas)
     host = machine()
     t_start = time.perf_counter()
 

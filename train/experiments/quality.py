@@ -285,6 +285,24 @@ def _version(dist: str) -> str | None:
 # ----------------------------------------------------------------------------------------------- the map
 
 
+def load_test_set(data_dir: Path, n_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """recon-prepare's test betas and images, the first `n_images` (None: all; at least 2, for 2-way
+    identification). Read here rather than by stage1/fit.py's load_prepared, whose imports (torch, transformers)
+    would come before the callers' checks and print their warnings above a refusal."""
+    from brainrecon.io import load_npy
+
+    betas = load_npy(data_dir / "test_betas.npy", "test betas from recon-prepare")
+    images = load_npy(data_dir / "test_images.npy", "test images from recon-prepare", mmap=True)
+    if len(images) != len(betas):
+        raise InputError(
+            data_dir / "test_images.npy", f"as many test images as betas ({len(betas)})", str(len(images))
+        )
+    n = len(betas) if not n_images else min(n_images, len(betas))
+    if n < 2:
+        raise InputError(data_dir / "test_betas.npy", "at least 2 test trials (2-way identification)", str(n))
+    return np.ascontiguousarray(betas[:n]), np.asarray(images[:n])
+
+
 def quality_map(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -308,7 +326,6 @@ def quality_map(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from brainrecon.io import load_npy
     from brainrecon.metrics import pixcorr, ssim
     from brainrecon.model_dir import STAGE2_SUMMARY
     from brainrecon.runtime import Reconstructor, read_model_folder
@@ -320,18 +337,8 @@ def quality_map(
         fitted = fitted.with_overrides(seed=seed)
     settings = resolve_settings(specs, fitted, engine, precision)
     times = read_real_size_times(real_size_times, settings) if real_size_times is not None else None
-    # recon-prepare's test set, read here rather than by stage1/fit.py's load_prepared, whose imports (torch,
-    # transformers) would come before these checks and print their warnings above a refusal
-    betas = load_npy(data_dir / "test_betas.npy", "test betas from recon-prepare")
-    images = load_npy(data_dir / "test_images.npy", "test images from recon-prepare", mmap=True)
-    if len(images) != len(betas):
-        raise InputError(
-            data_dir / "test_images.npy", f"as many test images as betas ({len(betas)})", str(len(images))
-        )
-    n = len(betas) if not n_images else min(n_images, len(betas))
-    if n < 2:
-        raise InputError(data_dir / "test_betas.npy", "at least 2 test trials (2-way identification)", str(n))
-    betas, gt = np.ascontiguousarray(betas[:n]), np.asarray(images[:n])
+    betas, gt = load_test_set(data_dir, n_images)
+    n = len(betas)
 
     opened: dict[str, Any] = {}  # the open Reconstructor and its options: consecutive settings share it
 
