@@ -18,33 +18,10 @@ import pytest
 
 from brainrecon.errors import MissingFileError
 from brainrecon.report import build_report, fmt, html_table
+from tests.browser import run_chromium as _browser
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.fail("no Chromium on PATH: run `make browser` (apt-get install -y chromium)")
-
-
-def _browser(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--no-default-browser-check",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=10000",
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
 def dump_dom(index: Path, profile: Path) -> str:

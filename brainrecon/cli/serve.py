@@ -1,5 +1,5 @@
-"""Serving commands: `recon-serve` (Triton through PyTriton), `recon-batch` (Ray Data) and `recon-stream` (volumes
-as they arrive → images). Thin wiring; the logic lives in `brainrecon.serve`. recon-serve and recon-batch need the
+"""Serving commands: `recon-serve` (Triton through PyTriton), `recon-batch` (Ray Data), `recon-stream` (volumes
+as they arrive → images) and `recon-view` (its live page). Thin wiring; the logic lives in `brainrecon.serve`. recon-serve and recon-batch need the
 serving environment (`make serve-env`, `.venv-serve/bin/...`): PyTriton pins numpy < 2; recon-stream runs in either.
 Exit codes: 0 ok, 1 failure (one-line error), 2 usage.
 """
@@ -45,6 +45,7 @@ CacheIntervalOption = Annotated[
         "(default: the fitted one, 1). K > 1 needs recon-export --deepcache."
     ),
 ]
+ViewPortOption = Annotated[int, typer.Option(help="The live page's port on 127.0.0.1 (0: a free one).")]
 
 
 def _sampling(
@@ -305,15 +306,31 @@ def stream(
     precision: Annotated[str, typer.Option(help="fp32 or fp16 models.")] = "fp32",
     device: Annotated[str, typer.Option(help="ONNX Runtime device: cpu, cuda or tensorrt.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
+    view: Annotated[
+        bool,
+        typer.Option("--view", help="Serve the live page (docs/real-time.md) on 127.0.0.1 during the run."),
+    ] = False,
+    view_hold: Annotated[
+        float | None,
+        typer.Option(help="--view: keep serving this many seconds after the run (default: Ctrl-C)."),
+    ] = None,
+    port: ViewPortOption = 8765,
+    stimuli_root: Annotated[
+        Path | None,
+        typer.Option(help="--view: NSD root (nsd_expdesign.mat, nsd_stimuli.hdf5) for ground truth."),
+    ] = None,
+    subject: Annotated[int, typer.Option(help="--view: the NSD subject of the ground truth.")] = 1,
 ) -> None:
     """Estimate each trial's beta online (LSS GLM) once its window has passed, normalise it with a calibration
     run's statistics, and write stage1_TTTTT.png then final_TTTTT.png (TTTTT: the trial in the run), stream.jsonl
-    (one line per event, faults also on stderr) and summary.json (latency p50/p95). docs/real-time.md.
+    (one line per event, faults also on stderr) and summary.json (latency p50/p95). --view serves a live page of
+    the run (as recon-view) and adds the page's latency to summary.json. docs/real-time.md.
 
     Examples:
       recon-stream --replay run01.nii.gz --design run01.tsv --model-dir engines/subj01 --calibrate cal.npz
       recon-stream --replay run02.nii.gz --design run02.tsv --model-dir engines/subj01 --calibration cal.npz --out out/run02
       recon-stream --watch /scanner/export --tr 1.333 --design run03.tsv --model-dir engines/subj01 --calibration cal.npz --out out/run03
+      recon-stream --replay run02.nii.gz --design run02.tsv --model-dir engines/subj01 --calibration cal.npz --out out/run02 --view --stimuli-root data/nsd
     """
     from brainrecon.runtime import RuntimeOptions
     from brainrecon.serve.stream import StreamConfig, run_stream
@@ -329,23 +346,35 @@ def stream(
     if out is None:
         raise typer.BadParameter("--out is required (unless --calibrate)")
     options = RuntimeOptions(engine=engine, precision=precision, device=device, threads=threads)
-    summary = run_stream(
-        model_dir,
-        design,
-        out,
-        replay_path=replay,
-        watch_dir=watch,
-        calibration_path=calibration,
-        speed=speed,
-        stage=stage,
-        sampling_overrides=_sampling(preset, steps, None, None),
-        seed=seed,
-        tr=tr,
-        first_number=first_number,
-        max_volumes=max_volumes,
-        config=config,
-        options=options,
-    )
+    viewer = None
+    if view:
+        from brainrecon.serve.viewer import start_viewer
+
+        viewer = start_viewer(out, stimuli_root, subject, port)
+        typer.echo(f"recon-stream: live page at {viewer.url}", err=True)
+    try:
+        summary = run_stream(
+            model_dir,
+            design,
+            out,
+            replay_path=replay,
+            watch_dir=watch,
+            calibration_path=calibration,
+            speed=speed,
+            stage=stage,
+            sampling_overrides=_sampling(preset, steps, None, None),
+            seed=seed,
+            tr=tr,
+            first_number=first_number,
+            max_volumes=max_volumes,
+            config=config,
+            options=options,
+        )
+        page = viewer.settle() if viewer is not None else None  # page_latency into summary.json
+    except BaseException:
+        if viewer is not None:
+            viewer.stop()
+        raise
     latency = summary["latency"]
     print_summary(
         f"recon-stream -> {out}",
@@ -356,11 +385,48 @@ def stream(
             "faults": summary["faults"] or "none",
             "stage-1 latency p50 / p95 s": f"{latency['stage1']['p50_s']} / {latency['stage1']['p95_s']}",
             "final latency p50 / p95 s": f"{latency['final']['p50_s']} / {latency['final']['p95_s']}",
+            **(
+                {"final on the page p50 / p95 s": f"{page['final']['p50_s']} / {page['final']['p95_s']}"}
+                if page
+                else {}
+            ),
             "complete": summary["complete"],
         },
     )
+    if viewer is not None:
+        how = "until Ctrl-C" if view_hold is None else f"for {view_hold:g} s"
+        typer.echo(f"recon-stream: the run ended; serving {viewer.url} {how}", err=True)
+        viewer.hold(view_hold)
+
+
+view_app = typer.Typer(add_completion=False, help="Watch a recon-stream output folder live in a browser.")
+
+
+@view_app.command()
+def view(
+    out: Annotated[Path, typer.Argument(help="The --out folder of a recon-stream run (running or done).")],
+    nsd_root: Annotated[
+        Path | None, typer.Option(help="NSD root (nsd_expdesign.mat, nsd_stimuli.hdf5) for ground truth.")
+    ] = None,
+    subject: Annotated[int, typer.Option(help="The NSD subject of the ground truth.")] = 1,
+    port: ViewPortOption = 8765,
+) -> None:
+    """Serve the live page of OUT on 127.0.0.1 until Ctrl-C: a row per trial (ground truth, stage 1, final,
+    latency), faults, progress; images appear as another process streams them. docs/real-time.md.
+
+    Example: recon-view out/run02 --nsd-root data/nsd --subject 1
+    """
+    from brainrecon.errors import MissingFileError
+    from brainrecon.serve.viewer import start_viewer
+
+    if not out.is_dir():
+        raise MissingFileError(out, "recon-stream output folder")
+    viewer = start_viewer(out, nsd_root, subject, port)
+    typer.echo(f"recon-view: serving {viewer.url} until Ctrl-C", err=True)
+    viewer.hold()
 
 
 serve_main = run_app(serve_app)
 batch_main = run_app(batch_app)
 stream_main = run_app(stream_app)
+view_main = run_app(view_app)

@@ -1,0 +1,64 @@
+"""Headless Chromium for the `browser` tests (the system package; `make browser`). Required, not optional: a missing
+Chromium fails the test with the command that installs it. Each browser runs in its own process group, killed
+whole at the end (its renderer and GPU processes outlive a killed parent otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("no Chromium on PATH: run `make browser` (apt-get install -y chromium)")
+
+
+def _command(args: list[str], profile: Path) -> list[str]:
+    return [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--no-default-browser-check",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
+
+
+def run_chromium(args: list[str], profile: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """One headless run (--dump-dom, --screenshot) with a virtual time budget of 10 s: the page's timers and
+    loads run to completion (virtual time waits for pending requests) before the dump."""
+    proc = open_chromium(["--virtual-time-budget=10000", *args], profile)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        close_chromium(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def open_chromium(args: list[str], profile: Path) -> subprocess.Popen:
+    """A headless Chromium left running (e.g. on a live page's URL); close it with close_chromium."""
+    return subprocess.Popen(
+        _command(args, profile),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def close_chromium(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group this Popen started (start_new_session)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
