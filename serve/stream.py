@@ -582,17 +582,6 @@ class Stream:
         )
 
     def summary(self, complete: bool) -> dict[str, Any]:
-        def stats(values: list[float]) -> dict[str, float | int | None]:
-            a = np.asarray(values)
-            if len(a) == 0:
-                return {"n": 0, "p50_s": None, "p95_s": None, "mean_s": None}
-            return {
-                "n": len(a),
-                "p50_s": round(float(np.percentile(a, 50)), 6),
-                "p95_s": round(float(np.percentile(a, 95)), 6),
-                "mean_s": round(float(a.mean()), 6),
-            }
-
         events = self.log.events if self.log is not None else []
         faults = [e["event"] for e in events if "fault" in e]
         return {
@@ -610,11 +599,25 @@ class Stream:
             "latency": {
                 "from": "arrival of the volume completing the trial's window (replay: its scheduled time; "
                 "watch: the file's mtime) to the PNG on disk",
-                "stage1": stats(self.latency["stage1"]),
-                "final": stats(self.latency["final"]),
+                "stage1": latency_stats(self.latency["stage1"]),
+                "final": latency_stats(self.latency["final"]),
             },
-            "steps": {k: stats(v) for k, v in self.steps.items()},
+            "steps": {k: latency_stats(v) for k, v in self.steps.items()},
         }
+
+
+def latency_stats(values: list[float]) -> dict[str, float | int | None]:
+    """n, p50, p95 and mean of a list of seconds (None for an empty list): summary.json's latency entries."""
+    a = np.asarray(values)
+    if len(a) == 0:
+        return {"n": 0, "p50_s": None, "p95_s": None, "mean_s": None}
+    p50, p95 = np.percentile(a, [50, 95])
+    return {
+        "n": len(a),
+        "p50_s": round(float(p50), 6),
+        "p95_s": round(float(p95), 6),
+        "mean_s": round(float(a.mean()), 6),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- entry points
@@ -635,6 +638,19 @@ def _run_tr(replay_path: Path | None, tr: float | None) -> float:
     return found
 
 
+def online_betas(
+    replay_path: Path, design: RunDesign, prep: Preprocessing, tr: float, config: StreamConfig
+) -> dict[int, np.ndarray]:
+    """{trial: (V,) percent signal change}: the stream's online estimate of every trial of a recorded run, played
+    at once (no model runs); trials with too little of their window are left out."""
+    _check_run_length(replay_path, design)
+    stream = Stream(None, prep, design, tr, config, None, None)
+    for vol in replay(replay_path, tr, 0, None):
+        stream.add(vol)
+    stream.give_up(time.time(), everything=True)
+    return stream.betas
+
+
 def calibrate(
     replay_path: Path,
     design_path: Path,
@@ -646,17 +662,11 @@ def calibrate(
     """Online betas of every trial of a recorded run (the same estimator as the stream, at once) → their
     per-voxel mean and std, written to `out` (.npz)."""
     config = config or StreamConfig()
-    design = RunDesign.read(design_path)
-    prep = Preprocessing(model_dir)
     tr = _run_tr(replay_path, tr)
-    stream = Stream(None, prep, design, tr, config, None, None)
-    _check_run_length(replay_path, design)
-    for vol in replay(replay_path, tr, 0, None):
-        stream.add(vol)
-    stream.give_up(time.time(), everything=True)
-    if len(stream.betas) < 2:
-        raise InputError(replay_path, "a calibration run with at least 2 trials", f"{len(stream.betas)}")
-    betas = np.stack([stream.betas[t] for t in sorted(stream.betas)])  # (trials, V)
+    found = online_betas(replay_path, RunDesign.read(design_path), Preprocessing(model_dir), tr, config)
+    if len(found) < 2:
+        raise InputError(replay_path, "a calibration run with at least 2 trials", f"{len(found)}")
+    betas = np.stack([found[t] for t in sorted(found)])  # (trials, V)
     cal = Calibration.from_betas(betas, {**config.glm_settings(), "source": str(replay_path), "tr": tr})
     cal.save(out)
     return cal.settings

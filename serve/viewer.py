@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -33,7 +34,7 @@ import numpy as np
 from brainrecon.choices import IMAGE_KINDS
 from brainrecon.errors import BrainReconError, InputError, MissingFileError
 from brainrecon.io import read_json, write_json
-from brainrecon.serve.stream import LOG, SUMMARY
+from brainrecon.serve.stream import LOG, SUMMARY, latency_stats
 
 VIEWER_LOG = "viewer.jsonl"
 IMAGE = re.compile(r"(stage1|final)_\d{5}\.png")  # brainrecon.images.png_name
@@ -65,20 +66,6 @@ class LogTail:
         return found
 
 
-def _stats(values: list[float]) -> dict[str, float | int | None]:
-    """As the `latency` entries of recon-stream's summary.json."""
-    a = np.asarray(values)
-    if len(a) == 0:
-        return {"n": 0, "p50_s": None, "p95_s": None, "mean_s": None}
-    p50, p95 = np.percentile(a, [50, 95])
-    return {
-        "n": len(a),
-        "p50_s": round(float(p50), 6),
-        "p95_s": round(float(p95), 6),
-        "mean_s": round(float(a.mean()), 6),
-    }
-
-
 def page_latency(out: str | Path) -> dict[str, Any]:
     """p50/p95/mean/n of the page latency of stage-1 and final images from OUT/viewer.jsonl: each image's first
     report (a reloaded page reports again)."""
@@ -88,7 +75,7 @@ def page_latency(out: str | Path) -> dict[str, Any]:
             first.setdefault((r["trial"], r["kind"]), r["latency_s"])
     return {
         "from": "the trial's ready (stream.jsonl) to the image decoded and painted on the page (its report)",
-        **{kind: _stats([v for (_, k), v in first.items() if k == kind]) for kind in IMAGE_KINDS},
+        **{kind: latency_stats([v for (_, k), v in first.items() if k == kind]) for kind in IMAGE_KINDS},
     }
 
 
@@ -219,6 +206,19 @@ def build_app(out: Path, stimuli: Stimuli | None, stopping: threading.Event, pag
     ]
     # a page of another site that a DNS name points at 127.0.0.1 (DNS rebinding) is refused by its Host header
     return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=HOSTS)])
+
+
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def headless_chromium(args: list[str], profile: Path) -> list[str]:
+    """The command line of a headless Chromium from PATH (`make browser` installs one) with its own profile folder:
+    how the tests and benchmarks/stream.py open the page."""
+    exe = next((path for path in map(shutil.which, CHROMIUM) if path), None)
+    if exe is None:
+        raise InputError("chromium", f"one of {', '.join(CHROMIUM)} on PATH (make browser)", "none")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
+    return [exe, *flags, "--no-default-browser-check", f"--user-data-dir={profile}", *args]
 
 
 @dataclass

@@ -6,34 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.fail("no Chromium on PATH: run `make browser` (apt-get install -y chromium)")
+from brainrecon.errors import InputError
+from brainrecon.serve.viewer import headless_chromium
 
 
 def _command(args: list[str], profile: Path) -> list[str]:
-    return [
-        chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--no-default-browser-check",
-        f"--user-data-dir={profile}",
-        *args,
-    ]
+    try:
+        return headless_chromium(args, profile)
+    except InputError as e:
+        pytest.fail(f"{e}: run `make browser` (apt-get install -y chromium)")
 
 
 def run_chromium(args: list[str], profile: Path, timeout: float = 180) -> subprocess.CompletedProcess:
