@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data
 SEED ?= 0
 
-.PHONY: install serve-env browser demo test test-all lint bench bench-check bench-serve real-size clean
+.PHONY: install serve-env browser demo live test test-all lint bench bench-check bench-serve real-size clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,6 +53,30 @@ demo: install
 	$(BIN)/recon-eval report --model-dir $(MODEL_DIR) --recon $(DATA)/recon --out $(DATA)/report
 	@echo "contact sheet: $(DATA)/recon/contact_sheet.png"
 	@echo "report (opens offline): $(DATA)/report/index.html"
+
+# Real time on the demo subject (docs/real-time.md): run 2 of session 1 of its simulated time series replayed at the
+# scanner's pace through recon-stream, calibrated on run 1, with the live page at http://127.0.0.1:$(PORT)/ (Ctrl-C
+# stops). Makes what is missing first: the demo model (`make demo`) and the time series (recon-sim --timeseries,
+# about 450 MB). Each run writes a new folder $(DATA)/live/run02-<UTC time>. SPEED=4: four times the scanner's pace;
+# HOLD=S: stop serving S seconds after the run instead of at Ctrl-C.
+TS_ROOT ?= $(DATA)/sim-demo-ts
+TS_DIR := $(TS_ROOT)/nsddata_timeseries/ppdata/subj01/func1pt8mm
+PORT ?= 8765
+SPEED ?= 1
+CALIBRATION := $(DATA)/live/calibration-$(notdir $(MODEL_DIR))-session01-run01.npz
+live: install
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) demo
+	test -f $(TS_DIR)/timeseries/timeseries_session01_run02.nii.gz || \
+		$(BIN)/recon-sim --out $(TS_ROOT) --preset demo --seed $(SEED) --timeseries --overwrite
+	test -f $(CALIBRATION) || \
+		$(BIN)/recon-stream --replay $(TS_DIR)/timeseries/timeseries_session01_run01.nii.gz \
+		--design $(TS_DIR)/design/design_session01_run01.tsv --model-dir $(MODEL_DIR) \
+		--calibrate $(CALIBRATION)
+	$(BIN)/recon-stream --replay $(TS_DIR)/timeseries/timeseries_session01_run02.nii.gz \
+		--design $(TS_DIR)/design/design_session01_run02.tsv --model-dir $(MODEL_DIR) \
+		--calibration $(CALIBRATION) --speed $(SPEED) \
+		--out $(DATA)/live/run02-$$(date -u +%Y%m%dT%H%M%SZ) --view --port $(PORT) --stimuli-root $(TS_ROOT) \
+		$(if $(HOLD),--view-hold $(HOLD))
 
 # Chromium for the report's headless-browser test (tests/test_report.py): the Debian/Ubuntu package, installed
 # with apt-get (through sudo when not root) when no Chromium is on PATH.

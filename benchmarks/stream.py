@@ -327,6 +327,60 @@ def front_end_real_size(design_path: Path, repeats: int = 20) -> dict[str, Any]:
     }
 
 
+RESULTS = Path(__file__).parent / "results"
+# Published anchors for SD 1.5 at 512 px, 50 steps, one H100 PCIe: TensorRT 0.75 s against torch 2 +
+# torch.compile 1.11 s (NVIDIA TensorRT demo/Diffusion README; Hugging Face diffusers "torch 2.0" benchmarks);
+# their ratio carried over to our compiled step is a projection, not a measurement (docs/gpu.md).
+TRT_OVER_COMPILE = 0.75 / 1.11
+
+
+def gpu_projection(front_end: dict[str, Any], presets: dict[str, int]) -> dict[str, Any]:
+    """One real-size trial on the H200 of benchmarks/results/gpu/ (torch fp16, measured 2026-12-04), from the
+    committed per-call figures: the front end at NSD's size (measured here, on the CPU), the GRU and CLIP ridges at
+    real size (ORT on this project's AMD EPYC), the VDVAE decoder, the compiled UNet step and the SD VAE decoder (GPU);
+    the SD VAE encoder was not run on the GPU: the decoder's time x the encoder/decoder ratio measured in torch on
+    the CPU. Stage 2 recomputes stage 1, as the runtime does. `presets`: {name: UNet calls}."""
+    gpu = read_json(RESULTS / "gpu/gpu_bench_compile.json", "GPU compiled UNet (benchmarks/gpu_run.sh)")
+    decoders = read_json(RESULTS / "gpu/gpu_bench_eager_graphs.json", "GPU decoders (benchmarks/gpu_run.sh)")
+    cpu = read_json(RESULTS / "real_size_amd_epyc.json", "real-size CPU figures")["models"]
+    enc = read_json(RESULTS / "real_size_vae_encoder_amd_epyc.json", "real-size VAE encoder curve")
+    dec = read_json(RESULTS / "real_size_vae_decoder_amd_epyc.json", "real-size VAE decoder curve")
+    torch_s = [d["pipelines"]["torch"]["batches"]["1"]["p50_s"] for d in (enc, dec)]
+    step = gpu["unet_step"]["b1/compile:reduce-overhead"]["median_s"]
+    loop37 = gpu["guided_loop"]["b1/compile:reduce-overhead"]["37"]["median_s"]
+    per_step = {"torch.compile": loop37 / 37, "TensorRT (projected step)": step * TRT_OVER_COMPILE}
+    vae_decoder = decoders["vae_decoder"]["b1/float16"]["median_s"]
+    parts = {
+        "front_end": front_end["read_s"] + front_end["glm_s"] + front_end["normalise_s"],
+        "stage1": cpu["gru"]["fp32"]["latency"]["1"]["median_s"]
+        + decoders["vdvae_decoder"]["b1/float32"]["median_s"],
+        "clip_ridges": sum(cpu[m]["fp32"]["latency"]["1"]["median_s"] for m in ("clip_text", "clip_vision")),
+        "vae_encoder": vae_decoder * torch_s[0] / torch_s[1],
+        "vae_decoder": vae_decoder,
+        "write_png": front_end["write_png_s"],
+    }
+    rows = {}
+    for preset, calls in presets.items():
+        for engine, s in per_step.items():
+            unet = calls * s
+            final = (
+                parts["front_end"] + 2 * parts["stage1"] + parts["clip_ridges"] + parts["vae_encoder"] + unet
+                + parts["vae_decoder"] + parts["write_png"]
+            )  # fmt: skip
+            rows[f"{preset}, {engine}"] = {
+                "unet_calls": calls,
+                "unet_s": round(unet, 4),
+                "stage1_image_s": round(parts["front_end"] + parts["stage1"], 4),
+                "final_image_s": round(final, 4),
+            }
+    return {
+        "gpu": gpu["machine"]["gpu"],
+        "torch": gpu["machine"]["torch"],
+        "parts_s": {k: round(v, 4) for k, v in parts.items()},
+        "rows": rows,
+    }
+
+
 def stream_latency(
     root: Path,
     model_dir: Path,
@@ -408,6 +462,7 @@ def stream_latency(
         "presets": rows,
         "front_end_real_size": front_end_real_size(design_path),
     }
+    result["gpu_projection"] = gpu_projection(result["front_end_real_size"], {"paper": 37, "fast": 7})
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "latency.json", result)
     write_text(out / "latency.md", latency_table(result))
@@ -474,6 +529,20 @@ def latency_table(result: dict[str, Any]) -> str:
         f"{1000 * f['read_s']:.1f} ms, GLM {1000 * f['glm_s']:.1f} ms, normalise {1000 * f['normalise_s']:.2f} ms, "
         f"PNG {1000 * f['write_png_s']:.1f} ms.",
     ]
+    g = result["gpu_projection"]
+    lines += [
+        "",
+        f"Real size on one {g['gpu']} (torch {g['torch']} fp16; see docs/real-time.md for what is measured and what "
+        "projected):",
+        "",
+        "| preset, UNet | UNet calls | UNet | stage-1 image | final image |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in g["rows"].items():
+        lines.append(
+            f"| {name} | {row['unet_calls']} | {row['unet_s']:.3f} s | {row['stage1_image_s']:.3f} s | "
+            f"{row['final_image_s']:.3f} s |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -395,7 +395,8 @@ function show(r, kind, e, report) {  // report: written while this page was open
     const label = kind === "final" ? "final" : "stage 1";
     if (report && r.ready !== null) r.latency[kind] = `${label} ${(shown - r.ready).toFixed(2)} s`;
     else if (e.latency_s !== undefined) r.latency[kind] = `${label} ${e.latency_s.toFixed(2)} s on disk`;
-    if (Object.keys(r.latency).length) r.cells.latency.textContent = Object.values(r.latency).join(" · ");
+    if (Object.keys(r.latency).length) r.cells.latency.textContent =
+      ["stage1", "final"].filter((k) => k in r.latency).map((k) => r.latency[k]).join(" · ");
     if (report) await fetch("/shown", {method: "POST", headers: {"Content-Type": "application/json"},
                                        body: JSON.stringify({trial: r.trial, kind, shown})});
   };

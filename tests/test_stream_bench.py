@@ -90,3 +90,5 @@ def test_latency_rows_with_page(two_runs: dict[str, Path], tmp_path: Path) -> No
     assert set(row["share_of_final_mean"]) == set(bench.STEP_NAMES)
     assert 0.3 < sum(row["share_of_final_mean"].values()) < 1.2  # the rest: waiting, the page
     assert "| fast | 25 |" in (tmp_path / "latency" / "latency.md").read_text()
+    for name, projected in result["gpu_projection"]["rows"].items():  # the committed GPU figures, added up
+        assert max(projected["stage1_image_s"], projected["unet_s"]) < projected["final_image_s"], name
