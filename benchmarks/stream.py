@@ -274,7 +274,7 @@ NSD_VOXELS = 15724  # subj01's nsdgeneral ROI (Brain-Diffuser's subj01 input)
 REAL_SIZE_IMAGE = 512  # the final image at real size (Versatile Diffusion)
 
 
-def front_end_real_size(design_path: Path, repeats: int = 20) -> dict[str, Any]:
+def front_end_real_size(design_path: Path, tr: float, repeats: int = 20) -> dict[str, Any]:
     """The stream's own steps at NSD's size with random data (their cost does not depend on the values): reading
     one per-volume .nii.gz as --watch does (81 x 104 x 83 int16) and masking it to 15,724 voxels, the LSS GLM of
     the run's last trial (the longest window) over those voxels, normalising, and writing a 512-px PNG of random
@@ -293,7 +293,7 @@ def front_end_real_size(design_path: Path, repeats: int = 20) -> dict[str, Any]:
     t = len(design.onsets) - 1
     end = min(int(design.onsets[t]) + 7, design.n_volumes - 1)
     present = np.ones(end + 1, dtype=bool)
-    kernel = hrf_kernel(1.333)
+    kernel = hrf_kernel(tr)
     mean, std = data.mean(axis=0), data.std(axis=0)
 
     def median(fn) -> float:
@@ -334,12 +334,19 @@ RESULTS = Path(__file__).parent / "results"
 TRT_OVER_COMPILE = 0.75 / 1.11
 
 
-def gpu_projection(front_end: dict[str, Any], presets: dict[str, int]) -> dict[str, Any]:
+def gpu_projection(front_end: dict[str, Any], presets: tuple[str, ...]) -> dict[str, Any]:
     """One real-size trial on the H200 of benchmarks/results/gpu/ (torch fp16, measured 2026-12-04), from the
     committed per-call figures: the front end at NSD's size (measured here, on the CPU), the GRU and CLIP ridges at
     real size (ORT on this project's AMD EPYC), the VDVAE decoder, the compiled UNet step and the SD VAE decoder (GPU);
     the SD VAE encoder was not run on the GPU: the decoder's time x the encoder/decoder ratio measured in torch on
-    the CPU. Stage 2 recomputes stage 1, as the runtime does. `presets`: {name: UNet calls}."""
+    the CPU. Stage 2 recomputes stage 1, as the runtime does. Each preset's UNet calls are its sampler's timesteps
+    at the paper's defaults."""
+    from brainrecon.runtime.ddim import DDIMScheduler
+    from brainrecon.runtime.samplers import schedulers
+    from brainrecon.sampling import SamplingConfig, preset_overrides
+
+    by_sampler = schedulers(DDIMScheduler())
+
     gpu = read_json(RESULTS / "gpu/gpu_bench_compile.json", "GPU compiled UNet (benchmarks/gpu_run.sh)")
     decoders = read_json(RESULTS / "gpu/gpu_bench_eager_graphs.json", "GPU decoders (benchmarks/gpu_run.sh)")
     cpu = read_json(RESULTS / "real_size_amd_epyc.json", "real-size CPU figures")["models"]
@@ -360,7 +367,9 @@ def gpu_projection(front_end: dict[str, Any], presets: dict[str, int]) -> dict[s
         "write_png": front_end["write_png_s"],
     }
     rows = {}
-    for preset, calls in presets.items():
+    for preset in presets:
+        cfg = SamplingConfig().with_overrides(**preset_overrides(preset))
+        calls = len(by_sampler[cfg.sampler].timesteps(cfg.num_inference_steps, cfg.strength))
         for engine, s in per_step.items():
             unet = calls * s
             final = (
@@ -394,17 +403,17 @@ def stream_latency(
 ) -> dict[str, Any]:
     """Replay one run per preset at `speed` through run_stream with the live viewer (and, with `browser`, the page
     open in headless Chromium) → out/latency.{json,md}. Calibrated on the session's run 1."""
+    import subprocess
     import tempfile
 
-    import nibabel as nib
-
     from brainrecon.sampling import preset_overrides
-    from brainrecon.serve.stream import calibrate, run_stream
-    from brainrecon.serve.viewer import start_viewer
+    from brainrecon.serve.stream import _run_tr, calibrate, run_stream
+    from brainrecon.serve.viewer import close_chromium, open_chromium, start_viewer
 
     host = machine()
     run_path = layout.timeseries_path(root, subject, session, run)
     design_path = layout.run_design_path(root, subject, session, run)
+    tr = _run_tr(run_path, None)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         cal = Path(tmp) / "calibration.npz"
@@ -417,7 +426,11 @@ def stream_latency(
         for preset in presets:
             stream_out = Path(tmp) / preset  # run_stream makes it; the viewer waits for its log
             viewer = start_viewer(stream_out, nsd_root=root, subject=subject, port=0)
-            page = headless_page(viewer.url, Path(tmp) / f"profile-{preset}") if browser else None
+            page = (
+                open_chromium([viewer.url], Path(tmp) / f"profile-{preset}", subprocess.DEVNULL)
+                if browser
+                else None
+            )
             try:
                 print(
                     f"{preset}: streaming {run_path.name} at speed {speed}, page {viewer.url}",
@@ -435,7 +448,7 @@ def stream_latency(
                 shown = viewer.settle(timeout=10) if page is not None else None  # the page's last reports
             finally:
                 if page is not None:
-                    close_page(page)
+                    close_chromium(page)
                 viewer.stop()
             steps = summary["steps"]
             total = summary["latency"]["final"]["mean_s"]
@@ -457,40 +470,16 @@ def stream_latency(
         "model_dir": str(model_dir),
         "run": str(run_path),
         "speed": speed,
-        "tr_s": round(float(nib.load(run_path).header.get_zooms()[3]), 4),
+        "tr_s": round(tr, 4),
         "browser": browser,
         "presets": rows,
-        "front_end_real_size": front_end_real_size(design_path),
+        "front_end_real_size": front_end_real_size(design_path, tr),
     }
-    result["gpu_projection"] = gpu_projection(result["front_end_real_size"], {"paper": 37, "fast": 7})
+    result["gpu_projection"] = gpu_projection(result["front_end_real_size"], presets)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "latency.json", result)
     write_text(out / "latency.md", latency_table(result))
     return result
-
-
-def headless_page(url: str, profile: Path):
-    """Headless Chromium with `url` open, in its own process group (close it with `close_page`)."""
-    import subprocess
-
-    from brainrecon.serve.viewer import headless_chromium
-
-    return subprocess.Popen(
-        headless_chromium([url], profile),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-def close_page(page) -> None:
-    import contextlib
-    import os
-    import signal
-
-    with contextlib.suppress(ProcessLookupError):  # its renderers too (they outlive a killed parent)
-        os.killpg(page.pid, signal.SIGKILL)
-    page.wait(timeout=30)
 
 
 def latency_table(result: dict[str, Any]) -> str:

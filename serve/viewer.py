@@ -14,6 +14,7 @@ clock as the stream's `ready`. It reports only images written while it was open 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import html
 import io
@@ -22,7 +23,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -219,6 +222,21 @@ def headless_chromium(args: list[str], profile: Path) -> list[str]:
         raise InputError("chromium", f"one of {', '.join(CHROMIUM)} on PATH (make browser)", "none")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
     return [exe, *flags, "--no-default-browser-check", f"--user-data-dir={profile}", *args]
+
+
+def open_chromium(args: list[str], profile: Path, output: int = subprocess.PIPE) -> subprocess.Popen:
+    """A headless Chromium left running (e.g. on a live page's URL) in its own process group; close it with
+    `close_chromium`. `output`: where its stdout and stderr go (DEVNULL for a long run: a full pipe stalls it)."""
+    return subprocess.Popen(
+        headless_chromium(args, profile), stdout=output, stderr=output, text=True, start_new_session=True
+    )
+
+
+def close_chromium(proc: subprocess.Popen) -> None:
+    """Kill the whole group `open_chromium` started: its renderer and GPU processes outlive a killed parent."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
 
 
 @dataclass

@@ -1,24 +1,25 @@
 """Headless Chromium for the `browser` tests (the system package; `make browser`). Required, not optional: a missing
 Chromium fails the test with the command that installs it. Each browser runs in its own process group, killed
-whole at the end (its renderer and GPU processes outlive a killed parent otherwise)."""
+whole at the end (serve/viewer.py `open_chromium`, `close_chromium`)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from brainrecon.errors import InputError
-from brainrecon.serve.viewer import headless_chromium
+from brainrecon.serve import viewer
+from brainrecon.serve.viewer import close_chromium
+
+__all__ = ["close_chromium", "open_chromium", "run_chromium"]
 
 
-def _command(args: list[str], profile: Path) -> list[str]:
+def open_chromium(args: list[str], profile: Path) -> subprocess.Popen:
+    """A headless Chromium left running (e.g. on a live page's URL); close it with close_chromium."""
     try:
-        return headless_chromium(args, profile)
+        return viewer.open_chromium(args, profile)
     except InputError as e:
         pytest.fail(f"{e}: run `make browser` (apt-get install -y chromium)")
 
@@ -32,20 +33,3 @@ def run_chromium(args: list[str], profile: Path, timeout: float = 180) -> subpro
     finally:
         close_chromium(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def open_chromium(args: list[str], profile: Path) -> subprocess.Popen:
-    """A headless Chromium left running (e.g. on a live page's URL); close it with close_chromium."""
-    return subprocess.Popen(
-        _command(args, profile),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def close_chromium(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the group this Popen started (start_new_session)
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)

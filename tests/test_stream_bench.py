@@ -69,7 +69,7 @@ def test_online_quality_tables(two_runs: dict[str, Path], tmp_path: Path) -> Non
 
 
 def test_front_end_real_size(two_runs: dict[str, Path]) -> None:
-    f = bench.front_end_real_size(layout.run_design_path(two_runs["root"], 1, 1, 1), repeats=2)
+    f = bench.front_end_real_size(layout.run_design_path(two_runs["root"], 1, 1, 1), 4 / 3, repeats=2)
     assert f["voxels"] == bench.NSD_VOXELS and f["glm_window_volumes"] > 7
     assert all(f[k] > 0 for k in ("read_s", "glm_s", "normalise_s", "write_png_s"))
 
